@@ -1,0 +1,372 @@
+"""Code that every stage needs: command-line config, distributed setup, atomic checkpoints, RNG state,
+metrics logging and a progress bar. Kept small on purpose; each stage script stays a plain loop."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import typing
+from dataclasses import dataclass, fields, asdict
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config: a dataclass, overridable from the command line as `--key value` or `--key=value`.
+
+class ConfigError(ValueError):
+    pass
+
+
+def _convert(name: str, raw: str, typ: Any) -> Any:
+    """Turn a command-line string into the field's declared type, or raise naming the key."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
+        non_none = [a for a in args if a is not type(None)]
+        if raw.lower() in ("none", "null") and type(None) in args:
+            return None
+        return _convert(name, raw, non_none[0])
+    if typ is bool:
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name}: expected a boolean (true/false), got {raw!r}")
+    if typ is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"--{name}: expected an integer, got {raw!r}") from None
+    if typ is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"--{name}: expected a number, got {raw!r}") from None
+    if typ is str:
+        return raw
+    if origin in (list, tuple):
+        inner = args[0] if args else str
+        return [_convert(name, x, inner) for x in raw.split(",") if x != ""]
+    raise ConfigError(f"--{name}: unsupported type {typ}")
+
+
+def parse_config(cls: type, argv: list[str] | None = None, presets: dict[str, dict] | None = None):
+    """Build `cls` from `argv`. `--preset NAME` (when presets are given) applies a named set of defaults
+    first; every other key must be a field of `cls`, else ConfigError names it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--"):
+            raise ConfigError(f"unexpected argument {tok!r}: options are --key value")
+        key = tok[2:]
+        if "=" in key:
+            key, val = key.split("=", 1)
+        else:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                val = argv[i + 1]
+                i += 1
+            elif hints.get(key.replace("-", "_")) is bool:
+                val = "true"  # a bare boolean flag
+            else:
+                raise ConfigError(f"--{key} needs a value")
+        pairs.append((key.replace("-", "_"), val))
+        i += 1
+    values: dict[str, Any] = {}
+    for key, val in pairs:
+        if key == "preset":
+            if not presets:
+                raise ConfigError("this script has no presets")
+            if val not in presets:
+                raise ConfigError(f"unknown preset {val!r}; choose from {sorted(presets)}")
+            values.update(presets[val])
+            values["preset"] = val
+    for key, val in pairs:
+        if key == "preset":
+            continue
+        if key not in names:
+            close = [n for n in names if n.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"unknown config key --{key}{hint}")
+        values[key] = _convert(key, val, hints[key])
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"preset sets unknown keys {sorted(unknown)}")
+    return cls(**values)
+
+
+def config_dict(cfg) -> dict:
+    return asdict(cfg)
+
+
+def print_config(cfg) -> None:
+    if is_main():
+        print(f"{type(cfg).__name__}:")
+        for k, v in asdict(cfg).items():
+            print(f"  {k} = {v!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed: the same script runs alone or under torchrun.
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Init the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum across ranks (a no-op alone); returns a new tensor."""
+    t = t.clone()
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# RNG state: everything that decides random numbers, saved and restored for exact resume.
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary name, fsynced, renamed; the last K kept.
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """torch.save to `path` so that a crash leaves either the old file or the new one, never a half."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(d)
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(d)
+
+
+def save_checkpoint(state: dict, out_dir: str, step: int, keep_last: int = 2) -> str:
+    """Write `out_dir/ckpt_{step:07d}.pt` atomically, point `latest` at it, and prune old ones."""
+    path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
+    atomic_torch_save(state, path)
+    atomic_write_text(os.path.basename(path), os.path.join(out_dir, "latest"))
+    if keep_last > 0:
+        ckpts = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
+        for old in ckpts[:-keep_last]:
+            os.remove(os.path.join(out_dir, old))
+    return path
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    p = os.path.join(out_dir, "latest")
+    if not os.path.exists(p):
+        return None
+    name = open(p).read().strip()
+    path = os.path.join(out_dir, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{p} points at {name}, which does not exist")
+    return path
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        # Checkpoints hold RNG states (numpy tuples) and config dicts besides tensors.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
+        raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop writes a checkpoint at the next step boundary and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        """True on every rank as soon as any rank got a signal."""
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if dist.is_initialized():
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logging: JSON lines on rank 0, optional wandb/tensorboard, and a progress bar without dependencies.
+
+class MetricsLogger:
+    def __init__(self, out_dir: str, backend: str = "none", run_name: str = "run", config: dict | None = None):
+        self.active = is_main()
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self._wandb = self._tb = None
+        if not self.active:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if backend == "wandb":
+            try:
+                import wandb  # optional
+                self._wandb = wandb.init(project="llava-rlhf", name=run_name, config=config)
+            except ImportError:
+                print("wandb is not installed; logging to metrics.jsonl only")
+        elif backend == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # optional
+                self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
+            except ImportError:
+                print("tensorboard is not installed; logging to metrics.jsonl only")
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
+                                for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+
+class Progress:
+    """A one-line progress bar on rank 0 (stderr), with free-form stats after it."""
+
+    def __init__(self, total: int, desc: str = "", start: int = 0, enabled: bool = True):
+        self.total, self.desc, self.n = total, desc, start
+        self.enabled = enabled and is_main()
+        self.t0 = time.time()
+        self.start = start
+
+    def update(self, n: int = 1, **stats) -> None:
+        self.n += n
+        if not self.enabled:
+            return
+        frac = self.n / max(1, self.total)
+        bar = "#" * int(20 * frac)
+        rate = (self.n - self.start) / max(1e-9, time.time() - self.t0)
+        s = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items())
+        end = "\n" if self.n >= self.total or not sys.stderr.isatty() else ""
+        sys.stderr.write(f"\r{self.desc} [{bar:<20}] {self.n}/{self.total} {rate:.2f}it/s {s}" + end)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and sys.stderr.isatty():
+            sys.stderr.write("\n")
+
+
+def cosine_lr(step: int, total: int, warmup: int, base_lr: float, min_ratio: float = 0.0) -> float:
+    """Linear warmup for `warmup` steps, then cosine decay to base_lr * min_ratio at `total`."""
+    import math
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -1,0 +1,2 @@
+"""(being written) LLaVA model."""
+IMAGE_TOKEN_INDEX = -200
