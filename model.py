@@ -1,2 +1,1044 @@
-"""(being written) LLaVA model."""
-IMAGE_TOKEN_INDEX = -200
+"""The LLaVA model from scratch: CLIP vision tower -> projector -> LLaMA decoder.
+
+Plain PyTorch, numerically equal to transformers' CLIPVisionModel / LlamaForCausalLM /
+LlavaForConditionalGeneration (tests/test_model.py proves it on tiny random configs). Also here:
+LoRA adapters (several named adapters on one frozen base), a scalar head for reward and value models,
+batched KV-cache generation, chunked log-probs, and checkpoint I/O for every layout users have on disk.
+
+    import model
+    m = model.LLaVA.from_pretrained("/ckpt/llava-v1.5-7b", vision_tower="/ckpt/clip-vit-large-patch14-336")
+    logits = m(input_ids, images, attention_mask)          # (B, T, V)
+    new = m.generate(input_ids, images, attention_mask, max_new_tokens=64)
+    m.save_pretrained("/ckpt/out")                         # transformers' Llava layout
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, asdict, field, fields, replace
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+IMAGE_TOKEN_INDEX = -200  # LLaVA's marker id in input_ids: projected patch features go there
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class ModelConfig:
+    # vision tower (CLIP ViT)
+    image_size: int = 224
+    patch_size: int = 14
+    vision_hidden: int = 1024
+    vision_layers: int = 24
+    vision_heads: int = 16
+    vision_intermediate: int = 4096
+    vision_eps: float = 1e-5
+    vision_feature_layer: int = -2     # index into CLIP's hidden states (0 = embeddings after pre-LN)
+    vision_keep_cls: bool = False      # LLaVA drops the CLS token ("patch" features)
+    # projector: "linear" (LLaVA-RLHF) or "mlp2x_gelu" (LLaVA-1.5)
+    projector: str = "linear"
+    # language model (LLaMA)
+    hidden: int = 4096
+    layers: int = 32
+    heads: int = 32
+    kv_heads: int = 32
+    intermediate: int = 11008
+    vocab_size: int = 32000
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    # id used for the image placeholder when saved for transformers' Llava (needs a row in the vocab);
+    # None: save_pretrained appends one row to the vocabulary for it
+    image_token_index: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def vision_grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision_grid ** 2 + (1 if self.vision_keep_cls else 0)
+
+    def __post_init__(self) -> None:
+        if self.projector not in ("linear", "mlp2x_gelu"):
+            raise ValueError(f"projector must be 'linear' or 'mlp2x_gelu', got {self.projector!r}")
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise ValueError(f"hidden {self.hidden}, heads {self.heads}, kv_heads {self.kv_heads} do not divide")
+        if self.vision_hidden % self.vision_heads:
+            raise ValueError(f"vision_hidden {self.vision_hidden} not divisible by vision_heads {self.vision_heads}")
+        if not -self.vision_layers - 1 <= self.vision_feature_layer <= self.vision_layers:
+            raise ValueError(f"vision_feature_layer {self.vision_feature_layer} out of range")
+
+    @staticmethod
+    def preset(name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+_CLIP_L = dict(patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096)
+PRESETS: dict[str, ModelConfig] = {
+    # SPEC §7's measured tiny world setup: 64 image tokens, vision 128x2, LLM 128x4, FFN 352.
+    "tiny": ModelConfig(image_size=64, patch_size=8, vision_hidden=128, vision_layers=2, vision_heads=4,
+                        vision_intermediate=512, hidden=128, layers=4, heads=4, kv_heads=4, intermediate=352,
+                        vocab_size=512, max_seq_len=512),
+    "llava-rlhf-7b": ModelConfig(image_size=224, **_CLIP_L, hidden=4096, layers=32, heads=32, kv_heads=32,
+                                 intermediate=11008, vocab_size=32000, max_seq_len=4096),
+    "llava-rlhf-13b": ModelConfig(image_size=336, **_CLIP_L, hidden=5120, layers=40, heads=40, kv_heads=40,
+                                  intermediate=13824, vocab_size=32000, max_seq_len=4096),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA: several named adapters on one frozen linear layer, one active at a time (or none).
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear whose output gains scale * B(A(dropout(x))) from the active adapter.
+    Subclassing keeps the base weight at `<path>.weight`, so checkpoints map one to one."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.lora_A = nn.ParameterDict()   # name -> (r, in)
+        self.lora_B = nn.ParameterDict()   # name -> (out, r)
+        self.lora_scale: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.active_adapter: str | None = None
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0) -> None:
+        dev, dt = self.weight.device, self.weight.dtype
+        a = torch.empty(r, self.in_features, device=dev, dtype=dt)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as peft: B = 0 makes a fresh adapter a no-op
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dt))
+        self.lora_scale[name] = alpha / r
+        self.lora_dropout[name] = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        name = self.active_adapter
+        if name is not None:
+            h = x
+            if self.training and self.lora_dropout[name] > 0:
+                h = F.dropout(h, self.lora_dropout[name])
+            y = y + F.linear(F.linear(h, self.lora_A[name]), self.lora_B[name]) * self.lora_scale[name]
+        return y
+
+    def merge(self, name: str) -> None:
+        """Fold adapter `name` into the base weight and delete it."""
+        with torch.no_grad():
+            delta = (self.lora_B[name].float() @ self.lora_A[name].float()) * self.lora_scale[name]
+            self.weight += delta.to(self.weight.dtype)
+        self.delete(name)
+
+    def delete(self, name: str) -> None:
+        del self.lora_A[name], self.lora_B[name]
+        self.lora_scale.pop(name), self.lora_dropout.pop(name)
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLIP vision tower
+
+class CLIPAttention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = (p(x).view(B, N, self.heads, D // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))        # (B, H, N, hd)
+        y = F.scaled_dot_product_attention(q, k, v)                          # no mask: every patch sees all
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, d: int, inner: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, inner), nn.Linear(inner, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu, as CLIP was trained
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.vision_hidden
+        self.layer_norm1 = nn.LayerNorm(d, eps=cfg.vision_eps)
+        self.self_attn = CLIPAttention(d, cfg.vision_heads)
+        self.layer_norm2 = nn.LayerNorm(d, eps=cfg.vision_eps)
+        self.mlp = CLIPMLP(d, cfg.vision_intermediate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.vision_hidden
+        self.class_embedding = nn.Parameter(torch.zeros(d))
+        self.patch_embedding = nn.Conv2d(3, d, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(cfg.vision_grid ** 2 + 1, d)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        B = images.shape[0]
+        dtype = self.patch_embedding.weight.dtype
+        x = self.patch_embedding(images.to(dtype)).flatten(2).transpose(1, 2)   # (B, P, D)
+        cls = self.class_embedding.view(1, 1, -1).expand(B, 1, -1)
+        x = torch.cat([cls, x], dim=1)                                          # (B, P+1, D)
+        return x + self.position_embedding.weight[None]
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.vision_layers))
+
+
+class CLIPVision(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.vision_hidden, eps=cfg.vision_eps)
+        self.encoder = CLIPEncoder(cfg)
+        # unused by LLaVA (features come from an inner layer) but kept so checkpoints round-trip
+        self.post_layernorm = nn.LayerNorm(cfg.vision_hidden, eps=cfg.vision_eps)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, num_image_tokens, vision_hidden): hidden state at vision_feature_layer."""
+        L = self.cfg.vision_layers
+        idx = self.cfg.vision_feature_layer % (L + 1)   # hidden_states has L+1 entries
+        x = self.pre_layrnorm(self.embeddings(images))
+        for layer in self.encoder.layers[:idx]:          # layers after the chosen one are never run
+            x = layer(x)
+        return x if self.cfg.vision_keep_cls else x[:, 1:]
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.projector
+        if cfg.projector == "linear":
+            self.linear = nn.Linear(cfg.vision_hidden, cfg.hidden)
+        else:
+            self.linear_1 = nn.Linear(cfg.vision_hidden, cfg.hidden)
+            self.linear_2 = nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return self.linear(x)
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# LLaMA decoder
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # normalise in fp32 whatever the storage dtype, as LLaMA does
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) -> cos, sin (B, T, head_dim) in fp32, the two halves repeated (rotate-half form)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim))
+    ang = positions.float()[..., None] * inv_freq                          # (B, T, hd/2)
+    ang = torch.cat([ang, ang], dim=-1)                                    # (B, T, hd)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd); cos/sin (B, T, hd)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Static, preallocated cache: (layers, B, kv_heads, max_len, head_dim) for keys and values."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        hd = cfg.head_dim
+        self.q_proj = LoRALinear(cfg.hidden, cfg.heads * hd)
+        self.k_proj = LoRALinear(cfg.hidden, cfg.kv_heads * hd)
+        self.v_proj = LoRALinear(cfg.hidden, cfg.kv_heads * hd)
+        self.o_proj = LoRALinear(cfg.heads * hd, cfg.hidden)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """x (B, T, D); mask (B, 1, T, S) bool, True = may attend; with a cache, keys for positions
+        start..start+T are written there and S is the cache length attended over."""
+        B, T, _ = x.shape
+        c, hd = self.cfg, self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, c.heads, hd).transpose(1, 2)          # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, c.kv_heads, hd).transpose(1, 2)       # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, c.kv_heads, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.k[self.layer_idx, :, :, start:start + T] = k
+            cache.v[self.layer_idx, :, :, start:start + T] = v
+            S = mask.shape[-1]
+            k, v = cache.k[self.layer_idx, :, :, :S], cache.v[self.layer_idx, :, :, :S]
+        if c.kv_heads != c.heads:
+            rep = c.heads // c.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)        # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, c.heads * hd))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = LoRALinear(cfg.hidden, cfg.intermediate)
+        self.up_proj = LoRALinear(cfg.hidden, cfg.intermediate)
+        self.down_proj = LoRALinear(cfg.intermediate, cfg.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # SwiGLU
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.layers = nn.ModuleList(LlamaLayer(cfg, i) for i in range(cfg.layers))
+        self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+
+
+def attention_mask_4d(key_valid: torch.Tensor, q_len: int, start: int) -> torch.Tensor:
+    """key_valid (B, S) bool -> (B, 1, q_len, S) bool: causal (query i sits at start+i) and no padding.
+    The diagonal is always allowed so that a padded query row never sees an empty set (NaN)."""
+    S = key_valid.shape[1]
+    q_pos = torch.arange(start, start + q_len, device=key_valid.device)[:, None]   # (T, 1)
+    k_pos = torch.arange(S, device=key_valid.device)[None, :]                      # (1, S)
+    mask = (k_pos <= q_pos)[None] & key_valid[:, None, :]                          # (B, T, S)
+    mask = mask | (k_pos == q_pos)[None]
+    return mask[:, None]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left- or right-padded mask (B, T) -> position ids counting only real tokens (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scalar head (reward and value models)
+
+class ScalarHead(nn.Module):
+    """Linear(hidden, 1). Reward: read at the last real token. Value: read at every token."""
+
+    def __init__(self, hidden: int, zero_init: bool = False):
+        super().__init__()
+        self.proj = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.proj.bias)
+        if zero_init:
+            nn.init.zeros_(self.proj.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden).squeeze(-1).float()                       # (B, T)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token in each row, for left or right padding. (B, T) -> (B,)"""
+    T = attention_mask.shape[1]
+    pos = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values
+
+
+def gather_last(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """x (B, T, ...) -> (B, ...) at the last real token of each row."""
+    idx = last_token_index(attention_mask)
+    return x[torch.arange(x.shape[0], device=x.device), idx]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Log-probs without float32 logits for the whole batch at once
+
+def _chunk_logprob_entropy(h: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, temperature: float):
+    logits = F.linear(h, weight).float() / temperature                     # (n, V)
+    logz = torch.logsumexp(logits, dim=-1)
+    lp = logits.gather(-1, tgt[:, None]).squeeze(-1) - logz
+    p = torch.softmax(logits, dim=-1)
+    ent = logz - (p * logits).sum(-1)
+    return lp, ent
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,
+                   temperature: float = 1.0, with_entropy: bool = False):
+    """log p(targets) from hidden states (B, T, D) and lm_head weight (V, D), `chunk` rows at a time.
+    Each chunk is recomputed in backward (checkpoint), so peak memory holds one chunk's logits, not
+    B*T*V floats. Returns (B, T) fp32 log-probs (and entropies when with_entropy)."""
+    B, T, D = hidden.shape
+    h = hidden.reshape(B * T, D)
+    tgt = targets.reshape(B * T).clamp(min=0)       # ignored positions (-100) are masked by the caller
+    lps, ents = [], []
+    for i in range(0, B * T, chunk):
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprob_entropy, h[i:i + chunk], weight,
+                                                        tgt[i:i + chunk], temperature, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprob_entropy(h[i:i + chunk], weight, tgt[i:i + chunk], temperature)
+        lps.append(lp)
+        ents.append(ent)
+    lp = torch.cat(lps).view(B, T)
+    if with_entropy:
+        return lp, torch.cat(ents).view(B, T)
+    return lp
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 is greedy; top_p < 1 keeps the nucleus."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(dim=-1, descending=True)
+        drop = (sp.cumsum(-1) - sp) > top_p          # keep the smallest prefix whose mass reaches top_p
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, si, sp)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+class LLaVA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision = CLIPVision(cfg)
+        self.projector = Projector(cfg)
+        self.llm = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.adapters: dict[str, dict] = {}  # name -> {"r", "alpha", "dropout", "targets"}
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    # -- embeddings with images spliced in --------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, num_image_tokens, hidden)."""
+        return self.projector(self.vision(images))
+
+    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings (B, T, D) with image features at every IMAGE_TOKEN_INDEX position, in order."""
+        is_img = input_ids == IMAGE_TOKEN_INDEX
+        n_pos = int(is_img.sum())
+        n_img = 0 if images is None else images.shape[0]
+        if n_pos != n_img * self.num_image_tokens:
+            raise ValueError(f"input_ids hold {n_pos} image positions (IMAGE_TOKEN_INDEX) but {n_img} images "
+                             f"give {n_img * self.num_image_tokens} features ({self.num_image_tokens} per image)")
+        x = self.llm.embed_tokens(input_ids.masked_fill(is_img, 0))        # (B, T, D)
+        if n_img:
+            feats = self.encode_images(images).to(x.dtype)                 # (N, P, D)
+            x = x.masked_scatter(is_img[..., None], feats.reshape(-1, x.shape[-1]))
+        return x
+
+    # -- decoder ---------------------------------------------------------------------------------------
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+               cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """Run the LLaMA layers on embeddings x (B, T, D) -> final-normed hidden states (B, T, D)."""
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        for layer in self.llm.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, start)
+        return self.llm.norm(x)
+
+    def hidden_states(self, input_ids: torch.Tensor, images: torch.Tensor | None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D) final hidden states. Positions count real tokens only, so left- and
+        right-padded batches give the same states at real tokens."""
+        x = self.embed(input_ids, images)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = positions_from_mask(attention_mask)
+        mask = attention_mask_4d(attention_mask.bool(), input_ids.shape[1], 0)
+        return self.decode(x, positions, mask)
+
+    def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """-> logits (B, T, V) in the model's dtype."""
+        return self.lm_head(self.hidden_states(input_ids, images, attention_mask))
+
+    def logprobs(self, input_ids: torch.Tensor, images: torch.Tensor | None, attention_mask: torch.Tensor,
+                 chunk: int = 1024, with_entropy: bool = False, temperature: float = 1.0):
+        """log p(input_ids[:, t+1] | ..t) for t < T-1, chunked. -> (B, T-1) fp32 (and entropy)."""
+        h = self.hidden_states(input_ids, images, attention_mask)[:, :-1]
+        return token_logprobs(h, self.lm_head.weight, input_ids[:, 1:], chunk, temperature, with_entropy)
+
+    # -- generation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int = 2,
+                 generator: torch.Generator | None = None, pad_token_id: int = 0,
+                 return_logprobs: bool = False, decode_fn=None):
+        """Batched KV-cache generation from left-padded prompts (B, T).
+        Returns new tokens (B, <=max_new_tokens), pad_token_id after each row's EOS (EOS itself kept);
+        with return_logprobs also (B, n) fp32 log-probs of each token under softmax(logits/temperature)
+        (temperature 0: under the raw logits), 0 after EOS.
+        `decode_fn` replaces the one-token decode step (the compiled path of bench.py/ppo.py)."""
+        B, T = input_ids.shape
+        dev = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.bool()
+        if max_new_tokens <= 0:
+            empty = torch.empty(B, 0, dtype=torch.long, device=dev)
+            return (empty, empty.float()) if return_logprobs else empty
+        x = self.embed(input_ids, images)
+        total = T + max_new_tokens
+        cache = KVCache(self.config, B, total, dev, x.dtype)
+        key_valid = torch.zeros(B, total, dtype=torch.bool, device=dev)
+        key_valid[:, :T] = attention_mask
+        positions = positions_from_mask(attention_mask)
+        h = self.decode(x, positions, attention_mask_4d(key_valid[:, :T], T, 0), cache, 0)
+        logits = self.lm_head(h[:, -1]).float()                                   # (B, V)
+        next_pos = positions[:, -1] + 1                                           # (B,)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        toks, lps = [], []
+        step = decode_fn or self.decode_one
+        for i in range(max_new_tokens):
+            tok = sample_next(logits, temperature, top_p, generator)
+            if return_logprobs:
+                t = temperature if temperature > 0 else 1.0
+                lp = torch.log_softmax(logits / t, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+                lps.append(lp.masked_fill(done, 0.0))
+            tok = tok.masked_fill(done, pad_token_id)
+            toks.append(tok)
+            done = done | (tok == eos_token_id)
+            if bool(done.all()) or i == max_new_tokens - 1:
+                break
+            key_valid[:, T + i] = True
+            logits = step(tok, next_pos, cache, T + i, key_valid).float()
+            next_pos = next_pos + 1
+        out = torch.stack(toks, dim=1)
+        return (out, torch.stack(lps, dim=1)) if return_logprobs else out
+
+    def decode_one(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, start: int,
+                   key_valid: torch.Tensor) -> torch.Tensor:
+        """One decode step: token (B,) at cache slot `start` -> next logits (B, V). Attends over the
+        valid prefix only (eager path; the compiled path attends over the whole static cache)."""
+        x = self.llm.embed_tokens(tok[:, None])                                    # (B, 1, D)
+        mask = attention_mask_4d(key_valid[:, :start + 1], 1, start)
+        h = self.decode(x, pos[:, None], mask, cache, start)
+        return self.lm_head(h[:, -1])
+
+    # -- LoRA ------------------------------------------------------------------------------------------
+    def lora_layers(self) -> Iterator[tuple[str, LoRALinear]]:
+        for name, mod in self.named_modules():
+            if isinstance(mod, LoRALinear):
+                yield name, mod
+
+    def add_adapter(self, name: str, r: int = 64, alpha: float = 16.0, dropout: float = 0.0,
+                    targets: tuple[str, ...] | list[str] = LORA_TARGETS) -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} exists already")
+        bad = set(targets) - set(LORA_TARGETS)
+        if bad:
+            raise ValueError(f"unknown LoRA targets {sorted(bad)}; choose from {LORA_TARGETS}")
+        for path, mod in self.lora_layers():
+            if path.rsplit(".", 1)[-1] in targets:
+                mod.add_adapter(name, r, alpha, dropout)
+        self.adapters[name] = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make `name` the active adapter everywhere; None runs the bare base model."""
+        if name is not None and name not in self.adapters:
+            raise KeyError(f"no adapter {name!r}; have {sorted(self.adapters)}")
+        for _, mod in self.lora_layers():
+            mod.active_adapter = name if (name is not None and name in mod.lora_A) else None
+
+    @property
+    def active_adapter(self) -> str | None:
+        for _, mod in self.lora_layers():
+            if mod.active_adapter is not None:
+                return mod.active_adapter
+        return None
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        ps = []
+        for _, mod in self.lora_layers():
+            if name in mod.lora_A:
+                ps += [mod.lora_A[name], mod.lora_B[name]]
+        return ps
+
+    def merge_adapter(self, name: str) -> None:
+        for _, mod in self.lora_layers():
+            if name in mod.lora_A:
+                mod.merge(name)
+        del self.adapters[name]
+
+    def delete_adapter(self, name: str) -> None:
+        for _, mod in self.lora_layers():
+            if name in mod.lora_A:
+                mod.delete(name)
+        del self.adapters[name]
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Our key names (`llm.layers.0.self_attn.q_proj`) -> {`..lora_A`, `..lora_B`} tensors."""
+        sd = {}
+        for path, mod in self.lora_layers():
+            if name in mod.lora_A:
+                sd[f"{path}.lora_A"] = mod.lora_A[name].detach()
+                sd[f"{path}.lora_B"] = mod.lora_B[name].detach()
+        return sd
+
+    def save_adapter(self, out_dir: str, name: str) -> None:
+        """Save adapter `name` in peft's layout, keyed as the original LLaVA / LlamaForCausalLM model
+        (`base_model.model.model.layers.N...lora_A.weight`), as the released LLaVA-RLHF adapters are."""
+        from safetensors.torch import save_file
+        meta = self.adapters[name]
+        sd = {}
+        for k, v in self.adapter_state_dict(name).items():
+            path, ab = k.rsplit(".", 1)
+            sd[f"base_model.model.{path.replace('llm.', 'model.', 1)}.{ab}.weight"] = v.contiguous().cpu()
+        cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": meta["r"], "lora_alpha": meta["alpha"],
+               "lora_dropout": meta["dropout"], "target_modules": meta["targets"], "bias": "none",
+               "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None}
+        os.makedirs(out_dir, exist_ok=True)
+        _atomic(lambda p: save_file(sd, p, metadata={"format": "pt"}), os.path.join(out_dir, "adapter_model.safetensors"))
+        _atomic(lambda p: open(p, "w").write(json.dumps(cfg, indent=2)), os.path.join(out_dir, "adapter_config.json"))
+
+    def load_adapter(self, path: str, name: str = "default", trainable: bool = False) -> None:
+        """Load a peft-layout adapter folder (any key prefix ending in `layers.N.<block>.<proj>`)."""
+        cfg_path = os.path.join(path, "adapter_config.json")
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"{cfg_path} not found: not a peft adapter folder")
+        acfg = json.load(open(cfg_path))
+        sd = _read_weights(path, prefer=("adapter_model.safetensors", "adapter_model.bin"))
+        pat = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+        found: dict[str, dict[str, torch.Tensor]] = {}
+        for k, v in sd.items():
+            m = pat.search(k)
+            if m is None:
+                if "lora_" in k:
+                    raise ValueError(f"{path}: adapter tensor {k!r} does not name a LLaMA layer projection")
+                continue  # e.g. modules_to_save of other heads
+            found.setdefault(f"llm.layers.{m[1]}.{m[2]}.{m[3]}", {})[m[4]] = v
+        if not found:
+            raise ValueError(f"{path}: no LoRA tensors found")
+        targets = sorted({k.rsplit(".", 1)[-1] for k in found})
+        r = int(acfg.get("r", next(iter(found.values()))["A"].shape[0]))
+        self.add_adapter(name, r=r, alpha=float(acfg.get("lora_alpha", r)),
+                         dropout=float(acfg.get("lora_dropout", 0.0)), targets=targets)
+        mods = dict(self.lora_layers())
+        for p, ab in found.items():
+            mod = mods[p]
+            for which, param in (("A", mod.lora_A[name]), ("B", mod.lora_B[name])):
+                if which not in ab:
+                    raise ValueError(f"{path}: missing lora_{which} for {p}")
+                t = ab[which]
+                if tuple(t.shape) != tuple(param.shape):
+                    raise ValueError(f"{path}: adapter tensor {p}.lora_{which} has shape {tuple(t.shape)}, "
+                                     f"model expects {tuple(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(t.to(param.dtype))
+                param.requires_grad_(trainable)
+        missing = [p for p, mod in mods.items() if name in mod.lora_A and p not in found]
+        if missing:
+            raise ValueError(f"{path}: adapter has no tensors for {missing[:4]}{'...' if len(missing) > 4 else ''}")
+
+    # -- checkpoint I/O --------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, vision_tower: str | None = None, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu", **config_overrides) -> "LLaVA":
+        """Load from a local folder in any supported layout (see load_state below):
+        our/transformers' Llava layout, the original LLaVA layout (vision tower from `vision_tower`, a
+        local CLIP folder, when the config names a hub id), or a bare LLaMA folder plus `vision_tower`
+        (a fresh projector: the start of pretraining). Built on the meta device, weights assigned shard by
+        shard: a 13B model never sits in memory twice."""
+        cfg, layout, vt_path = config_from_folder(path, vision_tower, **config_overrides)
+        with torch.device("meta"):
+            m = cls(cfg)
+        fresh: set[str] = set()
+        dtype = load_folder_into(m, path, layout, dtype, device, skip_prefixes=("vision.",) if vt_path else ())
+        if vt_path:
+            load_folder_into(m, vt_path, "clip", dtype, device)
+        if layout == "llama":
+            fresh = {k for k, v in m.named_parameters() if v.is_meta and k.startswith("projector.")}
+            _init_fresh(m, fresh, dtype, device)
+        missing = [k for k, v in list(m.named_parameters()) + list(m.named_buffers()) if v.is_meta]
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
+        return m
+
+    def save_pretrained(self, out_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Save base weights in transformers' Llava layout (config.json + safetensors shards).
+        LoRA adapters are not part of it: merge_adapter first, or save_adapter. A `linear` projector is
+        stored as linear_1 = W, linear_2 = identity with activation "linear" (exact in fp32/bf16)."""
+        from safetensors.torch import save_file
+        cfg = self.config
+        sd: dict[str, torch.Tensor] = {}
+        img_id = cfg.image_token_index
+        vocab = cfg.vocab_size
+        for k, v in self.state_dict().items():
+            if ".lora_" in k:
+                continue
+            v = v.detach().cpu().contiguous()
+            if k.startswith("vision."):
+                sd["vision_tower.vision_model." + k[len("vision."):]] = v
+            elif k.startswith("llm."):
+                sd["language_model.model." + k[len("llm."):]] = v
+            elif k == "lm_head.weight":
+                sd["language_model.lm_head.weight"] = v
+            elif k.startswith("projector.linear."):
+                sd["multi_modal_projector.linear_1." + k.rsplit(".", 1)[1]] = v
+            elif k.startswith("projector."):
+                sd["multi_modal_projector." + k[len("projector."):]] = v
+        if cfg.projector == "linear":
+            w = sd["multi_modal_projector.linear_1.weight"]
+            sd["multi_modal_projector.linear_2.weight"] = torch.eye(cfg.hidden, dtype=w.dtype)
+            sd["multi_modal_projector.linear_2.bias"] = torch.zeros(cfg.hidden, dtype=w.dtype)
+        if img_id is None:
+            img_id = vocab
+        if img_id >= vocab:
+            # transformers looks the image id up in the vocabulary: give it (unused, zero) rows up to it
+            extra = img_id + 1 - vocab
+            vocab += extra
+            for k in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+                sd[k] = torch.cat([sd[k], torch.zeros(extra, cfg.hidden, dtype=sd[k].dtype)])
+        hf_cfg = {
+            "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+            "image_token_index": img_id, "image_seq_length": cfg.num_image_tokens,
+            "projector_hidden_act": "linear" if cfg.projector == "linear" else "gelu",
+            "multimodal_projector_bias": True,
+            "vision_feature_layer": cfg.vision_feature_layer,
+            "vision_feature_select_strategy": "full" if cfg.vision_keep_cls else "default",
+            "tie_word_embeddings": False,
+            "dtype": str(next(self.parameters()).dtype).replace("torch.", ""),
+            "text_config": {
+                "model_type": "llama", "hidden_size": cfg.hidden, "intermediate_size": cfg.intermediate,
+                "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+                "num_key_value_heads": cfg.kv_heads, "vocab_size": vocab, "rms_norm_eps": cfg.rms_eps,
+                "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+                "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "head_dim": cfg.head_dim,
+                "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+            },
+            "vision_config": {
+                "model_type": "clip_vision_model", "hidden_size": cfg.vision_hidden,
+                "intermediate_size": cfg.vision_intermediate, "num_hidden_layers": cfg.vision_layers,
+                "num_attention_heads": cfg.vision_heads, "image_size": cfg.image_size,
+                "patch_size": cfg.patch_size, "hidden_act": "quick_gelu", "layer_norm_eps": cfg.vision_eps,
+                "num_channels": 3, "projection_dim": cfg.vision_hidden,
+            },
+            # our own config, so that from_pretrained restores every field exactly
+            "llava_rlhf_config": {**asdict(cfg), "image_token_index": img_id},
+        }
+        os.makedirs(out_dir, exist_ok=True)
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for k in sorted(sd):
+            n = sd[k].numel() * sd[k].element_size()
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = sd[k]
+            size += n
+        if len(shards) == 1:
+            _atomic(lambda p: save_file(shards[0], p, metadata={"format": "pt"}), os.path.join(out_dir, "model.safetensors"))
+        else:
+            weight_map = {}
+            for i, sh in enumerate(shards):
+                fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                _atomic(lambda p, sh=sh: save_file(sh, p, metadata={"format": "pt"}), os.path.join(out_dir, fn))
+                weight_map.update({k: fn for k in sh})
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                     "weight_map": weight_map}
+            _atomic(lambda p: open(p, "w").write(json.dumps(index, indent=2)),
+                    os.path.join(out_dir, "model.safetensors.index.json"))
+        _atomic(lambda p: open(p, "w").write(json.dumps(hf_cfg, indent=2)), os.path.join(out_dir, "config.json"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint layouts
+
+def _atomic(write, path: str) -> None:
+    """Call write(tmp_path), fsync it, then rename onto `path`."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _clip_fields(vc: dict) -> dict:
+    return dict(image_size=vc.get("image_size", 224), patch_size=vc.get("patch_size", 32),
+                vision_hidden=vc.get("hidden_size", 768), vision_layers=vc.get("num_hidden_layers", 12),
+                vision_heads=vc.get("num_attention_heads", 12), vision_intermediate=vc.get("intermediate_size", 3072),
+                vision_eps=vc.get("layer_norm_eps", 1e-5))
+
+
+def _llama_fields(tc: dict) -> dict:
+    heads = tc.get("num_attention_heads", 32)
+    rope = tc.get("rope_theta") or (tc.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    return dict(hidden=tc.get("hidden_size", 4096), layers=tc.get("num_hidden_layers", 32), heads=heads,
+                kv_heads=tc.get("num_key_value_heads") or heads, intermediate=tc.get("intermediate_size", 11008),
+                vocab_size=tc.get("vocab_size", 32000), rms_eps=tc.get("rms_norm_eps", 1e-6),
+                rope_theta=float(rope), max_seq_len=tc.get("max_position_embeddings", 2048))
+
+
+def _clip_config(path: str) -> dict:
+    c = _read_json(os.path.join(path, "config.json"))
+    if c.get("model_type") == "clip":
+        c = c["vision_config"]
+    elif c.get("model_type") not in ("clip_vision_model", None):
+        raise ValueError(f"{path}: expected a CLIP model folder, config.json has model_type {c.get('model_type')!r}")
+    return c
+
+
+def config_from_folder(path: str, vision_tower: str | None = None, **overrides) -> tuple[ModelConfig, str, str | None]:
+    """-> (config, layout, folder to take the vision tower from or None). Layouts:
+    'ours'/'llava' (transformers' Llava), 'llava_orig' (original LLaVA repo), 'llama' (LLM only)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    c = _read_json(os.path.join(path, "config.json"))
+    mt = c.get("model_type")
+    vt_path = None
+    if "llava_rlhf_config" in c:
+        fields_ = {f.name for f in fields(ModelConfig)}
+        cfg = ModelConfig(**{k: v for k, v in c["llava_rlhf_config"].items() if k in fields_})
+        layout = "llava"
+    elif mt == "llava" and "text_config" in c and "vision_config" in c:
+        act = c.get("projector_hidden_act", "gelu")
+        if act != "gelu":
+            raise ValueError(f"{path}: projector_hidden_act {act!r} is not supported (LLaVA uses gelu)")
+        cfg = ModelConfig(**_clip_fields(c["vision_config"]), **_llama_fields(c["text_config"]),
+                          projector="mlp2x_gelu", vision_feature_layer=c.get("vision_feature_layer", -2),
+                          vision_keep_cls=c.get("vision_feature_select_strategy", "default") == "full",
+                          image_token_index=c.get("image_token_index"))
+        layout = "llava"
+    elif mt in ("llava_llama", "llava") or "mm_vision_tower" in c:
+        # the original LLaVA repo: a LLaMA config plus mm_* fields; vision weights usually not saved
+        vt = vision_tower or c.get("mm_vision_tower")
+        if vt is None:
+            raise ValueError(f"{path}: original-LLaVA config names no mm_vision_tower; pass vision_tower=<local CLIP folder>")
+        if not os.path.isdir(vt):
+            raise FileNotFoundError(f"{path}: the vision tower {vt!r} is not a local folder; pass "
+                                    f"vision_tower=<local CLIP folder> (nothing is downloaded)")
+        ptype = c.get("mm_projector_type", "linear")
+        if ptype not in ("linear", "mlp2x_gelu"):
+            raise ValueError(f"{path}: mm_projector_type {ptype!r} is not supported")
+        cfg = ModelConfig(**_clip_fields(_clip_config(vt)), **_llama_fields(c), projector=ptype,
+                          vision_feature_layer=c.get("mm_vision_select_layer", -2),
+                          vision_keep_cls=c.get("mm_vision_select_feature", "patch") == "cls_patch")
+        layout, vt_path = "llava_orig", vt
+    elif mt == "llama":
+        if vision_tower is None:
+            raise ValueError(f"{path} is a LLaMA folder: pass vision_tower=<local CLIP folder> to build a LLaVA from parts")
+        cfg = ModelConfig(**_clip_fields(_clip_config(vision_tower)), **_llama_fields(c))
+        layout, vt_path = "llama", vision_tower
+    else:
+        raise ValueError(f"{path}: unsupported model_type {mt!r} (expected llava, llava_llama or llama)")
+    if vision_tower is not None and layout == "llava":
+        vt_path = vision_tower  # replace the saved tower with the named one
+    cfg = replace(cfg, **overrides)
+    return cfg, layout, vt_path
+
+
+def _map_key(k: str, layout: str) -> str | None:
+    """Checkpoint key -> our key (None: not ours, skipped)."""
+    if layout == "clip":
+        if k.startswith("vision_model."):
+            k = k[len("vision_model."):]
+        elif k.startswith(("text_model.", "visual_projection", "text_projection", "logit_scale")):
+            return None
+        return "vision." + k
+    if layout in ("llama", "llava_orig"):
+        if k.startswith("model.vision_tower."):
+            # LLaVA-RLHF checkpoints sometimes keep the (frozen) tower: model.vision_tower.vision_tower.vision_model.*
+            i = k.find("vision_model.")
+            return "vision." + k[i + len("vision_model."):] if i >= 0 else None
+        if k.startswith("model.mm_projector."):
+            rest = k[len("model.mm_projector."):]            # "weight" | "0.weight" | "2.bias" ...
+            layer = {"0": "linear_1", "2": "linear_2"}.get(rest.split(".")[0], "linear")
+            return f"projector.{layer}.{rest.rsplit('.', 1)[-1]}"
+        if k.startswith("model."):
+            return "llm." + k[len("model."):]
+        if k == "lm_head.weight":
+            return k
+        return None
+    # transformers' Llava, new (5.x) and old (4.x) key names
+    for src, dst in (("model.language_model.", "llm."), ("language_model.model.", "llm."),
+                     ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."),
+                     ("model.vision_tower.vision_model.", "vision."), ("vision_tower.vision_model.", "vision."),
+                     ("model.vision_tower.", "vision."), ("vision_tower.", "vision."),
+                     ("model.multi_modal_projector.", "projector."), ("multi_modal_projector.", "projector.")):
+        if k.startswith(src):
+            return dst + k[len(src):]
+    return None
+
+
+def _weight_files(path: str, prefer=("model.safetensors", "pytorch_model.bin")) -> list[str]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        ip = os.path.join(path, index)
+        if os.path.exists(ip):
+            files = sorted(set(_read_json(ip)["weight_map"].values()))
+            return [os.path.join(path, f) for f in files]
+    for name in prefer:
+        if os.path.exists(os.path.join(path, name)):
+            return [os.path.join(path, name)]
+    raise FileNotFoundError(f"{path}: no weights found (looked for {', '.join(prefer)} and their .index.json)")
+
+
+def _iter_tensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) from one weight file, one tensor at a time, naming the file on any error."""
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+        try:
+            f = safe_open(file, framework="pt")
+            keys = list(f.keys())
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot read {file} (truncated or corrupt safetensors file?): {e}") from None
+        for k in keys:
+            try:
+                yield k, f.get_tensor(k)
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"cannot read tensor {k!r} from {file}: {e}") from None
+    else:
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot read {file} (truncated or not a weights file?): {e}") from None
+        yield from sd.items()
+
+
+def _read_weights(path: str, prefer) -> dict[str, torch.Tensor]:
+    return {k: v for f in _weight_files(path, prefer) for k, v in _iter_tensors(f)}
+
+
+def _set_tensor(m: nn.Module, key: str, t: torch.Tensor) -> None:
+    mod_path, name = key.rsplit(".", 1)
+    mod = m.get_submodule(mod_path)
+    if name in mod._parameters:
+        old = mod._parameters[name]
+        mod._parameters[name] = nn.Parameter(t, requires_grad=old.requires_grad)
+    else:
+        mod._buffers[name] = t
+
+
+def load_folder_into(m: "LLaVA", path: str, layout: str, dtype: torch.dtype | None, device,
+                     skip_prefixes: tuple[str, ...] = ()) -> torch.dtype | None:
+    """Assign every tensor of a checkpoint folder into `m` (built on meta), checking names and shapes."""
+    params = dict(m.named_parameters())
+    cfg = m.config
+    seen = set()
+    for file in _weight_files(path):
+        for k, t in _iter_tensors(file):
+            ours = _map_key(k, layout)
+            if ours is None or ours.startswith(skip_prefixes):
+                continue
+            if ours.startswith("projector.linear_2.") and cfg.projector == "linear":
+                continue  # our saved identity for a linear projector
+            if ours.startswith("projector.linear_1.") and cfg.projector == "linear" and layout == "llava":
+                ours = "projector.linear." + ours.rsplit(".", 1)[1]
+            if ours not in params:
+                raise ValueError(f"{file}: unexpected tensor {k!r} (shape {tuple(t.shape)}) has no place in the model")
+            want = params[ours]
+            shape = tuple(t.shape)
+            if (ours in ("llm.embed_tokens.weight", "lm_head.weight") and shape[0] > want.shape[0]
+                    and cfg.image_token_index is not None and cfg.image_token_index == shape[0] - 1):
+                t, shape = t[:want.shape[0]], tuple(want.shape)   # the image rows added by save_pretrained
+            if shape != tuple(want.shape):
+                raise ValueError(f"{file}: tensor {k!r} has shape {shape}, the model expects {tuple(want.shape)} "
+                                 f"for {ours}")
+            if not t.is_floating_point():
+                raise ValueError(f"{file}: tensor {k!r} has dtype {t.dtype}; expected a floating-point tensor")
+            if dtype is None:
+                dtype = t.dtype  # one dtype for the whole model: the checkpoint's, unless asked otherwise
+            _set_tensor(m, ours, t.to(device=device, dtype=dtype))
+            seen.add(ours)
+    if not seen:
+        raise ValueError(f"{path}: no tensors matched the {layout} layout")
+    return dtype
+
+
+def _init_fresh(m: "LLaVA", names: set[str], dtype, device) -> None:
+    """Materialise parameters that no checkpoint provides (a new projector) with nn.Linear's init."""
+    for n in sorted(names):
+        mod_path, pname = n.rsplit(".", 1)
+        mod = m.get_submodule(mod_path)
+        ref = next((p for p in m.parameters() if not p.is_meta), None)
+        dt = dtype or (ref.dtype if ref is not None else torch.float32)
+        mod._parameters[pname] = nn.Parameter(torch.empty(mod._parameters[pname].shape, device=device, dtype=dt))
+    for n in {x.rsplit(".", 1)[0] for x in names}:
+        mod = m.get_submodule(n)
+        if isinstance(mod, nn.Linear):
+            mod.reset_parameters()
+
+
+def count_params(m: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable_only)
