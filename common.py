@@ -93,7 +93,8 @@ def parse_config(cls: type, argv: list[str] | None = None, presets: dict[str, di
             if val not in presets:
                 raise ConfigError(f"unknown preset {val!r}; choose from {sorted(presets)}")
             values.update(presets[val])
-            values["preset"] = val
+            if "preset" in names:
+                values["preset"] = val
     for key, val in pairs:
         if key == "preset":
             continue
@@ -370,3 +371,77 @@ def cosine_lr(step: int, total: int, warmup: int, base_lr: float, min_ratio: flo
         return base_lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model helpers shared by the training stages.
+
+def load_model(model_path: str = "", vision_tower: str = "", preset: str = "", vocab_size: int = 0,
+               dtype: str = "auto", device: torch.device | str = "cpu", seed: int = 0):
+    """A LLaVA from a local folder (any layout model.py reads) or, with `preset`, freshly initialised
+    from `seed` (the tiny world trains from scratch). dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
+    import model as M
+    dev = torch.device(device)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    if dtype == "auto":
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dt is None:
+        raise ConfigError(f"dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
+    if model_path:
+        m = M.LLaVA.from_pretrained(model_path, vision_tower=vision_tower or None, dtype=dt, device=dev)
+    elif preset:
+        overrides = {"vocab_size": vocab_size} if vocab_size else {}
+        torch.manual_seed(seed)
+        m = M.LLaVA(M.ModelConfig.preset(preset, **overrides)).to(device=dev, dtype=dt)
+    else:
+        raise ConfigError("give --model_path (a local checkpoint folder) or --model_preset")
+    return m
+
+
+def trainable_state_dict(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only what training changes: checkpoints stay small and the frozen base is reloaded from its folder."""
+    return {k: p.detach().cpu().clone() for k, p in m.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(m: torch.nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
+    params = dict(m.named_parameters())
+    want = {k for k, p in params.items() if p.requires_grad}
+    if set(sd) != want:
+        missing, extra = sorted(want - set(sd)), sorted(set(sd) - want)
+        raise ValueError(f"{what} does not match the trainable parameters of this run: "
+                         f"missing {missing[:4]}, unexpected {extra[:4]} (was it made with other settings?)")
+    with torch.no_grad():
+        for k, v in sd.items():
+            if tuple(v.shape) != tuple(params[k].shape):
+                raise ValueError(f"{what}: {k} has shape {tuple(v.shape)}, the model expects {tuple(params[k].shape)}")
+            params[k].copy_(v)
+
+
+def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over ranks in one flat buffer. The stages that run several adapters through one
+    base (reward model, PPO) use this instead of DDP, which expects one forward per backward."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    i = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[i:i + n].view_as(p).clone()
+        i += n
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; a no-op context on CPU, where we train in fp32."""
+    import contextlib
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_finite(loss: torch.Tensor, what: str, step: int) -> bool:
+    ok = bool(torch.isfinite(loss).all())
+    if not ok and is_main():
+        print(f"warning: non-finite {what} at step {step}: {loss.detach().float().tolist()}", file=sys.stderr)
+    return ok

@@ -7,3 +7,33 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A small tiny-world data set (tinyworld.py make) and a very small random LLaVA saved in our
+    checkpoint layout with its tokenizer: what the stage tests train on. Built once per session."""
+    import shutil
+    import subprocess
+    root = tmp_path_factory.mktemp("world")
+    out = root / "data"
+    subprocess.run([sys.executable, "tinyworld.py", "make", "--out", str(out), "--n_sft_images", "120",
+                    "--n_sft", "600", "--n_ppo_images", "60", "--n_ppo", "200", "--n_pref_images", "60",
+                    "--n_pref", "200", "--vocab_size", "400"],
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True,
+                   capture_output=True)
+    import data
+    import model
+    tok = data.Tokenizer(str(out / "tokenizer.model"))
+    torch.manual_seed(0)
+    cfg = model.ModelConfig.preset("tiny", image_size=32, patch_size=16, vision_hidden=32, vision_layers=1,
+                                   vision_heads=2, vision_intermediate=64, hidden=32, layers=2, heads=2,
+                                   kv_heads=2, intermediate=64, vocab_size=tok.vocab_size, max_seq_len=512)
+    m = model.LLaVA(cfg)
+    mdir = root / "model"
+    m.save_pretrained(str(mdir))
+    shutil.copy(out / "tokenizer.model", mdir / "tokenizer.model")
+    return {"data": out, "model": mdir, "tokenizer": out / "tokenizer.model", "vocab": tok.vocab_size}

@@ -1,0 +1,1364 @@
+"""Data for LLaVA-RLHF: the Vicuna v1 conversation template, a sentencepiece tokenizer, CLIP image
+preprocessing, readers for every data format of the pipeline, converters, batching and a resumable sampler.
+
+Command line:
+    python data.py convert vqav2 --questions Q.json --annotations A.json --out vqav2_sft.json [--per_image] [--format sft|ppo]
+    python data.py convert aokvqa --input aokvqa_v1p0_train.json --out aokvqa_sft.json [--style letter_first|rationale_first] [--format sft|ppo]
+    python data.py convert flickr30k --input results_20130124.token --out flickr_sft.json [--captions_out flickr_captions.json] [--seed 0]
+    python data.py mix --inputs a.json b.json --out mix.json --seed 0 [--counts 1000 500]
+    python data.py check FILE --image_folder DIR [--tokenizer T] [--kind sft|preference|ppo|mmhal] [--max_len 1280]
+
+Bad data: every reader raises DataError naming the file, the record index (and the image) by default. With
+on_error="skip" the record is skipped, counted in a Skips object (passed in, or the module-level SKIPS) and a
+summary line is printed when the reader finishes. Nothing here ever returns a silently wrong tensor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import struct
+import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from model import IMAGE_TOKEN_INDEX  # -200: where the projected patch features are spliced in
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+EOS_TEXT = "</s>"
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# SPEC §1: the pad colour is round(mean * 255). (The reference code truncates, giving (122, 116, 104).)
+PAD_FILL = tuple(int(round(m * 255)) for m in CLIP_MEAN)  # (123, 117, 104)
+# Refuse images above this many pixels before decoding them (PIL's own default threshold).
+MAX_IMAGE_PIXELS = 89_478_485
+
+ROLES = ("human", "gpt")
+ANSWER_TYPES = ("multiple_choice", "yes_no", "general")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors and skip counting
+
+class DataError(ValueError):
+    """Bad data. The message names the file, the record index and the image when they are known."""
+
+    def __init__(self, reason: str, path: str | None = None, index: int | None = None, image: str | None = None):
+        self.reason, self.path, self.index, self.image = reason, path, index, image
+        head = ": ".join(p for p in (str(path) if path else "", f"record {index}" if index is not None else "") if p)
+        msg = f"{head}: {reason}" if head else reason
+        if image:
+            msg += f" (image {image})"
+        super().__init__(msg)
+
+    def at(self, path: str | None, index: int | None, image: str | None = None) -> "DataError":
+        """The same error with the file / record / image filled in where they were unknown."""
+        return type(self)(self.reason, self.path or path, self.index if self.index is not None else index,
+                          self.image or image)
+
+
+class TruncationError(DataError):
+    """Truncation to max_len would cut through the image tokens or leave nothing supervised."""
+
+
+@dataclass
+class Skips:
+    """Counts records skipped under on_error="skip"; `reasons` holds the full DataError messages and
+    `indices` the record index of each (None when unknown)."""
+    count: int = 0
+    reasons: list[str] = field(default_factory=list)
+    indices: list[int | None] = field(default_factory=list)
+
+    def add(self, reason: str, index: int | None = None) -> None:
+        self.count += 1
+        self.reasons.append(reason)
+        self.indices.append(index)
+
+    def report(self, file=None, limit: int = 20) -> str:
+        lines = [f"skipped {self.count} record(s)"] + [f"  {r}" for r in self.reasons[:limit]]
+        if self.count > limit:
+            lines.append(f"  ... and {self.count - limit} more")
+        text = "\n".join(lines)
+        print(text, file=file or sys.stderr)
+        return text
+
+
+SKIPS = Skips()  # the default counter when a reader is not given one
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conversation template (SPEC §2)
+
+@dataclass
+class Template:
+    """Vicuna v1: `SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>`.
+    style="plain" is LLaVA's pretraining format: `<image>CAPTION\\n`, the human text ignored."""
+    system: str = VICUNA_V1_SYSTEM
+    roles: tuple[str, str] = ("USER", "ASSISTANT")
+    sep: str = " "
+    sep2: str = EOS_TEXT
+    style: str = "vicuna_v1"
+
+    def segments(self, conversations: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, str, bool]]:
+        """The rendered text as (lead, text, supervised) pieces; render() == "".join(lead + text).
+        `lead` is the separator space before an answer: it is not tokenised on its own because
+        sentencepiece's dummy-prefix "▁" at the start of the answer's chunk already stands for it."""
+        user, assistant = self.roles
+        if self.style == "plain":
+            segs = []
+            for turn in conversations:
+                if turn["from"] == "human":
+                    segs.append(("", IMAGE_PLACEHOLDER if IMAGE_PLACEHOLDER in turn["value"] else "", False))
+                else:
+                    segs.append(("", turn["value"] + "\n", True))
+            return [s for s in segs if s[1]]
+        if self.style != "vicuna_v1":
+            raise ValueError(f"unknown template style {self.style!r}")
+        segs, cur = [], self.system + self.sep
+        for turn in conversations:
+            if turn["from"] == "human":
+                cur += f"{user}: {turn['value']}{self.sep}"
+            elif turn["from"] == "gpt":
+                segs.append(("", cur + f"{assistant}:", False))
+                segs.append((" ", turn["value"] + self.sep2, True))
+                cur = ""
+            else:
+                raise DataError(f"unknown role {turn['from']!r} (expected 'human' or 'gpt')")
+        if add_generation_prompt:
+            cur += f"{assistant}:"
+        if cur:
+            segs.append(("", cur, False))
+        return segs
+
+    def render(self, conversations: list[dict], add_generation_prompt: bool = False) -> str:
+        return "".join(lead + text for lead, text, _ in self.segments(conversations, add_generation_prompt))
+
+
+PLAIN_TEMPLATE = Template(system="", style="plain")
+
+
+def _place_image(value: str) -> str:
+    """LLaVA's placement: the image goes first in the user turn, "<image>\\n" then the stripped text."""
+    return IMAGE_PLACEHOLDER + "\n" + value.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+def normalize_conversation(conversations: Any, has_image: bool | None = None, last: str | None = "gpt") -> list[dict]:
+    """Validate a [{"from", "value"}] list and return a clean copy with the image placed LLaVA's way.
+    Turns alternate human/gpt starting with human; `last` is the role the list must end with (None: either).
+    has_image=True inserts "<image>\\n" when the text lacks it; has_image=False forbids the placeholder;
+    None takes the text as it is. Raises DataError with the reason (the caller adds file and index)."""
+    if not isinstance(conversations, list):
+        raise DataError(f"'conversations' should be a list, got {type(conversations).__name__}")
+    if not conversations:
+        raise DataError("'conversations' is empty")
+    out = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict):
+            raise DataError(f"turn {i} should be an object, got {type(turn).__name__}")
+        for key in ("from", "value"):
+            if key not in turn:
+                raise DataError(f"turn {i} is missing field '{key}'")
+        role, value = turn["from"], turn["value"]
+        if role not in ROLES:
+            raise DataError(f"turn {i} has role {role!r}; expected 'human' or 'gpt'")
+        if not isinstance(value, str):
+            raise DataError(f"turn {i} 'value' should be a string, got {type(value).__name__}")
+        expected = ROLES[i % 2]
+        if role != expected:
+            raise DataError(f"turn {i} is from {role!r} but roles must alternate human/gpt starting with human")
+        if role == "gpt" and not value.strip():
+            raise DataError(f"turn {i} is an empty answer")
+        if role == "human" and i > 0 and not value.strip():
+            raise DataError(f"turn {i} is an empty question")
+        out.append({"from": role, "value": value})
+    if last is not None and out[-1]["from"] != last:
+        raise DataError(f"conversation ends with a {out[-1]['from']!r} turn; expected it to end with {last!r}")
+    counts = [t["value"].count(IMAGE_PLACEHOLDER) for t in out]
+    total = sum(counts)
+    if total > 1:
+        raise DataError(f"{IMAGE_PLACEHOLDER} appears {total} times; at most once is allowed")
+    if total == 1 and counts[0] != 1:
+        raise DataError(f"{IMAGE_PLACEHOLDER} must be in the first user turn, found in turn {counts.index(1)}")
+    if total == 1 and has_image is False:
+        raise DataError(f"{IMAGE_PLACEHOLDER} in the text but the record has no image")
+    if total == 1 or has_image:
+        out[0]["value"] = _place_image(out[0]["value"])
+    if not out[0]["value"].replace(IMAGE_PLACEHOLDER, "").strip() and not (total == 1 or has_image):
+        raise DataError("turn 0 is an empty question")
+    return out
+
+
+def with_response(conversations: list[dict], response: str) -> list[dict]:
+    """A preference context (ending with a user turn) followed by one candidate response."""
+    return [dict(t) for t in conversations] + [{"from": "gpt", "value": response}]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer and tokenisation
+
+class Tokenizer:
+    """A LLaMA-style sentencepiece model: BOS 1, EOS 2, pad = unk 0. encode() adds no BOS/EOS."""
+
+    def __init__(self, path: str):
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.model")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no sentencepiece model at {path}")
+        self.path = path
+        self._load(spm.SentencePieceProcessor(model_file=path))
+
+    def _load(self, sp: spm.SentencePieceProcessor) -> None:
+        self.sp = sp
+        self.bos_id, self.eos_id, self.pad_id = sp.bos_id(), sp.eos_id(), sp.unk_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{self.path}: the sentencepiece model has no BOS/EOS ids")
+        self.vocab_size = sp.get_piece_size()
+
+    # DataLoader workers pickle the dataset: send the model bytes, not a C++ handle.
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "proto": self.sp.serialized_model_proto()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = state["path"]
+        self._load(spm.SentencePieceProcessor(model_proto=state["proto"]))
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text, out_type=int) if text else []
+
+    def decode(self, ids) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        keep = [int(i) for i in ids if i >= 0 and i != self.pad_id and i != self.bos_id]
+        bad = [i for i in keep if i >= self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary ({self.vocab_size})")
+        return self.sp.decode(keep)
+
+
+def encode_text(text: str, tok: Tokenizer, num_image_tokens: int, bos: bool = True) -> list[int]:
+    """LLaVA's encoding of a prompt string: the text is cut at "</s>" (-> EOS id) and "<image>"
+    (-> num_image_tokens copies of IMAGE_TOKEN_INDEX); each piece between is encoded on its own."""
+    ids = [tok.bos_id] if bos else []
+    for j, part in enumerate(text.split(EOS_TEXT)):
+        if j:
+            ids.append(tok.eos_id)
+        for k, chunk in enumerate(part.split(IMAGE_PLACEHOLDER)):
+            if k:
+                ids.extend([IMAGE_TOKEN_INDEX] * num_image_tokens)
+            ids.extend(tok.encode(chunk))
+    return ids
+
+
+def tokenize_conversation(conversations: list[dict], tok: Tokenizer, template: Template, num_image_tokens: int,
+                          max_len: int | None = None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for a training conversation. Labels are IGNORE_INDEX except on the assistant
+    answers and their </s>. Pieces are encoded separately (see Template.segments), so the prompt from
+    tokenize_prompt is an exact prefix. Raises TruncationError when max_len would cut the image tokens or
+    leave no supervised token."""
+    conv = normalize_conversation(conversations, has_image=None, last="gpt")
+    ids, labels = [tok.bos_id], [IGNORE_INDEX]
+    for _, text, supervised in template.segments(conv):
+        piece = encode_text(text, tok, num_image_tokens, bos=False)
+        ids.extend(piece)
+        labels.extend(piece if supervised else [IGNORE_INDEX] * len(piece))
+    if max_len is not None and len(ids) > max_len:
+        n_img = ids.count(IMAGE_TOKEN_INDEX)
+        ids, labels = ids[:max_len], labels[:max_len]
+        if ids.count(IMAGE_TOKEN_INDEX) != n_img:
+            raise TruncationError(f"max_len {max_len} cuts through the {n_img} image tokens")
+    if all(label == IGNORE_INDEX for label in labels):
+        raise TruncationError(f"no supervised token left after truncation to max_len {max_len}")
+    return ids, labels
+
+
+def tokenize_prompt(question: str, tok: Tokenizer, template: Template, num_image_tokens: int,
+                    has_image: bool = True) -> list[int]:
+    """BOS + "SYSTEM USER: <image>\\nQUESTION ASSISTANT:" for generation (PPO rollouts, evaluation)."""
+    n = question.count(IMAGE_PLACEHOLDER)
+    if n > 1:
+        raise DataError(f"{IMAGE_PLACEHOLDER} appears {n} times in the question")
+    if n and not has_image:
+        raise DataError(f"{IMAGE_PLACEHOLDER} in the question but has_image=False")
+    q = _place_image(question) if has_image else question
+    text = template.render([{"from": "human", "value": q}], add_generation_prompt=True)
+    return encode_text(text, tok, num_image_tokens, bos=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images (SPEC §1)
+
+# EXIF orientation -> the transpose that makes the pixels upright.
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Transparency is composited onto white (as transformers does); 16-bit
+    grey is scaled to 8 bits (PIL's own convert would clip everything above 255 to white)."""
+    mode = img.mode
+    if mode.startswith("I"):  # "I;16", "I;16B", "I;16L", "I" (32-bit ints, usually 16-bit PNG data)
+        arr = np.asarray(img).astype(np.float64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise DataError(f"integer image (mode {mode}) has values outside 0..65535")
+        return Image.fromarray(np.round(arr / 257.0).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        raise DataError("floating-point images (mode F) are not supported: their value range is unknown")
+    try:
+        if "A" in img.getbands() or img.info.get("transparency") is not None:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise DataError(f"cannot convert image mode {mode} to RGB: {e}") from None
+
+
+def load_image(path: str) -> Image.Image:
+    """Open, check the size against MAX_IMAGE_PIXELS before decoding, decode fully, apply the EXIF
+    orientation and convert to RGB. DataError naming the path on any failure."""
+    if not os.path.isfile(path):
+        raise DataError("image file not found", image=path)
+    try:
+        with warnings.catch_warnings():
+            # we apply our own limit below; PIL's warning would only be noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise DataError(f"refusing a {w}x{h} image: more than MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS} "
+                                    "pixels (decompression bomb?)", image=path)
+                im.load()
+                try:
+                    orientation = im.getexif().get(0x0112, 1)
+                except Exception:  # noqa: BLE001 - broken EXIF metadata: keep the pixels as stored
+                    orientation = 1
+                rgb = to_rgb(im)
+    except DataError as e:
+        raise e.at(None, None, path) from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"refusing a decompression bomb: {e}", image=path) from None
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
+        raise DataError(f"cannot read image: {e}", image=path) from None
+    if orientation in _EXIF_TRANSPOSE:
+        rgb = rgb.transpose(_EXIF_TRANSPOSE[orientation])
+    return rgb
+
+
+def expand2square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Centre the image on a square canvas of its longer side, filled with `fill`."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), fill)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+_STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+
+
+def preprocess_image(img: Image.Image, image_size: int, pad_to_square: bool = True,
+                     fill: tuple[int, int, int] = PAD_FILL) -> torch.Tensor:
+    """(3, S, S) float32: pad to square, resize the shortest side to S (bicubic), centre crop,
+    scale to [0, 1], normalise with the CLIP mean/std. Equal to transformers' CLIPImageProcessor."""
+    if img.mode != "RGB":
+        img = to_rgb(img)
+    if pad_to_square:
+        img = expand2square(img, fill)
+    S = image_size
+    w, h = img.size
+    # shortest side -> S; the other side scaled and truncated to int, as torchvision/transformers do
+    new_w, new_h = (S, int(S * h / w)) if w <= h else (int(S * w / h), S)
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = (new_h - S) // 2, (new_w - S) // 2
+    arr = np.array(img)[top:top + S, left:left + S]  # (S, S, 3) uint8, a writable copy for torch
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0  # (3, S, S)
+    return ((x - _MEAN) / _STD).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files: JSON lists and JSONL
+
+def _read_records(path: str) -> list[tuple[int, Any]]:
+    """[(record index, parsed record or DataError)] from a JSON list or a JSONL file. Errors that make
+    the whole file unreadable raise DataError; a bad JSONL line becomes that record's error."""
+    if not os.path.isfile(path):
+        raise DataError("file not found", path=path)
+    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
+        text = f.read()
+    jsonl = path.endswith((".jsonl", ".ndjson"))
+    if not jsonl:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            # several objects one per line in a ".json" file: read it as JSONL
+            if e.msg == "Extra data" and text.lstrip().startswith("{"):
+                jsonl = True
+            else:
+                raise DataError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", path=path) from None
+        if not jsonl:
+            if not isinstance(data, list):
+                raise DataError(f"expected a JSON list of records, got {type(data).__name__}", path=path)
+            return list(enumerate(data))
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((len(out), json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append((len(out), DataError(f"invalid JSON on line {lineno}: {e.msg}")))
+    return out
+
+
+def write_records(records: list[dict], path: str) -> None:
+    """JSON list (indented) or JSONL when the name ends in .jsonl."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        else:
+            json.dump(records, f, ensure_ascii=False, indent=1)
+
+
+def _parse_file(path: str, parse_one, on_error: str, skips: Skips | None) -> list[dict]:
+    """Apply parse_one(raw) -> dict to each record; DataErrors get the file and index, then raise or skip."""
+    _check_on_error(on_error)
+    skips = SKIPS if skips is None else skips
+    rows = _read_records(path)
+    out, bad = [], 0
+    for index, raw in rows:
+        try:
+            if isinstance(raw, DataError):
+                raise raw
+            if not isinstance(raw, dict):
+                raise DataError(f"record should be an object, got {type(raw).__name__}")
+            try:
+                rec = parse_one(raw)
+            except (TypeError, AttributeError, KeyError) as e:  # a shape the checks above did not foresee
+                raise DataError(f"malformed record ({type(e).__name__}: {e})") from None
+        except DataError as e:
+            e = e.at(path, index)
+            if on_error == "raise":
+                raise e from None
+            skips.add(str(e), index)
+            bad += 1
+            continue
+        rec["source"], rec["index"] = path, index
+        out.append(rec)
+    if bad:
+        print(f"{path}: skipped {bad} of {len(rows)} records (on_error='skip')", file=sys.stderr)
+    return out
+
+
+def _get(rec: dict, key: str, types: type | tuple, required: bool = True, default: Any = None) -> Any:
+    """A field of the right type; bools are not accepted as numbers."""
+    if key not in rec or rec[key] is None:
+        if required:
+            raise DataError(f"missing field '{key}'")
+        return default
+    v = rec[key]
+    types = types if isinstance(types, tuple) else (types,)
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+        names = " or ".join(t.__name__ for t in types)
+        raise DataError(f"field '{key}' should be {names}, got {type(v).__name__}")
+    return v
+
+
+def _image_path(image_folder: str | None, image: str) -> str:
+    return image if (image_folder is None or os.path.isabs(image)) else os.path.join(image_folder, image)
+
+
+def _parse_id_image(raw: dict, image_folder: str | None, check_images: bool) -> tuple[str | None, str | None]:
+    rid = _get(raw, "id", (str, int), required=False)
+    image = _get(raw, "image", str, required=False)
+    if image is not None and not image.strip():
+        raise DataError("field 'image' is an empty string")
+    if check_images and image is not None:
+        load_image(_image_path(image_folder, image))
+    return (None if rid is None else str(rid)), image
+
+
+# ----------------------------------------------------------------------------------------------------
+# Readers
+
+def read_sft(path: str, image_folder: str | None = None, on_error: str = "raise", check_images: bool = False,
+             skips: Skips | None = None) -> list[dict]:
+    """LLaVA SFT records -> [{"id", "image" (or None), "conversations", "source", "index"}].
+    Conversations are validated and the image placeholder put first in the first user turn."""
+    def parse(raw: dict) -> dict:
+        if "conversations" not in raw:
+            raise DataError("missing field 'conversations'")
+        rid, image = _parse_id_image(raw, image_folder, check_images)
+        conv = normalize_conversation(raw["conversations"], has_image=image is not None, last="gpt")
+        return {"id": rid, "image": image, "conversations": conv}
+    recs = _parse_file(path, parse, on_error, skips)
+    for r in recs:
+        r["id"] = r["id"] if r["id"] is not None else str(r["index"])
+    return recs
+
+
+def read_preferences(path: str, on_error: str = "raise", image_folder: str | None = None,
+                     check_images: bool = False, skips: Skips | None = None) -> list[dict]:
+    """Human preference pairs (SPEC §3) -> [{"id", "image", "conversations", "output_1", "output_2",
+    "preference", "hallucination", "source", "index"}].
+    `conversations` is the context and ends with the user turn being answered: the file's trailing gpt
+    turn (the slot the reference code overwrites with each output) is dropped. Build a scored
+    conversation with with_response(rec["conversations"], rec["output_1"]["value"]).
+    output_k stay {"value": str}; preference is 1 or 2 (the better response); hallucination bool or None."""
+    def parse(raw: dict) -> dict:
+        for key in ("conversations", "output_1", "output_2", "preference"):
+            if key not in raw:
+                raise DataError(f"missing field '{key}'")
+        rid, image = _parse_id_image(raw, image_folder, check_images)
+        conv = raw["conversations"]
+        if isinstance(conv, list) and len(conv) >= 2 and isinstance(conv[-1], dict) and conv[-1].get("from") == "gpt":
+            conv = conv[:-1]
+        conv = normalize_conversation(conv, has_image=image is not None, last="human")
+        outs = {}
+        for key in ("output_1", "output_2"):
+            o = raw[key]
+            if not isinstance(o, dict) or not isinstance(o.get("value"), str):
+                raise DataError(f"field '{key}' should be an object with a string 'value'")
+            if not o["value"].strip():
+                raise DataError(f"field '{key}' is an empty answer")
+            outs[key] = {"value": o["value"]}
+        pref = raw["preference"]
+        if isinstance(pref, bool) or not isinstance(pref, int) or pref not in (1, 2):
+            raise DataError(f"'preference' must be 1 or 2, got {pref!r}")
+        hall = raw.get("hallucination")
+        if hall is not None:
+            if isinstance(hall, bool) or (isinstance(hall, int) and hall in (0, 1)):
+                hall = bool(hall)
+            else:
+                raise DataError(f"'hallucination' should be a boolean, got {hall!r}")
+        return {"id": rid, "image": image, "conversations": conv, **outs, "preference": pref,
+                "hallucination": hall}
+    recs = _parse_file(path, parse, on_error, skips)
+    for r in recs:
+        r["id"] = r["id"] if r["id"] is not None else str(r["index"])
+    return recs
+
+
+def load_captions(captions: str | dict) -> dict[str, list[str]]:
+    """An image -> [caption, ...] map from a JSON file or a dict, validated."""
+    src = captions if isinstance(captions, str) else "captions"
+    if isinstance(captions, str):
+        if not os.path.isfile(captions):
+            raise DataError("captions file not found", path=captions)
+        try:
+            with open(captions, encoding="utf-8") as f:
+                captions = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON: {e.msg}", path=src) from None
+    if not isinstance(captions, dict):
+        raise DataError(f"captions should map image -> list of strings, got {type(captions).__name__}", path=src)
+    for k, v in captions.items():
+        if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
+            raise DataError(f"captions for {k!r} should be a list of strings", path=src)
+    return captions
+
+
+_ANSWER_TYPE_ALIASES = {"multiple_choice": "multiple_choice", "multiple-choice": "multiple_choice",
+                        "mc": "multiple_choice", "yes_no": "yes_no", "yes-no": "yes_no", "yes/no": "yes_no",
+                        "general": "general"}
+
+
+def read_ppo_prompts(path: str, captions: str | dict | None = None, on_error: str = "raise",
+                     image_folder: str | None = None, check_images: bool = False,
+                     skips: Skips | None = None) -> list[dict]:
+    """PPO prompts -> [{"id", "image", "question", "facts", "answer_type", "answer", "length_multiplier",
+    "source", "index"}]. The question is the first user turn (or the "question" field) with the <image>
+    placeholder removed: tokenize_prompt puts it back. Facts: inline "facts", else captions[image]
+    (exact key, then the file's base name), else []. Multiple-choice answers are a letter A-D (or
+    "correct_choice_idx" 0-3), yes/no answers "yes"/"no". "length_bonus" is read as length_multiplier."""
+    cap = load_captions(captions) if captions is not None else None
+    no_facts = 0
+
+    def parse(raw: dict) -> dict:
+        nonlocal no_facts
+        rid, image = _parse_id_image(raw, image_folder, check_images)
+        if "question" in raw:
+            q = _get(raw, "question", str)
+        elif "conversations" in raw:
+            conv = raw["conversations"]
+            if not isinstance(conv, list) or not conv:
+                raise DataError("'conversations' should be a non-empty list")
+            first = conv[0]
+            if not isinstance(first, dict) or first.get("from") != "human" or not isinstance(first.get("value"), str):
+                raise DataError("the first turn should be {'from': 'human', 'value': str}")
+            q = first["value"]
+        else:
+            raise DataError("missing field 'conversations' (or 'question')")
+        n = q.count(IMAGE_PLACEHOLDER)
+        if n > 1:
+            raise DataError(f"{IMAGE_PLACEHOLDER} appears {n} times in the question")
+        if n and image is None:
+            raise DataError(f"{IMAGE_PLACEHOLDER} in the question but the record has no image")
+        q = q.replace(IMAGE_PLACEHOLDER, "").strip()
+        if not q:
+            raise DataError("empty question")
+        at = _get(raw, "answer_type", str, required=False, default="general")
+        if at.lower() not in _ANSWER_TYPE_ALIASES:
+            raise DataError(f"'answer_type' must be one of {ANSWER_TYPES}, got {at!r}")
+        at = _ANSWER_TYPE_ALIASES[at.lower()]
+        ans = _get(raw, "answer", str, required=False)
+        if at == "multiple_choice":
+            if ans is None and raw.get("correct_choice_idx") is not None:
+                idx = _get(raw, "correct_choice_idx", int)
+                if not 0 <= idx < 4:
+                    raise DataError(f"'correct_choice_idx' must be 0-3, got {idx}")
+                ans = "ABCD"[idx]
+            if ans is None:
+                raise DataError("a multiple_choice prompt needs 'answer' (the correct letter)")
+            ans = ans.strip().rstrip(".").upper()
+            if ans not in ("A", "B", "C", "D"):
+                raise DataError(f"multiple_choice 'answer' must be a letter A-D, got {raw.get('answer')!r}")
+        elif at == "yes_no":
+            if ans is None:
+                raise DataError("a yes_no prompt needs 'answer' ('yes' or 'no')")
+            ans = ans.strip().rstrip(".").lower()
+            if ans not in ("yes", "no"):
+                raise DataError(f"yes_no 'answer' must be 'yes' or 'no', got {raw.get('answer')!r}")
+        facts = _get(raw, "facts", list, required=False)
+        if facts is not None:
+            if not all(isinstance(x, str) for x in facts):
+                raise DataError("'facts' should be a list of strings")
+        elif cap is not None and image is not None:
+            facts = cap.get(image, cap.get(os.path.basename(image)))
+            if facts is None:
+                no_facts += 1
+        facts = list(facts or [])
+        key = "length_multiplier" if "length_multiplier" in raw else "length_bonus"
+        lm = float(_get(raw, key, (int, float), required=False, default=1.0))
+        if not (lm >= 0 and np.isfinite(lm)):
+            raise DataError(f"'{key}' must be a finite number >= 0, got {lm}")
+        return {"id": rid, "image": image, "question": q, "facts": facts, "answer_type": at, "answer": ans,
+                "length_multiplier": lm}
+    recs = _parse_file(path, parse, on_error, skips)
+    for r in recs:
+        r["id"] = r["id"] if r["id"] is not None else str(r["index"])
+    if no_facts:
+        print(f"{path}: {no_facts} prompt(s) have an image missing from the captions map (empty facts)",
+              file=sys.stderr)
+    return recs
+
+
+MMHAL_TYPES = ("attribute", "adversarial", "comparison", "counting", "relation", "environment", "holistic", "other")
+
+
+def read_mmhal(path: str, on_error: str = "raise", skips: Skips | None = None) -> list[dict]:
+    """MMHal-Bench template (SPEC §6) -> the file's fields plus "index" (file order) and "image" (the base
+    name of image_src, for a local copy of the images). model_answer defaults to ""."""
+    def parse(raw: dict) -> dict:
+        rec = {k: _get(raw, k, str) for k in ("question_type", "question_topic", "image_id", "image_src",
+                                              "question", "gt_answer")}
+        content = _get(raw, "image_content", list)
+        if not all(isinstance(c, str) for c in content):
+            raise DataError("'image_content' should be a list of strings")
+        if rec["question_type"] not in MMHAL_TYPES:
+            raise DataError(f"unknown question_type {rec['question_type']!r}")
+        rec["image_content"] = list(content)
+        rec["model_answer"] = _get(raw, "model_answer", str, required=False, default="")
+        rec["image"] = os.path.basename(rec["image_src"].split("?")[0])
+        return rec
+    return _parse_file(path, parse, on_error, skips)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets
+
+class _ServeOrSkip(torch.utils.data.Dataset):
+    """__getitem__ for datasets whose items can fail to load (a broken image): raise the DataError, or with
+    on_error="skip" count it and serve the next record instead, so batch shapes stay as planned.
+    With DataLoader workers the count lives in the worker process; the warning on stderr is the record."""
+    on_error: str
+    skips: Skips
+
+    def _item(self, i: int) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict:
+        for k in range(len(self)):
+            try:
+                return self._item((i + k) % len(self))
+            except DataError as e:
+                if self.on_error == "raise":
+                    raise
+                self.skips.add(str(e))
+                print(f"warning: {e}; serving the next record instead", file=sys.stderr)
+        raise DataError("every record failed to load")
+
+    def _image(self, rec: dict) -> torch.Tensor | None:
+        """(3, S, S) image of a record, or None; DataError naming the file, record and image."""
+        if rec.get("image") is None:
+            return None
+        path = _image_path(self.image_folder, rec["image"])
+        try:
+            return preprocess_image(load_image(path), self.image_size, self.pad_to_square)
+        except DataError as e:
+            raise e.at(rec.get("source"), rec.get("index"), path) from None
+
+
+class SFTDataset(_ServeOrSkip):
+    """Tokenised conversations with their images. Tokenisation runs once up front to find the length of
+    each record and to drop (and count, in `dropped` and the Skips) those that truncation would empty;
+    __getitem__ tokenises again (cheap, and keeps memory flat on large sets) and loads the image.
+    A broken image at __getitem__ raises DataError; with on_error="skip" the next record is served instead
+    and counted (use read_sft(check_images=True) or `data.py check` to find them before training)."""
+
+    def __init__(self, records: list[dict], tok: Tokenizer, template: Template, image_folder: str | None,
+                 image_size: int, num_image_tokens: int, max_len: int | None, on_error: str = "raise",
+                 skips: Skips | None = None, pad_to_square: bool = True):
+        _check_on_error(on_error)
+        self.tok, self.template, self.image_folder = tok, template, image_folder
+        self.image_size, self.num_image_tokens, self.max_len = image_size, num_image_tokens, max_len
+        self.on_error, self.pad_to_square = on_error, pad_to_square
+        self.skips = SKIPS if skips is None else skips
+        self.records, self.lengths, self.dropped = [], [], 0
+        for i, rec in enumerate(records):
+            try:
+                if rec.get("image") is not None and not any(IMAGE_PLACEHOLDER in t["value"] for t in rec["conversations"]):
+                    raise DataError("the record has an image but no <image> placeholder (read it with read_sft)")
+                ids, _ = tokenize_conversation(rec["conversations"], tok, template, num_image_tokens, max_len)
+            except DataError as e:
+                e = e.at(rec.get("source"), rec.get("index", i))
+                if isinstance(e, TruncationError):
+                    self.dropped += 1  # too long is not bad data: always dropped, never raised
+                elif on_error == "raise":
+                    raise e from None
+                self.skips.add(str(e))
+                continue
+            self.records.append(rec)
+            self.lengths.append(len(ids))
+        if len(self.records) < len(records):
+            print(f"SFTDataset: kept {len(self.records)} of {len(records)} records "
+                  f"({self.dropped} dropped by truncation to max_len={max_len})", file=sys.stderr)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _item(self, i: int) -> dict:
+        rec = self.records[i]
+        ids, labels = tokenize_conversation(rec["conversations"], self.tok, self.template, self.num_image_tokens,
+                                            self.max_len)
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
+                "image": self._image(rec), "id": rec["id"]}
+
+
+class PromptDataset(_ServeOrSkip):
+    """PPO / evaluation prompts (records from read_ppo_prompts or read_mmhal): tokenised prompt ending at
+    "ASSISTANT:", the image, and "index" into `records` for the facts and answers. Prompts longer than
+    max_prompt_len are dropped and counted in `dropped` (SPEC §5: prompt length <= 128)."""
+
+    def __init__(self, records: list[dict], tok: Tokenizer, template: Template, image_folder: str | None,
+                 image_size: int, num_image_tokens: int, max_prompt_len: int | None = None,
+                 pad_to_square: bool = True, on_error: str = "raise", skips: Skips | None = None):
+        _check_on_error(on_error)
+        self.records, self.image_folder, self.image_size = records, image_folder, image_size
+        self.pad_to_square, self.on_error, self.skips = pad_to_square, on_error, (SKIPS if skips is None else skips)
+        self.prompts, self.keep, self.dropped = [], [], 0
+        for i, rec in enumerate(records):
+            ids = tokenize_prompt(rec["question"], tok, template, num_image_tokens, has_image=rec.get("image") is not None)
+            if max_prompt_len is not None and len(ids) > max_prompt_len:
+                self.dropped += 1
+                continue
+            self.prompts.append(ids)
+            self.keep.append(i)
+        if self.dropped:
+            print(f"PromptDataset: dropped {self.dropped} of {len(records)} prompts longer than {max_prompt_len} tokens",
+                  file=sys.stderr)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def _item(self, i: int) -> dict:
+        rec = self.records[self.keep[i]]
+        return {"input_ids": torch.tensor(self.prompts[i], dtype=torch.long), "image": self._image(rec),
+                "index": self.keep[i]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batching
+
+def _as_lists(seqs) -> list[list[int]]:
+    if not len(seqs):
+        raise ValueError("cannot pad an empty batch")
+    return [s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in seqs]
+
+
+def right_pad(seqs, pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) values padded on the right with pad_value, and the (B, T) attention mask (1 = real)."""
+    seqs = _as_lists(seqs)
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, :len(s)] = 1
+    return ids, mask
+
+
+def left_pad(seqs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids padded on the left (generation appends on the right), and the (B, T) attention mask."""
+    seqs = _as_lists(seqs)
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if s:
+            ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[b, T - len(s):] = 1
+    return ids, mask
+
+
+def _stack_images(batch: list[dict], ids: torch.Tensor) -> torch.Tensor | None:
+    """(N, 3, S, S) images of the rows holding image tokens, in row order. A row with image tokens and
+    no image (or the reverse) is an error: the model would splice the wrong features."""
+    images = []
+    for b, item in enumerate(batch):
+        has_tokens = bool((ids[b] == IMAGE_TOKEN_INDEX).any())
+        img = item.get("image")
+        if has_tokens != (img is not None):
+            raise DataError(f"batch row {b}: " + ("image tokens but no image" if has_tokens else "an image but no image tokens"))
+        if img is not None:
+            images.append(img)
+    if not images:
+        return None
+    if any(im.shape != images[0].shape for im in images):
+        raise DataError(f"images of different shapes in one batch: {sorted({tuple(im.shape) for im in images})}")
+    return torch.stack(images)
+
+
+def collate_right(batch: list[dict], pad_id: int) -> dict:
+    """Training batch: input_ids (B, T) right-padded with pad_id, labels (B, T) padded with IGNORE_INDEX,
+    attention_mask (B, T), images (N, 3, S, S) or None."""
+    ids, mask = right_pad([b["input_ids"] for b in batch], pad_id)
+    labels, _ = right_pad([b["labels"] for b in batch], IGNORE_INDEX)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "images": _stack_images(batch, ids)}
+
+
+def collate_left(batch: list[dict], pad_id: int) -> dict:
+    """Generation batch: input_ids (B, T) left-padded, attention_mask (B, T), images (N, 3, S, S) or None,
+    and "index" (B,) when the items carry one (PromptDataset)."""
+    ids, mask = left_pad([b["input_ids"] for b in batch], pad_id)
+    out = {"input_ids": ids, "attention_mask": mask, "images": _stack_images(batch, ids)}
+    if all("index" in b for b in batch):
+        out["index"] = torch.tensor([b["index"] for b in batch], dtype=torch.long)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampler: sharded, deterministic from (seed, epoch), resumable mid-epoch
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Each epoch's order is a permutation drawn from (seed, epoch); rank r takes every world_size-th
+    index of what remains. `position` counts indices consumed across all ranks, so a checkpointed state
+    resumes the same remaining order, even with a different world size. drop_last=False pads the tail
+    by wrapping to the start of the order so every rank gets the same count. When an iteration runs out
+    the sampler moves itself to the next epoch (set_epoch(e) with the current epoch keeps the position).
+    With DataLoader workers the sampler runs ahead of training: checkpoint with
+    state_dict(consumed=number of this rank's items actually trained on in this pass)."""
+
+    def __init__(self, num_items: int, rank: int | None = None, world_size: int | None = None, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True):
+        ddp = dist.is_available() and dist.is_initialized()
+        self.world_size = world_size if world_size is not None else (dist.get_world_size() if ddp else 1)
+        self.rank = rank if rank is not None else (dist.get_rank() if ddp else 0)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        if num_items < 0:
+            raise ValueError("num_items must be >= 0")
+        self.num_items, self.seed, self.shuffle, self.drop_last = num_items, seed, shuffle, drop_last
+        self.epoch, self.position = 0, 0
+        self._pass_epoch, self._pass_start = 0, 0  # where the current iteration started
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def order(self, epoch: int | None = None) -> np.ndarray:
+        """The global order of an epoch (all ranks)."""
+        epoch = self.epoch if epoch is None else epoch
+        if not self.shuffle:
+            return np.arange(self.num_items)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+
+    def _plan(self) -> list[int]:
+        order = self.order()
+        rest = order[self.position:]
+        w = self.world_size
+        if self.drop_last:
+            rest = rest[:len(rest) // w * w]
+        elif len(rest) % w and len(order):
+            pad = w - len(rest) % w
+            rest = np.concatenate([rest, np.resize(order, pad)])  # np.resize repeats the order cyclically
+        return [int(i) for i in rest[self.rank::w]]
+
+    def __len__(self) -> int:
+        return len(self._plan())
+
+    def __iter__(self) -> Iterator[int]:
+        plan = self._plan()
+        self._pass_epoch, self._pass_start = self.epoch, self.position
+        for k, i in enumerate(plan):
+            # count an index as consumed once handed out: a checkpoint after the batch resumes after it
+            self.position = min(self.num_items, self._pass_start + (k + 1) * self.world_size)
+            yield i
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self, consumed: int | None = None) -> dict:
+        if consumed is not None:
+            pos = min(self.num_items, self._pass_start + consumed * self.world_size)
+            return {"epoch": self._pass_epoch, "position": pos, "seed": self.seed, "num_items": self.num_items}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_items": self.num_items}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "num_items"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state[key]} but this sampler has {getattr(self, key)}: "
+                                 "the order would differ")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._pass_epoch, self._pass_start = self.epoch, self.position
+
+
+# ----------------------------------------------------------------------------------------------------
+# Converters to SFT conversations (and PPO prompts)
+
+VQA_INSTRUCTION = "Answer the question using a single word or phrase."
+MC_INSTRUCTION = "Answer with the letter of the correct option, then explain why."
+CAPTION_INSTRUCTIONS = (
+    "Describe this image briefly.",
+    "Write a short caption for this picture.",
+    "Give a one-sentence description of the photo.",
+    "What does this image show? Answer in one sentence.",
+    "Summarize the visual content of the image in a sentence.",
+    "Provide a brief description of what you see.",
+    "Caption this image.",
+    "Briefly describe the scene shown here.",
+)
+COCO_IMAGE = "coco/train2017/{image_id:012d}.jpg"
+
+
+def _load_json(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise DataError("file not found", path=path)
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON at line {e.lineno}: {e.msg}", path=path) from None
+
+
+def _convert_each(path: str, items: list, convert_one, on_error: str, skips: Skips | None) -> list:
+    _check_on_error(on_error)
+    skips = SKIPS if skips is None else skips
+    out, bad = [], 0
+    for i, item in enumerate(items):
+        try:
+            if not isinstance(item, dict):
+                raise DataError(f"record should be an object, got {type(item).__name__}")
+            out.append(convert_one(item))
+        except DataError as e:
+            e = e.at(path, i)
+            if on_error == "raise":
+                raise e from None
+            skips.add(str(e))
+            bad += 1
+    if bad:
+        print(f"{path}: skipped {bad} of {len(items)} records (on_error='skip')", file=sys.stderr)
+    return out
+
+
+def _nonempty(rec: dict, key: str) -> str:
+    v = _get(rec, key, str)
+    if not v.strip():
+        raise DataError(f"field '{key}' is empty")
+    return v.strip()
+
+
+def convert_vqav2(questions: str, annotations: str, image_format: str = COCO_IMAGE, per_image: bool = False,
+                  fmt: str = "sft", instruction: str = VQA_INSTRUCTION, on_error: str = "raise",
+                  skips: Skips | None = None) -> list[dict]:
+    """VQA-v2 -> short-answer conversations (the answer is multiple_choice_answer). per_image groups the
+    questions about one image into one multi-turn conversation. fmt="ppo" writes PPO prompts (yes/no
+    answers get answer_type yes_no)."""
+    qdata, adata = _load_json(questions), _load_json(annotations)
+    if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
+        raise DataError("expected {'questions': [...]}", path=questions)
+    if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
+        raise DataError("expected {'annotations': [...]}", path=annotations)
+    answers = {a.get("question_id"): a for a in adata["annotations"] if isinstance(a, dict)}
+
+    def one(q: dict) -> dict:
+        qid, image_id = _get(q, "question_id", int), _get(q, "image_id", int)
+        question = _nonempty(q, "question")
+        if qid not in answers:
+            raise DataError(f"question_id {qid} has no annotation in {annotations}")
+        answer = _nonempty(answers[qid], "multiple_choice_answer")
+        image = image_format.format(image_id=image_id)
+        if fmt == "ppo":
+            at = "yes_no" if answer.lower() in ("yes", "no") else "general"
+            return {"id": f"vqav2_{qid}", "image": image, "question": f"{question}\n{instruction}",
+                    "answer_type": at, "answer": answer.lower() if at == "yes_no" else answer}
+        return {"id": f"vqav2_{qid}", "image": image, "image_id": image_id,
+                "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}\n{instruction}"},
+                                  {"from": "gpt", "value": answer}]}
+    recs = _convert_each(questions, qdata["questions"], one, on_error, skips)
+    if fmt == "sft" and per_image:
+        grouped: dict[int, dict] = {}
+        for r in recs:
+            g = grouped.get(r["image_id"])
+            if g is None:
+                grouped[r["image_id"]] = r
+            else:  # later questions on the same image: plain turns, the image stays in the first
+                q = r["conversations"][0]["value"].replace(IMAGE_PLACEHOLDER + "\n", "")
+                g["conversations"] += [{"from": "human", "value": q}, r["conversations"][1]]
+        recs = list(grouped.values())
+    for r in recs:
+        r.pop("image_id", None)
+    return recs
+
+
+def convert_aokvqa(path: str, image_format: str = COCO_IMAGE, style: str = "letter_first", fmt: str = "sft",
+                   on_error: str = "raise", skips: Skips | None = None) -> list[dict]:
+    """A-OKVQA -> multiple choice (options lettered A-D) answered with the first rationale.
+    style="letter_first": "B. choice\\nrationale"; "rationale_first" (chain of thought):
+    "rationale So the correct option is B." fmt="ppo" writes PPO prompts with the correct letter and the
+    item's own facts (the correct answer and the rationales)."""
+    items = _load_json(path)
+    if not isinstance(items, list):
+        raise DataError("expected a JSON list of A-OKVQA records", path=path)
+    if style not in ("letter_first", "rationale_first"):
+        raise ValueError(f"unknown style {style!r}")
+
+    def one(r: dict) -> dict:
+        qid, image_id = _get(r, "question_id", (str, int)), _get(r, "image_id", int)
+        question = _nonempty(r, "question")
+        choices = _get(r, "choices", list)
+        if not 2 <= len(choices) <= 4 or not all(isinstance(c, str) and c.strip() for c in choices):
+            raise DataError("'choices' should be 2-4 non-empty strings")
+        k = _get(r, "correct_choice_idx", int)
+        if not 0 <= k < len(choices):
+            raise DataError(f"'correct_choice_idx' {k} is out of range for {len(choices)} choices")
+        rationales = [x.strip() for x in _get(r, "rationales", list, required=False, default=[])
+                      if isinstance(x, str) and x.strip()]
+        letter = "ABCD"[k]
+        options = "\n".join(f"{'ABCD'[i]}. {c.strip()}" for i, c in enumerate(choices))
+        prompt = f"{question}\n{options}\n{MC_INSTRUCTION}"
+        image = image_format.format(image_id=image_id)
+        if fmt == "ppo":
+            facts = [f"The answer is {choices[k].strip()}."] + rationales
+            return {"id": f"aokvqa_{qid}", "image": image, "question": prompt, "answer_type": "multiple_choice",
+                    "answer": letter, "facts": facts}
+        if not rationales:
+            raise DataError("no rationale to answer with")
+        if style == "letter_first":
+            answer = f"{letter}. {choices[k].strip()}\n{rationales[0]}"
+        else:
+            answer = f"{rationales[0]} So the correct option is {letter}."
+        return {"id": f"aokvqa_{qid}", "image": image,
+                "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{prompt}"},
+                                  {"from": "gpt", "value": answer}]}
+    return _convert_each(path, items, one, on_error, skips)
+
+
+def read_flickr30k_captions(path: str, split: str | None = None) -> dict[str, list[str]]:
+    """Flickr30k captions as {file name: [captions]} from any of: results_20130124.token
+    ("name.jpg#0<TAB>caption"), results.csv ("name.jpg| 0| caption"), Karpathy's dataset_flickr30k.json
+    ({"images": [{"filename", "sentences": [{"raw"}], "split"}]}) or a plain {name: [captions]} map."""
+    if not os.path.isfile(path):
+        raise DataError("file not found", path=path)
+    caps: dict[str, list[str]] = {}
+    if path.endswith(".json"):
+        data = _load_json(path)
+        if isinstance(data, dict) and isinstance(data.get("images"), list):
+            for i, im in enumerate(data["images"]):
+                try:
+                    if split is not None and im.get("split") != split:
+                        continue
+                    name = _get(im, "filename", str)
+                    caps[name] = [_nonempty(s, "raw") for s in _get(im, "sentences", list)]
+                except (DataError, AttributeError) as e:
+                    raise (e if isinstance(e, DataError) else DataError(str(e))).at(path, i) from None
+            return caps
+        return load_captions(data)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip() or line.lower().startswith("image_name"):
+                continue
+            if "\t" in line:
+                key, cap = line.split("\t", 1)
+                name = key.split("#")[0]
+            elif line.count("|") >= 2:
+                name, _, cap = (x.strip() for x in line.split("|", 2))
+            else:
+                raise DataError(f"line {lineno}: expected 'name.jpg#k<TAB>caption' or 'name.jpg| k| caption'", path=path)
+            if cap.strip():
+                caps.setdefault(name.strip(), []).append(cap.strip())
+    return caps
+
+
+def convert_flickr30k(path: str, image_format: str = "flickr30k/{name}", seed: int = 0, all_captions: bool = False,
+                      split: str | None = None) -> list[dict]:
+    """Flickr30k -> captioning conversations: per image one caption (or every one with all_captions),
+    each asked with an instruction drawn from CAPTION_INSTRUCTIONS by a seeded RNG."""
+    caps = read_flickr30k_captions(path, split)
+    rng = random.Random(seed)
+    recs = []
+    for name, cs in caps.items():
+        chosen = cs if all_captions else [rng.choice(cs)]
+        for k, cap in enumerate(chosen):
+            stem = os.path.splitext(name)[0]
+            recs.append({"id": f"flickr30k_{stem}" + (f"_{k}" if all_captions else ""),
+                         "image": image_format.format(name=name),
+                         "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{rng.choice(CAPTION_INSTRUCTIONS)}"},
+                                           {"from": "gpt", "value": cap}]})
+    return recs
+
+
+def mix_sft(inputs: list[str], seed: int = 0, counts: list[int] | None = None, on_error: str = "raise",
+            skips: Skips | None = None) -> list[dict]:
+    """Validate several SFT files, optionally sample counts[i] records from input i (without replacement),
+    and shuffle everything with one seeded RNG."""
+    if counts is not None and len(counts) != len(inputs):
+        raise ValueError("--counts needs one number per input")
+    rng = random.Random(seed)
+    out = []
+    for i, path in enumerate(inputs):
+        recs = read_sft(path, on_error=on_error, skips=skips)
+        recs = [{"id": r["id"], **({"image": r["image"]} if r["image"] is not None else {}),
+                 "conversations": r["conversations"]} for r in recs]
+        if counts is not None:
+            if counts[i] > len(recs):
+                raise ValueError(f"{path}: asked for {counts[i]} records but it has {len(recs)}")
+            recs = rng.sample(recs, counts[i])
+        out.extend(recs)
+    rng.shuffle(out)
+    dup = sum(c - 1 for c in Counter(r["id"] for r in out).values() if c > 1)
+    if dup:
+        print(f"mix: warning: {dup} duplicate id(s) across the inputs", file=sys.stderr)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checking a dataset
+
+def detect_kind(path: str) -> str:
+    for _, raw in _read_records(path):
+        if isinstance(raw, dict):
+            if "output_1" in raw or "preference" in raw:
+                return "preference"
+            if "gt_answer" in raw and "question_type" in raw:
+                return "mmhal"
+            if "question" in raw or "answer_type" in raw or "facts" in raw:
+                return "ppo"
+            return "sft"
+    return "sft"
+
+
+def _histogram(lengths: list[int], bins: int = 10) -> list[str]:
+    lo, hi = min(lengths), max(lengths)
+    width = max(1, -(-(hi - lo + 1) // bins))
+    counts = Counter((x - lo) // width for x in lengths)
+    top = max(counts.values())
+    return [f"  [{lo + b * width:6d}, {lo + (b + 1) * width:6d})  {counts.get(b, 0):7d}  "
+            + "#" * int(round(40 * counts.get(b, 0) / top)) for b in range(-(-(hi - lo + 1) // width))]
+
+
+def check_dataset(path: str, image_folder: str | None = None, tokenizer: str | Tokenizer | None = None,
+                  kind: str | None = None, template: Template | None = None, num_image_tokens: int = 576,
+                  max_len: int | None = None, check_images: bool = True, out=None) -> dict:
+    """Validate every record of a file: prints counts, problems (record index and reason) and a token
+    length histogram; returns the same as a dict. Problems never stop the check."""
+    out = out or sys.stdout
+    template = template or Template()
+    kind = kind or detect_kind(path)
+    total = len(_read_records(path))
+    skips = Skips()
+    reader = {"sft": lambda: read_sft(path, on_error="skip", skips=skips),
+              "preference": lambda: read_preferences(path, on_error="skip", skips=skips),
+              "ppo": lambda: read_ppo_prompts(path, on_error="skip", skips=skips),
+              "mmhal": lambda: read_mmhal(path, on_error="skip", skips=skips)}[kind]
+    recs = reader()
+    problems = list(zip(skips.indices, skips.reasons))
+    n_img = n_img_bad = 0
+    good = []
+    for r in recs:
+        ok = True
+        if check_images and kind != "mmhal" and r.get("image") is not None:
+            n_img += 1
+            p = _image_path(image_folder, r["image"])
+            try:
+                load_image(p)
+            except DataError as e:
+                problems.append((r["index"], str(e.at(path, r["index"], p))))
+                n_img_bad += 1
+                ok = False
+        if ok:
+            good.append(r)
+    problems = [msg for _, msg in sorted(problems, key=lambda x: -1 if x[0] is None else x[0])]
+    lengths, too_long, emptied = [], 0, 0
+    if tokenizer is not None:
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+        for r in good:
+            has_image = r.get("image") is not None or kind == "mmhal"
+            if kind == "sft":
+                n = len(tokenize_conversation(r["conversations"], tok, template, num_image_tokens)[0])
+                if max_len is not None and n > max_len:
+                    try:
+                        tokenize_conversation(r["conversations"], tok, template, num_image_tokens, max_len)
+                    except TruncationError:
+                        emptied += 1
+            elif kind == "preference":
+                n = max(len(tokenize_conversation(with_response(r["conversations"], r[k]["value"]), tok, template,
+                                                  num_image_tokens)[0]) for k in ("output_1", "output_2"))
+            else:
+                n = len(tokenize_prompt(r["question"], tok, template, num_image_tokens, has_image=has_image))
+            lengths.append(n)
+            too_long += int(max_len is not None and n > max_len)
+    p = lambda s="": print(s, file=out)  # noqa: E731
+    p(f"file: {path}")
+    p(f"kind: {kind}")
+    p(f"records: {total}  valid: {len(good)}  problems: {len(problems)}")
+    if kind == "preference" and good:
+        c = Counter(r["preference"] for r in good)
+        p(f"preference: 1 -> {c.get(1, 0)}, 2 -> {c.get(2, 0)}")
+    if kind == "ppo" and good:
+        c = Counter(r["answer_type"] for r in good)
+        p("answer types: " + ", ".join(f"{k} {c[k]}" for k in ANSWER_TYPES if c.get(k)))
+    if kind == "mmhal" and good:
+        c = Counter(r["question_type"] for r in good)
+        p("question types: " + ", ".join(f"{k} {c[k]}" for k in MMHAL_TYPES if c.get(k)))
+    if check_images and kind != "mmhal":
+        p(f"images: {n_img} referenced, {n_img - n_img_bad} ok, {n_img_bad} missing or unreadable")
+    if problems:
+        p("problems:")
+        for msg in problems[:50]:
+            p(f"  {msg}")
+        if len(problems) > 50:
+            p(f"  ... and {len(problems) - 50} more")
+    if lengths:
+        a = np.array(lengths)
+        p(f"tokens (image = {num_image_tokens}): min {a.min()}  mean {a.mean():.1f}  p50 {int(np.percentile(a, 50))}"
+          f"  p90 {int(np.percentile(a, 90))}  p99 {int(np.percentile(a, 99))}  max {a.max()}")
+        if max_len is not None:
+            p(f"longer than max_len {max_len}: {too_long}" + (f" ({emptied} would lose every supervised token and be dropped)"
+                                                              if kind == "sft" else ""))
+        p("histogram:")
+        for line in _histogram(lengths):
+            p(line)
+    return {"kind": kind, "total": total, "valid": len(good), "problems": problems, "lengths": lengths,
+            "too_long": too_long, "images": n_img, "images_bad": n_img_bad}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="LLaVA-RLHF data tools")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    conv = sub.add_parser("convert", help="convert a public data set to SFT conversations (or PPO prompts)")
+    csub = conv.add_subparsers(dest="source", required=True)
+    v = csub.add_parser("vqav2")
+    v.add_argument("--questions", required=True)
+    v.add_argument("--annotations", required=True)
+    v.add_argument("--per_image", action="store_true", help="one multi-turn conversation per image")
+    a = csub.add_parser("aokvqa")
+    a.add_argument("--input", required=True)
+    a.add_argument("--style", default="letter_first", choices=["letter_first", "rationale_first"])
+    f = csub.add_parser("flickr30k")
+    f.add_argument("--input", required=True)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--all_captions", action="store_true")
+    f.add_argument("--split", default=None, help="with Karpathy's JSON: keep only this split")
+    f.add_argument("--captions_out", default=None, help="also write the image -> captions map (PPO facts)")
+    for p_ in (v, a, f):
+        p_.add_argument("--out", required=True)
+        p_.add_argument("--image_format", default=None,
+                        help="image path template; {image_id} (COCO) or {name} (Flickr30k)")
+        p_.add_argument("--skip", action="store_true", help="skip bad records instead of stopping")
+    for p_ in (v, a):
+        p_.add_argument("--format", default="sft", choices=["sft", "ppo"])
+
+    m = sub.add_parser("mix", help="mix SFT files into one shuffled set")
+    m.add_argument("--inputs", nargs="+", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--counts", nargs="+", type=int, default=None)
+    m.add_argument("--skip", action="store_true")
+
+    c = sub.add_parser("check", help="validate a data file")
+    c.add_argument("file")
+    c.add_argument("--image_folder", default=None)
+    c.add_argument("--tokenizer", default=None)
+    c.add_argument("--kind", default=None, choices=["sft", "preference", "ppo", "mmhal"])
+    c.add_argument("--max_len", type=int, default=None)
+    c.add_argument("--num_image_tokens", type=int, default=576)
+    c.add_argument("--no_images", action="store_true", help="do not open the images")
+
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "convert":
+            on_error = "skip" if args.skip else "raise"
+            skips = Skips()
+            if args.source == "vqav2":
+                recs = convert_vqav2(args.questions, args.annotations, args.image_format or COCO_IMAGE,
+                                     args.per_image, args.format, on_error=on_error, skips=skips)
+            elif args.source == "aokvqa":
+                recs = convert_aokvqa(args.input, args.image_format or COCO_IMAGE, args.style, args.format,
+                                      on_error=on_error, skips=skips)
+            else:
+                recs = convert_flickr30k(args.input, args.image_format or "flickr30k/{name}", args.seed,
+                                         args.all_captions, args.split)
+                if args.captions_out:
+                    caps = read_flickr30k_captions(args.input, args.split)
+                    with open(args.captions_out, "w", encoding="utf-8") as fh:
+                        json.dump(caps, fh, ensure_ascii=False, indent=1)
+            write_records(recs, args.out)
+            print(f"wrote {len(recs)} records to {args.out}" + (f"; skipped {skips.count}" if skips.count else ""))
+            if skips.count:
+                skips.report()
+        elif args.cmd == "mix":
+            skips = Skips()
+            recs = mix_sft(args.inputs, args.seed, args.counts, "skip" if args.skip else "raise", skips)
+            write_records(recs, args.out)
+            print(f"wrote {len(recs)} records to {args.out}" + (f"; skipped {skips.count}" if skips.count else ""))
+        else:
+            res = check_dataset(args.file, args.image_folder, args.tokenizer, args.kind,
+                                num_image_tokens=args.num_image_tokens, max_len=args.max_len,
+                                check_images=not args.no_images)
+            return 1 if res["problems"] else 0
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""Supervised fine-tuning of LLaVA: projector pretraining, SFT of projector + LLM, and the LoRA RL-init
+stage (SPEC §3). One process or torchrun; exact resume.
+
+Single process (the tiny world, from scratch; vision tower trained too):
+    python sft.py --preset tiny --data_path tiny_out/sft.json --image_folder tiny_out/images \
+        --tokenizer tiny_out/tokenizer.model --out_dir runs/sft
+One node, 8 GPUs, LLaVA-RLHF 7B SFT from a LLaVA-1.5 / Vicuna checkpoint (FSDP for full fine-tuning):
+    torchrun --nproc_per_node=8 sft.py --preset llava-rlhf-7b --model_path /ckpt/llava-v1.5-7b \
+        --vision_tower /ckpt/clip-vit-large-patch14 --tokenizer /ckpt/vicuna-7b-v1.5 \
+        --data_path data/sft_mix.json --image_folder data/images --fsdp true --out_dir runs/sft7b
+Projector pretraining (LLaMA folder + CLIP folder, fresh projector):
+    torchrun --nproc_per_node=8 sft.py --preset llava-rlhf-7b-pretrain --model_path /ckpt/vicuna-7b-v1.5 \
+        --vision_tower /ckpt/clip-vit-large-patch14 --data_path blip_558k.json --image_folder images
+RL-init LoRA on the SFT model:
+    torchrun --nproc_per_node=8 sft.py --preset llava-rlhf-7b-rlinit --model_path runs/sft7b/final ...
+Resume after a stop (SIGTERM/SIGINT write a checkpoint first): add --resume true.
+Multi-node: torchrun --nnodes=2 --node_rank=R --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 ...
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.distributed as dist
+
+import common
+import data
+import model as M
+
+
+@dataclass
+class Config:
+    preset: str = ""                     # a named set of defaults (PRESETS below); later flags override it
+    # data
+    data_path: str = ""                 # LLaVA-format conversations (.json or .jsonl)
+    image_folder: str = ""              # images are looked up here by their "image" field
+    eval_data_path: str = ""            # held-out conversations; empty: take eval_size records from data_path
+    eval_size: int = 0                  # records held out from data_path when eval_data_path is empty
+    tokenizer: str = ""                 # tokenizer.model or a folder holding it (default: model_path)
+    system: str = data.VICUNA_V1_SYSTEM # the system sentence of the conversation template
+    max_len: int = 1280                 # tokens per sample, image tokens included
+    on_error: str = "raise"             # bad records: raise (name file + record) or skip (counted)
+    # model
+    model_path: str = ""                # local checkpoint folder (Llava, original LLaVA or LLaMA layout)
+    vision_tower: str = ""              # local CLIP folder (original LLaVA layout / building from parts)
+    model_preset: str = ""              # build a fresh model from a model.py preset instead (tiny world)
+    dtype: str = "auto"                 # auto: bf16 weights on GPU, fp32 on CPU
+    mode: str = "sft"                   # pretrain (projector) | sft (projector + LLM) | lora (RL init)
+    train_vision: bool = False          # also train the vision tower (the tiny world has no pretrained CLIP)
+    lora_r: int = 64
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    # optimisation
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.0           # cosine decays to lr * this
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epochs: float = 3.0
+    max_steps: int = 0                  # > 0 overrides epochs
+    global_batch: int = 128             # sequences per optimizer step over all ranks
+    micro_batch: int = 4                # sequences per forward per rank; accumulation = global/(micro*world)
+    grad_clip: float = 1.0
+    grad_ckpt: bool = False
+    compile: bool = False
+    fsdp: bool = False                  # shard with PyTorch's fully_shard (full fine-tuning of 7B/13B)
+    # run
+    out_dir: str = "runs/sft"
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    eval_every: int = 200
+    save_every: int = 500
+    keep_last: int = 2
+    resume: bool = False
+    stop_at_step: int = 0               # write a checkpoint and stop after this step (0: run to the end)
+    logger: str = "none"                # none | wandb | tensorboard (JSON lines are always written)
+    gate_eval_loss: float = 0.0         # > 0: exit with status 3 if the final eval loss is above this
+    progress: bool = True
+
+
+_RLHF_SFT = dict(lr=2e-5, epochs=3.0, warmup_ratio=0.03, global_batch=128, max_len=1280, mode="sft")
+PRESETS = {
+    # SPEC §7's measured tiny setup: from scratch, vision trained, batch 32, lr 1.5e-3
+    "tiny": dict(model_preset="tiny", mode="sft", train_vision=True, lr=1.5e-3, warmup_ratio=0.02,
+                 min_lr_ratio=0.1, epochs=1.0, global_batch=32, micro_batch=32, max_len=256, weight_decay=0.0,
+                 eval_size=256, eval_every=100, save_every=200, log_every=20, grad_clip=1.0),
+    "llava-rlhf-7b-pretrain": dict(mode="pretrain", lr=2e-3, epochs=1.0, global_batch=256, max_len=2048),
+    "llava-rlhf-7b": dict(_RLHF_SFT, micro_batch=4),
+    "llava-rlhf-13b": dict(_RLHF_SFT, micro_batch=2),
+    "llava-rlhf-7b-rlinit": dict(mode="lora", lr=1e-4, epochs=1.0, global_batch=128, lora_r=64, lora_alpha=16.0),
+    "llava-rlhf-13b-rlinit": dict(mode="lora", lr=1e-4, epochs=1.0, global_batch=128, lora_r=64, lora_alpha=16.0,
+                                  micro_batch=2),
+}
+
+
+def set_trainable(m: M.LLaVA, cfg: Config) -> None:
+    """pretrain: projector; sft: projector + LLM; lora: a fresh 'default' adapter. Vision by setting."""
+    if cfg.mode not in ("pretrain", "sft", "lora"):
+        raise common.ConfigError(f"--mode must be pretrain, sft or lora, got {cfg.mode!r}")
+    m.requires_grad_(False)
+    if cfg.mode == "lora":
+        m.add_adapter("default", r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                      targets=tuple(cfg.lora_targets.split(",")))
+        m.set_adapter("default")
+        for p in m.adapter_parameters("default"):
+            p.requires_grad_(True)
+        return
+    m.projector.requires_grad_(True)
+    if cfg.mode == "sft":
+        m.llm.requires_grad_(True)
+        m.lm_head.requires_grad_(True)
+    if cfg.train_vision:
+        m.vision.requires_grad_(True)
+        # what LLaVA never runs gets no gradient: the layers after the feature layer, the final norm
+        vc = m.config
+        m.vision.post_layernorm.requires_grad_(False)
+        for layer in m.vision.encoder.layers[vc.vision_feature_layer % (vc.vision_layers + 1):]:
+            layer.requires_grad_(False)
+
+
+class SFTLoss(torch.nn.Module):
+    """LLaVA + next-token NLL in one forward, so DDP/FSDP/compile wrap the whole computation. The lm_head
+    is applied in chunks (token_logprobs): no (B, T, V) fp32 logits."""
+
+    def __init__(self, m: M.LLaVA):
+        super().__init__()
+        self.m = m
+
+    def forward(self, ids: torch.Tensor, images: torch.Tensor | None, mask: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+        """-> sum of NLL over supervised tokens (labels != -100), fp32 scalar."""
+        h = self.m.hidden_states(ids, images, mask)[:, :-1]                 # (B, T-1, D)
+        tgt = labels[:, 1:]                                                 # (B, T-1)
+        sup = tgt != data.IGNORE_INDEX
+        # only supervised positions go through the lm_head: answers are a small part of each sequence
+        lp = M.token_logprobs(h[sup][None], self.m.lm_head.weight, tgt[sup][None])   # (1, N) fp32
+        return -lp.sum()
+
+
+def sft_loss_sum(loss_m: torch.nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(sum of NLL over the batch's supervised tokens, their count)."""
+    images = batch["images"].to(device) if batch["images"] is not None else None
+    labels = batch["labels"].to(device)
+    s = loss_m(batch["input_ids"].to(device), images, batch["attention_mask"].to(device), labels)
+    return s, int((labels[:, 1:] != data.IGNORE_INDEX).sum())
+
+
+def evaluate(train_m, loader_batches, device) -> float:
+    train_m.eval()
+    tot, n = torch.zeros(()), torch.zeros(())
+    with torch.no_grad():
+        for batch in loader_batches:
+            with common.autocast(device):
+                s, k = sft_loss_sum(train_m, batch, device)
+            tot += s.float().cpu()
+            n += k
+    tot, n = common.all_reduce_sum(tot), common.all_reduce_sum(n)
+    train_m.train()
+    return float(tot / n.clamp(min=1))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = common.parse_config(Config, argv, PRESETS)
+    d = common.setup_distributed(cfg.device)
+    common.print_config(cfg)
+    common.seed_everything(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # -- data -----------------------------------------------------------------------------------------
+    tok = data.Tokenizer(cfg.tokenizer or cfg.model_path)
+    template = data.Template(system=cfg.system)
+    skips = data.Skips()
+    records = data.read_sft(cfg.data_path, image_folder=cfg.image_folder, on_error=cfg.on_error, skips=skips)
+    if cfg.eval_data_path:
+        eval_records = data.read_sft(cfg.eval_data_path, image_folder=cfg.image_folder, on_error=cfg.on_error,
+                                     skips=skips)
+    else:
+        # a fixed, seed-independent held-out slice so runs with different seeds compare
+        eval_records, records = records[:cfg.eval_size], records[cfg.eval_size:]
+
+    # -- model ----------------------------------------------------------------------------------------
+    m = common.load_model(cfg.model_path, cfg.vision_tower, cfg.model_preset, tok.vocab_size, cfg.dtype,
+                          d.device, cfg.seed)
+    if m.config.vocab_size < tok.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {m.config.vocab_size}")
+    set_trainable(m, cfg)
+    m.gradient_checkpointing = cfg.grad_ckpt
+    m.train()
+    params = [p for p in m.parameters() if p.requires_grad]
+    if common.is_main():
+        print(f"model: {M.count_params(m) / 1e6:.2f}M parameters, {sum(p.numel() for p in params) / 1e6:.2f}M "
+              f"trainable ({cfg.mode}); {m.num_image_tokens} image tokens")
+
+    ds = data.SFTDataset(records, tok, template, cfg.image_folder, m.config.image_size, m.num_image_tokens,
+                         cfg.max_len, on_error=cfg.on_error, skips=skips)
+    eval_ds = data.SFTDataset(eval_records, tok, template, cfg.image_folder, m.config.image_size,
+                              m.num_image_tokens, cfg.max_len, on_error=cfg.on_error, skips=skips)
+
+    # -- batch geometry ----------------------------------------------------------------------------------
+    per_step = cfg.micro_batch * d.world
+    if cfg.global_batch % per_step:
+        raise common.ConfigError(f"--global_batch {cfg.global_batch} must be a multiple of micro_batch x ranks "
+                                 f"= {cfg.micro_batch} x {d.world}")
+    accum = cfg.global_batch // per_step
+    sampler = data.ResumableSampler(len(ds), rank=d.rank, world_size=d.world, seed=cfg.seed, shuffle=True,
+                                    drop_last=True)
+    steps_per_epoch = len(ds) // cfg.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data_path}: {len(ds)} usable records is fewer than one global batch ({cfg.global_batch})")
+    total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    # -- wrap for distributed training ------------------------------------------------------------------
+    train_m: torch.nn.Module = SFTLoss(m)
+    if cfg.fsdp and d.enabled:
+        from torch.distributed.fsdp import fully_shard
+        for layer in m.llm.layers:
+            fully_shard(layer)
+        fully_shard(train_m)
+    elif d.enabled:
+        train_m = torch.nn.parallel.DistributedDataParallel(
+            train_m, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    if cfg.compile:
+        train_m = torch.compile(train_m)
+    params = [p for p in train_m.parameters() if p.requires_grad]   # after fully_shard: its DTensors
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                            foreach=True)
+
+    # -- resume ----------------------------------------------------------------------------------------
+    step = 0
+    sharded = cfg.fsdp and d.enabled
+    if cfg.resume:
+        path = common.latest_checkpoint(cfg.out_dir)
+        if path is None:
+            print(f"--resume: no checkpoint in {cfg.out_dir}; starting fresh")
+        else:
+            ck = common.load_checkpoint(path)
+            if sharded:
+                load_sharded_state(train_m, opt, ck, path)
+            else:
+                common.load_trainable_state(m, ck["model"], path)
+                opt.load_state_dict(ck["optimizer"])
+            sampler.load_state_dict(ck["sampler"])
+            common.set_rng_state(ck["rng"])
+            step = ck["step"]
+            if common.is_main():
+                print(f"resumed from {path} at step {step}")
+
+    def checkpoint() -> None:
+        if sharded:  # gather full tensors (collective: every rank takes part)
+            model_sd, opt_sd = full_sharded_state(train_m, opt)
+        else:
+            model_sd, opt_sd = common.trainable_state_dict(m), opt.state_dict()
+        state = {"model": model_sd, "optimizer": opt_sd, "step": step, "sampler": sampler.state_dict(),
+                 "rng": common.rng_state(), "config": asdict(cfg)}
+        if common.is_main():
+            common.save_checkpoint(state, cfg.out_dir, step, cfg.keep_last)
+        common.barrier()
+
+    logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "sft", asdict(cfg))
+    stop = common.StopSignal()
+    bar = common.Progress(total_steps, "sft", start=step, enabled=cfg.progress)
+    it = iter(sampler)
+    eval_batches = [data.collate_right([eval_ds[j] for j in range(i, min(i + cfg.micro_batch, len(eval_ds)))],
+                                       tok.pad_id)
+                    for i in range(d.rank * cfg.micro_batch, len(eval_ds), cfg.micro_batch * d.world)]
+
+    def next_batch() -> dict:
+        nonlocal it
+        idx = []
+        while len(idx) < cfg.micro_batch:
+            try:
+                idx.append(next(it))
+            except StopIteration:  # the sampler has moved itself to the next epoch
+                it = iter(sampler)
+        return data.collate_right([ds[i] for i in idx], tok.pad_id)
+
+    last_eval = float("nan")
+    t_last, tokens_seen = time.time(), 0
+    while step < total_steps:
+        lr = common.cosine_lr(step, total_steps, warmup, cfg.lr, cfg.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batches = [next_batch() for _ in range(accum)]
+        # normalise by the global count of supervised tokens: same result for any number of ranks
+        n_local = sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in batches)
+        n_global = float(common.all_reduce_sum(torch.tensor(float(n_local))))
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            sync = i == accum - 1
+            ctx = train_m.no_sync() if (isinstance(train_m, torch.nn.parallel.DistributedDataParallel) and not sync) \
+                else _null()
+            with ctx, common.autocast(d.device):
+                s, _ = sft_loss_sum(train_m, batch, d.device)
+                # DDP/FSDP average gradients over ranks; scale back up to a global token mean
+                loss = s * d.world / max(n_global, 1.0)
+            loss.backward()
+            loss_sum += float(s.detach())
+            tokens_seen += int(batch["attention_mask"].sum())
+        loss_val = float(common.all_reduce_sum(torch.tensor(loss_sum))) / max(n_global, 1.0)
+        if not math.isfinite(loss_val):
+            raise FloatingPointError(f"non-finite training loss {loss_val} at step {step}; last checkpoint in {cfg.out_dir}")
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+
+        metrics = {"loss": loss_val, "lr": lr, "grad_norm": float(gnorm)}
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps) and len(eval_ds):
+            last_eval = evaluate(train_m, eval_batches, d.device)
+            metrics["eval_loss"] = last_eval
+        if step % cfg.log_every == 0 or step == total_steps or "eval_loss" in metrics:
+            dt = time.time() - t_last
+            metrics["tokens_per_s"] = tokens_seen * d.world / max(dt, 1e-9)
+            t_last, tokens_seen = time.time(), 0
+            logger.log(step, metrics)
+        bar.update(1, loss=loss_val, lr=lr, **({"eval": last_eval} if "eval_loss" in metrics else {}))
+        stopping = stop.should_stop() or (cfg.stop_at_step and step >= cfg.stop_at_step)
+        if step % cfg.save_every == 0 or stopping:
+            checkpoint()
+        if stopping:
+            if common.is_main():
+                print(f"\nstopped at step {step}; checkpoint written to {cfg.out_dir} (continue with --resume true)")
+            stop.restore()
+            common.cleanup_distributed()
+            return {"step": step, "loss": loss_val, "stopped": True}
+    bar.close()
+    stop.restore()
+
+    # -- final model -------------------------------------------------------------------------------------
+    checkpoint()
+    final = os.path.join(cfg.out_dir, "final")
+    if sharded:
+        m = unsharded_copy(train_m, m.config)   # collective; rank 0 gets a plain model, others None
+    if common.is_main():
+        if cfg.mode == "lora":
+            m.save_adapter(os.path.join(cfg.out_dir, "final_adapter"), "default")
+        else:
+            _save_final(m, final, tok)
+        print(f"done: {step} steps, final train loss {loss_val:.4f}, eval loss {last_eval:.4f}; "
+              f"skipped records: {skips.count}")
+        if skips.count:
+            skips.report()
+    common.cleanup_distributed()
+    if cfg.gate_eval_loss > 0 and not (last_eval <= cfg.gate_eval_loss):
+        print(f"gate failed: eval loss {last_eval:.4f} > {cfg.gate_eval_loss} (the model did not learn to use the "
+              f"image; try another --seed)", file=sys.stderr)
+        sys.exit(3)
+    return {"step": step, "loss": loss_val, "eval_loss": last_eval, "stopped": False}
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_sharded_state(train_m: torch.nn.Module, opt) -> tuple[dict, dict]:
+    """FSDP: full (unsharded) trainable weights and optimizer state on rank 0, our key names."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    full = get_model_state_dict(train_m, options=_full_options())
+    trainable = {n for n, p in train_m.named_parameters() if p.requires_grad}
+    model_sd = {k[len("m."):]: v for k, v in full.items() if k in trainable}
+    return model_sd, get_optimizer_state_dict(train_m, opt, options=_full_options())
+
+
+def load_sharded_state(train_m: torch.nn.Module, opt, ck: dict, path: str) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    want = {n[len("m."):] for n, p in train_m.named_parameters() if p.requires_grad}
+    if set(ck["model"]) != want:
+        raise ValueError(f"{path} does not match the trainable parameters of this run")
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(train_m, {"m." + k: v for k, v in ck["model"].items()}, options=opts)
+    set_optimizer_state_dict(train_m, opt, ck["optimizer"], options=opts)
+
+
+def unsharded_copy(train_m: torch.nn.Module, cfg: M.ModelConfig) -> M.LLaVA | None:
+    """Gather an FSDP model into a plain LLaVA on rank 0 (built on meta, tensors assigned)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    full = get_model_state_dict(train_m, options=_full_options())
+    if not common.is_main():
+        return None
+    with torch.device("meta"):
+        plain = M.LLaVA(cfg)
+    plain.load_state_dict({k[len("m."):]: v for k, v in full.items()}, assign=True)
+    return plain
+
+
+def _save_final(m: M.LLaVA, out: str, tok: data.Tokenizer) -> None:
+    """transformers' Llava layout plus the tokenizer, written to a temp folder and renamed."""
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    m.save_pretrained(tmp)
+    shutil.copy(tok.path, os.path.join(tmp, "tokenizer.model"))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (common.ConfigError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

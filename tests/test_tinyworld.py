@@ -1,0 +1,347 @@
+"""Tests for the tiny world: generator, data files, claim checker, rule judge, annotator, tokenizer."""
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tinyworld as tw  # noqa: E402
+
+SMALL = ["--n_sft_images", "40", "--n_sft", "300", "--n_ppo_images", "30", "--n_ppo", "90",
+         "--n_pref_images", "20", "--n_pref", "40"]
+TEMPLATE_FIELDS = ["question_type", "question_topic", "image_id", "image_src", "image_content", "question",
+                   "gt_answer", "model_answer"]
+TEMPLATE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mmhal", "response_template.json")
+
+
+def _make(out, *extra):
+    tw.main(["make", "--out", str(out), *SMALL, *extra])
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return _make(tmp_path_factory.mktemp("tiny") / "data")
+
+
+def _load(d, name):
+    with open(os.path.join(d, name)) as f:
+        return json.load(f)
+
+
+# A fixed scene for hand-written cases: large red circle top left, small blue square bottom right, grass.
+SCENE = {"background": "grass", "seed": 1, "shapes": [
+    {"kind": "circle", "color": "red", "size": "large", "quadrant": "top left", "box": [2, 2, 25, 25]},
+    {"kind": "square", "color": "blue", "size": "small", "quadrant": "bottom right", "box": [40, 40, 52, 52]}]}
+
+
+def _rating(reply):
+    """MMHal's parse (SPEC 6): exactly one 'rating: N' in the lower-cased reply, else 0."""
+    hits = [n for n in range(7) if f"rating: {n}" in reply.lower()]
+    return hits[0] if len(hits) == 1 else 0
+
+
+# Every way to change one world word in an answer into another of its class.
+_CLASSES = [list(tw.COLORS), tw.KINDS, tw.SIZES, ["one", "two", "three", "no"], ["top", "bottom"],
+            ["left", "right"], list(tw.BACKGROUNDS), ["Yes", "No"], ["larger", "smaller"], ["above", "below"]]
+
+
+def perturbations(answer):
+    for cls in _CLASSES:
+        for w in cls:
+            for m in re.finditer(rf"\b{w}\b", answer):
+                for alt in cls:
+                    if alt != w:
+                        yield answer[:m.start()] + alt + answer[m.end():]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The world
+
+def test_scene_generation_is_seeded_and_valid():
+    a = [tw.sample_scene(random.Random(f"s{i}")) for i in range(200)]
+    b = [tw.sample_scene(random.Random(f"s{i}")) for i in range(200)]
+    assert a == b
+    for s in a:
+        kinds = [x["kind"] for x in s["shapes"]]
+        quads = [x["quadrant"] for x in s["shapes"]]
+        assert 1 <= len(kinds) <= 3 and len(set(kinds)) == len(kinds) and len(set(quads)) == len(quads)
+        assert s["background"] in tw.BACKGROUNDS
+        json.dumps(s)  # plain JSON
+        for x in s["shapes"]:
+            col, row = tw.QUADS[x["quadrant"]]
+            x0, y0, x1, y1 = x["box"]
+            assert col * 32 <= x0 and x1 < col * 32 + 32 and row * 32 <= y0 and y1 < row * 32 + 32
+
+
+def test_render_is_deterministic_and_draws_the_colours():
+    img = np.asarray(tw.render(SCENE))
+    assert img.shape == (64, 64, 3)
+    assert np.array_equal(img, np.asarray(tw.render(SCENE)))
+    red = img[13, 13].astype(int)  # centre of the circle
+    assert red[0] > 150 and red[1] < 100 and red[2] < 100
+    blue = img[46, 46].astype(int)
+    assert blue[2] > 150 and blue[0] < 100
+
+
+def test_every_generated_answer_is_true_of_its_scene():
+    for i in range(400):
+        rng = random.Random(i)
+        scene = tw.sample_scene(rng)
+        for qtype in tw.GENERATORS:
+            qa = tw.ask(scene, qtype, rng)
+            if qa is None:
+                continue
+            v = tw.verify(scene, qa["answer"], qa["question"])
+            assert v.n_false == 0 and v.n_true > 0, (qa, v)
+            assert tw.verify(scene, qa["answer"]).n_false == 0  # also without the question
+        for cap in tw.make_captions(scene, rng):
+            assert tw.check_claims(scene, cap)[1] == 0 and tw.check_claims(scene, cap)[0] > 0, cap
+
+
+def test_answer_forms_for_ppo_rewards():
+    rng = random.Random(0)
+    for i in range(300):
+        scene = tw.sample_scene(rng)
+        mc = tw.ask(scene, "multiple_choice", rng)
+        assert mc["answer"].startswith(mc["key"] + ". ") and f"\n{mc['key']}. " in mc["question"]
+        assert len(re.findall(r"\n[A-D]\. ", mc["question"])) == 4
+        # the bare letter resolves to a true claim; any other letter to a false one
+        assert tw.check_claims(scene, mc["key"] + ".", mc["question"]) == (1, 0)
+        wrong = next(L for L in "ABCD" if L != mc["key"])
+        assert tw.check_claims(scene, wrong + ".", mc["question"]) == (0, 1)
+        yn = tw.ask(scene, "yes_no", rng)
+        assert yn["key"] in ("yes", "no") and yn["answer"].lower().startswith(yn["key"])
+        assert tw.check_claims(scene, yn["key"].capitalize() + ".", yn["question"]) == (1, 0)
+        flipped = "No." if yn["key"] == "yes" else "Yes."
+        assert tw.check_claims(scene, flipped, yn["question"]) == (0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Claims
+
+@pytest.mark.parametrize("question,answer,expected", [
+    ("What color is the circle?", "The circle is red.", (1, 0)),
+    ("What color is the circle?", "The circle is blue.", (0, 1)),          # colour changed
+    ("How many shapes are there?", "There are two shapes.", (1, 0)),
+    ("How many shapes are there?", "There are three shapes.", (0, 1)),     # count changed
+    ("How many red shapes are there?", "There is one red shape.", (1, 0)),
+    ("What color is the triangle?", "There is no triangle.", (1, 0)),
+    ("What color is the triangle?", "The triangle is red.", (0, 1)),       # absent shape asserted
+    ("Is there a triangle in the image?", "Yes, there is a triangle.", (0, 1)),  # same claim twice counts once
+    ("Is there a triangle in the image?", "No, there is no triangle.", (2, 0)),  # "not (a triangle)", "0 triangles"
+    ("Where is the yellow square?", "The yellow square is in the bottom right.", (0, 1)),
+    ("Where is the yellow square?", "There is no yellow square. The square is blue.", (2, 0)),
+    ("Where is the red circle relative to the blue square?",
+     "The red circle is to the left of the blue square. The red circle is above the blue square.", (2, 0)),
+    ("Where is the red circle relative to the blue square?", "The red circle is below the blue square.", (0, 1)),
+    ("Which is larger, the red circle or the blue square?", "The red circle is larger than the blue square.", (1, 0)),
+    ("Which is larger, the red circle or the blue square?", "The blue square is larger than the red circle.", (0, 1)),
+    ("What is the background of the image?", "The background is grass.", (1, 0)),
+    ("What is the background of the image?", "The background is snow.", (0, 1)),
+    ("What is in the top right of the image?", "There is nothing in the top right.", (1, 0)),
+    ("What is in the top right of the image?", "There is a red circle in the top right.", (0, 1)),
+    ("What color is the circle?", "red", (1, 0)),                          # bare answer via the question
+    ("What color is the circle?", "I think it might be a nice picture.", (0, 0)),  # unparseable: no claim
+    (None, "", (0, 0)),
+])
+def test_check_claims_cases(question, answer, expected):
+    assert tw.check_claims(SCENE, answer, question) == expected
+
+
+def test_extract_claims_shapes():
+    claims = tw.extract_claims(tw.describe(SCENE))
+    assert ("count", (None, None, None), 2, True) in claims
+    assert ("background", "grass") in claims
+    assert ("at", ("large", "red", "circle"), "top left") in claims
+    assert tw.extract_claims("There is no triangle.") == tw.extract_claims("There are no triangles.")
+    assert tw.extract_claims("No, there is no blue triangle.", "Is there a blue triangle in the image?") == [
+        ("not", ("count", (None, "blue", "triangle"), 1, False)), ("count", (None, "blue", "triangle"), 0, True)]
+
+
+def test_perturbed_answers_become_false():
+    """Changing one word of a true answer (colour, count, kind, place, yes/no ...) can always produce a
+    claim the scene contradicts, and a colour swap on 'The K is C.' always does."""
+    items = tw.build_eval(0)
+    for r in items:
+        scene = r["scene"]
+        outs = [tw.verify(scene, p, r["question"]) for p in perturbations(r["gt_answer"])]
+        assert any(v.n_false > 0 for v in outs), r["gt_answer"]
+    rng = random.Random(1)
+    for _ in range(100):
+        scene = tw.sample_scene(rng)
+        s = rng.choice(scene["shapes"])
+        other = next(c for c in tw.COLORS if c != s["color"])
+        assert tw.check_claims(scene, f"The {s['kind']} is {other}.") == (0, 1)
+        n = len(scene["shapes"])
+        assert tw.check_claims(scene, f"There are {tw.NUM_WORDS[n % 3 + 1]} shapes.")[1] == (n % 3 + 1 != n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rule judge and annotator
+
+def test_rule_judge_rubric():
+    items = tw.build_eval(0)
+    for r in items:
+        reply, score = tw.rule_judge(r, r["gt_answer"])
+        assert score >= 3 and score == 5 and _rating(reply) == score
+        assert reply.rstrip().splitlines()[-1] == f"Rating: {score}"
+        for p in perturbations(r["gt_answer"]):
+            if tw.verify(r["scene"], p, r["question"]).n_false:
+                reply, score = tw.rule_judge(r, p)
+                assert score < 3 and _rating(reply) == score
+                break
+        assert tw.rule_judge(r, "")[1] == 0  # empty: a failed answer, documented in rule_judge
+        assert tw.rule_judge(r, "Hello there, nice weather.")[1] == 3  # no checkable claim
+        assert tw.rule_judge_reply(r, r["gt_answer"]) == tw.rule_judge(r, r["gt_answer"])[0]
+
+
+def test_rule_judge_levels():
+    rec = {"question": "Where is the yellow square?", "scene": SCENE,
+           "gt_answer": "There is no yellow square. The square is blue."}
+    assert tw.rule_judge(rec, "There is no yellow square. The square is blue.")[1] == 5
+    assert tw.rule_judge(rec, "There is no yellow square. The square is blue. The circle is red.")[1] == 6
+    assert tw.rule_judge(rec, "There is no yellow square.")[1] == 4
+    assert tw.rule_judge(rec, "There is no yellow square. The square is blue. The circle is purple.")[1] == 2
+    assert tw.rule_judge(rec, "There is no yellow square. The circle is purple.")[1] == 1
+    assert tw.rule_judge(rec, "The yellow square is in the bottom right.")[1] == 0
+
+
+def test_label_pair_prefers_the_less_hallucinated():
+    q = "What color is the circle?"
+    good, bad = "The circle is red.", "The circle is blue."
+    assert tw.label_pair(SCENE, q, good, bad)["preference"] == 1
+    lab = tw.label_pair(SCENE, q, bad, good)
+    assert lab["preference"] == 2 and lab["hallucination"] == 1
+    # tie on hallucination: more informative wins
+    assert tw.label_pair(SCENE, q, "Nice.", "The circle is red.")["preference"] == 2
+    assert tw.label_pair(SCENE, q, good, bad, noise=1.0)["preference"] == 2
+    assert tw.label_pair(SCENE, q, good, good)["hallucination"] == 0
+
+
+def test_annotate_cli(data, tmp_path):
+    prompts = _load(data, "preference_prompts.json")[:10]
+    scenes = _load(data, "scenes.json")
+    recs = []
+    for p in prompts:
+        s = scenes[p["image"]]["shapes"][0]
+        wrong = next(c for c in tw.COLORS if c != s["color"])
+        recs.append({**p, "output_1": {"value": f"The {s['kind']} is {wrong}."}, "output_2": {"value": p["gt_answer"]}})
+    src, out = tmp_path / "resp.json", tmp_path / "pref.json"
+    src.write_text(json.dumps(recs))
+    subprocess.run([sys.executable, tw.__file__, "annotate", "--data", data, "--responses", str(src),
+                    "--out", str(out)], check=True, capture_output=True)
+    labelled = json.loads(out.read_text())
+    assert [r["preference"] for r in labelled] == [2] * 10
+    for r in labelled:
+        assert set(r) >= {"id", "image", "conversations", "output_1", "output_2", "preference", "hallucination"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files written by `make`
+
+def test_make_is_deterministic(data, tmp_path):
+    again = _make(tmp_path / "again")
+    for name in ["sft.json", "ppo_prompts.json", "preference_prompts.json", "captions.json", "scenes.json",
+                 "eval/mmhal_tiny.json", "tokenizer.model", "images/000007.png", "eval/images/tiny042.png"]:
+        with open(os.path.join(data, name), "rb") as f1, open(os.path.join(again, name), "rb") as f2:
+            assert f1.read() == f2.read(), name
+    other = _make(tmp_path / "other", "--seed", "1")
+    assert _load(other, "sft.json") != _load(data, "sft.json")
+    assert _load(other, "eval/mmhal_tiny.json") == _load(data, "eval/mmhal_tiny.json")  # eval_seed fixed
+
+
+def test_eval_file(data):
+    items = _load(data, "eval/mmhal_tiny.json")
+    assert len(items) == 96
+    fields = TEMPLATE_FIELDS
+    if os.path.exists(TEMPLATE):
+        with open(TEMPLATE) as f:
+            tpl = json.load(f)
+        fields = list(tpl[0])
+        assert [r["question_topic"] for r in items] == [t["question_topic"] for t in tpl]
+        assert [r["question_type"] for r in items] == [t["question_type"] for t in tpl]
+    for i, r in enumerate(items):
+        assert list(r)[:len(fields)] == fields and "scene" in r
+        assert r["question_type"] == tw.MMHAL_TYPES[i % 8] and r["question_topic"] == tw.MMHAL_TOPICS[i // 8]
+        assert r["model_answer"] == "" and r["image_content"] and r["gt_answer"]
+        assert os.path.exists(os.path.join(data, "eval", "images", r["image_src"]))
+        assert r["image_src"] == r["image_id"] + ".png"
+    assert len({r["image_id"] for r in items}) == 96
+    for t in range(12):  # a topic is a world variation: one background per topic
+        assert len({r["scene"]["background"] for r in items[t * 8:(t + 1) * 8]}) == 1
+
+
+def test_sft_records(data):
+    sft = _load(data, "sft.json")
+    scenes = _load(data, "scenes.json")
+    assert len(sft) == 300 and len({r["id"] for r in sft}) == 300
+    assert any(len(r["conversations"]) > 2 for r in sft)
+    for r in sft:
+        assert set(r) == {"id", "image", "conversations"} and r["image"] in scenes
+        conv = r["conversations"]
+        assert len(conv) % 2 == 0
+        assert [c["from"] for c in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert conv[0]["value"].startswith("<image>\n")
+        assert all("<image>" not in c["value"] for c in conv[1:])
+        for h, g in zip(conv[::2], conv[1::2]):
+            assert tw.check_claims(scenes[r["image"]], g["value"], h["value"].replace("<image>\n", ""))[1] == 0
+    assert os.path.exists(os.path.join(data, "images", sft[0]["image"]))
+
+
+def test_prompt_records(data):
+    ppo, pref = _load(data, "ppo_prompts.json"), _load(data, "preference_prompts.json")
+    captions, scenes = _load(data, "captions.json"), _load(data, "scenes.json")
+    assert set(captions) == set(scenes) == set(os.listdir(os.path.join(data, "images")))
+    assert len(ppo) == 90 and len(pref) == 40
+    for r in ppo + pref:
+        assert {"id", "image", "conversations", "answer_type", "answer", "length_multiplier"} <= set(r)
+        assert r["image"] in captions and r["length_multiplier"] == 1.0
+        assert len(r["conversations"]) == 1 and r["conversations"][0]["from"] == "human"
+        assert r["conversations"][0]["value"].startswith("<image>\n")
+        if r["answer_type"] == "multiple_choice":
+            assert r["answer"] in "ABCD" and len(r["answer"]) == 1
+        elif r["answer_type"] == "yes_no":
+            assert r["answer"] in ("yes", "no")
+        else:
+            assert r["answer_type"] == "general" and r["answer"]
+    assert {r["answer_type"] for r in ppo} == {"general", "multiple_choice", "yes_no"}
+    assert {r["answer_type"] for r in pref} <= {"general", "yes_no"}  # open MMHal-type questions only
+    assert {r["question_type"] for r in pref} <= set(tw.MMHAL_TYPES)
+    assert not {r["image"] for r in pref} & {r["image"] for r in ppo}
+    assert not {r["image"] for r in pref} & {r["image"] for r in _load(data, "sft.json")}
+
+
+def test_meta_and_model_preset(data):
+    meta = _load(data, "meta.json")
+    assert meta["seed"] == 0 and meta["counts"]["sft"] == 300 and meta["counts"]["eval"] == 96
+    cfg = tw.tiny_model_config(meta["vocab_size"])
+    assert meta["model"] == cfg
+    for k in ["image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "vision_intermediate",
+              "hidden", "layers", "heads", "kv_heads", "intermediate", "vocab_size", "projector", "max_seq_len"]:
+        assert k in cfg
+    assert (cfg["image_size"], cfg["patch_size"], cfg["hidden"], cfg["layers"], cfg["intermediate"]) == (64, 8, 128, 4, 352)
+
+
+def test_tokenizer_roundtrip(data):
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(data, "tokenizer.model"))
+    meta = _load(data, "meta.json")
+    assert sp.vocab_size() == meta["vocab_size"]
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
+    texts = [tw.SYSTEM_PROMPT, "USER:", "ASSISTANT:", " ".join(tw._GENERIC_TEXT),
+             "Odd text: naïve café 123 ☃ \t two  spaces\nnew line"]
+    for r in _load(data, "sft.json")[:200]:
+        texts += [c["value"] for c in r["conversations"]]
+    texts += [r["question"] + "\n" + r["gt_answer"] for r in _load(data, "eval/mmhal_tiny.json")]
+    for t in texts:
+        ids = sp.encode(t)
+        assert 0 not in ids, t  # byte fallback: nothing is unknown
+        assert sp.decode(ids) == t
+    # world words are single pieces (short sequences are what makes the tiny model fast)
+    assert len(sp.encode("The circle is red.")) == 5

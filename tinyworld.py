@@ -1,0 +1,1253 @@
+"""The tiny world: a synthetic visual world small enough that the whole LLaVA-RLHF pipeline runs on a CPU
+in minutes, and simple enough that every answer can be checked against the truth.
+
+Each image is 64x64 pixels: one to three shapes of distinct kinds (circle, square, triangle), each in its
+own quadrant, in one of five colours and two sizes, on one of four backgrounds. Its scene graph is the
+ground truth. Answers are short templated sentences ("The circle is red.", "There is no triangle."), so
+`extract_claims` can parse them back into claims and `check_claims` can test those against the scene.
+That checker stands in for the humans of the paper twice: as the annotator that labels which of two
+responses hallucinates less, and as the MMHal judge that rates answers 0-6 (`rule_judge`).
+
+Commands:
+    python tinyworld.py make --out DIR [--seed 0] [--n_sft_images 3000] [--n_sft 20000] ...
+        writes images, captions, scenes, SFT conversations, PPO prompts, preference prompts,
+        the 96-item MMHal-style evaluation set, a sentencepiece tokenizer and meta.json.
+    python tinyworld.py annotate --data DIR --responses FILE --out FILE [--noise 0.0] [--seed 0]
+        labels pairs of sampled responses (records with output_1/output_2) by checking their claims
+        against the scene graph: the preference format of SPEC section 3.
+
+Python API (what the stages use):
+    extract_claims(answer, question=None) -> list of claim tuples
+    check_claims(scene, answer, question=None) -> (n_true, n_false); verify(...) -> Verdict with details
+    rule_judge(record, answer) -> (judge reply ending "Rating: N", N)   # eval_mmhal.py --judge rule
+    label_pair(scene, question, output_1, output_2, rng, noise) -> {"preference": 1|2, ...}
+    tiny_model_config(vocab_size) -> the `tiny` model preset (SPEC section 7)
+
+Layout written by `make` (DIR/):
+    images/*.png                training images (SFT, PPO and preference pools, disjoint)
+    captions.json               image file name -> list of captions (the "facts" for the reward model)
+    scenes.json                 image file name -> scene graph
+    sft.json                    LLaVA conversations, some multi-turn
+    ppo_prompts.json            prompts with answer_type / answer / length_multiplier
+    preference_prompts.json     same format, own images, for the simulated annotator
+    eval/mmhal_tiny.json        96 items, MMHal template fields plus "scene"
+    eval/images/<image_id>.png  evaluation images
+    tokenizer.model             sentencepiece (unk 0, bos 1, eos 2, byte fallback)
+    meta.json                   seed, counts, vocabulary size, the tiny model preset
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import re
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# ----------------------------------------------------------------------------------------------------
+# The world's vocabulary. Everything below is built from these lists, so the parser and the generator
+# cannot drift apart.
+
+IMAGE_SIZE = 64
+KINDS = ["circle", "square", "triangle"]
+COLORS = {"red": (220, 40, 40), "blue": (40, 70, 220), "yellow": (245, 210, 30),
+          "purple": (140, 50, 180), "black": (25, 25, 25)}
+SIZES = ["small", "large"]
+# Quadrant name -> (column, row). Reading order, which is also the order of shapes in a scene graph.
+QUADS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
+# Backgrounds chosen so that no shape colour blends into any of them (hence no white shapes, no green).
+BACKGROUNDS = {"grass": (70, 140, 60), "sand": (205, 175, 115), "snow": (232, 236, 240),
+               "stone": (120, 120, 125)}
+NUM_WORDS = ["no", "one", "two", "three", "four"]
+NUMBERS = {"no": 0, "zero": 0, "none": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5,
+           "0": 0, "1": 1, "2": 2, "3": 3, "4": 4, "5": 5}
+RELATIONS = {"to the left of": "left", "left of": "left", "to the right of": "right",
+             "right of": "right", "above": "above", "below": "below"}
+REL_TEXT = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
+
+MMHAL_TYPES = ["attribute", "adversarial", "comparison", "counting", "relation", "environment",
+               "holistic", "other"]
+MMHAL_TOPICS = ["outdoor", "vehicle", "person", "animal", "food", "sports", "kitchen", "accessory",
+                "electronic", "furniture", "indoor", "appliance"]
+
+SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+# The SPEC section 7 first setup (1.27M parameters, 3.6 steps/s at batch 32 on 2 cores, lr 1.5e-3,
+# starts using the image after 60-120 s). The prototype used a two-layer GELU projector.
+TINY_MODEL = {
+    "image_size": 64, "patch_size": 8,  # 64 image tokens: patch 16 never learned to look (SPEC 7)
+    "vision_hidden": 128, "vision_layers": 2, "vision_heads": 4, "vision_intermediate": 512,
+    "hidden": 128, "layers": 4, "heads": 4, "kv_heads": 4, "intermediate": 352,
+    "vocab_size": 1024, "projector": "mlp2x_gelu",
+    # 64 image tokens + system sentence + a few turns fits in 256; the reward-model prompt with its
+    # rating instructions and captions needs more, hence 512.
+    "max_seq_len": 512,
+}
+# What the prototype measured as a good SFT setting for this preset; stages may start from it.
+TINY_SFT_HINTS = {"lr": 1.5e-3, "batch_size": 32, "seconds": 300}
+
+
+def tiny_model_config(vocab_size: int = 1024) -> dict:
+    """The tiny preset with the tokenizer's vocabulary size filled in."""
+    return {**TINY_MODEL, "vocab_size": vocab_size}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scenes and images
+
+def sample_scene(rng: random.Random, min_shapes: int = 1, max_shapes: int = 3,
+                 background: str | None = None, must_have: str | None = None) -> dict:
+    """A random scene graph: distinct kinds in distinct quadrants; colours may repeat (so that counting
+    by colour is not trivial). Plain JSON types only."""
+    n = rng.randint(min_shapes, max_shapes)
+    kinds = rng.sample(KINDS, n)
+    if must_have is not None and must_have not in kinds:
+        kinds[0] = must_have
+    quads = rng.sample(list(QUADS), n)
+    shapes = []
+    for kind, quad in zip(kinds, quads):
+        size = rng.choice(SIZES)
+        extent = rng.randint(20, 26) if size == "large" else rng.randint(10, 14)
+        col, row = QUADS[quad]
+        slack = max(0, (32 - extent) // 2 - 2)  # keep a 2-pixel margin inside the quadrant
+        cx = col * 32 + 16 + rng.randint(-slack, slack)
+        cy = row * 32 + 16 + rng.randint(-slack, slack)
+        x0, y0 = cx - extent // 2, cy - extent // 2
+        shapes.append({"kind": kind, "color": rng.choice(list(COLORS)), "size": size, "quadrant": quad,
+                       "box": [x0, y0, x0 + extent - 1, y0 + extent - 1]})
+    order = list(QUADS)
+    shapes.sort(key=lambda s: order.index(s["quadrant"]))
+    return {"background": background or rng.choice(list(BACKGROUNDS)), "shapes": shapes,
+            "seed": rng.getrandbits(31)}
+
+
+def render(scene: dict) -> Image.Image:
+    """Draw a scene. Texture and colour jitter come from the scene's own seed, so a scene graph always
+    gives the same pixels."""
+    rng = np.random.default_rng(scene["seed"])
+    base = np.array(BACKGROUNDS[scene["background"]], dtype=np.float32) + rng.integers(-10, 11, size=3)
+    # Texture as 4x4-pixel blocks of brightness: looks like a surface, and keeps a PNG under 1 KB
+    # (per-pixel noise would make each one 9 KB and the data set 80 MB).
+    blocks = rng.normal(0.0, 8.0, size=(IMAGE_SIZE // 4, IMAGE_SIZE // 4, 1)).astype(np.float32)
+    pix = base + np.kron(blocks, np.ones((4, 4, 1), dtype=np.float32))
+    img = Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for s in scene["shapes"]:
+        jitter = rng.integers(-12, 13, size=3)
+        rgb = tuple(int(v) for v in np.clip(np.array(COLORS[s["color"]]) + jitter, 0, 255))
+        x0, y0, x1, y1 = s["box"]
+        if s["kind"] == "circle":
+            draw.ellipse([x0, y0, x1, y1], fill=rgb)
+        elif s["kind"] == "square":
+            draw.rectangle([x0, y0, x1, y1], fill=rgb)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=rgb)
+    return img
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saying things about a scene. Every sentence produced here must parse back with `extract_claims`.
+
+def _np(s: dict, size: bool = False, color: bool = True) -> str:
+    words = ([s["size"]] if size else []) + ([s["color"]] if color else []) + [s["kind"]]
+    return " ".join(words)
+
+
+def _count_sentence(n: int, noun: str) -> str:
+    if n == 1:
+        return f"There is one {noun}."
+    return f"There are {NUM_WORDS[n]} {noun}s."
+
+
+def _rel(a: dict, b: dict) -> list[str]:
+    """The relations that hold from a to b, horizontal first."""
+    (ca, ra), (cb, rb) = QUADS[a["quadrant"]], QUADS[b["quadrant"]]
+    out = []
+    if ca != cb:
+        out.append("left" if ca < cb else "right")
+    if ra != rb:
+        out.append("above" if ra < rb else "below")
+    return out
+
+
+def _rel_sentences(a: dict, b: dict) -> str:
+    return " ".join(f"The {_np(a)} is {REL_TEXT[r]} the {_np(b)}." for r in _rel(a, b))
+
+
+def describe(scene: dict) -> str:
+    """The holistic description: how many shapes on what, then each shape with size, colour and place."""
+    shapes = scene["shapes"]
+    n = len(shapes)
+    head = (f"There is one shape on {scene['background']}." if n == 1
+            else f"There are {NUM_WORDS[n]} shapes on {scene['background']}.")
+    parts = [head] + [f"There is a {_np(s, size=True)} in the {s['quadrant']}." for s in shapes]
+    return " ".join(parts)
+
+
+def make_captions(scene: dict, rng: random.Random) -> list[str]:
+    """COCO-like facts: several short true sentences per image (the reward model's captions)."""
+    shapes = scene["shapes"]
+    caps = [describe(scene).split(". ")[0] + "."]
+    caps += [f"There is a {_np(s, size=True)} in the {s['quadrant']}." for s in shapes]
+    if len(shapes) >= 2:
+        a, b = rng.sample(shapes, 2)
+        caps.append(f"The {_np(a)} is {REL_TEXT[_rel(a, b)[0]]} the {_np(b)}.")
+    absent = [k for k in KINDS if k not in {s["kind"] for s in shapes}]
+    if absent:
+        caps.append(f"There is no {rng.choice(absent)}.")
+    caps.append(f"The background is {scene['background']}.")
+    return caps
+
+
+# ----------------------------------------------------------------------------------------------------
+# Questions and answers. Each generator returns a QA dict:
+#   {"question", "answer", "answer_type": "general"|"yes_no"|"multiple_choice", "key"}
+# where key is "yes"/"no" for yes/no questions, the correct letter for multiple choice, else None.
+# A generator returns None when the scene cannot support its question type (e.g. comparison needs two
+# shapes); callers sample another type or scene.
+
+def _qa(question: str, answer: str, answer_type: str = "general", key: str | None = None) -> dict:
+    return {"question": question, "answer": answer, "answer_type": answer_type, "key": key}
+
+
+def _pick(scene: dict, rng: random.Random, focus: str | None) -> dict:
+    shapes = scene["shapes"]
+    focused = [s for s in shapes if s["kind"] == focus]
+    return focused[0] if focused else rng.choice(shapes)
+
+
+def _other_color(rng: random.Random, color: str) -> str:
+    return rng.choice([c for c in COLORS if c != color])
+
+
+def _yes_no_color(scene: dict, rng: random.Random, focus: str | None = None) -> dict:
+    s = _pick(scene, rng, focus)
+    c = s["color"] if rng.random() < 0.5 else _other_color(rng, s["color"])
+    if c == s["color"]:
+        return _qa(f"Is the {s['kind']} {c}?", f"Yes, the {s['kind']} is {c}.", "yes_no", "yes")
+    return _qa(f"Is the {s['kind']} {c}?", f"No, the {s['kind']} is {s['color']}.", "yes_no", "no")
+
+
+def qa_attribute(scene: dict, rng: random.Random, focus: str | None = None) -> dict | None:
+    s = _pick(scene, rng, focus)
+    r = rng.random()
+    if r < 0.5:
+        return _qa(f"What color is the {s['kind']}?", f"The {s['kind']} is {s['color']}.")
+    if r < 0.8:
+        q = rng.choice(["What size is the {}?", "How big is the {}?"]).format(_np(s))
+        return _qa(q, f"The {_np(s)} is {s['size']}.")
+    return _yes_no_color(scene, rng, focus)
+
+
+def qa_adversarial(scene: dict, rng: random.Random, focus: str | None = None) -> dict | None:
+    """Questions that presuppose something absent; the right answer denies it (MMHal 'adversarial')."""
+    absent = [k for k in KINDS if k not in {s["kind"] for s in scene["shapes"]}]
+    r = rng.random()
+    if absent and r < 0.5:
+        k = rng.choice(absent)
+        q = rng.choice(["What color is the {}?", "Where is the {}?", "How big is the {}?"]).format(k)
+        return _qa(q, f"There is no {k}.")
+    s = _pick(scene, rng, focus)
+    c = _other_color(rng, s["color"])
+    if r < 0.8:
+        q = rng.choice(["Where is the {} {}?", "How big is the {} {}?"]).format(c, s["kind"])
+        return _qa(q, f"There is no {c} {s['kind']}. The {s['kind']} is {s['color']}.")
+    return _qa(f"Is there a {c} {s['kind']} in the image?", f"No, there is no {c} {s['kind']}.",
+               "yes_no", "no")
+
+
+def qa_comparison(scene: dict, rng: random.Random, focus: str | None = None) -> dict | None:
+    if len(scene["shapes"]) < 2:
+        return None
+    a = _pick(scene, rng, focus)
+    b = rng.choice([s for s in scene["shapes"] if s is not a])
+    if rng.random() < 0.5:
+        a, b = b, a
+    r = rng.random()
+    if r < 0.7:
+        bigger = r < 0.4
+        q = f"Which is {'larger' if bigger else 'smaller'}, the {_np(a)} or the {_np(b)}?"
+        if a["size"] == b["size"]:
+            return _qa(q, f"The {_np(a)} and the {_np(b)} are the same size.")
+        big, small = (a, b) if a["size"] == "large" else (b, a)
+        if bigger:
+            return _qa(q, f"The {_np(big)} is larger than the {_np(small)}.")
+        return _qa(q, f"The {_np(small)} is smaller than the {_np(big)}.")
+    q = f"Do the {a['kind']} and the {b['kind']} have the same color?"
+    if a["color"] == b["color"]:
+        return _qa(q, f"Yes, the {a['kind']} is {a['color']}. The {b['kind']} is {b['color']}.",
+                   "yes_no", "yes")
+    return _qa(q, f"No, the {a['kind']} is {a['color']}. The {b['kind']} is {b['color']}.",
+               "yes_no", "no")
+
+
+def qa_counting(scene: dict, rng: random.Random, focus: str | None = None) -> dict | None:
+    shapes = scene["shapes"]
+    r = rng.random()
+    if r < 0.35:
+        return _qa("How many shapes are there?", _count_sentence(len(shapes), "shape"))
+    if r < 0.7:
+        c = rng.choice(list(COLORS))
+        n = sum(s["color"] == c for s in shapes)
+        return _qa(f"How many {c} shapes are there?", _count_sentence(n, f"{c} shape"))
+    if r < 0.85:
+        z = rng.choice(SIZES)
+        n = sum(s["size"] == z for s in shapes)
+        return _qa(f"How many {z} shapes are there?", _count_sentence(n, f"{z} shape"))
+    k = focus if focus and rng.random() < 0.5 else rng.choice(KINDS)
+    n = sum(s["kind"] == k for s in shapes)
+    return _qa(f"How many {k}s are there?", _count_sentence(n, k))
+
+
+def qa_relation(scene: dict, rng: random.Random, focus: str | None = None) -> dict | None:
+    shapes = scene["shapes"]
+    if len(shapes) < 2:
+        return None
+    a = _pick(scene, rng, focus)
+    b = rng.choice([s for s in shapes if s is not a])
+    r = rng.random()
+    if r < 0.45:
+        return _qa(f"Where is the {_np(a)} relative to the {_np(b)}?", _rel_sentences(a, b))
+    rel = rng.choice(list(REL_TEXT))
+    if r < 0.75:
+        hits = [s for s in shapes if s is not b and rel in _rel(s, b)]
+        q = f"What is {REL_TEXT[rel]} the {_np(b)}?"
+        if not hits:
+            return _qa(q, f"There is nothing {REL_TEXT[rel]} the {_np(b)}.")
+        return _qa(q, " ".join(f"The {_np(s)} is {REL_TEXT[rel]} the {_np(b)}." for s in hits))
+    q = f"Is the {_np(a)} {REL_TEXT[rel]} the {_np(b)}?"
+    if rel in _rel(a, b):
+        return _qa(q, f"Yes, the {_np(a)} is {REL_TEXT[rel]} the {_np(b)}.", "yes_no", "yes")
+    truth = _rel_sentences(a, b)  # "The red circle is above the blue square." -> "No, the red ..."
+    return _qa(q, "No, t" + truth[1:], "yes_no", "no")
+
+
+def qa_environment(scene: dict, rng: random.Random, focus: str | None = None) -> dict | None:
+    bg = scene["background"]
+    r = rng.random()
+    if r < 0.6:
+        q = rng.choice(["What is the background of the image?", "Where is this picture taken?",
+                        "What is the ground in this picture?"])
+        return _qa(q, f"The background is {bg}.")
+    if r < 0.8:
+        if len(scene["shapes"]) == 1:
+            return _qa("What are the shapes on?", f"The {_np(scene['shapes'][0])} is on {bg}.")
+        return _qa("What are the shapes on?", f"The shapes are on {bg}.")
+    other = bg if rng.random() < 0.5 else rng.choice([b for b in BACKGROUNDS if b != bg])
+    if other == bg:
+        return _qa(f"Is the background {other}?", f"Yes, the background is {bg}.", "yes_no", "yes")
+    return _qa(f"Is the background {other}?", f"No, the background is {bg}.", "yes_no", "no")
+
+
+def qa_holistic(scene: dict, rng: random.Random, focus: str | None = None) -> dict | None:
+    q = rng.choice(["Describe the image in detail.", "What do you see in this image?",
+                    "Give a short description of the image.", "What is in this picture?"])
+    return _qa(q, describe(scene))
+
+
+def qa_other(scene: dict, rng: random.Random, focus: str | None = None) -> dict | None:
+    """Position questions: what is where, which quadrant is empty."""
+    shapes = scene["shapes"]
+    by_quad = {s["quadrant"]: s for s in shapes}
+    r = rng.random()
+    if r < 0.45:
+        quad = rng.choice(list(QUADS))
+        q = rng.choice(["What is in the {} of the image?", "What is in the {}?"]).format(quad)
+        if quad not in by_quad:
+            return _qa(q, f"There is nothing in the {quad}.")
+        return _qa(q, f"There is a {_np(by_quad[quad], size=True)} in the {quad}.")
+    if r < 0.8:
+        s = _pick(scene, rng, focus)
+        q = rng.choice(["Where is the {}?", "Which part of the image is the {} in?"]).format(s["kind"])
+        return _qa(q, f"The {_np(s)} is in the {s['quadrant']}.")
+    empty = [quad for quad in QUADS if quad not in by_quad]
+    return _qa("Which part of the image is empty?", " ".join(f"There is nothing in the {e}." for e in empty))
+
+
+def qa_yes_no(scene: dict, rng: random.Random, focus: str | None = None) -> dict | None:
+    """Existence and attribute yes/no questions, half of them true."""
+    r = rng.random()
+    if r < 0.6:
+        if rng.random() < 0.5:
+            s = rng.choice(scene["shapes"])
+            ref = _np(s, size=rng.random() < 0.3)
+            return _qa(f"Is there a {ref} in the image?", f"Yes, there is a {ref}.", "yes_no", "yes")
+        present = {(s["color"], s["kind"]) for s in scene["shapes"]}
+        c, k = rng.choice([(c, k) for c in COLORS for k in KINDS if (c, k) not in present])
+        return _qa(f"Is there a {c} {k} in the image?", f"No, there is no {c} {k}.", "yes_no", "no")
+    return _yes_no_color(scene, rng, focus)
+
+
+def _mc(stem: str, options: list[str], correct: str, sentence: str) -> dict:
+    letter = "ABCD"[options.index(correct)]
+    q = stem + "".join(f"\n{L}. {o}" for L, o in zip("ABCD", options))
+    return _qa(q, f"{letter}. {sentence}", "multiple_choice", letter)
+
+
+def qa_multiple_choice(scene: dict, rng: random.Random, focus: str | None = None) -> dict | None:
+    """A-OKVQA style: four lettered options; the answer starts with the letter ("B. ...")."""
+    shapes = scene["shapes"]
+    s = _pick(scene, rng, focus)
+    r = rng.random()
+    if r < 0.25:
+        opts = rng.sample([c for c in COLORS if c != s["color"]], 3) + [s["color"]]
+        rng.shuffle(opts)
+        return _mc(f"What color is the {s['kind']}?", opts, s["color"], f"The {s['kind']} is {s['color']}.")
+    if r < 0.45:
+        n = len(shapes)
+        opts = ["one", "two", "three", "four"]
+        rng.shuffle(opts)  # shuffled everywhere so that no letter is right more often than another
+        return _mc("How many shapes are there?", opts, NUM_WORDS[n], _count_sentence(n, "shape"))
+    if r < 0.6:
+        c = rng.choice(list(COLORS))
+        n = sum(x["color"] == c for x in shapes)
+        opts = ["zero", "one", "two", "three"]
+        right = opts[n]
+        rng.shuffle(opts)
+        return _mc(f"How many {c} shapes are there?", opts, right, _count_sentence(n, f"{c} shape"))
+    if r < 0.75:
+        opts = list(QUADS)
+        rng.shuffle(opts)
+        return _mc(f"Where is the {s['kind']}?", opts, s["quadrant"], f"The {_np(s)} is in the {s['quadrant']}.")
+    if r < 0.87:
+        opts = list(BACKGROUNDS)
+        rng.shuffle(opts)
+        bg = scene["background"]
+        return _mc("What is the background of the image?", opts, bg, f"The background is {bg}.")
+    quad = rng.choice(list(QUADS))
+    hit = [x for x in shapes if x["quadrant"] == quad]
+    opts = KINDS + ["nothing"]
+    rng.shuffle(opts)
+    if hit:
+        return _mc(f"What is in the {quad}?", opts, hit[0]["kind"],
+                   f"There is a {_np(hit[0], size=True)} in the {quad}.")
+    return _mc(f"What is in the {quad}?", opts, "nothing", f"There is nothing in the {quad}.")
+
+
+def qa_caption(scene: dict, rng: random.Random, focus: str | None = None) -> dict | None:
+    q = rng.choice(["Write a short caption for the image.", "Describe the image briefly."])
+    return _qa(q, rng.choice(make_captions(scene, rng)[:2]))
+
+
+GENERATORS = {"attribute": qa_attribute, "adversarial": qa_adversarial, "comparison": qa_comparison,
+              "counting": qa_counting, "relation": qa_relation, "environment": qa_environment,
+              "holistic": qa_holistic, "other": qa_other, "yes_no": qa_yes_no,
+              "multiple_choice": qa_multiple_choice, "caption": qa_caption}
+
+# SFT mixture. Adversarial questions are rarer than the rest on purpose: the paper's SFT data has few
+# questions about absent things, which is why SFT models invent them and RLHF has something to fix.
+SFT_WEIGHTS = {"attribute": 1.0, "adversarial": 0.4, "comparison": 0.8, "counting": 1.0, "relation": 0.8,
+               "environment": 0.6, "holistic": 0.8, "other": 0.8, "yes_no": 1.0, "multiple_choice": 0.8,
+               "caption": 0.4}
+# PPO prompts: open questions of all eight MMHal types, plus multiple choice and yes/no items whose
+# symbolic correctness rewards PPO uses (SPEC 5).
+PPO_WEIGHTS = {**{t: 1.0 for t in MMHAL_TYPES}, "multiple_choice": 2.0, "yes_no": 2.0}
+
+
+def ask(scene: dict, qtype: str, rng: random.Random, focus: str | None = None) -> dict | None:
+    """One QA of `qtype` (an MMHal type, "yes_no", "multiple_choice" or "caption") about `scene`."""
+    qa = GENERATORS[qtype](scene, rng, focus)
+    if qa is not None:
+        qa["qtype"] = qtype
+    return qa
+
+
+def ask_weighted(scene: dict, weights: dict[str, float], rng: random.Random) -> dict:
+    types, w = list(weights), list(weights.values())
+    while True:
+        qa = ask(scene, rng.choices(types, w)[0], rng)
+        if qa is not None:
+            return qa
+
+
+# ----------------------------------------------------------------------------------------------------
+# Claims. A claim is a hashable tuple; a reference to shapes ("the large red circle") is a tuple
+# ref = (size|None, color|None, kind|None). Claim forms:
+#   ("count", ref, n, exact)      exact: exactly n shapes match ref; else at least n ("there is a ...")
+#   ("at", ref, quad)             a shape matching ref is in quad
+#   ("empty", quad)               nothing is in quad
+#   ("color", ref, color)  ("size", ref, size)
+#   ("rel", ref_a, rel, ref_b)    rel in left/right/above/below
+#   ("none_rel", rel, ref_b)      no shape is rel of b
+#   ("cmp", ref_a, op, ref_b)     op in larger/smaller/same
+#   ("same_color", ref_a, ref_b, flag)
+#   ("background", name)
+#   ("not", claim)
+# A sentence that does not parse gives no claim: it is uninformative, never a hallucination.
+
+_KIND_WORDS = {**{k: k for k in KINDS}, **{k + "s": k for k in KINDS}, "shape": None, "shapes": None,
+               "object": None, "objects": None}
+_DETS = {"a", "an", "the", "any", "some"} | set(NUMBERS)
+_COLOR_RE = "|".join(COLORS)
+_SIZE_RE = "|".join(SIZES)
+_QUAD_RE = "|".join(QUADS)
+_BG_RE = "|".join(BACKGROUNDS)
+_REL_RE = "|".join(sorted(RELATIONS, key=len, reverse=True))
+_SIZE_OPS = {"larger": "larger", "bigger": "larger", "smaller": "smaller"}
+
+
+def parse_ref(text: str) -> tuple[tuple, str | None] | None:
+    """'two large red circles' -> ((large, red, circle), 'two'); None if it is not a shape phrase."""
+    words = text.split()
+    det = words.pop(0) if words and words[0] in _DETS else None
+    if not words or words[-1] not in _KIND_WORDS:
+        return None
+    size = color = None
+    for w in words[:-1]:
+        if w in SIZES and size is None:
+            size = w
+        elif w in COLORS and color is None:
+            color = w
+        else:
+            return None
+    return (size, color, _KIND_WORDS[words[-1]]), det
+
+
+def _ref(text: str) -> tuple | None:
+    p = parse_ref(text)
+    return None if p is None else p[0]
+
+
+def _count_claim(ref: tuple, det: str | None) -> tuple:
+    if det in (None, "a", "an", "some", "any", "the"):
+        return ("count", ref, 1, False)
+    n = NUMBERS[det]
+    return ("count", ref, n, True)
+
+
+# Sentence patterns, tried in order; each handler returns a list of claims or None (no parse).
+def _h_there(m: re.Match) -> list | None:
+    p = parse_ref(m["np"])
+    if p is None:
+        return None
+    ref, det = p
+    c = _count_claim(ref, det)
+    if m["quad"]:
+        at = ("at", ref, m["quad"])
+        return [("not", at)] if c[2] == 0 else [at]
+    out = [c]
+    if m["bg"]:
+        out.append(("background", m["bg"]))
+    return out
+
+
+def _two(m: re.Match) -> tuple | None:
+    a, b = _ref(m["a"]), _ref(m["b"])
+    return None if a is None or b is None else (a, b)
+
+
+def _h_rel(m):
+    ab = _two(m)
+    return ab and [("rel", ab[0], RELATIONS[m["rel"]], ab[1])]
+
+
+def _h_cmp(m):
+    ab = _two(m)
+    return ab and [("cmp", ab[0], _SIZE_OPS[m["op"]], ab[1])]
+
+
+def _h_same_size(m):
+    ab = _two(m)
+    return ab and [("cmp", ab[0], "same", ab[1])]
+
+
+def _h_same_color(m):
+    ab = _two(m)
+    return ab and [("same_color", ab[0], ab[1], not m["neg"])]
+
+
+def _h_both(m):
+    ab = _two(m)
+    return ab and [("color", ab[0], m["color"]), ("color", ab[1], m["color"])]
+
+
+def _h_attr(name: str):
+    def h(m):
+        r = _ref(m["a"])
+        if r is None:
+            return None
+        c = (name, r, m["val"])
+        return [("not", c) if m["neg"] else c]
+    return h
+
+
+def _h_on(m):
+    if m["a"] in ("shapes", "objects"):
+        return [("background", m["bg"])]
+    p = parse_ref(m["a"])
+    return p and [_count_claim(p[0], None), ("background", m["bg"])]
+
+
+def _h_at(m):
+    r = _ref(m["a"])
+    return r and [("at", r, m["quad"])]
+
+
+def _h_none_rel(m):
+    r = _ref(m["b"])
+    return r and [("none_rel", RELATIONS[m["rel"]], r)]
+
+
+_SENTENCE_PATTERNS = [
+    (rf"^there (?:is|are) nothing in the (?P<quad>{_QUAD_RE})$", lambda m: [("empty", m["quad"])]),
+    (rf"^the (?P<quad>{_QUAD_RE}) is empty$", lambda m: [("empty", m["quad"])]),
+    (rf"^there (?:is|are) nothing (?P<rel>{_REL_RE}) (?P<b>.+)$", _h_none_rel),
+    (rf"^there (?:is|are) (?P<np>.+?)(?: in the (?P<quad>{_QUAD_RE}))?(?: on (?:the )?(?P<bg>{_BG_RE}))?$",
+     _h_there),
+    (rf"^(?:the )?(?P<a>.+?) (?:is|are) in the (?P<quad>{_QUAD_RE})$", _h_at),
+    (rf"^(?:the )?(?P<a>.+?) (?:is|are) (?P<rel>{_REL_RE}) (?P<b>.+)$", _h_rel),
+    (r"^(?:the )?(?P<a>.+?) (?:is|are) (?P<op>larger|bigger|smaller) than (?P<b>.+)$", _h_cmp),
+    (r"^(?:the )?(?P<a>.+?) and (?P<b>.+?) are the same size$", _h_same_size),
+    (r"^(?:the )?(?P<a>.+?) and (?P<b>.+?) (?:are|have) (?P<neg>not )?the same colou?r$", _h_same_color),
+    (rf"^(?:the )?(?P<a>.+?) and (?P<b>.+?) are (?:both )?(?P<color>{_COLOR_RE})$", _h_both),
+    (rf"^(?:the )?(?P<a>.+?) (?:is|are) (?P<neg>not )?(?P<val>{_COLOR_RE})$", _h_attr("color")),
+    (rf"^(?:the )?(?P<a>.+?) (?:is|are) (?P<neg>not )?(?P<val>{_SIZE_RE})$", _h_attr("size")),
+    (rf"^the background is (?P<neg>not )?(?P<val>{_BG_RE})$",
+     lambda m: [("not", ("background", m["val"])) if m["neg"] else ("background", m["val"])]),
+    (rf"^(?:this picture is taken|it is) on (?:the )?(?P<bg>{_BG_RE})$", lambda m: [("background", m["bg"])]),
+    (rf"^(?:the )?(?P<a>.+?) (?:is|are) on (?:the )?(?P<bg>{_BG_RE})$", _h_on),
+]
+_SENTENCE_PATTERNS = [(re.compile(p), h) for p, h in _SENTENCE_PATTERNS]
+
+
+def _norm(text: str) -> str:
+    t = text.lower().strip()
+    t = re.sub(r"\s+(?:in|of) (?:the|this) (?:image|picture)\b", "", t)
+    return re.sub(r"\s+", " ", t).strip(" .!?,;:")
+
+
+def _parse_sentence(s: str) -> list | None:
+    s = _norm(s)
+    for pat, handler in _SENTENCE_PATTERNS:
+        m = pat.match(s)
+        if m:
+            out = handler(m)
+            if out:
+                return out
+    return None
+
+
+# Question frames: how a bare "Yes"/"No", an option letter or a one-word answer becomes a claim.
+# A yes/no frame gives the claim that "Yes" asserts ("No" asserts its negation); a wh-frame turns the
+# asked-for value (an option's text or a bare answer) into a claim. Both reuse the sentence handlers.
+
+def _first(claims: list | None) -> tuple | None:
+    return claims[0] if claims else None
+
+
+def _yn_frames() -> list:
+    def exists(m):
+        r = _ref(m["a"])
+        if r is None:
+            return None
+        return ("at", r, m["quad"]) if m["quad"] else ("count", r, 1, False)
+
+    pats = [
+        (rf"^(?:is|are) there (?P<a>.+?)(?: in the (?P<quad>{_QUAD_RE}))?$", exists),
+        (rf"^is (?:the )?(?P<a>.+?) in the (?P<quad>{_QUAD_RE})$", lambda m: _first(_h_at(m))),
+        (rf"^is (?:the )?(?P<a>.+?) (?P<rel>{_REL_RE}) (?P<b>.+)$", lambda m: _first(_h_rel(m))),
+        (r"^is (?:the )?(?P<a>.+?) (?P<op>larger|bigger|smaller) than (?P<b>.+)$", lambda m: _first(_h_cmp(m))),
+        (r"^do (?:the )?(?P<a>.+?) and (?P<b>.+?) have the same colou?r(?P<neg>)$",
+         lambda m: _first(_h_same_color(m))),
+        (rf"^is the background (?P<val>{_BG_RE})$", lambda m: ("background", m["val"])),
+        (rf"^is (?:the )?(?P<a>.+?) (?P<neg>)(?P<val>{_COLOR_RE})$", lambda m: _first(_h_attr("color")(m))),
+        (rf"^is (?:the )?(?P<a>.+?) (?P<neg>)(?P<val>{_SIZE_RE})$", lambda m: _first(_h_attr("size")(m))),
+    ]
+    return [(re.compile(p), f) for p, f in pats]
+
+
+def _wh_frames() -> list:
+    def color(m, opt):
+        r = _ref(m["a"])
+        return r and opt in COLORS and ("color", r, opt)
+
+    def size(m, opt):
+        r = _ref(m["a"])
+        return r and opt in SIZES and ("size", r, opt)
+
+    def count(m, opt):
+        r = _ref(m["a"])
+        return r and opt in NUMBERS and ("count", r, NUMBERS[opt], True)
+
+    def where(m, opt):
+        r = _ref(m["a"])
+        return r and opt in QUADS and ("at", r, opt)
+
+    def what_in(m, opt):
+        if opt in ("nothing", "none"):
+            return ("empty", m["quad"])
+        r = _ref(opt)
+        return r and ("at", r, m["quad"])
+
+    pats = [
+        (r"^what colou?r is (?:the )?(?P<a>.+)$", color),
+        (r"^(?:what size is|how big is) (?:the )?(?P<a>.+)$", size),
+        (r"^how many (?P<a>.+?) are there$", count),
+        (r"^where is (?:the )?(?P<a>.+)$", where),
+        (r"^which part(?: of the image)? is (?:the )?(?P<a>.+?) in$", where),
+        (r"^(?:what is the background|where is this picture taken|what is the ground|what are the shapes on)$",
+         lambda m, o: o in BACKGROUNDS and ("background", o)),
+        (rf"^what is in the (?P<quad>{_QUAD_RE})$", what_in),
+    ]
+    return [(re.compile(p), f) for p, f in pats]
+
+
+_YN_FRAMES = _yn_frames()
+_WH_FRAMES = _wh_frames()
+
+
+def _split_question(question: str) -> tuple[str, dict[str, str]]:
+    """Stem (first line, normalised) and lettered options {'A': 'red', ...}."""
+    lines = [ln.strip() for ln in question.replace("<image>", "").strip().split("\n") if ln.strip()]
+    stem = _norm(lines[0]) if lines else ""
+    opts = {}
+    for ln in lines[1:]:
+        m = re.match(r"^\(?([A-Da-d])[.):]\s*(.+)$", ln)
+        if m:
+            opts[m.group(1).upper()] = _norm(m.group(2))
+    return stem, opts
+
+
+def _yes_no_claim(stem: str) -> tuple | None:
+    for pat, f in _YN_FRAMES:
+        m = pat.match(stem)
+        if m:
+            c = f(m)
+            if c:
+                return c
+    return None
+
+
+def _slot_claim(stem: str, value: str) -> tuple | None:
+    for pat, f in _WH_FRAMES:
+        m = pat.match(stem)
+        if m:
+            c = f(m, value)
+            if c:
+                return c
+    return None
+
+
+def extract_claims(answer: str, question: str | None = None) -> list[tuple]:
+    """Parse a templated answer into claims (deduplicated, in order). With the question, a leading
+    "Yes"/"No", an option letter ("B.") or a bare one-word answer ("red") also counts as a claim."""
+    text = answer.strip()
+    claims: list[tuple] = []
+    stem, opts = _split_question(question) if question else ("", {})
+    # Multiple choice: "B. ..." or "... the correct option is B."
+    letter = None
+    m = re.match(r"^\(?([A-D])[.):](?:\s+|$)", text)
+    if m:
+        letter, text = m.group(1), text[m.end():]
+    else:
+        m = re.search(r"(?:correct option|answer) is \(?([A-D])\b[.)]?", text, flags=re.I)
+        if m:
+            letter, text = m.group(1).upper(), text[:m.start()] + text[m.end():]
+    if letter and letter in opts:
+        c = _slot_claim(stem, opts[letter])
+        if c:
+            claims.append(c)
+    # Yes/No head: "No, there is no red circle." - the head answers the question's own claim.
+    m = re.match(r"^(yes|no)(?:[,.!]\s*|\s*$)", text, flags=re.I)
+    if m:
+        text = text[m.end():]
+        c = _yes_no_claim(stem) if stem else None
+        if c:
+            claims.append(c if m.group(1).lower() == "yes" else ("not", c))
+    parsed_any = False
+    for sent in re.split(r"[.!?;\n]+|,\s*(?=(?:and\s+)?(?:the|there)\b)", text):
+        if not sent.strip():
+            continue
+        cs = _parse_sentence(sent)
+        if cs:
+            parsed_any = True
+            claims.extend(cs)
+    # A bare short answer to a wh-question ("red", "two", "top left").
+    if not parsed_any and stem and not claims:
+        c = _slot_claim(stem, _norm(text))
+        if c:
+            claims.append(c)
+    return list(dict.fromkeys(claims))
+
+
+# Truth of claims against a scene graph.
+
+def _matches(scene: dict, ref: tuple) -> list[int]:
+    size, color, kind = ref
+    return [i for i, s in enumerate(scene["shapes"])
+            if (size is None or s["size"] == size) and (color is None or s["color"] == color)
+            and (kind is None or s["kind"] == kind)]
+
+
+def _pairs(scene: dict, a: tuple, b: tuple):
+    return [(i, j) for i in _matches(scene, a) for j in _matches(scene, b) if i != j]
+
+
+def claim_true(scene: dict, c: tuple) -> bool:
+    """Whether a claim holds in the scene. References to shapes are existential: "the red circle is in
+    the top left" is false when there is no red circle."""
+    shapes, tag = scene["shapes"], c[0]
+    if tag == "not":
+        return not claim_true(scene, c[1])
+    if tag == "count":
+        k = len(_matches(scene, c[1]))
+        return k == c[2] if c[3] else k >= c[2]
+    if tag == "at":
+        return any(shapes[i]["quadrant"] == c[2] for i in _matches(scene, c[1]))
+    if tag == "empty":
+        return all(s["quadrant"] != c[1] for s in shapes)
+    if tag == "color":
+        return any(shapes[i]["color"] == c[2] for i in _matches(scene, c[1]))
+    if tag == "size":
+        return any(shapes[i]["size"] == c[2] for i in _matches(scene, c[1]))
+    if tag == "rel":
+        return any(c[2] in _rel(shapes[i], shapes[j]) for i, j in _pairs(scene, c[1], c[3]))
+    if tag == "none_rel":
+        return any(not any(c[1] in _rel(s, shapes[j]) for s in shapes if s is not shapes[j])
+                   for j in _matches(scene, c[2]))
+    if tag == "cmp":
+        rank = {"small": 0, "large": 1}
+        sign = {"larger": 1, "smaller": -1, "same": 0}[c[2]]
+        return any(np.sign(rank[shapes[i]["size"]] - rank[shapes[j]["size"]]) == sign
+                   for i, j in _pairs(scene, c[1], c[3]))
+    if tag == "same_color":
+        return any((shapes[i]["color"] == shapes[j]["color"]) == c[3] for i, j in _pairs(scene, c[1], c[2]))
+    if tag == "background":
+        return scene["background"] == c[1]
+    raise ValueError(f"unknown claim {c!r}")
+
+
+def claim_atoms(scene: dict, c: tuple) -> set:
+    """The facts of the scene a true claim conveys, so that different wordings of the same fact
+    ("There is no triangle." / "There are no triangles.") count once when measuring coverage."""
+    shapes, tag = scene["shapes"], c[0]
+
+    def shape_atoms(ref, idx):
+        out = {("present", idx)}
+        if ref[0]:
+            out.add(("size", idx))
+        if ref[1]:
+            out.add(("color", idx))
+        return out
+
+    if tag == "count":
+        out = {("count", c[1])}
+        if c[1][2] is not None and c[2] >= 1:  # a named kind is a single shape: say which facts it gives
+            for i in _matches(scene, c[1]):
+                out |= shape_atoms(c[1], i)
+        return out
+    if tag == "at":
+        out = {("quadcontent", c[2])}
+        for i in _matches(scene, c[1]):
+            if shapes[i]["quadrant"] == c[2]:
+                out |= shape_atoms(c[1], i) | {("quad", i)}
+        return out
+    if tag == "empty":
+        return {("quadcontent", c[1])}
+    if tag in ("color", "size"):
+        out = set()
+        for i in _matches(scene, c[1]):
+            out |= shape_atoms(c[1], i) | {(tag, i), ("present", i)}
+        return out
+    if tag in ("rel", "cmp", "same_color"):
+        a, b = (c[1], c[3]) if tag != "same_color" else (c[1], c[2])
+        out = set()
+        for i, j in _pairs(scene, a, b):
+            axis = {"left": "h", "right": "h", "above": "v", "below": "v"}.get(c[2], "")
+            out |= {("present", i), ("present", j), (tag, min(i, j), max(i, j), axis)}
+        return out
+    if tag == "none_rel":
+        return {("none_rel", c[1], j) for j in _matches(scene, c[2])}
+    if tag == "background":
+        return {("background",)}
+    return {c}  # negations: the claim itself is the fact
+
+
+@dataclass
+class Verdict:
+    claims: list = field(default_factory=list)
+    true: list = field(default_factory=list)
+    false: list = field(default_factory=list)
+    atoms: set = field(default_factory=set)  # facts conveyed by the true claims
+
+    @property
+    def n_true(self) -> int:
+        return len(self.true)
+
+    @property
+    def n_false(self) -> int:
+        return len(self.false)
+
+
+def verify(scene: dict, answer: str, question: str | None = None) -> Verdict:
+    """Parse `answer` and check every claim against `scene`."""
+    v = Verdict(claims=extract_claims(answer, question))
+    for c in v.claims:
+        if claim_true(scene, c):
+            v.true.append(c)
+            v.atoms |= claim_atoms(scene, c)
+        else:
+            v.false.append(c)
+    return v
+
+
+def check_claims(scene: dict, answer: str, question: str | None = None) -> tuple[int, int]:
+    """(number of true claims, number of false claims) in `answer`."""
+    v = verify(scene, answer, question)
+    return v.n_true, v.n_false
+
+
+def claim_text(c: tuple) -> str:
+    """A short readable rendering of a claim, for judge explanations and debugging."""
+    def r(ref):
+        return " ".join(w for w in ref if w) if any(ref) else "shape"
+    tag = c[0]
+    if tag == "not":
+        return "not (" + claim_text(c[1]) + ")"
+    if tag == "count":
+        return f"{'exactly' if c[3] else 'at least'} {c[2]} {r(c[1])}"
+    if tag == "at":
+        return f"{r(c[1])} in the {c[2]}"
+    if tag == "empty":
+        return f"nothing in the {c[1]}"
+    if tag in ("color", "size"):
+        return f"{r(c[1])} is {c[2]}"
+    if tag in ("rel", "cmp"):
+        return f"{r(c[1])} {c[2]} {r(c[3])}"
+    if tag == "none_rel":
+        return f"nothing {c[1]} {r(c[2])}"
+    if tag == "same_color":
+        return f"{r(c[1])} and {r(c[2])} {'same' if c[3] else 'different'} color"
+    return f"background is {c[1]}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rule judge (MMHal 0-6) and simulated annotator.
+
+def informativeness(gt_atoms: set, answer_atoms: set) -> tuple[float, int]:
+    """(share of the reference answer's facts the answer conveys, number of further true facts)."""
+    if not gt_atoms:
+        return (1.0 if answer_atoms else 0.0), len(answer_atoms)
+    return len(gt_atoms & answer_atoms) / len(gt_atoms), len(answer_atoms - gt_atoms)
+
+
+def rule_judge(record: dict, answer: str) -> tuple[str, int]:
+    """Rate `answer` for an evaluation record (MMHal fields plus "scene") on the MMHal 0-6 scale.
+
+    Hallucination = any claim the scene contradicts. Informativeness = coverage of the facts in the
+    reference answer (gt_answer): all of them plus at least one further true fact -> 6 (good analysis);
+    at least 3/4 -> very informative (5, or 2 with hallucination); some -> somewhat (4 / 1); none -> not
+    informative (3 / 0). Text that makes no checkable claim is uninformative, not hallucinated, so it
+    gets 3. An empty answer gets 0: it is a failed response, and treating it as a cautious one would let a
+    policy lower its hallucination rate (share below 3) by saying nothing.
+    Returns (reply text ending with a line "Rating: N", N)."""
+    if "scene" not in record:
+        raise ValueError("the rule judge needs the item's scene graph: use the tiny world's eval file "
+                         "(eval/mmhal_tiny.json), not the real MMHal-Bench")
+    scene, question = record["scene"], record["question"]
+    if not answer.strip():
+        return "Explanation: the response is empty, so it answers nothing.\nRating: 0", 0
+    gt = verify(scene, record["gt_answer"], question)
+    v = verify(scene, answer, question)
+    cov, extra = informativeness(gt.atoms, v.atoms)
+    halluc = v.n_false > 0
+    if cov >= 1.0 and extra > 0 and not halluc:
+        level, score = "very informative with further correct detail", 6
+    elif cov >= 0.75:
+        level, score = "very informative", 2 if halluc else 5
+    elif cov > 0:
+        level, score = "somewhat informative", 1 if halluc else 4
+    else:
+        level, score = "not informative", 0 if halluc else 3
+    lines = [f"Explanation: the response makes {len(v.claims)} checkable claims; {v.n_true} agree with the "
+             f"image contents and {v.n_false} contradict them."]
+    if halluc:
+        lines.append("Contradicted: " + "; ".join(claim_text(c) for c in v.false[:3]) + ".")
+    n_gt = max(1, len(gt.atoms))
+    lines.append(f"It conveys {round(cov * n_gt)} of the {n_gt} facts in the standard human-generated "
+                 f"answer and {extra} further correct facts. The response is {level}, "
+                 f"{'with' if halluc else 'without'} hallucination.")
+    lines.append(f"Rating: {score}")
+    return "\n".join(lines), score
+
+
+def rule_judge_reply(record: dict, answer: str) -> str:
+    return rule_judge(record, answer)[0]
+
+
+def label_pair(scene: dict, question: str, output_1: str, output_2: str, rng: random.Random | None = None,
+               noise: float = 0.0) -> dict:
+    """The simulated human annotator: prefer the response with fewer false claims; on a tie, the one
+    conveying more true facts; on a full tie, a coin flip. With probability `noise` the label is flipped
+    (human annotators disagree too). Returns {"preference": 1|2, "hallucination": 0|1, ...}; hallucination
+    is 1 when either response contains a claim the scene contradicts."""
+    rng = rng or random.Random(0)
+    v1, v2 = verify(scene, output_1, question), verify(scene, output_2, question)
+    k1, k2 = (-v1.n_false, len(v1.atoms)), (-v2.n_false, len(v2.atoms))
+    pref = 1 if k1 > k2 else 2 if k2 > k1 else rng.choice([1, 2])
+    if noise > 0 and rng.random() < noise:
+        pref = 3 - pref
+    return {"preference": pref, "hallucination": int(v1.n_false > 0 or v2.n_false > 0),
+            "n_false_1": v1.n_false, "n_false_2": v2.n_false}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing the dataset
+
+def _human(question: str, first: bool) -> dict:
+    return {"from": "human", "value": ("<image>\n" if first else "") + question}
+
+
+def _pool(seed: int, name: str, n: int, start: int) -> list[tuple[str, dict]]:
+    """n scenes of one pool. Each scene depends only on (seed, pool, index), so changing one pool's
+    size never changes another pool's images."""
+    out = []
+    for i in range(n):
+        rng = random.Random(f"{seed}-{name}-{i}")
+        out.append((f"{start + i:06d}.png", sample_scene(rng)))
+    return out
+
+
+def build_sft(scenes: list[tuple[str, dict]], n_examples: int, seed: int, multi_turn: float = 0.15) -> list[dict]:
+    rng = random.Random(f"{seed}-sft")
+    out = []
+    for k in range(n_examples):
+        name, scene = scenes[k % len(scenes)]
+        turns = 1 if rng.random() >= multi_turn else rng.randint(2, 3)
+        conv = []
+        for t in range(turns):
+            qa = ask_weighted(scene, SFT_WEIGHTS, rng)
+            conv += [_human(qa["question"], t == 0), {"from": "gpt", "value": qa["answer"]}]
+        out.append({"id": f"sft_{k:06d}", "image": name, "conversations": conv})
+    rng.shuffle(out)
+    return out
+
+
+def build_prompts(scenes: list[tuple[str, dict]], n: int, weights: dict[str, float], seed: int,
+                  tag: str) -> list[dict]:
+    rng = random.Random(f"{seed}-{tag}")
+    out = []
+    for k in range(n):
+        name, scene = scenes[k % len(scenes)]
+        qa = ask_weighted(scene, weights, rng)
+        answer = qa["key"] if qa["answer_type"] != "general" else qa["answer"]
+        out.append({"id": f"{tag}_{k:06d}", "image": name,
+                    "conversations": [_human(qa["question"], True)],
+                    "answer_type": qa["answer_type"], "answer": answer,
+                    "question_type": qa["qtype"], "gt_answer": qa["answer"], "length_multiplier": 1.0})
+    return out
+
+
+def build_eval(seed: int) -> list[dict]:
+    """96 items in the official MMHal order (topic-major, the 8 types within). A topic fixes the
+    background and a shape kind that is present (the 'object topic'); 4 backgrounds x 3 kinds give
+    12 distinct combinations, one per topic. Each record carries its scene graph for the rule judge."""
+    items = []
+    for t, topic in enumerate(MMHAL_TOPICS):
+        bg, kind = list(BACKGROUNDS)[t % 4], KINDS[t % 3]
+        for qtype in MMHAL_TYPES:
+            rng = random.Random(f"{seed}-eval-{topic}-{qtype}")
+            while True:
+                min_shapes = 2 if qtype in ("comparison", "relation") else 1
+                scene = sample_scene(rng, min_shapes=min_shapes, background=bg, must_have=kind)
+                qa = ask(scene, qtype, rng, focus=kind)
+                if qa is not None:
+                    break
+            image_id = f"tiny{len(items):03d}"
+            content = [f"{s['size'].capitalize()} {s['color']} {s['kind']}" for s in scene["shapes"]]
+            content.append(bg.capitalize())
+            rec = {"question_type": qtype, "question_topic": topic, "image_id": image_id,
+                   "image_src": f"{image_id}.png", "image_content": content, "question": qa["question"],
+                   "gt_answer": qa["answer"], "model_answer": "", "scene": scene}
+            items.append(rec)
+    return items
+
+
+# Generic English for the tokenizer: the reward model's rating prompt is encoded with the same
+# tokenizer, so its likely words need pieces too (else they fall back to letters and bytes and eat the
+# context). Our own wording; the reward-model stage may phrase its prompt differently.
+_GENERIC_TEXT = [
+    "Please evaluate the quality of your last response.",
+    "There are several dimensions you should consider in your evaluation:",
+    "1. Accurate: the response should give factual and accurate information about the image, and it should "
+    "not make statements that are not supported by the image or that are inconsistent with the image.",
+    "In particular, the response must be fully supported by the following captions of the image:",
+    "2. Helpful: the response should serve the user's needs and answer the question, grounded in the image.",
+    "3. Natural language: the response should read smoothly and be free of repetitive or awkward phrases.",
+    "4. Concise: the response should address the task efficiently, with brevity and clarity, and include "
+    "only the necessary information.",
+    "A good response is accurate, helpful, natural in language, and concise.",
+    "Following these definitions and criteria, the quality score of my last response is",
+    "Rate the response. Score the answer. The rating is high when the answer is correct and helpful.",
+    "The correct option is A. The correct option is B. The correct option is C. The correct option is D.",
+    "Answer the question about the image. Describe the image. Look at the image and answer accurately.",
+]
+_ASCII = "".join(chr(c) for c in range(33, 127))  # so every printable character has its own piece
+
+
+def _vicuna_lines(conversations: list[dict]) -> list[str]:
+    """A conversation laid out as the Vicuna template lays it out (without "</s>", which is a special
+    id, not text), so that piece frequencies match what the trainer will encode."""
+    text = SYSTEM_PROMPT
+    for turn in conversations:
+        if turn["from"] == "human":
+            text += " USER: " + turn["value"].replace("<image>\n", "") + " ASSISTANT:"
+        else:
+            text += " " + turn["value"] + "\n"
+    return text.split("\n")
+
+
+def tokenizer_corpus(sft: list[dict], captions: dict, prompts: list[list[dict]], eval_items: list[dict]) -> list[str]:
+    lines = [_ASCII] * 50
+    for r in sft:
+        lines += _vicuna_lines(r["conversations"])
+    n_prompts = 0
+    for ps in prompts:
+        for r in ps:
+            lines += _vicuna_lines(r["conversations"])
+        n_prompts += len(ps)
+    # Every reward-model call carries the rating prompt; weighted below the world's own text so that
+    # world words win the merges when the vocabulary is small.
+    lines += _GENERIC_TEXT * max(1, n_prompts // 5)
+    for caps in captions.values():
+        lines += caps
+    for r in eval_items:
+        lines += [r["question"], r["gt_answer"]]
+    return [ln for ln in lines if ln.strip()]
+
+
+def train_tokenizer(lines: list[str], path: str, vocab_size: int = 1024) -> None:
+    """LLaMA-style sentencepiece: BPE, byte fallback (any text encodes), digits split, no normalisation
+    (so decode(encode(x)) == x), unk 0 / bos 1 / eos 2 and no pad piece (pad = unk).
+    Byte fallback takes 256 ids, so 1024 leaves ~670 learned pieces after the characters: enough for
+    every world word, the system sentence and the rating prompt to be one piece per word (SFT examples
+    average ~57 text tokens). 768 keeps world words whole but splits the rating prompt (~340 tokens
+    instead of ~240); 512 splits world words too."""
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2,
+        input_sentence_size=0, minloglevel=2)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def _dump(obj, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def make(out: str, seed: int = 0, n_sft_images: int = 3000, n_sft: int = 20000, n_ppo_images: int = 2000,
+         n_ppo: int = 4000, n_pref_images: int = 1500, n_pref: int = 1500, eval_seed: int = 0,
+         vocab_size: int = 1024, multi_turn: float = 0.15) -> dict:
+    """Write the whole tiny dataset to `out`; returns the meta dict."""
+    t0 = time.time()
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    os.makedirs(os.path.join(out, "eval", "images"), exist_ok=True)
+    sft_pool = _pool(seed, "sft", n_sft_images, 0)
+    ppo_pool = _pool(seed, "ppo", n_ppo_images, n_sft_images)
+    pref_pool = _pool(seed, "pref", n_pref_images, n_sft_images + n_ppo_images)
+    scenes, captions = {}, {}
+    for name, scene in sft_pool + ppo_pool + pref_pool:
+        scenes[name] = scene
+        captions[name] = make_captions(scene, random.Random(f"{seed}-cap-{name}"))
+    eval_recs = build_eval(eval_seed)
+    jobs = [(scene, os.path.join(out, "images", name)) for name, scene in scenes.items()]
+    jobs += [(r["scene"], os.path.join(out, "eval", "images", r["image_src"])) for r in eval_recs]
+    # Creating thousands of small files is system-call bound: threads overlap them (2-3x faster).
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda job: render(job[0]).save(job[1], compress_level=1), jobs))
+    sft = build_sft(sft_pool, n_sft, seed, multi_turn)
+    ppo = build_prompts(ppo_pool, n_ppo, PPO_WEIGHTS, seed, "ppo")
+    # Preference prompts are open questions, like the paper's LLaVA instruction prompts.
+    pref = build_prompts(pref_pool, n_pref, {t: 1.0 for t in MMHAL_TYPES}, seed, "pref")
+    _dump(captions, os.path.join(out, "captions.json"))
+    _dump(scenes, os.path.join(out, "scenes.json"))
+    _dump(sft, os.path.join(out, "sft.json"))
+    _dump(ppo, os.path.join(out, "ppo_prompts.json"))
+    _dump(pref, os.path.join(out, "preference_prompts.json"))
+    with open(os.path.join(out, "eval", "mmhal_tiny.json"), "w") as f:
+        json.dump(eval_recs, f, indent=1)
+    tok_path = os.path.join(out, "tokenizer.model")
+    train_tokenizer(tokenizer_corpus(sft, captions, [ppo, pref], eval_recs), tok_path, vocab_size)
+    meta = {"seed": seed, "eval_seed": eval_seed, "vocab_size": vocab_size,
+            "counts": {"images": len(scenes), "sft_images": n_sft_images, "ppo_images": n_ppo_images,
+                       "preference_images": n_pref_images, "sft": len(sft), "ppo_prompts": len(ppo),
+                       "preference_prompts": len(pref), "eval": len(eval_recs)},
+            "ppo_answer_types": dict(Counter(r["answer_type"] for r in ppo)),
+            "system_prompt": SYSTEM_PROMPT, "model": tiny_model_config(vocab_size),
+            "sft_hints": TINY_SFT_HINTS, "seconds": round(time.time() - t0, 2)}
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# Annotation from already sampled responses. Sampling two responses per prompt from the SFT model is
+# the pipeline's job; it writes the records (preference format without "preference") and calls this.
+
+def annotate(data_dir: str, records: list[dict], noise: float = 0.0, seed: int = 0) -> list[dict]:
+    """Add "preference" and "hallucination" to records holding "image", "conversations" (the prompt),
+    "output_1" and "output_2" ({"value": text}); the scene comes from data_dir/scenes.json."""
+    with open(os.path.join(data_dir, "scenes.json")) as f:
+        scenes = json.load(f)
+    rng = random.Random(seed)
+    out = []
+    for r in records:
+        question = r["conversations"][0]["value"].replace("<image>", "").strip()
+        lab = label_pair(scenes[r["image"]], question, r["output_1"]["value"], r["output_2"]["value"],
+                         rng, noise)
+        out.append({**r, "preference": lab["preference"], "hallucination": lab["hallucination"]})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make", help="write the tiny dataset")
+    m.add_argument("--out", required=True)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--eval_seed", type=int, default=0, help="fixed by default so all runs share one eval set")
+    m.add_argument("--n_sft_images", type=int, default=3000)
+    m.add_argument("--n_sft", type=int, default=20000)
+    m.add_argument("--n_ppo_images", type=int, default=2000)
+    m.add_argument("--n_ppo", type=int, default=4000)
+    m.add_argument("--n_pref_images", type=int, default=1500)
+    m.add_argument("--n_pref", type=int, default=1500)
+    m.add_argument("--vocab_size", type=int, default=1024,
+                   help="256 of these are byte-fallback pieces; see train_tokenizer")
+    m.add_argument("--multi_turn", type=float, default=0.15, help="share of multi-turn SFT conversations")
+    a = sub.add_parser("annotate", help="label sampled response pairs against the scene graphs")
+    a.add_argument("--data", required=True, help="directory written by `make`")
+    a.add_argument("--responses", required=True, help="JSON list with output_1/output_2 per prompt")
+    a.add_argument("--out", required=True)
+    a.add_argument("--noise", type=float, default=0.0, help="probability of flipping a label")
+    a.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.cmd == "make":
+        kw = {k: v for k, v in vars(args).items() if k != "cmd"}
+        meta = make(**kw)
+        print(json.dumps({"out": args.out, **meta["counts"], "vocab_size": meta["vocab_size"],
+                          "seconds": meta["seconds"]}))
+    elif args.cmd == "annotate":
+        with open(args.responses) as f:
+            records = json.load(f)
+        labelled = annotate(args.data, records, args.noise, args.seed)
+        _dump(labelled, args.out)
+        n_h = sum(r["hallucination"] for r in labelled)
+        print(f"wrote {len(labelled)} preference records to {args.out} ({n_h} with a hallucination)")
+
+
+if __name__ == "__main__":
+    main()
