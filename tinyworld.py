@@ -1075,21 +1075,17 @@ def build_eval(seed: int) -> list[dict]:
 # tokenizer, so its likely words need pieces too (else they fall back to letters and bytes and eat the
 # context). Our own wording; the reward-model stage may phrase its prompt differently.
 _GENERIC_TEXT = [
-    "Please evaluate the quality of your last response.",
-    "There are several dimensions you should consider in your evaluation:",
-    "1. Accurate: the response should give factual and accurate information about the image, and it should "
-    "not make statements that are not supported by the image or that are inconsistent with the image.",
-    "In particular, the response must be fully supported by the following captions of the image:",
-    "2. Helpful: the response should serve the user's needs and answer the question, grounded in the image.",
-    "3. Natural language: the response should read smoothly and be free of repetitive or awkward phrases.",
-    "4. Concise: the response should address the task efficiently, with brevity and clarity, and include "
-    "only the necessary information.",
-    "A good response is accurate, helpful, natural in language, and concise.",
-    "Following these definitions and criteria, the quality score of my last response is",
     "Rate the response. Score the answer. The rating is high when the answer is correct and helpful.",
     "The correct option is A. The correct option is B. The correct option is C. The correct option is D.",
     "Answer the question about the image. Describe the image. Look at the image and answer accurately.",
 ]
+
+
+def _rating_prompt_lines() -> list[str]:
+    """The reward model's rating request (reward_model.DEFAULT_TEMPLATE), so that it encodes to whole words."""
+    import reward_model
+    text = reward_model.DEFAULT_TEMPLATE.replace("{facts}", reward_model.FACTS_INTRO)
+    return [ln for ln in text.split("\n") if ln.strip()]
 _ASCII = "".join(chr(c) for c in range(33, 127))  # so every printable character has its own piece
 
 
@@ -1116,7 +1112,7 @@ def tokenizer_corpus(sft: list[dict], captions: dict, prompts: list[list[dict]],
         n_prompts += len(ps)
     # Every reward-model call carries the rating prompt; weighted below the world's own text so that
     # world words win the merges when the vocabulary is small.
-    lines += _GENERIC_TEXT * max(1, n_prompts // 5)
+    lines += (_GENERIC_TEXT + _rating_prompt_lines()) * max(1, n_prompts // 5)
     for caps in captions.values():
         lines += caps
     for r in eval_items:

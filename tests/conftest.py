@@ -22,7 +22,7 @@ def tiny_world(tmp_path_factory):
     out = root / "data"
     subprocess.run([sys.executable, "tinyworld.py", "make", "--out", str(out), "--n_sft_images", "120",
                     "--n_sft", "600", "--n_ppo_images", "60", "--n_ppo", "200", "--n_pref_images", "60",
-                    "--n_pref", "200", "--vocab_size", "400"],
+                    "--n_pref", "200"],
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True,
                    capture_output=True)
     import data
@@ -37,3 +37,17 @@ def tiny_world(tmp_path_factory):
     m.save_pretrained(str(mdir))
     shutil.copy(out / "tokenizer.model", mdir / "tokenizer.model")
     return {"data": out, "model": mdir, "tokenizer": out / "tokenizer.model", "vocab": tok.vocab_size}
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_world):
+    """tiny_world's model after 60 SFT steps (about 2 s): it answers in the world's words."""
+    import sft
+    w = tiny_world
+    out = w["model"].parent / "sft"
+    a = {"data_path": w["data"] / "sft.json", "image_folder": w["data"] / "images", "model_path": w["model"],
+         "out_dir": out, "mode": "sft", "train_vision": "true", "lr": 5e-3, "warmup_ratio": 0.0,
+         "global_batch": 16, "micro_batch": 16, "max_len": 256, "eval_size": 16, "eval_every": 1000,
+         "save_every": 1000, "progress": "false", "max_steps": 60}
+    sft.main(sum(([f"--{k}", str(v)] for k, v in a.items()), []))
+    return out / "final"

@@ -1,0 +1,537 @@
+"""The Factually Augmented reward model (SPEC §4): LoRA + a scalar head on the SFT model, trained with a
+Bradley-Terry loss on human preferences, shown the image's facts (captions, ground-truth answers) so that
+a response that contradicts them is easy to catch.
+
+Train (tiny world):
+    python reward_model.py --preset tiny --model_path runs/sft/final --data_path tiny_out/preferences.json \
+        --image_folder tiny_out/images --captions tiny_out/captions.json --out_dir runs/rm
+Train (7B, 8 GPUs; --facts none gives the paper's plain RM baseline):
+    torchrun --nproc_per_node=8 reward_model.py --preset llava-rlhf-7b --model_path runs/sft7b/final \
+        --data_path human_preference_10k.json --image_folder coco/train2017 --captions coco_captions.json \
+        --out_dir runs/rm7b
+Evaluate accuracy with and without facts:
+    python reward_model.py eval --rm_dir runs/rm/best --data_path prefs_heldout.json \
+        --image_folder tiny_out/images --captions tiny_out/captions.json
+Score from Python (ppo.py does this):
+    rm = reward_model.RewardScorer.load("runs/rm/best")
+    rm.score([{"image": pil_or_path, "conversations": [...], "response": "...", "facts": [...]}])
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn.functional as F
+
+import common
+import data
+import model as M
+
+# The rating request appended after the candidate's "</s>". Written in this project's own words; any
+# text with one "{facts}" slot can replace it (--template_file), e.g. the prompt a released RM was
+# trained with. The reward is read at the hidden state of its last token.
+DEFAULT_TEMPLATE = (
+    "USER: Now judge your previous answer. Consider four qualities.\n"
+    "1. Accurate: every statement must be true of the image; nothing may be invented or contradict what "
+    "is shown.{facts}\n"
+    "2. Helpful: it answers what was asked and gives useful detail.\n"
+    "3. Natural: it reads as fluent, plain language.\n"
+    "4. Concise: it says what is needed and no more.\n"
+    "A good answer is accurate, helpful, natural and concise. "
+    "ASSISTANT: Judged by these qualities, the quality score of my last response is"
+)
+FACTS_INTRO = " To be accurate, the answer must agree with these captions of the image:"
+
+
+def format_facts(facts: list[str], seed: int | None = None, key: str = "") -> str:
+    """The facts slot: an intro sentence then one `  - caption` line each, in an order shuffled from
+    (seed, key) so the RM cannot learn a position; empty when there are no facts."""
+    if not facts:
+        return ""
+    facts = list(facts)
+    if seed is not None:
+        h = int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:16], 16)
+        random.Random(h).shuffle(facts)
+    return FACTS_INTRO + "".join(f"\n  - {f}" for f in facts)
+
+
+def build_rm_ids(conversations: list[dict], response: str, facts_text: str, tok: data.Tokenizer,
+                 template: data.Template, rm_template: str, num_image_tokens: int, max_len: int) -> list[int]:
+    """BOS + "SYSTEM USER: <image>\\nQ ASSISTANT:" + response + </s> + rating request with facts.
+    `conversations` ends with the user turn the response answers. The response is cut (never the
+    prompt or the request) when the whole does not fit max_len."""
+    prefix = data.encode_text(template.render(conversations, add_generation_prompt=True), tok, num_image_tokens)
+    resp = tok.encode(response)
+    tail = [tok.eos_id] + data.encode_text(rm_template.format(facts=facts_text), tok, num_image_tokens, bos=False)
+    room = max_len - len(prefix) - len(tail)
+    if room < 1:
+        raise data.DataError(f"reward-model prompt needs {len(prefix) + len(tail) + 1} tokens; max_len is {max_len}")
+    return prefix + resp[:room] + tail
+
+
+def bradley_terry_loss(r1: torch.Tensor, r2: torch.Tensor, preference: torch.Tensor,
+                       center_coef: float = 1e-3) -> tuple[torch.Tensor, dict]:
+    """-log sigmoid(r_preferred - r_other), as BCE-with-logits on r2 - r1 with target [preference == 2],
+    plus center_coef * |mean(r1 + r2)| that keeps rewards near zero. r1, r2 (B,); preference (B,) in {1, 2}."""
+    target = (preference == 2).to(r1.dtype)
+    bt = F.binary_cross_entropy_with_logits(r2 - r1, target, reduction="none")        # (B,)
+    center = (r1 + r2).mean().abs()
+    loss = bt.mean() + center_coef * center
+    correct = ((r2 > r1) == (preference == 2)).float()
+    return loss, {"bt": bt.detach(), "correct": correct, "margin": ((r2 - r1) * (2 * target - 1)).detach()}
+
+
+class RewardModel(torch.nn.Module):
+    """Base LLaVA with the reward adapter active + scalar head read at the last real token."""
+
+    def __init__(self, m: M.LLaVA, adapter: str, head: M.ScalarHead):
+        super().__init__()
+        self.m, self.adapter, self.head = m, adapter, head
+
+    def forward(self, ids: torch.Tensor, images: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        self.m.set_adapter(self.adapter)
+        h = self.m.hidden_states(ids, images, mask)                         # (B, T, D)
+        return self.head(M.gather_last(h, mask))                           # (B,) fp32
+
+
+def _images_tensor(images: list, image_size: int) -> torch.Tensor | None:
+    out = []
+    for im in images:
+        if im is None:
+            continue
+        if isinstance(im, torch.Tensor):
+            if im.shape[-1] != image_size:
+                raise ValueError(f"image tensor of size {tuple(im.shape)}; the reward model expects {image_size} px")
+            out.append(im)
+        else:
+            pil = data.load_image(im) if isinstance(im, str) else im
+            out.append(data.preprocess_image(pil, image_size))
+    return torch.stack(out) if out else None
+
+
+class RewardScorer:
+    """Score (image, conversation, response, facts) items with a trained RM: batched, left padded, no_grad."""
+
+    def __init__(self, m: M.LLaVA, adapter: str, head: M.ScalarHead, tok: data.Tokenizer,
+                 system: str = data.VICUNA_V1_SYSTEM, rm_template: str = DEFAULT_TEMPLATE, max_len: int = 1024,
+                 facts: str = "captions", seed: int = 0, batch_size: int = 8):
+        self.rm = RewardModel(m, adapter, head)
+        self.tok, self.template, self.rm_template = tok, data.Template(system=system), rm_template
+        self.max_len, self.facts, self.seed, self.batch_size = max_len, facts, seed, batch_size
+
+    @classmethod
+    def load(cls, rm_dir: str, base: M.LLaVA | None = None, adapter_name: str = "reward", device="cpu",
+             dtype: torch.dtype | None = None, **kw) -> "RewardScorer":
+        """rm_dir holds adapter_model.safetensors + adapter_config.json (peft layout), head.safetensors and
+        rm_config.json (base model folder, tokenizer, template). `base`: reuse an already-loaded base
+        (PPO keeps policy, reference, value and reward adapters on one)."""
+        from safetensors.torch import load_file
+        meta = json.load(open(os.path.join(rm_dir, "rm_config.json")))
+        if base is None:
+            base = M.LLaVA.from_pretrained(meta["model_path"], vision_tower=meta.get("vision_tower") or None,
+                                           dtype=dtype, device=device)
+            base.requires_grad_(False)
+        base.load_adapter(rm_dir, adapter_name)
+        w = next(base.parameters())
+        head = M.ScalarHead(base.config.hidden).to(device=w.device, dtype=w.dtype)
+        head.load_state_dict(load_file(os.path.join(rm_dir, "head.safetensors")))
+        head.requires_grad_(False)
+        tok = data.Tokenizer(meta["tokenizer"])
+        kw = {"system": meta["system"], "rm_template": meta["rm_template"], "max_len": meta["max_len"], **kw}
+        return cls(base, adapter_name, head, tok, **kw)
+
+    def encode(self, item: dict, key: str = "") -> list[int]:
+        facts = item.get("facts") or [] if self.facts != "none" else []
+        return build_rm_ids(item["conversations"], item["response"],
+                            format_facts(facts, self.seed, key or item.get("id", "")), self.tok, self.template,
+                            self.rm_template, self.rm.m.num_image_tokens, self.max_len)
+
+    @torch.no_grad()
+    def score_ids(self, seqs: list[list[int]], images: torch.Tensor | None) -> torch.Tensor:
+        dev = next(self.rm.m.parameters()).device
+        ids, mask = data.left_pad(seqs, self.tok.pad_id)
+        was = self.rm.m.active_adapter
+        out = self.rm(ids.to(dev), None if images is None else images.to(dev), mask.to(dev))
+        self.rm.m.set_adapter(was)
+        return out
+
+    @torch.no_grad()
+    def score(self, items: list[dict]) -> list[float]:
+        """items: {"image": PIL/path/(3,S,S) tensor or None, "conversations": turns ending with the user's,
+        "response": str, "facts": list[str]} -> one float each."""
+        S = self.rm.m.config.image_size
+        out: list[float] = []
+        for i in range(0, len(items), self.batch_size):
+            chunk = items[i:i + self.batch_size]
+            seqs = [self.encode(it, str(i + j)) for j, it in enumerate(chunk)]
+            out += self.score_ids(seqs, _images_tensor([it.get("image") for it in chunk], S)).tolist()
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+@dataclass
+class Config:
+    preset: str = ""                     # a named set of defaults (PRESETS below); later flags override it
+    # data
+    data_path: str = ""                 # preference records (SPEC §3), .json or .jsonl
+    eval_data_path: str = ""            # held-out preferences; empty: hold out eval_size from data_path
+    eval_size: int = 500
+    image_folder: str = ""
+    captions: str = ""                  # JSON map image file -> list of captions (the facts)
+    facts: str = "captions"             # captions (inline facts win when a record has them) | none
+    template_file: str = ""             # rating request with a {facts} slot (default: DEFAULT_TEMPLATE)
+    tokenizer: str = ""                 # default: model_path
+    system: str = data.VICUNA_V1_SYSTEM
+    max_len: int = 1024
+    on_error: str = "raise"
+    # model
+    model_path: str = ""                # the SFT model (local folder)
+    vision_tower: str = ""
+    dtype: str = "auto"
+    lora_r: int = 64
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    # optimisation
+    lr: float = 2e-5
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int = 0
+    global_batch: int = 32              # preference pairs per optimizer step over all ranks
+    micro_batch: int = 4                # pairs per forward per rank
+    grad_clip: float = 0.3
+    center_coef: float = 1e-3
+    grad_ckpt: bool = False
+    # run
+    out_dir: str = "runs/rm"
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    eval_every: int = 50
+    early_stop_patience: int = 0        # > 0: stop after this many evals without a better accuracy
+    save_every: int = 50
+    keep_last: int = 2
+    resume: bool = False
+    stop_at_step: int = 0
+    logger: str = "none"
+    progress: bool = True
+
+
+PRESETS = {
+    "tiny": dict(lr=1e-3, lora_r=16, lora_alpha=32.0, global_batch=32, micro_batch=16, epochs=2.0, eval_size=200,
+                 eval_every=20, save_every=40, max_len=320, grad_clip=1.0, early_stop_patience=0),
+    "llava-rlhf-7b": dict(lr=2e-5, global_batch=32, micro_batch=4, grad_clip=0.3, epochs=1.0, eval_every=25),
+    "llava-rlhf-13b": dict(lr=2e-5, global_batch=32, micro_batch=2, grad_clip=0.3, epochs=1.0, eval_every=25),
+}
+
+
+def pair_items(rec: dict, captions: dict, facts_mode: str) -> tuple[list[dict], list[str]]:
+    """A preference record -> (conversation prefix ending with the last user turn, its facts)."""
+    conv = rec["conversations"]
+    if conv and conv[-1]["from"] == "gpt":
+        conv = conv[:-1]  # the reference answer, when present, is replaced by each candidate
+    facts: list[str] = []
+    if facts_mode != "none":
+        facts = list(rec.get("facts") or captions.get(rec.get("image") or "", []))
+    return conv, facts
+
+
+class PairData:
+    """Preference pairs -> tokenised (ids_1, ids_2, image, preference), facts shuffled per (seed, id, epoch)."""
+
+    def __init__(self, records, tok, template, rm_template, captions, facts_mode, image_folder, image_size,
+                 n_img, max_len, seed):
+        self.records, self.tok, self.template, self.rm_template = records, tok, template, rm_template
+        self.captions, self.facts_mode, self.image_folder = captions, facts_mode, image_folder
+        self.image_size, self.n_img, self.max_len, self.seed = image_size, n_img, max_len, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.records[i]
+        conv, facts = pair_items(rec, self.captions, self.facts_mode)
+        ft = format_facts(facts, self.seed, f"{rec.get('id', i)}:{self.epoch}")
+        ids = [build_rm_ids(conv, rec[f"output_{k}"]["value"], ft, self.tok, self.template, self.rm_template,
+                            self.n_img if rec.get("image") else 0, self.max_len) for k in (1, 2)]
+        image = None
+        if rec.get("image"):
+            image = data.preprocess_image(data.load_image(os.path.join(self.image_folder, rec["image"])),
+                                          self.image_size)
+        return {"ids": ids, "image": image, "preference": int(rec["preference"])}
+
+
+def collate_pairs(items: list[dict], pad_id: int) -> dict:
+    """B pairs -> 2B right-padded rows: [all first responses; all second responses]."""
+    seqs = [it["ids"][0] for it in items] + [it["ids"][1] for it in items]
+    ids, mask = data.right_pad(seqs, pad_id)
+    imgs = [it["image"] for it in items if it["image"] is not None]
+    images = torch.stack(imgs + imgs) if imgs else None
+    return {"ids": ids, "mask": mask, "images": images,
+            "preference": torch.tensor([it["preference"] for it in items])}
+
+
+def pair_rewards(rm: RewardModel, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    images = batch["images"].to(device) if batch["images"] is not None else None
+    r = rm(batch["ids"].to(device), images, batch["mask"].to(device))         # (2B,)
+    B = r.shape[0] // 2
+    return r[:B], r[B:]
+
+
+def load_captions(path: str) -> dict:
+    if not path:
+        return {}
+    try:
+        caps = json.load(open(path))
+    except (OSError, json.JSONDecodeError) as e:
+        raise data.DataError(f"{path}: cannot read the captions map: {e}") from None
+    if not isinstance(caps, dict):
+        raise data.DataError(f"{path}: the captions map must be a JSON object image -> list of captions")
+    return caps
+
+
+def evaluate_pairs(rm: RewardModel, pdata: PairData, indices: list[int], batch: int, pad_id: int, device) -> dict:
+    """Held-out pairwise accuracy and mean margin (summed over ranks)."""
+    rm.eval()
+    stats = torch.zeros(3)  # correct, margin sum, count
+    with torch.no_grad():
+        for i in range(0, len(indices), batch):
+            b = collate_pairs([pdata[j] for j in indices[i:i + batch]], pad_id)
+            with common.autocast(device):
+                r1, r2 = pair_rewards(rm, b, device)
+            _, st = bradley_terry_loss(r1.float(), r2.float(), b["preference"].to(device))
+            stats += torch.tensor([float(st["correct"].sum()), float(st["margin"].sum()), len(b["preference"])])
+    stats = common.all_reduce_sum(stats)
+    rm.train()
+    n = max(1.0, float(stats[2]))
+    return {"accuracy": float(stats[0]) / n, "margin": float(stats[1]) / n, "n": int(stats[2])}
+
+
+def save_rm(out: str, m: M.LLaVA, head: M.ScalarHead, cfg: Config, rm_template: str, tok_path: str,
+            extra: dict) -> None:
+    """Adapter (peft layout) + head + rm_config.json, written to a temp folder and renamed."""
+    from safetensors.torch import save_file
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    m.save_adapter(tmp, "reward")
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+              os.path.join(tmp, "head.safetensors"))
+    meta = {"model_path": os.path.abspath(cfg.model_path), "vision_tower": cfg.vision_tower,
+            "tokenizer": os.path.abspath(tok_path), "system": cfg.system, "rm_template": rm_template,
+            "max_len": cfg.max_len, "facts": cfg.facts, **extra}
+    json.dump(meta, open(os.path.join(tmp, "rm_config.json"), "w"), indent=2)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        return eval_main(argv[1:])
+    cfg = common.parse_config(Config, argv, PRESETS)
+    if cfg.facts not in ("captions", "none"):
+        raise common.ConfigError(f"--facts must be captions or none, got {cfg.facts!r}")
+    d = common.setup_distributed(cfg.device)
+    common.print_config(cfg)
+    common.seed_everything(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    tok = data.Tokenizer(cfg.tokenizer or cfg.model_path)
+    template = data.Template(system=cfg.system)
+    rm_template = open(cfg.template_file).read() if cfg.template_file else DEFAULT_TEMPLATE
+    if rm_template.count("{facts}") != 1:
+        raise common.ConfigError(f"the reward template must contain one {{facts}} slot ({cfg.template_file or 'default'})")
+    captions = load_captions(cfg.captions)
+    skips = data.Skips()
+    records = data.read_preferences(cfg.data_path, on_error=cfg.on_error, skips=skips)
+    if cfg.eval_data_path:
+        eval_records = data.read_preferences(cfg.eval_data_path, on_error=cfg.on_error, skips=skips)
+    else:
+        eval_records, records = records[:cfg.eval_size], records[cfg.eval_size:]
+
+    m = common.load_model(cfg.model_path, cfg.vision_tower, "", 0, cfg.dtype, d.device)
+    m.requires_grad_(False)
+    torch.manual_seed(cfg.seed)  # adapter and head init from the seed: the same on every rank
+    m.add_adapter("reward", r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                  targets=tuple(cfg.lora_targets.split(",")))
+    for p in m.adapter_parameters("reward"):
+        p.requires_grad_(True)
+    w = next(m.parameters())
+    head = M.ScalarHead(m.config.hidden).to(device=w.device, dtype=w.dtype)
+    m.gradient_checkpointing = cfg.grad_ckpt
+    rm = RewardModel(m, "reward", head).train()
+    params = m.adapter_parameters("reward") + list(head.parameters())
+
+    pdata = PairData(records, tok, template, rm_template, captions, cfg.facts, cfg.image_folder,
+                     m.config.image_size, m.num_image_tokens, cfg.max_len, cfg.seed)
+    edata = PairData(eval_records, tok, template, rm_template, captions, cfg.facts, cfg.image_folder,
+                     m.config.image_size, m.num_image_tokens, cfg.max_len, cfg.seed)
+    eval_idx = list(range(d.rank, len(edata), d.world))
+
+    per_step = cfg.micro_batch * d.world
+    if cfg.global_batch % per_step:
+        raise common.ConfigError(f"--global_batch {cfg.global_batch} must be a multiple of micro_batch x ranks "
+                                 f"= {cfg.micro_batch} x {d.world}")
+    accum = cfg.global_batch // per_step
+    steps_per_epoch = len(pdata) // cfg.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data_path}: {len(pdata)} pairs is fewer than one global batch ({cfg.global_batch})")
+    total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
+    warmup = int(cfg.warmup_ratio * total_steps)
+    sampler = data.ResumableSampler(len(pdata), rank=d.rank, world_size=d.world, seed=cfg.seed)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    step, best, since_best = 0, -1.0, 0
+    if cfg.resume and (path := common.latest_checkpoint(cfg.out_dir)):
+        ck = common.load_checkpoint(path)
+        common.load_trainable_state(rm, ck["model"], path)
+        opt.load_state_dict(ck["optimizer"])
+        sampler.load_state_dict(ck["sampler"])
+        common.set_rng_state(ck["rng"])
+        step, best, since_best = ck["step"], ck["best"], ck["since_best"]
+        print(f"resumed from {path} at step {step}") if common.is_main() else None
+    pdata.epoch = sampler.epoch
+
+    def checkpoint() -> None:
+        state = {"model": common.trainable_state_dict(rm), "optimizer": opt.state_dict(), "step": step,
+                 "sampler": sampler.state_dict(), "rng": common.rng_state(), "best": best,
+                 "since_best": since_best, "config": asdict(cfg)}
+        if common.is_main():
+            common.save_checkpoint(state, cfg.out_dir, step, cfg.keep_last)
+        common.barrier()
+
+    logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "rm", asdict(cfg))
+    stop = common.StopSignal()
+    bar = common.Progress(total_steps, "reward model", start=step, enabled=cfg.progress)
+    it = iter(sampler)
+
+    def next_batch() -> dict:
+        nonlocal it
+        idx = []
+        while len(idx) < cfg.micro_batch:
+            try:
+                idx.append(next(it))
+            except StopIteration:  # the sampler has moved itself to the next epoch
+                pdata.epoch = sampler.epoch
+                it = iter(sampler)
+        return collate_pairs([pdata[i] for i in idx], tok.pad_id)
+
+    ev = {"accuracy": float("nan")}
+    while step < total_steps:
+        lr = common.cosine_lr(step, total_steps, warmup, cfg.lr, cfg.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        tot = torch.zeros(3)
+        for _ in range(accum):
+            b = next_batch()
+            with common.autocast(d.device):
+                r1, r2 = pair_rewards(rm, b, d.device)
+            pref = b["preference"].to(d.device)
+            loss, st = bradley_terry_loss(r1.float(), r2.float(), pref, cfg.center_coef)
+            # each micro-batch weighs its share of the global batch; grads are then summed over ranks
+            (loss * len(pref) / cfg.global_batch).backward()
+            tot += torch.tensor([float(loss) * len(pref), float(st["correct"].sum()), len(pref)])
+        tot = common.all_reduce_sum(tot)
+        loss_val = float(tot[0] / tot[2])
+        if not math.isfinite(loss_val):
+            raise FloatingPointError(f"non-finite reward-model loss at step {step}")
+        common.allreduce_grads(params)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        metrics = {"loss": loss_val, "train_accuracy": float(tot[1] / tot[2]), "lr": lr, "grad_norm": float(gnorm)}
+        stopping = stop.should_stop() or bool(cfg.stop_at_step and step >= cfg.stop_at_step)
+        if len(eval_idx) and (step % cfg.eval_every == 0 or step == total_steps):
+            ev = evaluate_pairs(rm, edata, eval_idx, cfg.micro_batch, tok.pad_id, d.device)
+            metrics.update(eval_accuracy=ev["accuracy"], eval_margin=ev["margin"])
+            if ev["accuracy"] > best:
+                best, since_best = ev["accuracy"], 0
+                if common.is_main():
+                    save_rm(os.path.join(cfg.out_dir, "best"), m, head, cfg, rm_template, tok.path,
+                            {"step": step, "eval_accuracy": best})
+            else:
+                since_best += 1
+            if cfg.early_stop_patience and since_best >= cfg.early_stop_patience:
+                if common.is_main():
+                    print(f"\nearly stop at step {step}: no better held-out accuracy in {since_best} evals")
+                total_steps = step
+        logger.log(step, metrics)
+        bar.update(1, loss=loss_val, acc=metrics["train_accuracy"], **({"eval_acc": ev["accuracy"]}
+                                                                        if "eval_accuracy" in metrics else {}))
+        if step % cfg.save_every == 0 or stopping:
+            checkpoint()
+        if stopping:
+            print(f"\nstopped at step {step}; resume with --resume true") if common.is_main() else None
+            stop.restore()
+            common.cleanup_distributed()
+            return {"step": step, "stopped": True}
+    bar.close()
+    stop.restore()
+    checkpoint()
+    if common.is_main():
+        save_rm(os.path.join(cfg.out_dir, "final"), m, head, cfg, rm_template, tok.path,
+                {"step": step, "eval_accuracy": ev["accuracy"]})
+        if not os.path.exists(os.path.join(cfg.out_dir, "best")):
+            shutil.copytree(os.path.join(cfg.out_dir, "final"), os.path.join(cfg.out_dir, "best"))
+        print(f"done: {step} steps; best held-out accuracy {best:.3f}; skipped records: {skips.count}")
+    common.cleanup_distributed()
+    return {"step": step, "best_accuracy": best, "final_accuracy": ev["accuracy"], "stopped": False}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation command
+
+@dataclass
+class EvalConfig:
+    rm_dir: str = ""                    # a folder written by training (best/ or final/)
+    data_path: str = ""                 # preference records
+    image_folder: str = ""
+    captions: str = ""
+    batch: int = 8
+    seed: int = 0
+    device: str = "auto"
+    out: str = ""                       # optional JSON file for the table
+
+
+def eval_main(argv: list[str]) -> dict:
+    cfg = common.parse_config(EvalConfig, argv)
+    dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if cfg.device == "auto" else cfg.device))
+    scorer = RewardScorer.load(cfg.rm_dir, device=dev)
+    m = scorer.rm.m
+    captions = load_captions(cfg.captions)
+    records = data.read_preferences(cfg.data_path)
+    rows = {}
+    for mode in ("captions", "none"):
+        pd = PairData(records, scorer.tok, scorer.template, scorer.rm_template, captions, mode, cfg.image_folder,
+                      m.config.image_size, m.num_image_tokens, scorer.max_len, cfg.seed)
+        rows[mode] = evaluate_pairs(scorer.rm, pd, list(range(len(pd))), cfg.batch, scorer.tok.pad_id, dev)
+    print(f"reward model {cfg.rm_dir} on {cfg.data_path} ({len(records)} pairs)")
+    print(f"{'facts':<10}{'accuracy':>10}{'margin':>10}")
+    for mode, r in rows.items():
+        print(f"{'with' if mode == 'captions' else 'without':<10}{r['accuracy']:>10.3f}{r['margin']:>10.3f}")
+    if cfg.out:
+        common.atomic_write_text(json.dumps(rows, indent=2), cfg.out)
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (common.ConfigError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,158 @@
+"""reward_model.py: the loss, score placement, facts, training to above chance, resume, bad records."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import data
+import model as M
+import reward_model as RM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("pref", [1, 2])
+def test_bradley_terry_matches_direct(pref):
+    torch.manual_seed(pref)
+    r1, r2 = torch.randn(6), torch.randn(6)
+    p = torch.full((6,), pref)
+    loss, st = RM.bradley_terry_loss(r1, r2, p, center_coef=1e-3)
+    r_pref, r_other = (r1, r2) if pref == 1 else (r2, r1)
+    direct = (-torch.log(torch.sigmoid(r_pref - r_other))).mean() + 1e-3 * abs(float((r1 + r2).mean()))
+    assert abs(float(loss) - float(direct)) < 1e-6
+    assert torch.equal(st["correct"], (r_pref > r_other).float())
+    # mixed preferences in one batch
+    p = torch.tensor([1, 2, 1, 2, 2, 1])
+    loss, _ = RM.bradley_terry_loss(r1, r2, p, center_coef=0.0)
+    d = torch.where(p == 1, r1 - r2, r2 - r1)
+    assert abs(float(loss) - float(-F.logsigmoid(d).mean())) < 1e-6
+
+
+def _rm(w, seed=0):
+    torch.manual_seed(seed)
+    m = M.LLaVA.from_pretrained(str(w["model"])).eval()
+    m.add_adapter("reward", r=4, alpha=8)
+    with torch.no_grad():
+        for p in m.adapter_parameters("reward"):
+            p.normal_(0, 0.2)
+    head = M.ScalarHead(m.config.hidden)
+    return m, head
+
+
+def test_score_read_at_last_real_token_any_padding(tiny_world):
+    m, head = _rm(tiny_world)
+    rm = RM.RewardModel(m, "reward", head)
+    tok = data.Tokenizer(str(tiny_world["tokenizer"]))
+    conv = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}]
+    seqs = [RM.build_rm_ids(conv, resp, RM.format_facts(["a red circle"]), tok, data.Template(), RM.DEFAULT_TEMPLATE,
+                            m.num_image_tokens, 512) for resp in ("The circle is red.", "Red.", "It is a big blue circle on sand.")]
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        alone = torch.stack([rm(torch.tensor([s]), images[i:i + 1], torch.ones(1, len(s), dtype=torch.long))[0]
+                             for i, s in enumerate(seqs)])
+        li, lm = data.left_pad(seqs, 0)
+        ri, rmask = data.right_pad(seqs, 0)
+        left, right = rm(li, images, lm), rm(ri, images, rmask)
+    assert len({len(s) for s in seqs}) == 3
+    assert (left - alone).abs().max() < 1e-5 and (right - alone).abs().max() < 1e-5
+    assert (alone[0] - alone[1]).abs() > 1e-6
+
+
+def test_facts_insertion(tiny_world):
+    facts = [f"caption number {i}" for i in range(6)]
+    texts = {RM.format_facts(facts, seed=s, key="x") for s in range(8)}
+    assert len(texts) > 1                                  # the order varies with the seed
+    for t in texts:
+        assert all(f"\n  - {f}" in t for f in facts)       # every fact, one line each
+    assert RM.format_facts(facts, seed=3, key="x") == RM.format_facts(facts, seed=3, key="x")
+    assert RM.format_facts([], seed=0) == ""
+    # through the data path: captions map -> prompt text; --facts none leaves the slot empty
+    tok = data.Tokenizer(str(tiny_world["tokenizer"]))
+    rec = {"id": "p", "image": None, "conversations": [{"from": "human", "value": "Describe it."}],
+           "output_1": {"value": "A red circle."}, "output_2": {"value": "A blue square."}, "preference": 1}
+    for mode, expect in (("captions", True), ("none", False)):
+        pd = RM.PairData([dict(rec, facts=["the circle is red", "the sky is grey"])], tok, data.Template(),
+                         RM.DEFAULT_TEMPLATE, {}, mode, "", 32, 4, 512, seed=0)
+        text = tok.decode(pd[0]["ids"][0])
+        assert ("the circle is red" in text and "the sky is grey" in text) == expect
+        assert ("captions of the image" in text) == expect
+
+
+def _separable_prefs(w, path, n=160, seed=0):
+    """The preferred response says the answer is right; the other says it is wrong (random order)."""
+    prompts = json.load(open(w["data"] / "preference_prompts.json"))
+    rng = random.Random(seed)
+    recs = []
+    for i in range(n):
+        p = prompts[i % len(prompts)]
+        good, bad = p["gt_answer"], "There is no shape. " + p["gt_answer"].replace("red", "green")
+        pref = rng.choice([1, 2])
+        o1, o2 = (good, bad) if pref == 1 else (bad, good)
+        recs.append({"id": f"s{i}", "image": p["image"], "conversations": p["conversations"],
+                     "output_1": {"value": o1}, "output_2": {"value": o2}, "preference": pref})
+    json.dump(recs, open(path, "w"))
+    return path
+
+
+def _args(w, out, prefs, **kw):
+    a = {"data_path": prefs, "image_folder": w["data"] / "images", "captions": w["data"] / "captions.json",
+         "model_path": w["model"], "out_dir": out, "lora_r": 8, "lora_alpha": 16, "lr": 3e-3, "warmup_ratio": 0.0,
+         "global_batch": 8, "micro_batch": 4, "max_len": 512, "eval_size": 40, "eval_every": 10, "save_every": 1000,
+         "progress": "false", "max_steps": 6, "grad_clip": 1.0}
+    a.update(kw)
+    return sum(([f"--{k}", str(v)] for k, v in a.items()), [])
+
+
+def test_training_beats_chance_and_scores(tiny_world, tmp_path):
+    prefs = _separable_prefs(tiny_world, tmp_path / "prefs.json")
+    r = RM.main(_args(tiny_world, tmp_path / "rm", prefs, max_steps=40, eval_every=10))
+    assert r["best_accuracy"] >= 0.8, r
+    best = tmp_path / "rm" / "best"
+    assert json.load(open(best / "rm_config.json"))["eval_accuracy"] == r["best_accuracy"]
+    scorer = RM.RewardScorer.load(str(best))
+    recs = json.load(open(prefs))[:6]
+    items = [{"image": str(tiny_world["data"] / "images" / rec["image"]), "conversations": rec["conversations"],
+              "response": rec[f"output_{k}"]["value"], "facts": ["a fact"]} for rec in recs for k in (1, 2)]
+    s = scorer.score(items)
+    wins = [(s[2 * i] > s[2 * i + 1]) == (rec["preference"] == 1) for i, rec in enumerate(recs)]
+    assert sum(wins) >= 5
+    # the evaluation command prints accuracy with and without facts
+    out = subprocess.run([sys.executable, "reward_model.py", "eval", "--rm_dir", str(best), "--data_path", str(prefs),
+                          "--image_folder", str(tiny_world["data"] / "images"), "--captions",
+                          str(tiny_world["data"] / "captions.json"), "--out", str(tmp_path / "t.json")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "with" in out.stdout and "without" in out.stdout
+    table = json.load(open(tmp_path / "t.json"))
+    assert table["captions"]["accuracy"] >= 0.8 and table["captions"]["n"] == 160
+
+
+def test_exact_resume(tiny_world, tmp_path):
+    prefs = _separable_prefs(tiny_world, tmp_path / "prefs.json", n=80)
+    RM.main(_args(tiny_world, tmp_path / "full", prefs))
+    r = RM.main(_args(tiny_world, tmp_path / "part", prefs, stop_at_step=3))
+    assert r["stopped"]
+    RM.main(_args(tiny_world, tmp_path / "part", prefs, resume="true"))
+    a = common.load_checkpoint(common.latest_checkpoint(str(tmp_path / "full")))
+    b = common.load_checkpoint(common.latest_checkpoint(str(tmp_path / "part")))
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_malformed_preferences(tiny_world, tmp_path):
+    prefs = json.load(open(_separable_prefs(tiny_world, tmp_path / "p.json", n=60)))
+    prefs[7]["preference"] = 3
+    del prefs[9]["output_2"]
+    json.dump(prefs, open(tmp_path / "bad.json", "w"))
+    with pytest.raises(data.DataError, match=r"bad.json: record 7"):
+        RM.main(_args(tiny_world, tmp_path / "x", tmp_path / "bad.json"))
+    skips = data.Skips()
+    kept = data.read_preferences(str(tmp_path / "bad.json"), on_error="skip", skips=skips)
+    assert len(kept) == 58 and skips.count == 2
