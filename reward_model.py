@@ -231,7 +231,7 @@ class Config:
 
 PRESETS = {
     "tiny": dict(lr=1e-3, lora_r=16, lora_alpha=32.0, global_batch=32, micro_batch=16, epochs=2.0, eval_size=200,
-                 eval_every=20, save_every=40, max_len=320, grad_clip=1.0, early_stop_patience=0),
+                 eval_every=20, save_every=40, max_len=448, grad_clip=1.0, early_stop_patience=0),
     "llava-rlhf-7b": dict(lr=2e-5, global_batch=32, micro_batch=4, grad_clip=0.3, epochs=1.0, eval_every=25),
     "llava-rlhf-13b": dict(lr=2e-5, global_batch=32, micro_batch=2, grad_clip=0.3, epochs=1.0, eval_every=25),
 }
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
             loss, st = bradley_terry_loss(r1.float(), r2.float(), pref, cfg.center_coef)
             # each micro-batch weighs its share of the global batch; grads are then summed over ranks
             (loss * len(pref) / cfg.global_batch).backward()
-            tot += torch.tensor([float(loss) * len(pref), float(st["correct"].sum()), len(pref)])
+            tot += torch.tensor([float(loss.detach()) * len(pref), float(st["correct"].sum()), len(pref)])
         tot = common.all_reduce_sum(tot)
         loss_val = float(tot[0] / tot[2])
         if not math.isfinite(loss_val):

@@ -15,6 +15,11 @@ Commands:
     python tinyworld.py annotate --data DIR --responses FILE --out FILE [--noise 0.0] [--seed 0]
         labels pairs of sampled responses (records with output_1/output_2) by checking their claims
         against the scene graph: the preference format of SPEC section 3.
+    python tinyworld.py collect --data DIR --model runs/sft/final --out prefs.json
+        samples the two responses per preference prompt from the SFT model, then labels them.
+    python tinyworld.py pipeline --out tiny_out [--size full|smoke]
+        the whole paper in miniature with the real stage scripts: make -> sft -> collect -> reward
+        model with and without facts -> PPO with the Fact-RM -> evaluation of SFT and RLHF models.
 
 Python API (what the stages use):
     extract_claims(answer, question=None) -> list of claim tuples
@@ -1208,6 +1213,212 @@ def annotate(data_dir: str, records: list[dict], noise: float = 0.0, seed: int =
     return out
 
 
+# ----------------------------------------------------------------------------------------------------
+# Sampling from a trained model (the annotator's pairs, the SFT gate) and the whole pipeline.
+
+def sample_responses(model_dir: str, records: list[dict], image_folder: str, n: int = 2, temperature: float = 1.0,
+                     max_new_tokens: int = 48, batch: int = 64, seed: int = 0) -> list[list[str]]:
+    """`n` responses per prompt record (data.read_ppo_prompts records) from a saved model."""
+    import torch
+    import data
+    import model as M
+    from common import Progress
+    m = M.LLaVA.from_pretrained(model_dir).eval()
+    tok = data.Tokenizer(os.path.join(model_dir, "tokenizer.model"))
+    ds = data.PromptDataset(records, tok, data.Template(), image_folder, m.config.image_size, m.num_image_tokens)
+    gen = torch.Generator().manual_seed(seed)
+    out: list[list[str]] = [[] for _ in records]
+    bar = Progress(n * ((len(ds) + batch - 1) // batch), "sampling")
+    for _ in range(n):
+        for i in range(0, len(ds), batch):
+            b = data.collate_left([ds[j] for j in range(i, min(i + batch, len(ds)))], tok.pad_id)
+            new = m.generate(b["input_ids"], b["images"], b["attention_mask"], max_new_tokens=max_new_tokens,
+                             temperature=temperature, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=gen)
+            for row, idx in zip(new.tolist(), b["index"].tolist()):
+                row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
+                out[idx].append(tok.decode(row).strip())
+            bar.update(1)
+    bar.close()
+    return out
+
+
+def collect_preferences(data_dir: str, model_dir: str, out_path: str, noise: float = 0.0, seed: int = 0,
+                        limit: int = 0, max_new_tokens: int = 48) -> dict:
+    """The simulated annotator end to end: two samples per preference prompt from the SFT model, labelled
+    against the scene graph, written in the preference format (SPEC section 3)."""
+    import data
+    prompts_path = os.path.join(data_dir, "preference_prompts.json")
+    records = data.read_ppo_prompts(prompts_path)
+    raw = json.load(open(prompts_path))
+    if limit:
+        records, raw = records[:limit], raw[:limit]
+    samples = sample_responses(model_dir, records, os.path.join(data_dir, "images"), n=2, seed=seed,
+                               max_new_tokens=max_new_tokens)
+    # an empty response is no answer to compare (and the preference reader refuses it): counted, dropped
+    pairs = [{"id": r["id"], "image": r["image"], "conversations": r["conversations"][:1],
+              "output_1": {"value": s[0]}, "output_2": {"value": s[1]}} for r, s in zip(raw, samples) if s[0] and s[1]]
+    labelled = annotate(data_dir, pairs, noise, seed)
+    _dump(labelled, out_path)
+    differ = sum(p["output_1"]["value"] != p["output_2"]["value"] for p in labelled)
+    return {"pairs": len(labelled), "with_hallucination": sum(bool(r["hallucination"]) for r in labelled),
+            "distinct_pairs": differ, "dropped_empty": len(raw) - len(pairs)}
+
+
+def grounding_accuracy(data_dir: str, model_dir: str, n: int = 96, seed: int = 0) -> float:
+    """Share of greedy answers to held-out PPO prompts with no false claim: the SFT gate (SPEC section 7:
+    some seeds never learn to look at the image)."""
+    import data
+    records = data.read_ppo_prompts(os.path.join(data_dir, "ppo_prompts.json"))[-n:]
+    scenes = json.load(open(os.path.join(data_dir, "scenes.json")))
+    answers = sample_responses(model_dir, records, os.path.join(data_dir, "images"), n=1, temperature=0.0)
+    ok = [check_claims(scenes[r["image"]], a[0], r["question"])[1] == 0 and check_claims(
+          scenes[r["image"]], a[0], r["question"])[0] > 0 for r, a in zip(records, answers)]
+    return sum(ok) / max(1, len(ok))
+
+
+PIPELINE_SIZES = {
+    # minutes on 2 CPU cores; each stage's own flags follow the real scripts' names
+    "full": {"make": [], "sft": ["--max_steps", "900"], "pref_limit": 0, "rm": ["--max_steps", "120"],
+             "ppo": ["--max_steps", "40"], "eval_limit": 0, "gate": 0.45, "seeds": [0, 1, 2]},
+    "smoke": {"make": ["--n_sft_images", "100", "--n_sft", "400", "--n_ppo_images", "40", "--n_ppo", "128",
+                       "--n_pref_images", "40", "--n_pref", "96"],
+              "sft": ["--max_steps", "20", "--eval_size", "32", "--global_batch", "16", "--micro_batch", "16"],
+              "pref_limit": 96, "rm": ["--max_steps", "4", "--eval_size", "32", "--global_batch", "16",
+                                       "--micro_batch", "16"],
+              "ppo": ["--max_steps", "2", "--rollout_batch", "16", "--step_batch", "16", "--micro_batch", "16"],
+              "eval_limit": 16, "gate": 0.0, "seeds": [0]},
+}
+
+
+def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
+    """make -> sft (gated, next seed on failure) -> annotate -> Fact-RM and plain RM -> PPO with the
+    Fact-RM -> MMHal-style evaluation of the SFT and RLHF models with the rule judge. Prints one table."""
+    import eval_mmhal
+    import ppo
+    import reward_model
+    import sft
+    cfg = PIPELINE_SIZES[size]
+    t_start = time.time()
+    times: dict[str, float] = {}
+    d = os.path.join(out, "data")
+    runs = os.path.join(out, "runs")
+
+    def stage(name: str) -> None:
+        times[name] = time.time()
+        print(f"\n=== {name} ===", flush=True)
+
+    def done(name: str) -> None:
+        times[name] = time.time() - times[name]
+
+    stage("make")
+    make(out=d, seed=seed, **_make_kwargs(cfg["make"]))
+    done("make")
+
+    stage("sft")
+    sft_dir, grounding = "", 0.0
+    for s in cfg["seeds"]:
+        run = os.path.join(runs, f"sft_seed{s}")
+        sft.main(["--preset", "tiny", "--data_path", f"{d}/sft.json", "--image_folder", f"{d}/images",
+                  "--tokenizer", f"{d}/tokenizer.model", "--out_dir", run, "--seed", str(s)] + cfg["sft"])
+        sft_dir = os.path.join(run, "final")
+        grounding = grounding_accuracy(d, sft_dir)
+        print(f"SFT seed {s}: greedy answers with no false claim on held-out prompts: {grounding:.2f}")
+        if grounding >= cfg["gate"]:
+            break
+        print(f"SFT seed {s} is below the gate ({cfg['gate']}): it did not learn to use the image; next seed")
+    done("sft")
+
+    stage("annotate")
+    prefs = os.path.join(out, "preferences.json")
+    ann = collect_preferences(d, sft_dir, prefs, seed=seed, limit=cfg["pref_limit"])
+    print(f"annotated {ann['pairs']} pairs ({ann['with_hallucination']} with a hallucination, "
+          f"{ann['distinct_pairs']} with two different responses; {ann['dropped_empty']} dropped: an empty response)")
+    done("annotate")
+
+    rm_common = ["--preset", "tiny", "--model_path", sft_dir, "--data_path", prefs, "--image_folder", f"{d}/images",
+                 "--captions", f"{d}/captions.json", "--seed", str(seed)] + cfg["rm"]
+    stage("reward model (facts)")
+    rm_facts = reward_model.main(rm_common + ["--out_dir", os.path.join(runs, "rm_facts")])
+    done("reward model (facts)")
+    stage("reward model (no facts)")
+    rm_plain = reward_model.main(rm_common + ["--out_dir", os.path.join(runs, "rm_plain"), "--facts", "none"])
+    done("reward model (no facts)")
+
+    stage("ppo")
+    ppo_run = os.path.join(runs, "ppo")
+    ppo_res = ppo.main(["--preset", "tiny", "--model_path", sft_dir, "--rm_dir", os.path.join(runs, "rm_facts", "best"),
+                        "--prompts_path", f"{d}/ppo_prompts.json", "--image_folder", f"{d}/images",
+                        "--captions", f"{d}/captions.json", "--out_dir", ppo_run, "--seed", str(seed)] + cfg["ppo"])
+    done("ppo")
+
+    stage("evaluation")
+    results = {}
+    for name, mdir in (("SFT", sft_dir), ("RLHF", os.path.join(ppo_run, "final"))):
+        argv = ["--model_path", mdir, "--template", f"{d}/eval/mmhal_tiny.json", "--image_folder",
+                f"{d}/eval/images", "--out", os.path.join(out, f"mmhal_{name.lower()}.json"), "--judge", "rule",
+                "--max_new_tokens", "64", "--batch_size", "32"]
+        if cfg["eval_limit"]:
+            argv += ["--limit", str(cfg["eval_limit"])]
+        results[name] = eval_mmhal.main(argv)
+    done("evaluation")
+
+    hist = ppo_res["history"]
+    k = max(1, len(hist) // 4)
+    table = format_pipeline_table(rm_facts, rm_plain, results, hist, k)
+    total = time.time() - t_start
+    print("\n" + table)
+    print("stage times (s): " + ", ".join(f"{n} {t:.0f}" for n, t in times.items()) + f"; total {total:.0f}")
+    summary = {"rm_accuracy_facts": rm_facts["best_accuracy"], "rm_accuracy_plain": rm_plain["best_accuracy"],
+               "sft": results["SFT"], "rlhf": results["RLHF"], "ppo_history": hist, "grounding": grounding,
+               "annotation": ann, "times": times, "total_seconds": total}
+    _dump(summary, os.path.join(out, "pipeline_summary.json"))
+    with open(os.path.join(out, "pipeline_table.txt"), "w") as f:
+        f.write(table + "\n")
+    plot_ppo(hist, os.path.join(out, "ppo_curves.png"))
+    return summary
+
+
+def _make_kwargs(flags: list[str]) -> dict:
+    return {flags[i].lstrip("-"): int(flags[i + 1]) for i in range(0, len(flags), 2)}
+
+
+def format_pipeline_table(rm_facts: dict, rm_plain: dict, results: dict, hist: list[dict], k: int) -> str:
+    first = sum(h["reward"] for h in hist[:k]) / k
+    last = sum(h["reward"] for h in hist[-k:]) / k
+    lines = ["reward model           held-out accuracy",
+             f"  with facts           {rm_facts['best_accuracy']:.3f}",
+             f"  without facts        {rm_plain['best_accuracy']:.3f}",
+             f"PPO mean reward        first {k} steps {first:.3f} -> last {k} steps {last:.3f}",
+             "",
+             f"{'MMHal-style (rule judge)':<26}{'SFT':>8}{'RLHF':>8}",
+             f"{'average score':<26}{results['SFT']['average']:>8.2f}{results['RLHF']['average']:>8.2f}",
+             f"{'hallucination rate':<26}{results['SFT']['hallucination_rate']:>8.2f}"
+             f"{results['RLHF']['hallucination_rate']:>8.2f}"]
+    for t in results["SFT"]["per_type"]:
+        lines.append(f"{'  ' + t:<26}{results['SFT']['per_type'][t]:>8.2f}{results['RLHF']['per_type'].get(t, float('nan')):>8.2f}")
+    return "\n".join(lines)
+
+
+def plot_ppo(hist: list[dict], path: str) -> bool:
+    """PPO curves (reward, KL, response length) as a PNG when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    steps = list(range(1, len(hist) + 1))
+    for ax, key, title in zip(axes, ("reward", "kl", "response_length"), ("mean reward", "KL to reference", "response tokens")):
+        ax.plot(steps, [h[key] for h in hist])
+        ax.set_title(title)
+        ax.set_xlabel("PPO step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1230,12 +1441,27 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--out", required=True)
     a.add_argument("--noise", type=float, default=0.0, help="probability of flipping a label")
     a.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("pipeline", help="make -> sft -> annotate -> reward models -> ppo -> evaluation")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", choices=sorted(PIPELINE_SIZES), default="full", help="smoke: seconds, for tests")
+    p.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("collect", help="sample two responses per preference prompt from a model and label them")
+    c.add_argument("--data", required=True)
+    c.add_argument("--model", required=True, help="an SFT model folder (sft.py's final/)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--noise", type=float, default=0.0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--limit", type=int, default=0)
     args = ap.parse_args(argv)
     if args.cmd == "make":
         kw = {k: v for k, v in vars(args).items() if k != "cmd"}
         meta = make(**kw)
         print(json.dumps({"out": args.out, **meta["counts"], "vocab_size": meta["vocab_size"],
                           "seconds": meta["seconds"]}))
+    elif args.cmd == "pipeline":
+        pipeline(args.out, args.size, args.seed)
+    elif args.cmd == "collect":
+        print(json.dumps(collect_preferences(args.data, args.model, args.out, args.noise, args.seed, args.limit)))
     elif args.cmd == "annotate":
         with open(args.responses) as f:
             records = json.load(f)
