@@ -193,3 +193,18 @@ def test_config_checks(tiny_world, tiny_sft, tmp_path):
         ppo.main(_args(tiny_world, tiny_sft, tmp_path / "x", rollout_batch=10))
     with pytest.raises(common.ConfigError, match="give --rm_dir"):
         ppo.main(_args(tiny_world, tiny_sft, tmp_path / "x", toy_reward=""))
+
+
+def test_non_finite_reward_skips_then_stops(tiny_world, tiny_sft, tmp_path):
+    calls = {"n": 0}
+
+    def sometimes_nan(recs, texts, resp, mask):
+        calls["n"] += 1
+        bad = calls["n"] in (3, 4)  # the two micro-batches of the second PPO step
+        return torch.full((len(texts),), float("nan") if bad else 1.0)
+
+    r = ppo.main(_args(tiny_world, tiny_sft, tmp_path / "nan", toy_reward=""), reward_fn=sometimes_nan)
+    assert [h["skipped"] for h in r["history"]] == [0.0, 1.0, 0.0, 0.0]
+    with pytest.raises(FloatingPointError, match="3 PPO steps in a row"):
+        ppo.main(_args(tiny_world, tiny_sft, tmp_path / "nan2", toy_reward=""),
+                 reward_fn=lambda recs, texts, resp, mask: torch.full((len(texts),), float("nan")))

@@ -1,0 +1,19 @@
+"""The tiny-world pipeline end to end, at smoke size: every stage runs through the real scripts."""
+import json
+import os
+
+import tinyworld
+
+
+def test_pipeline_smoke(tmp_path):
+    s = tinyworld.pipeline(str(tmp_path / "p"), size="smoke")
+    for key in ("rm_accuracy_facts", "rm_accuracy_plain", "sft", "rlhf", "ppo_history", "annotation"):
+        assert key in s
+    assert s["annotation"]["pairs"] > 0 and len(s["ppo_history"]) == 2
+    for name in ("sft", "rlhf"):
+        assert 0 <= s[name]["average"] <= 6 and 0 <= s[name]["hallucination_rate"] <= 1
+        assert set(s[name]["per_type"]) <= set(tinyworld.MMHAL_TYPES)
+    table = open(tmp_path / "p" / "pipeline_table.txt").read()
+    assert "with facts" in table and "hallucination rate" in table
+    assert json.load(open(tmp_path / "p" / "pipeline_summary.json"))["total_seconds"] > 0
+    assert os.path.exists(tmp_path / "p" / "runs" / "ppo" / "final" / "model.safetensors")
