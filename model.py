@@ -13,10 +13,13 @@ batched KV-cache generation, chunked log-probs, and checkpoint I/O for every lay
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import re
+import shutil
+import weakref
 from dataclasses import dataclass, asdict, field, fields, replace
 from typing import Iterator
 
@@ -256,6 +259,22 @@ class Projector(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # LLaMA decoder
 
+# Elementwise kernels fused by torch.compile (off by default). Eager PyTorch runs RMSNorm as ~6 passes
+# over the activations, rotary as ~6 and SwiGLU as 2, each forward and again in backward; compiled,
+# each is one read and one write. Dynamic shapes: any batch size or length reuses the same kernels.
+_FUSED: dict[str, object] = {}
+
+
+def use_fused_kernels(enable: bool = True) -> None:
+    """Route rms_norm, apply_rope and swiglu (so every LLaMA layer, eager or checkpointed) through
+    torch.compile'd versions of themselves, or back to plain eager with enable=False. Process-wide.
+    Inside a compiled graph (the static decode step) the plain versions are traced and fused anyway."""
+    _FUSED.clear()
+    if enable:
+        for name, fn in (("rms_norm", _rms_norm), ("apply_rope", _apply_rope), ("swiglu", _swiglu)):
+            _FUSED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float):
         super().__init__()
@@ -267,10 +286,28 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    fused = _FUSED.get("rms_norm")
+    if fused is not None and not torch.compiler.is_compiling():
+        return fused(x, weight, eps)
+    return _rms_norm(x, weight, eps)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # normalise in fp32 whatever the storage dtype, as LLaMA does
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    fused = _FUSED.get("swiglu")
+    if fused is not None and not torch.compiler.is_compiling():
+        return fused(gate, up)
+    return _swiglu(gate, up)
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,6 +320,13 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, hd); cos/sin (B, T, hd)."""
+    fused = _FUSED.get("apply_rope")
+    if fused is not None and not torch.compiler.is_compiling():
+        return fused(x, cos, sin)
+    return _apply_rope(x, cos, sin)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
@@ -311,7 +355,9 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """x (B, T, D); mask (B, 1, T, S) bool, True = may attend; with a cache, keys for positions
-        start..start+T are written there and S is the cache length attended over."""
+        start..start+T are written there and S is the cache length attended over.
+        mask None means plain causal attention over these T tokens (no padding, start 0): SDPA then
+        takes its is_causal path, which skips the masked half of the score blocks."""
         B, T, _ = x.shape
         c, hd = self.cfg, self.cfg.head_dim
         q = self.q_proj(x).view(B, T, c.heads, hd).transpose(1, 2)          # (B, H, T, hd)
@@ -321,12 +367,15 @@ class LlamaAttention(nn.Module):
         if cache is not None:
             cache.k[self.layer_idx, :, :, start:start + T] = k
             cache.v[self.layer_idx, :, :, start:start + T] = v
-            S = mask.shape[-1]
-            k, v = cache.k[self.layer_idx, :, :, :S], cache.v[self.layer_idx, :, :, :S]
+            if mask is not None:
+                S = mask.shape[-1]
+                k, v = cache.k[self.layer_idx, :, :, :S], cache.v[self.layer_idx, :, :, :S]
+            elif start != 0:
+                raise ValueError("mask=None (plain causal) needs start == 0")
         if c.kv_heads != c.heads:
             rep = c.heads // c.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)        # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.heads * hd))
 
 
@@ -338,7 +387,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = LoRALinear(cfg.intermediate, cfg.hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # SwiGLU
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class LlamaLayer(nn.Module):
@@ -371,6 +420,12 @@ def attention_mask_4d(key_valid: torch.Tensor, q_len: int, start: int) -> torch.
     mask = (k_pos <= q_pos)[None] & key_valid[:, None, :]                          # (B, T, S)
     mask = mask | (k_pos == q_pos)[None]
     return mask[:, None]
+
+
+def causal_or_padded_mask(key_valid: torch.Tensor) -> torch.Tensor | None:
+    """key_valid (B, T) bool -> None when no row is padded (plain causal: SDPA's fast is_causal path),
+    else the (B, 1, T, T) mask of attention_mask_4d."""
+    return None if bool(key_valid.all()) else attention_mask_4d(key_valid, key_valid.shape[1], 0)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -457,6 +512,132 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def sample_from_noise(logits: torch.Tensor, noise: torch.Tensor, temperature: float,
+                      top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draw per row from softmax(logits / temperature), cut to the top-p nucleus, given iid Exp(1)
+    noise (B, V): argmax(p / noise) is a draw from p (independent exponential clocks with rates p_i:
+    the first to ring is i with probability p_i). Drawing the noise outside keeps a torch.Generator in
+    charge of the randomness while this function, sync-free and shape-static, compiles into a few fused
+    kernels (the compiled rollout path). -> (tokens (B,), log-probs (B,) under softmax(logits/temperature))."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)          # (B, V)
+    p = logp.exp()
+    if top_p < 1.0:
+        sp, si = p.sort(dim=-1, descending=True)
+        drop = (sp.cumsum(-1) - sp) > top_p                                 # as sample_next, in sorted order
+        p = p.masked_fill(torch.zeros_like(drop).scatter(-1, si, drop), 0.0)
+    tok = (p / noise.clamp_min(1e-30)).argmax(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# lm_head fused with log-probs / cross-entropy, in chunks, with hand-written backward. Unlike
+# token_logprobs (autograd through a checkpoint), the backward here works straight from the saved
+# log-normaliser: one recomputed matmul and one pass over each chunk's logits instead of autograd's
+# chain of softmax / gather / logsumexp nodes, and never more than one chunk of logits alive.
+
+class _FusedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, chunk: int, temperature: float,
+                with_entropy: bool):
+        # h (N, D), weight (V, D), tgt (N,) -> lp (N,), ent (N,) fp32 (ent empty without with_entropy)
+        N = h.shape[0]
+        lp = torch.empty(N, device=h.device, dtype=torch.float32)
+        lse = torch.empty_like(lp)
+        ent = torch.empty_like(lp) if with_entropy else lp.new_empty(0)
+        for i in range(0, N, chunk):
+            z = F.linear(h[i:i + chunk], weight).float() / temperature                # (n, V)
+            lse[i:i + chunk] = lz = torch.logsumexp(z, dim=-1)
+            lp[i:i + chunk] = z.gather(-1, tgt[i:i + chunk, None]).squeeze(-1) - lz
+            if with_entropy:
+                ent[i:i + chunk] = lz - (torch.exp(z - lz[:, None]) * z).sum(-1)    # H = lse - E_p[z]
+        ctx.save_for_backward(h, weight, tgt, lse, ent)
+        ctx.chunk, ctx.temperature, ctx.with_entropy = chunk, temperature, with_entropy
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp: torch.Tensor, g_ent: torch.Tensor):
+        h, weight, tgt, lse, ent = ctx.saved_tensors
+        chunk, t = ctx.chunk, ctx.temperature
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        for i in range(0, h.shape[0], chunk):
+            hc = h[i:i + chunk]
+            z = F.linear(hc, weight).float() / t
+            logp = z - lse[i:i + chunk, None]                                         # (n, V)
+            p = logp.exp()
+            # d lp / dz = onehot - p ;  d H / dz = -p (log p + H)
+            dz = -p * g_lp[i:i + chunk, None]
+            dz.scatter_add_(-1, tgt[i:i + chunk, None], g_lp[i:i + chunk, None])
+            if ctx.with_entropy:
+                dz -= g_ent[i:i + chunk, None] * p * (logp + ent[i:i + chunk, None])
+            dz = (dz / t).to(weight.dtype)
+            if need_h:
+                dh[i:i + chunk] = dz @ weight
+            if need_w:
+                dw += (dz.t() @ hc).float()
+        return dh, None if dw is None else dw.to(weight.dtype), None, None, None, None
+
+
+def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,
+                         temperature: float = 1.0, with_entropy: bool = False):
+    """Same contract as token_logprobs (and equal to it), faster: hand-written chunked backward."""
+    B, T, D = hidden.shape
+    lp, ent = _FusedLogprobs.apply(hidden.reshape(B * T, D), weight, targets.reshape(B * T).clamp(min=0),
+                                   chunk, temperature, with_entropy)
+    return (lp.view(B, T), ent.view(B, T)) if with_entropy else lp.view(B, T)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean CE of softmax(h @ W.T) over N rows. The loss is a scalar, so its gradient is known up to
+    the upstream factor while the chunk's logits are still in hand: forward computes d/dh and d/dW
+    chunk by chunk and backward only scales them. Three matmuls per chunk, as unfused autograd
+    does, but no (N, V) logits tensor and no recomputation."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, chunk: int, grad: bool):
+        N = h.shape[0]
+        need_h, need_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        total = torch.zeros((), device=h.device, dtype=torch.float32)
+        rows = torch.arange(min(chunk, N), device=h.device)
+        for i in range(0, N, chunk):
+            hc, tc = h[i:i + chunk], tgt[i:i + chunk]
+            z = F.linear(hc, weight).float()                                         # (n, V)
+            lz = torch.logsumexp(z, dim=-1)
+            total += (lz - z.gather(-1, tc[:, None]).squeeze(-1)).sum()
+            if need_h or need_w:
+                dz = torch.exp(z.sub_(lz[:, None]))                                  # softmax, in place
+                dz[rows[:hc.shape[0]], tc] -= 1.0
+                dz = (dz / N).to(weight.dtype)
+                if need_h:
+                    dh[i:i + chunk] = dz @ weight
+                if need_w:
+                    dw += (dz.t() @ hc).float()
+        ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
+        return total / N
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        dh, dw = ctx.saved_tensors
+        return (None if dh is None else dh * g.to(dh.dtype)), (None if dw is None else dw * g.to(dw.dtype)), None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100, chunk: int = 2048) -> torch.Tensor:
+    """Mean cross-entropy of softmax(hidden @ weight.T) against targets over the rows whose target is
+    not ignore_index. hidden (..., D), targets (...). Only those rows go through the lm_head (prompt
+    and image positions cost nothing) and the gradients are made in forward (_LinearCrossEntropy)."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    keep = t != ignore_index
+    if not bool(keep.any()):
+        return (h.sum() * 0.0).float() + (weight.sum() * 0.0).float()   # zero, still connected to the graph
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(h[keep], weight, t[keep], chunk, grad)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The model
 
@@ -495,7 +676,7 @@ class LLaVA(nn.Module):
         return x
 
     # -- decoder ---------------------------------------------------------------------------------------
-    def decode(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """Run the LLaMA layers on embeddings x (B, T, D) -> final-normed hidden states (B, T, D)."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
@@ -514,7 +695,7 @@ class LLaVA(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         positions = positions_from_mask(attention_mask)
-        mask = attention_mask_4d(attention_mask.bool(), input_ids.shape[1], 0)
+        mask = causal_or_padded_mask(attention_mask.bool())
         return self.decode(x, positions, mask)
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
@@ -528,18 +709,29 @@ class LLaVA(nn.Module):
         h = self.hidden_states(input_ids, images, attention_mask)[:, :-1]
         return token_logprobs(h, self.lm_head.weight, input_ids[:, 1:], chunk, temperature, with_entropy)
 
+    def lm_loss(self, input_ids: torch.Tensor, images: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+        """Mean next-token cross-entropy over labels != -100 (labels aligned with input_ids, as in
+        transformers: position t predicts labels[t+1]). The fast training loss: the lm_head runs only
+        on the labelled rows, fused with the loss and its gradient (linear_cross_entropy)."""
+        h = self.hidden_states(input_ids, images, attention_mask)[:, :-1]
+        return linear_cross_entropy(h, self.lm_head.weight, labels[:, 1:], -100, chunk)
+
     # -- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int = 2,
                  generator: torch.Generator | None = None, pad_token_id: int = 0,
-                 return_logprobs: bool = False, decode_fn=None):
+                 return_logprobs: bool = False, decode_fn=None, compile: bool = False):
         """Batched KV-cache generation from left-padded prompts (B, T).
         Returns new tokens (B, <=max_new_tokens), pad_token_id after each row's EOS (EOS itself kept);
         with return_logprobs also (B, n) fp32 log-probs of each token under softmax(logits/temperature)
         (temperature 0: under the raw logits), 0 after EOS.
-        `decode_fn` replaces the one-token decode step (the compiled path of bench.py/ppo.py)."""
+        `decode_fn` replaces the one-token decode step. compile=True: decode steps run the compiled
+        static-cache step (self.static_decoder(): compiled once per batch size and bucketed cache
+        length, reused across calls) and sampling runs the compiled sample_from_noise (same
+        distribution as sample_next, another random stream); the prefill stays eager."""
         B, T = input_ids.shape
         dev = input_ids.device
         if attention_mask is None:
@@ -550,22 +742,33 @@ class LLaVA(nn.Module):
             return (empty, empty.float()) if return_logprobs else empty
         x = self.embed(input_ids, images)
         total = T + max_new_tokens
-        cache = KVCache(self.config, B, total, dev, x.dtype)
+        dec = self.static_decoder() if compile else None
+        if dec is not None:
+            decode_fn = decode_fn or dec
+            cache = dec.cache(B, total, dev, x.dtype)        # persistent, length rounded up to a bucket
+            total = cache.max_len
+        else:
+            cache = KVCache(self.config, B, total, dev, x.dtype)
         key_valid = torch.zeros(B, total, dtype=torch.bool, device=dev)
         key_valid[:, :T] = attention_mask
         positions = positions_from_mask(attention_mask)
-        h = self.decode(x, positions, attention_mask_4d(key_valid[:, :T], T, 0), cache, 0)
+        h = self.decode(x, positions, causal_or_padded_mask(key_valid[:, :T]), cache, 0)
         logits = self.lm_head(h[:, -1]).float()                                   # (B, V)
         next_pos = positions[:, -1] + 1                                           # (B,)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         toks, lps = [], []
         step = decode_fn or self.decode_one
         for i in range(max_new_tokens):
-            tok = sample_next(logits, temperature, top_p, generator)
-            if return_logprobs:
-                t = temperature if temperature > 0 else 1.0
-                lp = torch.log_softmax(logits / t, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
-                lps.append(lp.masked_fill(done, 0.0))
+            if dec is not None and temperature > 0:
+                tok, lp = dec.sample(logits, temperature, top_p, generator)
+                if return_logprobs:
+                    lps.append(lp.masked_fill(done, 0.0))
+            else:
+                tok = sample_next(logits, temperature, top_p, generator)
+                if return_logprobs:
+                    t = temperature if temperature > 0 else 1.0
+                    lp = torch.log_softmax(logits / t, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+                    lps.append(lp.masked_fill(done, 0.0))
             tok = tok.masked_fill(done, pad_token_id)
             toks.append(tok)
             done = done | (tok == eos_token_id)
@@ -585,6 +788,56 @@ class LLaVA(nn.Module):
         mask = attention_mask_4d(key_valid[:, :start + 1], 1, start)
         h = self.decode(x, pos[:, None], mask, cache, start)
         return self.lm_head(h[:, -1])
+
+    def decode_step_static(self, tok: torch.Tensor, pos: torch.Tensor, start: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        """One decode step written for torch.compile: tok, pos (B,) long; start (1,) long, the cache slot
+        of this token; k_cache/v_cache (L, B, Hkv, S, hd), the whole static cache, updated in place;
+        key_valid (B, S) bool. -> logits (B, V) fp32.
+        Every tensor has the same shape at every step (attention covers all S slots, masked by
+        key_valid, and `start` is data, not a Python int), so one compiled graph serves the whole
+        generation. The cache is written with index_put_ on the full cache tensor (tensor indices
+        in every leading dim) because inductor turns that into an in-place write of B*Hkv rows; a
+        write through a view (cache[i][..., start, :]) gets functionalised into a copy of the cache."""
+        c = self.config
+        B, S = key_valid.shape
+        hd, Hkv, rep = c.head_dim, c.kv_heads, c.heads // c.kv_heads
+        dev = tok.device
+        x = self.llm.embed_tokens(tok)[:, None]                                    # (B, 1, D)
+        cos, sin = rope_cos_sin(pos[:, None], hd, c.rope_theta)                    # (B, 1, hd)
+        mask = key_valid[:, None, None, :]            # (B, 1, 1, S); slot `start` is set by the caller
+        b_idx = torch.arange(B, device=dev)[:, None]                               # (B, 1)
+        h_idx = torch.arange(Hkv, device=dev)[None, :]                             # (1, Hkv)
+        for i, layer in enumerate(self.llm.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(B, 1, c.heads, hd).transpose(1, 2)            # (B, H, 1, hd)
+            k = attn.k_proj(h).view(B, 1, Hkv, hd).transpose(1, 2)                # (B, Hkv, 1, hd)
+            v = attn.v_proj(h).view(B, Hkv, hd)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            layer_idx = torch.full((1,), i, dtype=torch.long, device=dev)
+            k_cache.index_put_((layer_idx, b_idx, h_idx, start), k[:, :, 0])      # (B, Hkv, hd) at slot start
+            v_cache.index_put_((layer_idx, b_idx, h_idx, start), v)
+            # grouped-query attention without repeating the cache: the rep query heads sharing a kv
+            # head go in as rep query rows against it (one token, so no causal order among them)
+            qg = q.reshape(B, Hkv, rep, hd)
+            y = F.scaled_dot_product_attention(qg, k_cache[i], v_cache[i], attn_mask=mask)  # (B, Hkv, rep, hd)
+            x = x + attn.o_proj(y.reshape(B, 1, c.heads * hd))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.llm.norm(x)[:, 0]).float()
+
+    def static_decoder(self, compile: bool | None = None, mode: str | None = None) -> "StaticDecoder":
+        """The model's StaticDecoder for (compile, mode), made on first use and kept for the model's
+        lifetime so that compiled graphs and the static cache are reused across generate calls.
+        generate(compile=True) uses the one asked for last (compiled, default mode if none was), so
+        `m.static_decoder(mode="reduce-overhead")` once selects CUDA graphs for later rollouts."""
+        decs = _DECODERS.setdefault(self, {})
+        if compile is None and mode is None and decs:
+            return decs[next(reversed(decs))]
+        key = (True if compile is None else compile, mode)
+        dec = decs.pop(key, None) or StaticDecoder(self, compile=key[0], mode=mode)
+        decs[key] = dec   # re-inserted: now the most recent
+        return dec
 
     # -- LoRA ------------------------------------------------------------------------------------------
     def lora_layers(self) -> Iterator[tuple[str, LoRALinear]]:
@@ -811,6 +1064,111 @@ class LLaVA(nn.Module):
             _atomic(lambda p: open(p, "w").write(json.dumps(index, indent=2)),
                     os.path.join(out_dir, "model.safetensors.index.json"))
         _atomic(lambda p: open(p, "w").write(json.dumps(hf_cfg, indent=2)), os.path.join(out_dir, "config.json"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compiled decoding
+
+def compile_available() -> tuple[bool, str]:
+    """Whether torch.compile's default backend (inductor) works here: on CPU it needs a C++ compiler.
+    -> (ok, reason if not). Cheap: checks for the compiler, compiles nothing."""
+    if not hasattr(torch, "compile"):
+        return False, "torch.compile is missing (torch < 2.0)"
+    try:
+        importlib.import_module("torch._inductor.config")
+    except Exception as e:  # noqa: BLE001
+        return False, f"inductor unavailable: {e}"
+    cxx = os.environ.get("CXX") or "g++"
+    if shutil.which(cxx) is None and shutil.which("c++") is None and shutil.which("clang++") is None:
+        return False, f"no C++ compiler ({cxx}) for inductor's CPU kernels"
+    return True, ""
+
+
+def _graphs_compiled() -> int:
+    """Process-wide count of graphs torch.compile has produced (dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+class StaticDecoder:
+    """decode_fn for LLaVA.generate running LLaVA.decode_step_static, through torch.compile
+    (fullgraph=True, dynamic=False) unless compile=False, plus the compiled sampler.
+    Shapes are the same at every step, so a generation compiles once per (batch, cache length,
+    dtype, device, adapter, train/eval) and then only replays. `compiles` counts every graph built
+    for this decoder; `recompiles` counts those built again for a signature already compiled,
+    i.e. something that changed between steps and defeated the static shapes: it should stay 0.
+    The KV cache is kept between calls (cache()) with its length rounded up to `bucket`, so that
+    prompts of nearby lengths share a graph; with mode="reduce-overhead" (CUDA graphs) its address is
+    marked static, so that graph replays write into it directly instead of into a copy."""
+
+    def __init__(self, model: "LLaVA", compile: bool = True, mode: str | None = None, bucket: int = 64):
+        self._model = weakref.ref(model)   # the decoder lives in _DECODERS keyed by the model: no cycle
+        self.compiled, self.mode, self.bucket = compile, mode, bucket
+        self.compiles = self.recompiles = 0
+        self.signatures: set[tuple] = set()
+        self._kv: KVCache | None = None
+        self._cudagraphs = compile and mode in ("reduce-overhead", "max-autotune")
+        step, sample = LLaVA.decode_step_static, sample_from_noise
+        if compile:
+            step = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+            sample = torch.compile(sample, fullgraph=True, dynamic=False)
+        self._step, self._sample = step, sample
+
+    def _count(self, before: int, signature) -> None:
+        n = _graphs_compiled() - before
+        if n:  # only on a compile: the steady state pays two integer reads per step
+            self.compiles += n
+            sig = signature()
+            if sig in self.signatures:
+                self.recompiles += n
+            self.signatures.add(sig)
+
+    def cache(self, batch: int, min_len: int, device, dtype) -> KVCache:
+        """A zeroed KVCache of at least min_len slots: the kept one when it fits (same batch, dtype and
+        device, and not over twice the bucketed length asked for), else a new one of the bucketed
+        length. Reuse keeps shapes (no compile) and addresses (no CUDA-graph re-recording) stable."""
+        m = self._model()
+        S = -(-min_len // self.bucket) * self.bucket
+        kv = self._kv
+        if (kv is None or kv.k.shape[1] != batch or not S <= kv.max_len <= 2 * S
+                or kv.k.device != torch.device(device) or kv.k.dtype != dtype):
+            self._kv = None  # free the old one first
+            kv = self._kv = KVCache(m.config, batch, S, device, dtype)
+            if self._cudagraphs:
+                torch._dynamo.mark_static_address(kv.k)
+                torch._dynamo.mark_static_address(kv.v)
+        else:
+            kv.k.zero_()   # masked slots are never read, but stale NaN/inf would still poison p @ v
+            kv.v.zero_()
+        return kv
+
+    def release(self) -> None:
+        """Drop the kept KV cache (memory back to the allocator)."""
+        self._kv = None
+
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, start: int,
+                 key_valid: torch.Tensor) -> torch.Tensor:
+        m = self._model()
+        start_t = torch.full((1,), start, dtype=torch.long, device=tok.device)
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        before = _graphs_compiled()
+        out = self._step(m, tok, pos, start_t, cache.k, cache.v, key_valid)
+        self._count(before, lambda: ("step", tuple(key_valid.shape), cache.k.dtype, str(tok.device),
+                                     m.active_adapter, m.training))
+        return out
+
+    def sample(self, logits: torch.Tensor, temperature: float, top_p: float,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.empty(logits.shape, device=logits.device, dtype=torch.float32).exponential_(generator=generator)
+        before = _graphs_compiled()
+        tok, lp = self._sample(logits, noise, temperature, top_p)
+        self._count(before, lambda: ("sample", tuple(logits.shape), logits.dtype, temperature, top_p))
+        return tok, lp
+
+
+# model -> {(compile, mode): StaticDecoder}, the most recently asked for last
+_DECODERS: "weakref.WeakKeyDictionary[LLaVA, dict[tuple, StaticDecoder]]" = weakref.WeakKeyDictionary()
 
 
 # ----------------------------------------------------------------------------------------------------

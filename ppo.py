@@ -351,10 +351,14 @@ def rollout(models: Models, tok: data.Tokenizer, batch: dict, records: list[dict
     if reward_fn is not None:
         score = torch.as_tensor(reward_fn(recs, texts, resp.cpu(), rmask.cpu()), dtype=torch.float32)
     else:
-        items = [{"image": (v_images[k] if v_images is not None else None) if rec.get("image") else None,
-                  "conversations": [{"from": "human", "value": ("<image>\n" if rec.get("image") else "") + rec["question"]}],
-                  "response": text, "facts": rec.get("facts") or [], "id": str(rec.get("id", k))}
-                 for k, (rec, text) in enumerate(zip(recs, texts))]
+        # images exist only for the rows that have one: map each row to its image
+        row_images, n = [], 0
+        for rec in recs:
+            row_images.append(v_images[n] if rec.get("image") else None)
+            n += bool(rec.get("image"))
+        items = [{"image": img, "response": text, "facts": rec.get("facts") or [], "id": str(rec.get("id", k)),
+                  "conversations": [{"from": "human", "value": ("<image>\n" if rec.get("image") else "") + rec["question"]}]}
+                 for k, (rec, text, img) in enumerate(zip(recs, texts, row_images))]
         score = torch.tensor(_score_with_images(models.scorer, items), dtype=torch.float32)
     sym = symbolic_rewards(texts, has_eos.tolist(), lengths, recs, cfg.no_eos_penalty, cfg.length_penalty,
                            cfg.length_budget, cfg.correct_scale, cfg.mc_reward, cfg.yesno_reward)

@@ -149,7 +149,7 @@ class RewardScorer:
         return cls(base, adapter_name, head, tok, **kw)
 
     def encode(self, item: dict, key: str = "") -> list[int]:
-        facts = item.get("facts") or [] if self.facts != "none" else []
+        facts = (item.get("facts") or []) if self.facts != "none" else []
         return build_rm_ids(item["conversations"], item["response"],
                             format_facts(facts, self.seed, key or item.get("id", "")), self.tok, self.template,
                             self.rm_template, self.rm.m.num_image_tokens, self.max_len)
