@@ -109,6 +109,15 @@ def parse_config(cls: type, argv: list[str] | None = None, presets: dict[str, di
     return cls(**values)
 
 
+def run_cli(main, errors: tuple[type, ...]) -> None:
+    """Run a stage's main(); the expected errors (bad config, bad data) print one line and exit 2."""
+    try:
+        main()
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def config_dict(cfg) -> dict:
     return asdict(cfg)
 

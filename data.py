@@ -895,10 +895,30 @@ class ResumableSampler(torch.utils.data.Sampler):
         self.num_items, self.seed, self.shuffle, self.drop_last = num_items, seed, shuffle, drop_last
         self.epoch, self.position = 0, 0
         self._pass_epoch, self._pass_start = 0, 0  # where the current iteration started
+        self._it: Iterator[int] | None = None      # take()'s iteration in progress
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
+            self._it = None
+
+    def take(self, n: int) -> list[int]:
+        """This rank's next n indices, running on into the next epoch when one ends: how the training
+        loops draw a batch. The state after it is what a checkpoint saves."""
+        out: list[int] = []
+        empty_passes = 0
+        while len(out) < n:
+            if self._it is None:
+                self._it = iter(self)
+            try:
+                out.append(next(self._it))
+                empty_passes = 0
+            except StopIteration:  # the sampler has moved itself to the next epoch
+                self._it = None
+                empty_passes += 1
+                if empty_passes > 1:
+                    raise ValueError(f"the sampler yields nothing ({self.num_items} items over {self.world_size} ranks)")
+        return out
 
     def order(self, epoch: int | None = None) -> np.ndarray:
         """The global order of an epoch (all ranks)."""
@@ -943,6 +963,7 @@ class ResumableSampler(torch.utils.data.Sampler):
                                  "the order would differ")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._pass_epoch, self._pass_start = self.epoch, self.position
+        self._it = None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ class EvalConfig:
     api_max_tokens: int = 1024
     judge_model_path: str = ""         # --judge local: a LLaMA-family chat model loaded through model.py
     judge_tokenizer: str = ""          # default: judge_model_path
-    judge_vision_tower: str = ""       # a local CLIP folder, needed while model.py loads a bare LLaMA folder only with one
+    judge_vision_tower: str = ""       # only for a judge in the original LLaVA layout; a bare LLaMA folder loads text-only
     judge_system: str = ""             # local judge's system sentence; default data.VICUNA_V1_SYSTEM
     judge_batch_size: int = 4
     judge_max_new_tokens: int = 512

@@ -10,6 +10,13 @@ batched KV-cache generation, chunked log-probs, and checkpoint I/O for every lay
     logits = m(input_ids, images, attention_mask)          # (B, T, V)
     new = m.generate(input_ids, images, attention_mask, max_new_tokens=64)
     m.save_pretrained("/ckpt/out")                         # transformers' Llava layout
+
+Fast paths (all off by default; bench.py measures them against transformers):
+    m.generate(..., compile=True)      # decode steps: one torch.compile'd graph over a static KV cache
+    m.static_decoder(mode="reduce-overhead")   # ...with CUDA graphs; .compiles / .recompiles count graphs
+    loss = m.lm_loss(ids, images, mask, labels)            # lm_head fused with CE, labelled rows only
+    lp, ent = fused_token_logprobs(h, m.lm_head.weight, targets, with_entropy=True)
+    use_fused_kernels(True)            # RMSNorm, rotary, SwiGLU through torch.compile (training)
 """
 from __future__ import annotations
 
@@ -61,6 +68,8 @@ class ModelConfig:
     # id used for the image placeholder when saved for transformers' Llava (needs a row in the vocab);
     # None: save_pretrained appends one row to the vocabulary for it
     image_token_index: int | None = None
+    # a bare LLaMA (no vision tower, no projector): e.g. a text-only judge for eval_mmhal.py
+    text_only: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +81,8 @@ class ModelConfig:
 
     @property
     def num_image_tokens(self) -> int:
+        if self.text_only:
+            return 0
         return self.vision_grid ** 2 + (1 if self.vision_keep_cls else 0)
 
     def __post_init__(self) -> None:
@@ -589,13 +600,14 @@ def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean CE of softmax(h @ W.T) over N rows. The loss is a scalar, so its gradient is known up to
-    the upstream factor while the chunk's logits are still in hand: forward computes d/dh and d/dW
-    chunk by chunk and backward only scales them. Three matmuls per chunk, as unfused autograd
-    does, but no (N, V) logits tensor and no recomputation."""
+    """sum_i w_i * CE(softmax(h_i @ W.T), t_i) over N rows. The loss is a scalar, so its gradient is
+    known up to the upstream factor while each chunk's logits are still in hand: forward computes
+    d/dh and d/dW chunk by chunk and backward only scales them. Three matmuls per chunk, as unfused
+    autograd does, but no (N, V) logits tensor and no recomputation."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, chunk: int, grad: bool):
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, row_w: torch.Tensor, chunk: int,
+                grad: bool):
         N = h.shape[0]
         need_h, need_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
         dh = torch.empty_like(h) if need_h else None
@@ -603,39 +615,47 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), device=h.device, dtype=torch.float32)
         rows = torch.arange(min(chunk, N), device=h.device)
         for i in range(0, N, chunk):
-            hc, tc = h[i:i + chunk], tgt[i:i + chunk]
+            hc, tc, wc = h[i:i + chunk], tgt[i:i + chunk], row_w[i:i + chunk]
             z = F.linear(hc, weight).float()                                         # (n, V)
             lz = torch.logsumexp(z, dim=-1)
-            total += (lz - z.gather(-1, tc[:, None]).squeeze(-1)).sum()
+            total += ((lz - z.gather(-1, tc[:, None]).squeeze(-1)) * wc).sum()
             if need_h or need_w:
                 dz = torch.exp(z.sub_(lz[:, None]))                                  # softmax, in place
                 dz[rows[:hc.shape[0]], tc] -= 1.0
-                dz = (dz / N).to(weight.dtype)
+                dz = (dz * wc[:, None]).to(weight.dtype)
                 if need_h:
                     dh[i:i + chunk] = dz @ weight
                 if need_w:
                     dw += (dz.t() @ hc).float()
         ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
-        return total / N
+        return total
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         dh, dw = ctx.saved_tensors
-        return (None if dh is None else dh * g.to(dh.dtype)), (None if dw is None else dw * g.to(dw.dtype)), None, None, None
+        return (None if dh is None else dh * g.to(dh.dtype)), (None if dw is None else dw * g.to(dw.dtype)), \
+            None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100, chunk: int = 2048) -> torch.Tensor:
+                         ignore_index: int = -100, chunk: int = 2048, select_rows: bool = True) -> torch.Tensor:
     """Mean cross-entropy of softmax(hidden @ weight.T) against targets over the rows whose target is
-    not ignore_index. hidden (..., D), targets (...). Only those rows go through the lm_head (prompt
-    and image positions cost nothing) and the gradients are made in forward (_LinearCrossEntropy)."""
+    not ignore_index. hidden (..., D), targets (...). Gradients are made in forward
+    (_LinearCrossEntropy). select_rows: only those rows go through the lm_head (prompt and image
+    positions cost nothing); False runs every row and weights the ignored ones 0 (static shapes)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
     keep = t != ignore_index
-    if not bool(keep.any()):
+    n = int(keep.sum())
+    if n == 0:
         return (h.sum() * 0.0).float() + (weight.sum() * 0.0).float()   # zero, still connected to the graph
     grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(h[keep], weight, t[keep], chunk, grad)
+    if select_rows:
+        h, t = h[keep], t[keep]
+        row_w = torch.full((n,), 1.0 / n, device=h.device)
+    else:
+        row_w = keep.float() / n
+    return _LinearCrossEntropy.apply(h, weight, t.clamp(min=0), row_w, chunk, grad)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -645,8 +665,8 @@ class LLaVA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.vision = CLIPVision(cfg)
-        self.projector = Projector(cfg)
+        self.vision = None if cfg.text_only else CLIPVision(cfg)
+        self.projector = None if cfg.text_only else Projector(cfg)
         self.llm = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
@@ -666,6 +686,8 @@ class LLaVA(nn.Module):
         is_img = input_ids == IMAGE_TOKEN_INDEX
         n_pos = int(is_img.sum())
         n_img = 0 if images is None else images.shape[0]
+        if self.config.text_only and (n_img or n_pos):
+            raise ValueError("this is a text-only LLaMA (loaded without a vision tower): it takes no images")
         if n_pos != n_img * self.num_image_tokens:
             raise ValueError(f"input_ids hold {n_pos} image positions (IMAGE_TOKEN_INDEX) but {n_img} images "
                              f"give {n_img * self.num_image_tokens} features ({self.num_image_tokens} per image)")
@@ -710,12 +732,12 @@ class LLaVA(nn.Module):
         return token_logprobs(h, self.lm_head.weight, input_ids[:, 1:], chunk, temperature, with_entropy)
 
     def lm_loss(self, input_ids: torch.Tensor, images: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+                labels: torch.Tensor, chunk: int = 2048, select_rows: bool = True) -> torch.Tensor:
         """Mean next-token cross-entropy over labels != -100 (labels aligned with input_ids, as in
         transformers: position t predicts labels[t+1]). The fast training loss: the lm_head runs only
-        on the labelled rows, fused with the loss and its gradient (linear_cross_entropy)."""
+        on the labelled rows (select_rows), fused with the loss and its gradient (linear_cross_entropy)."""
         h = self.hidden_states(input_ids, images, attention_mask)[:, :-1]
-        return linear_cross_entropy(h, self.lm_head.weight, labels[:, 1:], -100, chunk)
+        return linear_cross_entropy(h, self.lm_head.weight, labels[:, 1:], -100, chunk, select_rows)
 
     # -- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -824,7 +846,7 @@ class LLaVA(nn.Module):
             y = F.scaled_dot_product_attention(qg, k_cache[i], v_cache[i], attn_mask=mask)  # (B, Hkv, rep, hd)
             x = x + attn.o_proj(y.reshape(B, 1, c.heads * hd))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.llm.norm(x)[:, 0]).float()
+        return _decode_linear(self.lm_head, self.llm.norm(x)[:, 0]).float()             # (B, V)
 
     def static_decoder(self, compile: bool | None = None, mode: str | None = None) -> "StaticDecoder":
         """The model's StaticDecoder for (compile, mode), made on first use and kept for the model's
@@ -970,7 +992,7 @@ class LLaVA(nn.Module):
         dtype = load_folder_into(m, path, layout, dtype, device, skip_prefixes=("vision.",) if vt_path else ())
         if vt_path:
             load_folder_into(m, vt_path, "clip", dtype, device)
-        if layout == "llama":
+        if layout == "llama" and not cfg.text_only:
             fresh = {k for k, v in m.named_parameters() if v.is_meta and k.startswith("projector.")}
             _init_fresh(m, fresh, dtype, device)
         missing = [k for k, v in list(m.named_parameters()) + list(m.named_buffers()) if v.is_meta]
@@ -984,6 +1006,8 @@ class LLaVA(nn.Module):
         stored as linear_1 = W, linear_2 = identity with activation "linear" (exact in fp32/bf16)."""
         from safetensors.torch import save_file
         cfg = self.config
+        if cfg.text_only:
+            raise ValueError("a text-only LLaMA has no Llava layout; its weights are the LLaMA folder it came from")
         sd: dict[str, torch.Tensor] = {}
         img_id = cfg.image_token_index
         vocab = cfg.vocab_size
@@ -1068,6 +1092,28 @@ class LLaVA(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 # Compiled decoding
+
+def _decode_linear(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """mod(x) for the decode step, x (B, in) -> (B, out). While torch.compile traces the step on CPU
+    with a few rows, the matmul is written as a broadcast multiply + sum, which inductor turns into
+    one loop nest streaming each weight row once for all B rows: BLAS GEMMs with M <= 16 rows read
+    the weight at about half the bandwidth here, and decode is weight reads. Used for the lm_head
+    only (the largest matrix, 40% of a step's bytes in bench.py's CPU model): inductor inlines the
+    producer of x into the reduction's inner loop, which is cheap for the final RMSNorm but not for
+    every producer (a SwiGLU would recompute its sigmoid out_features times). Otherwise (eager, GPU,
+    bigger batches) the module itself, i.e. BLAS / cuBLAS."""
+    if not (torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[0] <= 16):
+        return mod(x)
+    w = mod.weight
+    y = (w[:, None, :] * x[None, :, :].to(w.dtype)).sum(-1).t()                   # (B, out)
+    if mod.bias is not None:
+        y = y + mod.bias
+    name = getattr(mod, "active_adapter", None)
+    if name is not None:                                                           # LoRA: small, plain matmuls
+        h = F.dropout(x, mod.lora_dropout[name]) if mod.training and mod.lora_dropout[name] > 0 else x
+        y = y + F.linear(F.linear(h, mod.lora_A[name]), mod.lora_B[name]) * mod.lora_scale[name]
+    return y
+
 
 def compile_available() -> tuple[bool, str]:
     """Whether torch.compile's default backend (inductor) works here: on CPU it needs a C++ compiler.
@@ -1255,10 +1301,12 @@ def config_from_folder(path: str, vision_tower: str | None = None, **overrides) 
                           vision_keep_cls=c.get("mm_vision_select_feature", "patch") == "cls_patch")
         layout, vt_path = "llava_orig", vt
     elif mt == "llama":
-        if vision_tower is None:
-            raise ValueError(f"{path} is a LLaMA folder: pass vision_tower=<local CLIP folder> to build a LLaVA from parts")
-        cfg = ModelConfig(**_clip_fields(_clip_config(vision_tower)), **_llama_fields(c))
-        layout, vt_path = "llama", vision_tower
+        if vision_tower is None:   # a text-only LLaMA: no tower, no projector
+            cfg = ModelConfig(**_llama_fields(c), text_only=True)
+            layout = "llama"
+        else:
+            cfg = ModelConfig(**_clip_fields(_clip_config(vision_tower)), **_llama_fields(c))
+            layout, vt_path = "llama", vision_tower
     else:
         raise ValueError(f"{path}: unsupported model_type {mt!r} (expected llava, llava_llama or llama)")
     if vision_tower is not None and layout == "llava":

@@ -202,7 +202,7 @@ class Config:
     max_new_tokens: int = 896
     temperature: float = 1.0
     top_p: float = 1.0
-    compile: bool = False               # compiled decode step with a static KV cache
+    compile: bool = False               # rollouts through the compiled decode step (static KV cache)
     # reward
     no_eos_penalty: float = -8.0
     length_penalty: float = -10.0       # x (response tokens / length_budget) x the item's length multiplier
@@ -320,7 +320,7 @@ def build_models(cfg: Config, device: torch.device) -> tuple[Models, data.Tokeni
 
 @torch.no_grad()
 def rollout(models: Models, tok: data.Tokenizer, batch: dict, records: list[dict], cfg: Config,
-            gen: torch.Generator, reward_fn: Callable | None, template: data.Template, decode_fn=None) -> dict:
+            gen: torch.Generator, reward_fn: Callable | None, template: data.Template) -> dict:
     """Sample responses for one micro-batch of prompts and compute everything the update needs."""
     dev = next(models.policy_base.parameters()).device
     pb = models.policy_base
@@ -330,7 +330,7 @@ def rollout(models: Models, tok: data.Tokenizer, batch: dict, records: list[dict
     pb.set_adapter("policy")
     resp = pb.generate(ids, images, pmask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                        top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=gen,
-                       decode_fn=decode_fn)                                 # (B, R)
+                       compile=cfg.compile)                                 # (B, R)
     t_gen = time.time() - t0
     t0 = time.time()
     rmask, has_eos = response_mask(resp, tok.eos_id)
@@ -500,7 +500,6 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     sampler = data.ResumableSampler(len(prompts), rank=d.rank, world_size=d.world, seed=cfg.seed)
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000 + d.rank)   # rollout sampling
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    decode_fn = pb.compiled_decode_fn() if cfg.compile and hasattr(pb, "compiled_decode_fn") else None
 
     step, bad = 0, 0
     if cfg.resume and (path := common.latest_checkpoint(cfg.out_dir)):
@@ -529,22 +528,16 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "ppo", asdict(cfg))
     stop = common.StopSignal()
     bar = common.Progress(total_steps, "ppo", start=step, enabled=cfg.progress)
-    it = iter(sampler)
     history = []
     while step < total_steps:
         # -- rollout ------------------------------------------------------------------------------------
-        idx = []
-        while len(idx) < per_rank:
-            try:
-                idx.append(next(it))
-            except StopIteration:
-                it = iter(sampler)
+        idx = sampler.take(per_rank)
         for mod in (pb, models.value_base):
             mod.eval()
         parts = []
         for i in range(0, per_rank, cfg.micro_batch):
             b = data.collate_left([prompts[j] for j in idx[i:i + cfg.micro_batch]], tok.pad_id)
-            parts.append(rollout(models, tok, b, records, cfg, gen, reward_fn, template, decode_fn))
+            parts.append(rollout(models, tok, b, records, cfg, gen, reward_fn, template))
         ro = merge_rollouts(parts)
         t0 = time.time()
         mask = ro["rmask"]
@@ -669,7 +662,7 @@ def _micro_update(models: Models, ro: dict, rows: torch.Tensor, adv, ret, mask, 
     a, rt = adv[rows][:, :R].to(device), ret[rows][:, :R].to(device)
     with common.autocast(device):
         h = forward_response(pb, "policy", full, images, fmask, P)
-        logp, ent = M.token_logprobs(h, pb.lm_head.weight, resp, with_entropy=True)
+        logp, ent = M.fused_token_logprobs(h, pb.lm_head.weight, resp, with_entropy=True)
         v = models.value_head(forward_response(vb, "value", full, v_images, fmask, P)).float()
     pg, pst = policy_loss(logp, old_logp, a, m, cfg.clip)
     vf, vst = value_loss(v, old_v, rt, m, cfg.value_clip)
@@ -721,8 +714,4 @@ def _save_merged_policy(pb: M.LLaVA, out: str, tok: data.Tokenizer) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.ConfigError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.run_cli(main, (common.ConfigError, data.DataError))

@@ -416,17 +416,10 @@ def main(argv: list[str] | None = None) -> dict:
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "rm", asdict(cfg))
     stop = common.StopSignal()
     bar = common.Progress(total_steps, "reward model", start=step, enabled=cfg.progress)
-    it = iter(sampler)
 
     def next_batch() -> dict:
-        nonlocal it
-        idx = []
-        while len(idx) < cfg.micro_batch:
-            try:
-                idx.append(next(it))
-            except StopIteration:  # the sampler has moved itself to the next epoch
-                pdata.epoch = sampler.epoch
-                it = iter(sampler)
+        idx = sampler.take(cfg.micro_batch)
+        pdata.epoch = sampler.epoch  # the facts' order is reshuffled every epoch
         return collate_pairs([pdata[i] for i in idx], tok.pad_id)
 
     ev = {"accuracy": float("nan")}
@@ -530,8 +523,4 @@ def eval_main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.ConfigError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.run_cli(main, (common.ConfigError, data.DataError))

@@ -141,7 +141,7 @@ class SFTLoss(torch.nn.Module):
         tgt = labels[:, 1:]                                                 # (B, T-1)
         sup = tgt != data.IGNORE_INDEX
         # only supervised positions go through the lm_head: answers are a small part of each sequence
-        lp = M.token_logprobs(h[sup][None], self.m.lm_head.weight, tgt[sup][None])   # (1, N) fp32
+        lp = M.fused_token_logprobs(h[sup][None], self.m.lm_head.weight, tgt[sup][None])   # (1, N) fp32
         return -lp.sum()
 
 
@@ -268,20 +268,12 @@ def main(argv: list[str] | None = None) -> dict:
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "sft", asdict(cfg))
     stop = common.StopSignal()
     bar = common.Progress(total_steps, "sft", start=step, enabled=cfg.progress)
-    it = iter(sampler)
     eval_batches = [data.collate_right([eval_ds[j] for j in range(i, min(i + cfg.micro_batch, len(eval_ds)))],
                                        tok.pad_id)
                     for i in range(d.rank * cfg.micro_batch, len(eval_ds), cfg.micro_batch * d.world)]
 
     def next_batch() -> dict:
-        nonlocal it
-        idx = []
-        while len(idx) < cfg.micro_batch:
-            try:
-                idx.append(next(it))
-            except StopIteration:  # the sampler has moved itself to the next epoch
-                it = iter(sampler)
-        return data.collate_right([ds[i] for i in idx], tok.pad_id)
+        return data.collate_right([ds[i] for i in sampler.take(cfg.micro_batch)], tok.pad_id)
 
     last_eval = float("nan")
     t_last, tokens_seen = time.time(), 0
@@ -413,8 +405,4 @@ class _null:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.ConfigError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.run_cli(main, (common.ConfigError, data.DataError))

