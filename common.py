@@ -161,6 +161,15 @@ def setup_distributed(device: str = "auto") -> Dist:
     return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
+def start_run(cfg) -> Dist:
+    """What every stage does first: process group, the config printed, seeds set, out_dir made."""
+    d = setup_distributed(cfg.device)
+    print_config(cfg)
+    seed_everything(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    return d
+
+
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -258,6 +267,13 @@ def save_checkpoint(state: dict, out_dir: str, step: int, keep_last: int = 2) ->
         for old in ckpts[:-keep_last]:
             os.remove(os.path.join(out_dir, old))
     return path
+
+
+def save_checkpoint_on_main(state: dict, out_dir: str, step: int, keep_last: int) -> None:
+    """Rank 0 writes (the state is the same on every rank); the others wait for it."""
+    if is_main():
+        save_checkpoint(state, out_dir, step, keep_last)
+    barrier()
 
 
 def latest_checkpoint(out_dir: str) -> str | None:

@@ -468,10 +468,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     cfg = common.parse_config(Config, argv, PRESETS)
     if cfg.toy_reward and reward_fn is None:
         reward_fn = toy_reward_fn(cfg.toy_reward)
-    d = common.setup_distributed(cfg.device)
-    common.print_config(cfg)
-    common.seed_everything(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    d = common.start_run(cfg)
     for name, total in (("rollout_batch", cfg.rollout_batch), ("step_batch", cfg.step_batch)):
         if total % (d.world * cfg.micro_batch):
             raise common.ConfigError(f"--{name} {total} must be a multiple of micro_batch x ranks = "
@@ -521,9 +518,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
         state = {"model": common.trainable_state_dict(_Trainable(models)), "optimizer": opt.state_dict(),
                  "step": step, "sampler": sampler.state_dict(), "rng": common.rng_state(), "gen": gens,
                  "kl_coef": kl_ctl.value, "bad": bad, "config": asdict(cfg)}
-        if common.is_main():
-            common.save_checkpoint(state, cfg.out_dir, step, cfg.keep_last)
-        common.barrier()
+        common.save_checkpoint_on_main(state, cfg.out_dir, step, cfg.keep_last)
 
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "ppo", asdict(cfg))
     stop = common.StopSignal()

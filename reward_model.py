@@ -344,10 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = common.parse_config(Config, argv, PRESETS)
     if cfg.facts not in ("captions", "none"):
         raise common.ConfigError(f"--facts must be captions or none, got {cfg.facts!r}")
-    d = common.setup_distributed(cfg.device)
-    common.print_config(cfg)
-    common.seed_everything(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    d = common.start_run(cfg)
 
     tok = data.Tokenizer(cfg.tokenizer or cfg.model_path)
     template = data.Template(system=cfg.system)
@@ -409,9 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
         state = {"model": common.trainable_state_dict(rm), "optimizer": opt.state_dict(), "step": step,
                  "sampler": sampler.state_dict(), "rng": common.rng_state(), "best": best,
                  "since_best": since_best, "config": asdict(cfg)}
-        if common.is_main():
-            common.save_checkpoint(state, cfg.out_dir, step, cfg.keep_last)
-        common.barrier()
+        common.save_checkpoint_on_main(state, cfg.out_dir, step, cfg.keep_last)
 
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "rm", asdict(cfg))
     stop = common.StopSignal()

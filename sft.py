@@ -169,10 +169,7 @@ def evaluate(train_m, loader_batches, device) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = common.parse_config(Config, argv, PRESETS)
-    d = common.setup_distributed(cfg.device)
-    common.print_config(cfg)
-    common.seed_everything(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    d = common.start_run(cfg)
 
     # -- data -----------------------------------------------------------------------------------------
     tok = data.Tokenizer(cfg.tokenizer or cfg.model_path)
@@ -261,9 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
             model_sd, opt_sd = common.trainable_state_dict(m), opt.state_dict()
         state = {"model": model_sd, "optimizer": opt_sd, "step": step, "sampler": sampler.state_dict(),
                  "rng": common.rng_state(), "config": asdict(cfg)}
-        if common.is_main():
-            common.save_checkpoint(state, cfg.out_dir, step, cfg.keep_last)
-        common.barrier()
+        common.save_checkpoint_on_main(state, cfg.out_dir, step, cfg.keep_last)
 
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "sft", asdict(cfg))
     stop = common.StopSignal()

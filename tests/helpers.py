@@ -53,3 +53,11 @@ def save(m, path: str) -> str:
 def to_hf_ids(ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     from model import IMAGE_TOKEN_INDEX
     return ids.masked_fill(ids == IMAGE_TOKEN_INDEX, image_token_id)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for torchrun's rendezvous in the tests."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

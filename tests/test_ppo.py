@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+from helpers import free_port
 import ppo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,7 +158,7 @@ def test_torchrun_matches_single_process(tiny_world, tiny_sft, tmp_path):
     kw = dict(temperature=0.0, step_batch=16, max_steps=2)
     ppo.main(_args(tiny_world, tiny_sft, tmp_path / "one", **kw))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-           str(30500 + os.getpid() % 1000), "ppo.py"] + _args(tiny_world, tiny_sft, tmp_path / "two", **kw)
+           str(free_port()), "ppo.py"] + _args(tiny_world, tiny_sft, tmp_path / "two", **kw)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]

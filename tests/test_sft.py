@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+from helpers import free_port
 import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +66,7 @@ def test_lora_mode_trains_only_adapter(tiny_world, tmp_path):
 
 def _torchrun(args, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
-           str(29500 + os.getpid() % 1000), "sft.py"] + args
+           str(free_port()), "sft.py"] + args
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
