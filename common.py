@@ -189,6 +189,7 @@ def barrier() -> None:
 
 def cleanup_distributed() -> None:
     if dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still has collectives in flight
         dist.destroy_process_group()
 
 
