@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
                 best, since_best = ev["accuracy"], 0
                 if common.is_main():
                     save_rm(os.path.join(cfg.out_dir, "best"), m, head, cfg, rm_template, tok.path,
-                            {"step": step, "eval_accuracy": best})
+                            {"step": step, "eval_accuracy": best, "n_eval": len(edata)})
             else:
                 since_best += 1
             if cfg.early_stop_patience and since_best >= cfg.early_stop_patience:
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint()
     if common.is_main():
         save_rm(os.path.join(cfg.out_dir, "final"), m, head, cfg, rm_template, tok.path,
-                {"step": step, "eval_accuracy": ev["accuracy"]})
+                {"step": step, "eval_accuracy": ev["accuracy"], "n_eval": len(edata)})
         if not os.path.exists(os.path.join(cfg.out_dir, "best")):
             shutil.copytree(os.path.join(cfg.out_dir, "final"), os.path.join(cfg.out_dir, "best"))
         print(f"done: {step} steps; best held-out accuracy {best:.3f}; skipped records: {skips.count}")

@@ -1278,6 +1278,27 @@ def grounding_accuracy(data_dir: str, model_dir: str, n: int = 96, seed: int = 0
     return sum(ok) / max(1, len(ok))
 
 
+def facts_diagnostic(rm_dir: str, prefs_path: str, data_dir: str, n: int) -> dict:
+    """Does the Fact-RM read the facts? Held-out accuracy (the first n pairs, the RM's eval split) with the
+    right captions, with another image's captions, and with no facts block."""
+    import torch
+    import data
+    import reward_model as RM
+    sc = RM.RewardScorer.load(rm_dir)
+    m = sc.rm.m
+    recs = data.read_preferences(prefs_path)[:n]
+    caps = RM.load_captions(os.path.join(data_dir, "captions.json"))
+    keys = sorted(caps)
+    other = dict(zip(keys, keys[1:] + keys[:1]))           # every image gets its neighbour's captions
+    wrong = {k: caps[other[k]] for k in keys}
+    out = {}
+    for name, cmap, mode in (("right", caps, "captions"), ("other_image", wrong, "captions"), ("none", caps, "none")):
+        pd = RM.PairData(recs, sc.tok, sc.template, sc.rm_template, cmap, mode, os.path.join(data_dir, "images"),
+                         m.config.image_size, m.num_image_tokens, sc.max_len, 0)
+        out[name] = RM.evaluate_pairs(sc.rm, pd, list(range(len(pd))), 16, sc.tok.pad_id, torch.device("cpu"))["accuracy"]
+    return out
+
+
 PIPELINE_SIZES = {
     # minutes on 2 CPU cores; each stage's own flags follow the real scripts' names
     "full": {"make": ["--n_pref", "3000"], "sft": ["--max_steps", "900"], "pref_limit": 0, "rm": ["--max_steps", "120"],
@@ -1347,6 +1368,8 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
     stage("reward model (no facts)")
     rm_plain = reward_model.main(rm_common + ["--out_dir", os.path.join(runs, "rm_plain"), "--facts", "none"])
     done("reward model (no facts)")
+    n_heldout = int(json.load(open(os.path.join(runs, "rm_facts", "best", "rm_config.json")))["n_eval"])
+    diag = facts_diagnostic(os.path.join(runs, "rm_facts", "best"), prefs, d, n_heldout)
 
     stage("ppo")
     ppo_run = os.path.join(runs, "ppo")
@@ -1368,13 +1391,13 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
 
     hist = ppo_res["history"]
     k = max(1, len(hist) // 4)
-    table = format_pipeline_table(rm_facts, rm_plain, results, hist, k)
+    table = format_pipeline_table(rm_facts, rm_plain, results, hist, k, diag)
     total = time.time() - t_start
     print("\n" + table)
     print("stage times (s): " + ", ".join(f"{n} {t:.0f}" for n, t in times.items()) + f"; total {total:.0f}")
     summary = {"rm_accuracy_facts": rm_facts["best_accuracy"], "rm_accuracy_plain": rm_plain["best_accuracy"],
                "sft": results["SFT"], "rlhf": results["RLHF"], "ppo_history": hist, "grounding": grounding,
-               "annotation": ann, "times": times, "total_seconds": total}
+               "annotation": ann, "facts_diagnostic": diag, "times": times, "total_seconds": total}
     _dump(summary, os.path.join(out, "pipeline_summary.json"))
     with open(os.path.join(out, "pipeline_table.txt"), "w") as f:
         f.write(table + "\n")
@@ -1386,12 +1409,15 @@ def _make_kwargs(flags: list[str]) -> dict:
     return {flags[i].lstrip("-"): int(flags[i + 1]) for i in range(0, len(flags), 2)}
 
 
-def format_pipeline_table(rm_facts: dict, rm_plain: dict, results: dict, hist: list[dict], k: int) -> str:
+def format_pipeline_table(rm_facts: dict, rm_plain: dict, results: dict, hist: list[dict], k: int,
+                          diag: dict) -> str:
     first = sum(h["reward"] for h in hist[:k]) / k
     last = sum(h["reward"] for h in hist[-k:]) / k
     lines = ["reward model           held-out accuracy",
              f"  with facts           {rm_facts['best_accuracy']:.3f}",
              f"  without facts        {rm_plain['best_accuracy']:.3f}",
+             f"  Fact-RM scored with right / another image's / no captions: "
+             f"{diag['right']:.3f} / {diag['other_image']:.3f} / {diag['none']:.3f}",
              f"PPO mean reward        first {k} steps {first:.3f} -> last {k} steps {last:.3f}",
              "",
              f"{'MMHal-style (rule judge)':<26}{'SFT':>8}{'RLHF':>8}",

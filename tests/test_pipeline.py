@@ -7,13 +7,15 @@ import tinyworld
 
 def test_pipeline_smoke(tmp_path):
     s = tinyworld.pipeline(str(tmp_path / "p"), size="smoke")
-    for key in ("rm_accuracy_facts", "rm_accuracy_plain", "sft", "rlhf", "ppo_history", "annotation"):
+    for key in ("rm_accuracy_facts", "rm_accuracy_plain", "sft", "rlhf", "ppo_history", "annotation",
+                "facts_diagnostic"):
         assert key in s
     assert s["annotation"]["pairs"] > 0 and len(s["ppo_history"]) == 2
     for name in ("sft", "rlhf"):
         assert 0 <= s[name]["average"] <= 6 and 0 <= s[name]["hallucination_rate"] <= 1
         assert set(s[name]["per_type"]) <= set(tinyworld.MMHAL_TYPES)
     table = open(tmp_path / "p" / "pipeline_table.txt").read()
-    assert "with facts" in table and "hallucination rate" in table
+    assert "with facts" in table and "hallucination rate" in table and "another image's" in table
+    assert set(s["facts_diagnostic"]) == {"right", "other_image", "none"}
     assert json.load(open(tmp_path / "p" / "pipeline_summary.json"))["total_seconds"] > 0
     assert os.path.exists(tmp_path / "p" / "runs" / "ppo" / "final" / "model.safetensors")
