@@ -2,7 +2,6 @@
 metrics logging and a progress bar. Kept small on purpose; each stage script stays a plain loop."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -268,6 +267,24 @@ def save_checkpoint(state: dict, out_dir: str, step: int, keep_last: int = 2) ->
         for old in ckpts[:-keep_last]:
             os.remove(os.path.join(out_dir, old))
     return path
+
+
+def write_dir(out: str, fill) -> None:
+    """Build a folder with fill(tmp_path) beside `out`, then swap it in: a crash never leaves half a model."""
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    fill(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def save_model_dir(m, out: str, tokenizer_path: str) -> None:
+    """A final model: transformers' Llava layout (m.save_pretrained) plus its tokenizer.model."""
+    def fill(tmp: str) -> None:
+        m.save_pretrained(tmp)
+        shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+    write_dir(out, fill)
 
 
 def save_checkpoint_on_main(state: dict, out_dir: str, step: int, keep_last: int) -> None:

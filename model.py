@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 import weakref
-from dataclasses import dataclass, asdict, field, fields, replace
+from dataclasses import dataclass, asdict, fields, replace
 from typing import Iterator
 
 import torch

@@ -18,7 +18,6 @@ Resume: add --resume true (SIGTERM/SIGINT write a checkpoint first).
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -320,7 +319,7 @@ def build_models(cfg: Config, device: torch.device) -> tuple[Models, data.Tokeni
 
 @torch.no_grad()
 def rollout(models: Models, tok: data.Tokenizer, batch: dict, records: list[dict], cfg: Config,
-            gen: torch.Generator, reward_fn: Callable | None, template: data.Template) -> dict:
+            gen: torch.Generator, reward_fn: Callable | None) -> dict:
     """Sample responses for one micro-batch of prompts and compute everything the update needs."""
     dev = next(models.policy_base.parameters()).device
     pb = models.policy_base
@@ -400,15 +399,15 @@ def _reprocess(batch: dict, records: list[dict], size: int, cfg: Config) -> torc
     return torch.stack(ims) if ims else None
 
 
-def pad_cat(tensors: list[torch.Tensor], value: float, left: bool = False) -> torch.Tensor:
-    """Concatenate (b_i, T_i) tensors along the batch, padding T to the max (on the left for prompts)."""
+def pad_cat(tensors: list[torch.Tensor], value: float) -> torch.Tensor:
+    """Concatenate (b_i, T_i) tensors along the batch, padding T on the right to the max."""
     T = max(t.shape[1] for t in tensors)
     out = []
     for t in tensors:
         pad = T - t.shape[1]
         if pad:
             fill = torch.full((t.shape[0], pad), value, dtype=t.dtype)
-            t = torch.cat([fill, t], 1) if left else torch.cat([t, fill], 1)
+            t = torch.cat([t, fill], 1)
         out.append(t)
     return torch.cat(out)
 
@@ -532,7 +531,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
         parts = []
         for i in range(0, per_rank, cfg.micro_batch):
             b = data.collate_left([prompts[j] for j in idx[i:i + cfg.micro_batch]], tok.pad_id)
-            parts.append(rollout(models, tok, b, records, cfg, gen, reward_fn, template))
+            parts.append(rollout(models, tok, b, records, cfg, gen, reward_fn))
         ro = merge_rollouts(parts)
         t0 = time.time()
         mask = ro["rmask"]
@@ -628,7 +627,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     checkpoint()
     if common.is_main():
         pb.save_adapter(os.path.join(cfg.out_dir, "policy_adapter"), "policy")
-        # a merged copy of the policy: what eval_mmhal.py and serving tools load directly
+        # the policy merged into the base: what eval_mmhal.py and serving tools load directly
         _save_merged_policy(pb, os.path.join(cfg.out_dir, "final"), tok)
         print(f"done: {step} PPO steps; skipped records: {skips.count}")
     common.cleanup_distributed()
@@ -692,20 +691,13 @@ class _Trainable(torch.nn.Module):
 
 
 def _save_merged_policy(pb: M.LLaVA, out: str, tok: data.Tokenizer) -> None:
-    """Save base + policy adapter merged, without touching the live model (a copy of the LoRA layers)."""
-    import copy
-    import shutil
-    m = copy.deepcopy(pb)
-    for name in list(m.adapters):
+    """Merge the policy adapter into the base and save it. Called once training is over: the live
+    model is changed in place (no second copy of the base in memory) and not used afterwards."""
+    for name in list(pb.adapters):
         if name != "policy":
-            m.delete_adapter(name)
-    m.merge_adapter("policy")
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    m.save_pretrained(tmp)
-    shutil.copy(tok.path, os.path.join(tmp, "tokenizer.model"))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+            pb.delete_adapter(name)
+    pb.merge_adapter("policy")
+    common.save_model_dir(pb, out, tok.path)
 
 
 if __name__ == "__main__":

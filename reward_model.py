@@ -25,7 +25,6 @@ import os
 import random
 import shutil
 import sys
-import time
 from dataclasses import dataclass, asdict
 
 import torch
@@ -324,17 +323,16 @@ def save_rm(out: str, m: M.LLaVA, head: M.ScalarHead, cfg: Config, rm_template: 
             extra: dict) -> None:
     """Adapter (peft layout) + head + rm_config.json, written to a temp folder and renamed."""
     from safetensors.torch import save_file
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    m.save_adapter(tmp, "reward")
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-              os.path.join(tmp, "head.safetensors"))
     meta = {"model_path": os.path.abspath(cfg.model_path), "vision_tower": cfg.vision_tower,
             "tokenizer": os.path.abspath(tok_path), "system": cfg.system, "rm_template": rm_template,
             "max_len": cfg.max_len, "facts": cfg.facts, **extra}
-    json.dump(meta, open(os.path.join(tmp, "rm_config.json"), "w"), indent=2)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+
+    def fill(tmp: str) -> None:
+        m.save_adapter(tmp, "reward")
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                  os.path.join(tmp, "head.safetensors"))
+        json.dump(meta, open(os.path.join(tmp, "rm_config.json"), "w"), indent=2)
+    common.write_dir(out, fill)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,15 +18,14 @@ Multi-node: torchrun --nnodes=2 --node_rank=R --rdzv_backend=c10d --rdzv_endpoin
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, asdict
 
 import torch
-import torch.distributed as dist
 
 import common
 import data
@@ -284,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         for i, batch in enumerate(batches):
             sync = i == accum - 1
             ctx = train_m.no_sync() if (isinstance(train_m, torch.nn.parallel.DistributedDataParallel) and not sync) \
-                else _null()
+                else contextlib.nullcontext()
             with ctx, common.autocast(d.device):
                 s, _ = sft_loss_sum(train_m, batch, d.device)
                 # DDP/FSDP average gradients over ranks; scale back up to a global token mean
@@ -331,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.mode == "lora":
             m.save_adapter(os.path.join(cfg.out_dir, "final_adapter"), "default")
         else:
-            _save_final(m, final, tok)
+            common.save_model_dir(m, final, tok.path)
         print(f"done: {step} steps, final train loss {loss_val:.4f}, eval loss {last_eval:.4f}; "
               f"skipped records: {skips.count}")
         if skips.count:
@@ -379,24 +378,6 @@ def unsharded_copy(train_m: torch.nn.Module, cfg: M.ModelConfig) -> M.LLaVA | No
         plain = M.LLaVA(cfg)
     plain.load_state_dict({k[len("m."):]: v for k, v in full.items()}, assign=True)
     return plain
-
-
-def _save_final(m: M.LLaVA, out: str, tok: data.Tokenizer) -> None:
-    """transformers' Llava layout plus the tokenizer, written to a temp folder and renamed."""
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    m.save_pretrained(tmp)
-    shutil.copy(tok.path, os.path.join(tmp, "tokenizer.model"))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 if __name__ == "__main__":
