@@ -356,6 +356,14 @@ def bench_generation(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, 
                   dflops / t_dec / ceil["matmul_flops"], None,
                   f"{1e3 * t_dec / (N - 1):.1f} ms/step; floor {1e3 * floor:.1f} ms "
                   f"({100 * floor * (N - 1) / t_dec:.0f}% of roofline)")
+    # The fastest any implementation could be on this machine: the prefill at the measured matmul peak,
+    # each decode step at the slower of its FLOPs at that peak and its bytes at the copy bandwidth. Its
+    # ratio to transformers bounds what a speed-up target can ask for here.
+    t_floor = (llm_forward_flops(c, B, T, B) + vision_flops(c, B)) / ceil["matmul_flops"]
+    t_floor += sum(max(decode_step_flops(c, B, T + i + 1) / ceil["matmul_flops"],
+                       decode_bytes(m, B, T + i + 1) / ceil["copy_bytes_per_s"]) for i in range(N - 1))
+    table.add("  hardware ceiling (100% of peak)", "bound", t_floor, B * N / t_floor, ref_e2e / t_floor, None, None,
+              "prefill at matmul peak + decode at max(FLOPs, bytes) bound: no code can beat this")
     note = "tokens identical to transformers: yes"
     if dec is not None:
         note += f"; decode graphs compiled {dec.compiles} (in {compile_s:.0f}s), recompiles across steps {dec.recompiles}"

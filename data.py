@@ -524,7 +524,7 @@ def read_sft(path: str, image_folder: str | None = None, on_error: str = "raise"
 def read_preferences(path: str, on_error: str = "raise", image_folder: str | None = None,
                      check_images: bool = False, skips: Skips | None = None) -> list[dict]:
     """Human preference pairs (SPEC §3) -> [{"id", "image", "conversations", "output_1", "output_2",
-    "preference", "hallucination", "source", "index"}].
+    "preference", "hallucination", "source", "index"}, plus "facts" (list of str) when the record has them].
     `conversations` is the context and ends with the user turn being answered: the file's trailing gpt
     turn (the slot the reference code overwrites with each output) is dropped. Build a scored
     conversation with with_response(rec["conversations"], rec["output_1"]["value"]).
@@ -555,8 +555,13 @@ def read_preferences(path: str, on_error: str = "raise", image_folder: str | Non
                 hall = bool(hall)
             else:
                 raise DataError(f"'hallucination' should be a boolean, got {hall!r}")
-        return {"id": rid, "image": image, "conversations": conv, **outs, "preference": pref,
-                "hallucination": hall}
+        rec = {"id": rid, "image": image, "conversations": conv, **outs, "preference": pref, "hallucination": hall}
+        if raw.get("facts") is not None:   # the record's own facts; the reward model prefers them to captions
+            facts = raw["facts"]
+            if not isinstance(facts, list) or not all(isinstance(f, str) and f.strip() for f in facts):
+                raise DataError("'facts' should be a list of non-empty strings")
+            rec["facts"] = list(facts)
+        return rec
     recs = _parse_file(path, parse, on_error, skips)
     for r in recs:
         r["id"] = r["id"] if r["id"] is not None else str(r["index"])

@@ -9,7 +9,7 @@ That checker stands in for the humans of the paper twice: as the annotator that 
 responses hallucinates less, and as the MMHal judge that rates answers 0-6 (`rule_judge`).
 
 Commands:
-    python tinyworld.py make --out DIR [--seed 0] [--n_sft_images 3000] [--n_sft 20000] ...
+    python tinyworld.py make --out DIR [--seed 0] [--n_sft_images 3000] [--n_sft 20000] [--n_read 6000] ...
         writes images, captions, scenes, SFT conversations, PPO prompts, preference prompts,
         the 96-item MMHal-style evaluation set, a sentencepiece tokenizer and meta.json.
     python tinyworld.py annotate --data DIR --responses FILE --out FILE [--noise 0.0] [--seed 0]
@@ -32,9 +32,11 @@ Layout written by `make` (DIR/):
     images/*.png                training images (SFT, PPO and preference pools, disjoint)
     captions.json               image file name -> list of captions (the "facts" for the reward model)
     scenes.json                 image file name -> scene graph
-    sft.json                    LLaVA conversations, some multi-turn
+    sft.json                    LLaVA conversations, some multi-turn, plus n_read text-only reading
+                                ones (answer from captions / does a statement agree with them)
     ppo_prompts.json            prompts with answer_type / answer / length_multiplier
     preference_prompts.json     same format, own images, for the simulated annotator
+    heldout_prompts.json        same format, own images no stage trains on (false_claim_rate)
     eval/mmhal_tiny.json        96 items, MMHal template fields plus "scene"
     eval/images/<image_id>.png  evaluation images
     tokenizer.model             sentencepiece (unk 0, bos 1, eos 2, byte fallback)
@@ -1036,6 +1038,58 @@ def build_sft(scenes: list[tuple[str, dict]], n_examples: int, seed: int, multi_
     return out
 
 
+# Reading. A real LLaVA's LLM arrived from text pretraining able to read: to answer from a passage and
+# to tell whether a sentence agrees with it. That is the skill a Fact-RM leans on when it compares a
+# response with the captions; our tiny LLM starts from random weights and, trained on image questions
+# alone, never acquires it (the Fact-RM then learns the prompt's shape and ignores the captions' content).
+# These text-only conversations stand in for that pretraining: no image, so the answer can only come
+# from reading. Captions are of SFT scenes; the wording is generic, not the reward model's prompt.
+_SWAPS = [list(COLORS), SIZES, list(QUADS), NUM_WORDS[2:], list(BACKGROUNDS), KINDS]  # "one" stays: "There is one"
+
+
+def _perturb(text: str, rng: random.Random) -> str:
+    """Replace one world word (colour, size, place, number, background, kind) by another of its class."""
+    spots = []
+    for cls in _SWAPS:
+        for w in cls:
+            spots += [(m.start(), m.end(), cls) for m in re.finditer(rf"\b{w}\b", text)]
+    if not spots:
+        return text
+    a, b, cls = rng.choice(spots)
+    return text[:a] + rng.choice([w for w in cls if w != text[a:b]]) + text[b:]
+
+
+def _caption_block(captions: list[str], rng: random.Random) -> str:
+    caps = list(captions)
+    rng.shuffle(caps)
+    return "".join(f"\n  - {c}" for c in caps)
+
+
+def build_reading(scenes: list[tuple[str, dict]], n: int, seed: int) -> list[dict]:
+    """n text-only conversations, half answering a question from captions, half judging whether a
+    statement (a true answer, or one with a word swapped) agrees with the captions; the label comes from
+    checking the statement against the scene graph, the same checker the annotator uses."""
+    rng = random.Random(f"{seed}-read")
+    out = []
+    for k in range(n):
+        name, scene = scenes[rng.randrange(len(scenes))]
+        caps = make_captions(scene, rng)
+        qa = ask_weighted(scene, {t: 1.0 for t in MMHAL_TYPES}, rng)
+        if k % 2 == 0:
+            user = "Read these captions of a picture:" + _caption_block(caps, rng) + "\n" + qa["question"]
+            reply = qa["answer"]
+        else:
+            stmt = re.sub(r"^(Yes|No), (\w)", lambda m: m.group(2).upper(), qa["answer"])  # a claim, not a reply
+            stmt = stmt if rng.random() < 0.5 else _perturb(stmt, rng)
+            ok = verify(scene, stmt).n_false == 0
+            user = (f"Statement: {stmt}\nCaptions of the picture:" + _caption_block(caps, rng)
+                    + "\nDo the captions agree with the statement?")
+            reply = "Yes, the captions agree with it." if ok else "No, the captions contradict it."
+        out.append({"id": f"read_{k:06d}", "conversations": [{"from": "human", "value": user},
+                                                            {"from": "gpt", "value": reply}]})
+    return out
+
+
 def build_prompts(scenes: list[tuple[str, dict]], n: int, weights: dict[str, float], seed: int,
                   tag: str) -> list[dict]:
     rng = random.Random(f"{seed}-{tag}")
@@ -1151,7 +1205,7 @@ def _dump(obj, path: str) -> None:
 
 def make(out: str, seed: int = 0, n_sft_images: int = 3000, n_sft: int = 20000, n_ppo_images: int = 2000,
          n_ppo: int = 4000, n_pref_images: int = 1500, n_pref: int = 1500, eval_seed: int = 0,
-         vocab_size: int = 1024, multi_turn: float = 0.15) -> dict:
+         vocab_size: int = 1024, multi_turn: float = 0.15, n_read: int = 6000, n_heldout: int = 400) -> dict:
     """Write the whole tiny dataset to `out`; returns the meta dict."""
     t0 = time.time()
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
@@ -1159,8 +1213,10 @@ def make(out: str, seed: int = 0, n_sft_images: int = 3000, n_sft: int = 20000, 
     sft_pool = _pool(seed, "sft", n_sft_images, 0)
     ppo_pool = _pool(seed, "ppo", n_ppo_images, n_sft_images)
     pref_pool = _pool(seed, "pref", n_pref_images, n_sft_images + n_ppo_images)
+    # images no stage trains on: one open question each, for a hallucination rate with a small error bar
+    held_pool = _pool(seed, "heldout", n_heldout, n_sft_images + n_ppo_images + n_pref_images)
     scenes, captions = {}, {}
-    for name, scene in sft_pool + ppo_pool + pref_pool:
+    for name, scene in sft_pool + ppo_pool + pref_pool + held_pool:
         scenes[name] = scene
         captions[name] = make_captions(scene, random.Random(f"{seed}-cap-{name}"))
     eval_recs = build_eval(eval_seed)
@@ -1170,14 +1226,19 @@ def make(out: str, seed: int = 0, n_sft_images: int = 3000, n_sft: int = 20000, 
     with ThreadPoolExecutor(8) as ex:
         list(ex.map(lambda job: render(job[0]).save(job[1], compress_level=1), jobs))
     sft = build_sft(sft_pool, n_sft, seed, multi_turn)
+    if n_read:
+        sft += build_reading(sft_pool, n_read, seed)
+        random.Random(f"{seed}-mix").shuffle(sft)
     ppo = build_prompts(ppo_pool, n_ppo, PPO_WEIGHTS, seed, "ppo")
     # Preference prompts are open questions, like the paper's LLaVA instruction prompts.
     pref = build_prompts(pref_pool, n_pref, {t: 1.0 for t in MMHAL_TYPES}, seed, "pref")
+    held = build_prompts(held_pool, n_heldout, {t: 1.0 for t in MMHAL_TYPES}, seed, "heldout")
     _dump(captions, os.path.join(out, "captions.json"))
     _dump(scenes, os.path.join(out, "scenes.json"))
     _dump(sft, os.path.join(out, "sft.json"))
     _dump(ppo, os.path.join(out, "ppo_prompts.json"))
     _dump(pref, os.path.join(out, "preference_prompts.json"))
+    _dump(held, os.path.join(out, "heldout_prompts.json"))
     with open(os.path.join(out, "eval", "mmhal_tiny.json"), "w") as f:
         json.dump(eval_recs, f, indent=1)
     tok_path = os.path.join(out, "tokenizer.model")
@@ -1185,7 +1246,8 @@ def make(out: str, seed: int = 0, n_sft_images: int = 3000, n_sft: int = 20000, 
     meta = {"seed": seed, "eval_seed": eval_seed, "vocab_size": vocab_size,
             "counts": {"images": len(scenes), "sft_images": n_sft_images, "ppo_images": n_ppo_images,
                        "preference_images": n_pref_images, "sft": len(sft), "ppo_prompts": len(ppo),
-                       "preference_prompts": len(pref), "eval": len(eval_recs)},
+                       "preference_prompts": len(pref), "heldout_prompts": len(held), "eval": len(eval_recs),
+                       "sft_reading": n_read},
             "ppo_answer_types": dict(Counter(r["answer_type"] for r in ppo)),
             "system_prompt": SYSTEM_PROMPT, "model": tiny_model_config(vocab_size),
             "sft_hints": TINY_SFT_HINTS, "seconds": round(time.time() - t0, 2)}
@@ -1278,6 +1340,19 @@ def grounding_accuracy(data_dir: str, model_dir: str, n: int = 96, seed: int = 0
     return sum(ok) / max(1, len(ok))
 
 
+def false_claim_rate(data_dir: str, model_dir: str) -> dict:
+    """Greedy answers to the held-out open questions (heldout_prompts.json, images no stage trains on):
+    the share with at least one claim the scene contradicts, and its standard error."""
+    import data
+    records = data.read_ppo_prompts(os.path.join(data_dir, "heldout_prompts.json"))
+    scenes = json.load(open(os.path.join(data_dir, "scenes.json")))
+    answers = sample_responses(model_dir, records, os.path.join(data_dir, "images"), n=1, temperature=0.0)
+    bad = [check_claims(scenes[r["image"]], a[0], r["question"])[1] > 0 for r, a in zip(records, answers)]
+    n = max(1, len(bad))
+    p = sum(bad) / n
+    return {"rate": p, "stderr": (p * (1 - p) / n) ** 0.5, "n": len(bad)}
+
+
 def facts_diagnostic(rm_dir: str, prefs_path: str, data_dir: str, n: int) -> dict:
     """Does the Fact-RM read the facts? Held-out accuracy (the first n pairs, the RM's eval split) with the
     right captions, with another image's captions, and with no facts block."""
@@ -1301,11 +1376,13 @@ def facts_diagnostic(rm_dir: str, prefs_path: str, data_dir: str, n: int) -> dic
 
 PIPELINE_SIZES = {
     # minutes on 2 CPU cores; each stage's own flags follow the real scripts' names
-    "full": {"make": ["--n_pref", "3000"], "sft": ["--max_steps", "900"], "pref_limit": 0, "rm": ["--max_steps", "120"],
+    "full": {"make": ["--n_pref", "6000"], "sft": ["--max_steps", "900"], "pref_limit": 0,
+             # 400 held-out pairs: the facts / no-facts gap is a few points, 200 pairs cannot resolve it
+             "rm": ["--max_steps", "120", "--eval_size", "400", "--eval_every", "40"],
              "ppo": ["--max_steps", "40"], "eval_limit": 0, "gate": 0.3, "seeds": [0, 1, 2],
              "drop_ties": True},
     "smoke": {"make": ["--n_sft_images", "100", "--n_sft", "400", "--n_ppo_images", "40", "--n_ppo", "128",
-                       "--n_pref_images", "40", "--n_pref", "96"],
+                       "--n_pref_images", "40", "--n_pref", "96", "--n_read", "100", "--n_heldout", "32"],
               "sft": ["--max_steps", "20", "--eval_size", "32", "--global_batch", "16", "--micro_batch", "16"],
               "pref_limit": 96, "rm": ["--max_steps", "4", "--eval_size", "32", "--global_batch", "16",
                                        "--micro_batch", "16"],
@@ -1369,7 +1446,7 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
     rm_plain = reward_model.main(rm_common + ["--out_dir", os.path.join(runs, "rm_plain"), "--facts", "none"])
     done("reward model (no facts)")
     n_heldout = int(json.load(open(os.path.join(runs, "rm_facts", "best", "rm_config.json")))["n_eval"])
-    diag = facts_diagnostic(os.path.join(runs, "rm_facts", "best"), prefs, d, n_heldout)
+    diag = {**facts_diagnostic(os.path.join(runs, "rm_facts", "best"), prefs, d, n_heldout), "n": n_heldout}
 
     stage("ppo")
     ppo_run = os.path.join(runs, "ppo")
@@ -1387,6 +1464,7 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
         if cfg["eval_limit"]:
             argv += ["--limit", str(cfg["eval_limit"])]
         results[name] = eval_mmhal.main(argv)
+        results[name]["heldout"] = false_claim_rate(d, mdir)
     done("evaluation")
 
     hist = ppo_res["history"]
@@ -1413,7 +1491,7 @@ def format_pipeline_table(rm_facts: dict, rm_plain: dict, results: dict, hist: l
                           diag: dict) -> str:
     first = sum(h["reward"] for h in hist[:k]) / k
     last = sum(h["reward"] for h in hist[-k:]) / k
-    lines = ["reward model           held-out accuracy",
+    lines = [f"reward model           held-out accuracy ({diag['n']} pairs)",
              f"  with facts           {rm_facts['best_accuracy']:.3f}",
              f"  without facts        {rm_plain['best_accuracy']:.3f}",
              f"  Fact-RM scored with right / another image's / no captions: "
@@ -1426,6 +1504,10 @@ def format_pipeline_table(rm_facts: dict, rm_plain: dict, results: dict, hist: l
              f"{results['RLHF']['hallucination_rate']:>8.2f}"]
     for t in results["SFT"]["per_type"]:
         lines.append(f"{'  ' + t:<26}{results['SFT']['per_type'][t]:>8.2f}{results['RLHF']['per_type'].get(t, float('nan')):>8.2f}")
+    sh, rh = results["SFT"].get("heldout"), results["RLHF"].get("heldout")
+    if sh and rh:
+        lines += ["", f"false-claim rate, {sh['n']} held-out open questions (greedy; +- 1 standard error)",
+                  f"  SFT {sh['rate']:.3f} +- {sh['stderr']:.3f}    RLHF {rh['rate']:.3f} +- {rh['stderr']:.3f}"]
     return "\n".join(lines)
 
 
@@ -1465,6 +1547,9 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--vocab_size", type=int, default=1024,
                    help="256 of these are byte-fallback pieces; see train_tokenizer")
     m.add_argument("--multi_turn", type=float, default=0.15, help="share of multi-turn SFT conversations")
+    m.add_argument("--n_heldout", type=int, default=400, help="held-out images, one open question each")
+    m.add_argument("--n_read", type=int, default=6000,
+                   help="text-only reading conversations added to sft.json (see build_reading)")
     a = sub.add_parser("annotate", help="label sampled response pairs against the scene graphs")
     a.add_argument("--data", required=True, help="directory written by `make`")
     a.add_argument("--responses", required=True, help="JSON list with output_1/output_2 per prompt")

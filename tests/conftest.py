@@ -22,7 +22,7 @@ def tiny_world(tmp_path_factory):
     out = root / "data"
     subprocess.run([sys.executable, "tinyworld.py", "make", "--out", str(out), "--n_sft_images", "120",
                     "--n_sft", "600", "--n_ppo_images", "60", "--n_ppo", "200", "--n_pref_images", "60",
-                    "--n_pref", "200"],
+                    "--n_pref", "200", "--n_read", "120"],
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True,
                    capture_output=True)
     import data

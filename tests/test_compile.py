@@ -210,7 +210,8 @@ def test_bench_quick_runs_and_prints_the_table():
     import bench
     out = _with_threads(lambda: bench.main(["--quick", "--no-compile", "--threads", "1", "--iters", "1"]))
     for row in ("generate B=2", "decode steps only", "tokens identical to transformers: yes",
-                "train step fwd+bwd", "PPO step: generation", "PPO step: scoring", "PPO step: update", "ceiling"):
+                "train step fwd+bwd", "PPO step: generation", "PPO step: scoring", "PPO step: update", "ceiling",
+                "hardware ceiling (100% of peak)"):
         assert row in out, row
     assert "ours eager" in out and "transformers" in out
 

@@ -391,6 +391,17 @@ def test_read_preferences(tmp_path, ext):
     assert full[-1] == {"from": "gpt", "value": "A blue dog."} and full[:-1] == out[0]["conversations"]
 
 
+def test_read_preferences_keeps_inline_facts(tmp_path):
+    base = {"image": "a.png", "conversations": [SINGLE[0]], "output_1": {"value": "A red cat."},
+            "output_2": {"value": "A blue dog."}, "preference": 1}
+    out = data.read_preferences(_write(tmp_path / "p.json", [dict(base, id="a", facts=["The cat is red."]),
+                                                             dict(base, id="b")]))
+    assert out[0]["facts"] == ["The cat is red."] and "facts" not in out[1]
+    for bad in ("The cat is red.", ["ok", ""], [3]):
+        with pytest.raises(data.DataError, match="'facts' should be a list of non-empty strings"):
+            data.read_preferences(_write(tmp_path / "bad.json", [dict(base, id="c", facts=bad)]))
+
+
 @pytest.mark.parametrize("ext", [".json", ".jsonl"])
 def test_read_ppo_prompts(tmp_path, ext):
     caps = {"a.png": ["A red cat.", "A cat on a mat."], "b.png": ["Two dogs."]}

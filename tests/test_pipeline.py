@@ -16,6 +16,11 @@ def test_pipeline_smoke(tmp_path):
         assert set(s[name]["per_type"]) <= set(tinyworld.MMHAL_TYPES)
     table = open(tmp_path / "p" / "pipeline_table.txt").read()
     assert "with facts" in table and "hallucination rate" in table and "another image's" in table
-    assert set(s["facts_diagnostic"]) == {"right", "other_image", "none"}
+    assert set(s["facts_diagnostic"]) == {"right", "other_image", "none", "n"} and s["facts_diagnostic"]["n"] == 32
+    for name in ("sft", "rlhf"):   # the false-claim rate on the held-out open questions, with its error bar
+        h = s[name]["heldout"]
+        assert h["n"] == 32 and 0 <= h["rate"] <= 1
+        assert abs(h["stderr"] - (h["rate"] * (1 - h["rate"]) / 32) ** 0.5) < 1e-12
+    assert "false-claim rate, 32 held-out open questions" in table
     assert json.load(open(tmp_path / "p" / "pipeline_summary.json"))["total_seconds"] > 0
     assert os.path.exists(tmp_path / "p" / "runs" / "ppo" / "final" / "model.safetensors")

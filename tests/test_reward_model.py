@@ -84,6 +84,23 @@ def test_facts_insertion(tiny_world):
         assert ("captions of the image" in text) == expect
 
 
+def test_inline_facts_from_the_file_win_over_captions(tiny_world, tmp_path):
+    # read through data.read_preferences, as training does: a record's own facts replace its image's captions
+    tok = data.Tokenizer(str(tiny_world["tokenizer"]))
+    rec = {"id": "p", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nDescribe it."}],
+           "output_1": {"value": "A red circle."}, "output_2": {"value": "A blue square."}, "preference": 1}
+    path = tmp_path / "p.json"
+    json.dump([dict(rec, facts=["the circle is red"]), dict(rec, id="q")], open(path, "w"))
+    recs = data.read_preferences(str(path))
+    caps = {"a.png": ["the sky is grey"]}
+    from PIL import Image
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "a.png")
+    pd = RM.PairData(recs, tok, data.Template(), RM.DEFAULT_TEMPLATE, caps, "captions", str(tmp_path), 32, 4, 512, seed=0)
+    texts = [tok.decode([t for t in pd[i]["ids"][0] if t >= 0]) for i in range(2)]
+    assert "the circle is red" in texts[0] and "the sky is grey" not in texts[0]
+    assert "the sky is grey" in texts[1] and "the circle is red" not in texts[1]
+
+
 def _separable_prefs(w, path, n=160, seed=0):
     """The preferred response says the answer is right; the other says it is wrong (random order)."""
     prompts = json.load(open(w["data"] / "preference_prompts.json"))

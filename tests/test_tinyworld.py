@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tinyworld as tw  # noqa: E402
 
 SMALL = ["--n_sft_images", "40", "--n_sft", "300", "--n_ppo_images", "30", "--n_ppo", "90",
-         "--n_pref_images", "20", "--n_pref", "40"]
+         "--n_pref_images", "20", "--n_pref", "40", "--n_read", "60"]
 TEMPLATE_FIELDS = ["question_type", "question_topic", "image_id", "image_src", "image_content", "question",
                    "gt_answer", "model_answer"]
 TEMPLATE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mmhal", "response_template.json")
@@ -280,7 +280,10 @@ def test_eval_file(data):
 def test_sft_records(data):
     sft = _load(data, "sft.json")
     scenes = _load(data, "scenes.json")
-    assert len(sft) == 300 and len({r["id"] for r in sft}) == 300
+    assert len(sft) == 360 and len({r["id"] for r in sft}) == 360
+    reading = [r for r in sft if r["id"].startswith("read_")]
+    assert len(reading) == 60 and all("image" not in r for r in reading)   # text only: see build_reading
+    sft = [r for r in sft if not r["id"].startswith("read_")]
     assert any(len(r["conversations"]) > 2 for r in sft)
     for r in sft:
         assert set(r) == {"id", "image", "conversations"} and r["image"] in scenes
@@ -292,6 +295,47 @@ def test_sft_records(data):
         for h, g in zip(conv[::2], conv[1::2]):
             assert tw.check_claims(scenes[r["image"]], g["value"], h["value"].replace("<image>\n", ""))[1] == 0
     assert os.path.exists(os.path.join(data, "images", sft[0]["image"]))
+
+
+def _direct_check(scene: dict, statement: str) -> bool | None:
+    """An independent check of two statement forms against the scene dict (None: another form)."""
+    m = re.fullmatch(r"The (\w+) (circle|square|triangle) is (small|large)\.", statement)
+    if m:
+        shapes = [s for s in scene["shapes"] if s["color"] == m[1] and s["kind"] == m[2]]
+        return None if len(shapes) != 1 else shapes[0]["size"] == m[3]
+    m = re.fullmatch(r"The (circle|square|triangle) is (red|blue|yellow|purple|black)\.", statement)
+    if m:
+        shapes = [s for s in scene["shapes"] if s["kind"] == m[1]]
+        return None if len(shapes) != 1 else shapes[0]["color"] == m[2]
+    m = re.fullmatch(r"There is no (circle|square|triangle)\.", statement)
+    if m:
+        return all(s["kind"] != m[1] for s in scene["shapes"])
+    m = re.fullmatch(r"There are (two|three|four) shapes\.", statement)
+    if m:
+        return len(scene["shapes"]) == ["two", "three", "four"].index(m[1]) + 2
+    m = re.fullmatch(r"The background is (\w+)\.", statement)
+    return None if not m else scene["background"] == m[1]
+
+
+def test_reading_conversations_are_labelled_right():
+    pool = tw._pool(0, "sft", 40, 0)
+    assert tw.build_reading(pool, 50, seed=3) == tw.build_reading(pool, 50, seed=3)
+    seen = {True: 0, False: 0}
+    for name, scene in pool:   # one scene per call, so every record is about a known scene
+        for k, r in enumerate(tw.build_reading([(name, scene)], 20, seed=3)):
+            assert "image" not in r
+            user, reply = r["conversations"][0]["value"], r["conversations"][1]["value"]
+            caps = [ln[4:] for ln in user.split("\n") if ln.startswith("  - ")]
+            assert caps and all(tw.check_claims(scene, c)[1] == 0 for c in caps)
+            if k % 2 == 0:   # answer from the captions: the reply is true of the scene
+                assert tw.check_claims(scene, reply, user.split("\n")[-1])[1] == 0
+                continue
+            stmt = user.split("\n")[0].removeprefix("Statement: ")
+            want = _direct_check(scene, stmt)
+            if want is not None:
+                seen[want] += 1
+                assert reply == ("Yes, the captions agree with it." if want else "No, the captions contradict it."), stmt
+    assert seen[True] >= 5 and seen[False] >= 5, seen
 
 
 def test_prompt_records(data):
@@ -314,12 +358,16 @@ def test_prompt_records(data):
     assert {r["answer_type"] for r in pref} <= {"general", "yes_no"}  # open MMHal-type questions only
     assert {r["question_type"] for r in pref} <= set(tw.MMHAL_TYPES)
     assert not {r["image"] for r in pref} & {r["image"] for r in ppo}
-    assert not {r["image"] for r in pref} & {r["image"] for r in _load(data, "sft.json")}
+    assert not {r["image"] for r in pref} & {r["image"] for r in _load(data, "sft.json") if "image" in r}
+    held = _load(data, "heldout_prompts.json")
+    assert len(held) == 400 and {r["question_type"] for r in held} <= set(tw.MMHAL_TYPES)
+    used = {r["image"] for r in ppo + pref + _load(data, "sft.json") if "image" in r}
+    assert len({r["image"] for r in held}) == 400 and not {r["image"] for r in held} & used
 
 
 def test_meta_and_model_preset(data):
     meta = _load(data, "meta.json")
-    assert meta["seed"] == 0 and meta["counts"]["sft"] == 300 and meta["counts"]["eval"] == 96
+    assert meta["seed"] == 0 and meta["counts"]["sft"] == 360 and meta["counts"]["sft_reading"] == 60 and meta["counts"]["eval"] == 96
     cfg = tw.tiny_model_config(meta["vocab_size"])
     assert meta["model"] == cfg
     for k in ["image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "vision_intermediate",
