@@ -13,6 +13,8 @@ Tiny world:
     torchrun --nproc_per_node=8 ppo.py --preset llava-rlhf-7b --model_path runs/sft7b/final \
         --policy_adapter runs/rlinit7b/final_adapter --rm_dir runs/rm7b/best \
         --prompts_path ppo_prompts.json --image_folder coco/train2017 --captions coco_captions.json
+The paper's 13B RM and critic beside a 7B policy: add --rm_base_path runs/sft13b_336/final --rm_dir runs/rm13b/best
+(one tokenizer for both bases; the second base's image tokens and image size are its own).
 Resume: add --resume true (SIGTERM/SIGINT write a checkpoint first).
 """
 from __future__ import annotations
@@ -273,6 +275,28 @@ def forward_response(m: M.LLaVA, adapter: str | None, ids: torch.Tensor, images,
     return h[:, P - 1:-1]
 
 
+def value_inputs(full: torch.Tensor, fmask: torch.Tensor, P: int, n_from: int,
+                 n_to: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Policy ids -> the value/reward base's ids when the bases differ in image tokens per image (e.g. a
+    336 px RM beside a 224 px policy): each prompt's run of n_from IMAGE_TOKEN_INDEX becomes n_to, prompts
+    are left-padded again to a common length P', the responses are untouched. -> (ids, mask, P')."""
+    if n_from == n_to:
+        return full, fmask, P
+    prompts = []
+    for row, m in zip(full[:, :P].tolist(), fmask[:, :P].tolist()):
+        toks = [t for t, k in zip(row, m) if k]
+        if M.IMAGE_TOKEN_INDEX in toks:
+            i = toks.index(M.IMAGE_TOKEN_INDEX)
+            if toks[i:i + n_from] != [M.IMAGE_TOKEN_INDEX] * n_from:
+                raise ValueError(f"a prompt holds a run of image tokens that is not {n_from} long")
+            toks = toks[:i] + [M.IMAGE_TOKEN_INDEX] * n_to + toks[i + n_from:]
+        prompts.append(toks)
+    P2 = max(len(t) for t in prompts)
+    ids = torch.tensor([[0] * (P2 - len(t)) + t for t in prompts], dtype=full.dtype, device=full.device)  # (B, P')
+    pm = torch.tensor([[0] * (P2 - len(t)) + [1] * len(t) for t in prompts], dtype=fmask.dtype, device=fmask.device)
+    return torch.cat([ids, full[:, P:]], 1), torch.cat([pm, fmask[:, P:]], 1), P2
+
+
 @dataclass
 class Models:
     policy_base: M.LLaVA                # adapters "policy" (trainable) and "ref" (frozen) or None
@@ -308,6 +332,10 @@ def build_models(cfg: Config, device: torch.device) -> tuple[Models, data.Tokeni
     if cfg.rm_dir:
         scorer = RM.RewardScorer.load(cfg.rm_dir, base=vbase, adapter_name="reward", seed=cfg.seed)
         vbase.load_adapter(cfg.rm_dir, "value", trainable=True)   # the critic starts from the RM adapter
+        if vbase is not base and scorer.tok.sp.serialized_model_proto() != tok.sp.serialized_model_proto():
+            # the critic reads the policy's token ids, so both bases must share one tokenizer
+            raise common.ConfigError(f"the reward model's tokenizer ({scorer.tok.path}) differs from the "
+                                     f"policy's ({tok.path}); --rm_base_path needs one tokenizer for both")
     else:
         vbase.add_adapter("value", r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets.split(",")))
         for p in vbase.adapter_parameters("value"):
@@ -342,7 +370,8 @@ def rollout(models: Models, tok: data.Tokenizer, batch: dict, records: list[dict
     ref_logp = M.token_logprobs(h, pb.lm_head.weight, resp)
     vb = models.value_base
     v_images = images if vb is pb else _reprocess(batch, records, vb.config.image_size, cfg)
-    values = models.value_head(forward_response(vb, "value", full, v_images, fmask, P)).float()   # (B, R)
+    vfull, vmask, vP = value_inputs(full, fmask, P, pb.num_image_tokens, vb.num_image_tokens)
+    values = models.value_head(forward_response(vb, "value", vfull, v_images, vmask, vP)).float()  # (B, R)
 
     lengths = rmask.sum(-1).long().tolist()
     texts = [tok.decode([t for t in row[:n] if t != tok.eos_id]) for row, n in zip(resp.tolist(), lengths)]
@@ -370,7 +399,8 @@ def rollout(models: Models, tok: data.Tokenizer, batch: dict, records: list[dict
             "v_images": None if v_images is None else v_images.cpu(),
             "logp": logp.cpu(), "ref_logp": ref_logp.cpu(), "values": values.cpu(), "score": total,
             "rm_score": score, **{f"sym_{k}": v for k, v in sym.items()}, "has_eos": has_eos.cpu(),
-            "texts": texts, "questions": [r["question"] for r in recs], "t_gen": t_gen, "t_score": t_score}
+            "texts": texts, "questions": [r["question"] for r in recs], "t_gen": t_gen, "t_score": t_score,
+            "record_ids": [str(r.get("id", k)) for k, r in enumerate(recs)], "image_files": [r.get("image") for r in recs]}
 
 
 def _score_with_images(scorer: RM.RewardScorer, items: list[dict]) -> list[float]:
@@ -435,7 +465,8 @@ def merge_rollouts(parts: list[dict]) -> dict:
     for k in ("score", "rm_score", "sym_no_eos", "sym_length", "sym_correct", "has_eos"):
         out[k] = torch.cat([p[k] for p in parts])
     out["texts"] = sum((p["texts"] for p in parts), [])
-    out["questions"] = sum((p["questions"] for p in parts), [])
+    for k in ("questions", "record_ids", "image_files"):
+        out[k] = sum((p[k] for p in parts), [])
     out["img_rows"] = torch.cat([(p["full"][:, :p["P"]] == M.IMAGE_TOKEN_INDEX).any(-1) for p in parts])
     out["t_gen"] = sum(p["t_gen"] for p in parts)
     out["t_score"] = sum(p["t_score"] for p in parts)
@@ -611,7 +642,8 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
         if common.is_main() and cfg.samples_to_log:
             with open(os.path.join(cfg.out_dir, "samples.jsonl"), "a") as f:
                 for k in range(min(cfg.samples_to_log, len(ro["texts"]))):
-                    f.write(json.dumps({"step": step, "question": ro["questions"][k], "response": ro["texts"][k],
+                    f.write(json.dumps({"step": step, "id": ro["record_ids"][k], "image": ro["image_files"][k],
+                                        "question": ro["questions"][k], "response": ro["texts"][k],
                                         "reward": float(ro["score"][k]), "rm_score": float(ro["rm_score"][k])}) + "\n")
         bar.update(1, reward=metrics["reward"], kl=metrics["kl"], len=metrics["response_length"])
         stopping = stop.should_stop() or bool(cfg.stop_at_step and step >= cfg.stop_at_step)
@@ -657,7 +689,8 @@ def _micro_update(models: Models, ro: dict, rows: torch.Tensor, adv, ret, mask, 
     with common.autocast(device):
         h = forward_response(pb, "policy", full, images, fmask, P)
         logp, ent = M.fused_token_logprobs(h, pb.lm_head.weight, resp, with_entropy=True)
-        v = models.value_head(forward_response(vb, "value", full, v_images, fmask, P)).float()
+        vfull, vmask, vP = value_inputs(full, fmask, P, pb.num_image_tokens, vb.num_image_tokens)
+        v = models.value_head(forward_response(vb, "value", vfull, v_images, vmask, vP)).float()
     pg, pst = policy_loss(logp, old_logp, a, m, cfg.clip)
     vf, vst = value_loss(v, old_v, rt, m, cfg.value_clip)
     n_local = float(m.sum())

@@ -170,7 +170,8 @@ class RewardScorer:
         out: list[float] = []
         for i in range(0, len(items), self.batch_size):
             chunk = items[i:i + self.batch_size]
-            seqs = [self.encode(it, str(i + j)) for j, it in enumerate(chunk)]
+            # the facts' order is drawn from the item's id (as in training and PPO), else its position
+            seqs = [self.encode(it, "" if it.get("id") is not None else str(i + j)) for j, it in enumerate(chunk)]
             out += self.score_ids(seqs, _images_tensor([it.get("image") for it in chunk], S)).tolist()
         return out
 

@@ -209,3 +209,103 @@ def test_non_finite_reward_skips_then_stops(tiny_world, tiny_sft, tmp_path):
     with pytest.raises(FloatingPointError, match="3 PPO steps in a row"):
         ppo.main(_args(tiny_world, tiny_sft, tmp_path / "nan2", toy_reward=""),
                  reward_fn=lambda recs, texts, resp, mask: torch.full((len(texts),), float("nan")))
+
+
+def test_value_inputs_match_tokenizing_at_the_other_image_size(tiny_world):
+    """Policy ids (4 image tokens) -> a second base's ids (9 image tokens) equal tokenizing the same prompts
+    at 9 tokens directly; a text-only row is only re-padded; the responses are untouched."""
+    import data
+    import model
+    tok = data.Tokenizer(str(tiny_world["tokenizer"]))
+    tpl = data.Template()
+    qs = [("What color is the circle?", True), ("Describe the image in detail please.", True), ("Say hi.", False)]
+    resp = torch.tensor([[5, 6, 2], [7, 2, 0], [8, 9, 10]])
+    rmask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]])
+
+    def batch(n_img):
+        ids, mask = data.left_pad([data.tokenize_prompt(q, tok, tpl, n_img, has_image=im) for q, im in qs], tok.pad_id)
+        return torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), ids.shape[1]
+
+    full, fmask, P = batch(4)
+    want_ids, want_mask, want_P = batch(9)
+    ids, mask, P2 = ppo.value_inputs(full, fmask, P, 4, 9)
+    assert P2 == want_P and torch.equal(mask, want_mask)
+    assert torch.equal(ids * mask, want_ids * want_mask)          # pad ids may differ; masked out either way
+    assert (ids == model.IMAGE_TOKEN_INDEX).sum(-1).tolist() == [9, 9, 0]
+    assert ppo.value_inputs(full, fmask, P, 4, 4) == (full, fmask, P)
+    back, back_mask, P3 = ppo.value_inputs(ids, mask, P2, 9, 4)   # and back down
+    assert P3 == P and torch.equal(back * back_mask, full * fmask) and torch.equal(back_mask, fmask)
+    with pytest.raises(ValueError, match="not 5 long"):
+        ppo.value_inputs(full, fmask, P, 5, 9)
+
+
+def test_second_base_for_reward_and_value(tiny_world, tiny_sft, tmp_path):
+    """--rm_base_path: the RM and the critic on another base with its own image size (48 px, 9 image tokens
+    against the policy's 32 px, 4 tokens) and width. The rewards PPO logs equal the RM scored on its own
+    (RewardScorer.load on the image files), and the critic trains."""
+    import shutil
+    import model
+    import reward_model as RM
+    torch.manual_seed(1)
+    cfg = model.ModelConfig.preset("tiny", image_size=48, patch_size=16, vision_hidden=32, vision_layers=1,
+                                   vision_heads=2, vision_intermediate=64, hidden=48, layers=2, heads=2,
+                                   kv_heads=2, intermediate=96, vocab_size=tiny_world["vocab"], max_seq_len=512)
+    big = tmp_path / "big"
+    model.LLaVA(cfg).save_pretrained(str(big))
+    shutil.copy(tiny_world["tokenizer"], big / "tokenizer.model")
+    prompts = json.load(open(tiny_world["data"] / "preference_prompts.json"))
+    prefs = [{"id": f"p{i}", "image": p["image"], "conversations": p["conversations"],
+              "output_1": {"value": p["gt_answer"]}, "output_2": {"value": "There is no shape."},
+              "preference": 1} for i, p in enumerate(prompts[:40])]
+    json.dump(prefs, open(tmp_path / "prefs.json", "w"))
+    RM.main(sum(([f"--{k}", str(v)] for k, v in {
+        "data_path": tmp_path / "prefs.json", "image_folder": tiny_world["data"] / "images",
+        "captions": tiny_world["data"] / "captions.json", "model_path": big, "out_dir": tmp_path / "rm",
+        "lora_r": 4, "lora_alpha": 8, "global_batch": 8, "micro_batch": 8, "max_steps": 2, "eval_size": 8,
+        "max_len": 512, "progress": "false", "lr": 1e-2}.items()), []))
+    rm_dir = tmp_path / "rm" / "best"
+    r = ppo.main(_args(tiny_world, tiny_sft, tmp_path / "ppo", toy_reward="", rm_dir=rm_dir, rm_base_path=big,
+                       max_steps=2, samples_to_log=6, lr=1e-3))
+    h = r["history"][-1]
+    assert all(math.isfinite(h[k]) for k in ("reward", "rm_score", "kl", "value_explained_var"))
+    ck = common.load_checkpoint(common.latest_checkpoint(str(tmp_path / "ppo")))["model"]
+    assert any("value" in k for k in ck)
+    caps = json.load(open(tiny_world["data"] / "captions.json"))
+    scorer = RM.RewardScorer.load(str(rm_dir))
+    samples = [json.loads(l) for l in open(tmp_path / "ppo" / "samples.jsonl")]
+    assert len(samples) == 12 and all(s["image"] for s in samples)
+    items = [{"id": s["id"], "image": str(tiny_world["data"] / "images" / s["image"]), "response": s["response"],
+              "conversations": [{"from": "human", "value": "<image>\n" + s["question"]}], "facts": caps[s["image"]]}
+             for s in samples]
+    want = scorer.score(items)
+    got = [s["rm_score"] for s in samples]
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, (got, want)
+    assert len({round(x, 4) for x in want}) > 1
+
+
+def test_second_base_with_another_tokenizer_is_refused(tiny_world, tiny_sft, tmp_path):
+    """The critic reads the policy's token ids: an RM whose tokenizer differs is refused up front."""
+    import shutil
+    import sentencepiece as spm
+    import reward_model as RM
+    other = tmp_path / "base"
+    shutil.copytree(tiny_sft, other)
+    prompts = json.load(open(tiny_world["data"] / "preference_prompts.json"))
+    prefs = [{"id": f"p{i}", "image": p["image"], "conversations": p["conversations"],
+              "output_1": {"value": p["gt_answer"]}, "output_2": {"value": "There is no shape."},
+              "preference": 1} for i, p in enumerate(prompts[:16])]
+    json.dump(prefs, open(tmp_path / "prefs.json", "w"))
+    RM.main(sum(([f"--{k}", str(v)] for k, v in {
+        "data_path": tmp_path / "prefs.json", "image_folder": tiny_world["data"] / "images",
+        "model_path": other, "out_dir": tmp_path / "rm", "lora_r": 4, "lora_alpha": 8, "global_batch": 8,
+        "micro_batch": 8, "max_steps": 1, "eval_size": 8, "max_len": 512, "progress": "false"}.items()), []))
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a red circle on grass", "two blue squares"] * 50),
+                                   model_prefix=str(tmp_path / "sp"), vocab_size=40, model_type="bpe",
+                                   minloglevel=2, hard_vocab_limit=False)
+    meta_path = tmp_path / "rm" / "best" / "rm_config.json"
+    meta = json.load(open(meta_path))
+    meta["tokenizer"] = str(tmp_path / "sp.model")
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(common.ConfigError, match="tokenizer .* differs from the policy's"):
+        ppo.main(_args(tiny_world, tiny_sft, tmp_path / "ppo", toy_reward="", rm_dir=tmp_path / "rm" / "best",
+                       rm_base_path=other, max_steps=1))
