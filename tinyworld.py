@@ -1328,26 +1328,27 @@ def collect_preferences(data_dir: str, model_dir: str, out_path: str, noise: flo
             "dropped_tie": len(labelled) - len(kept), "dropped_empty": len(raw) - len(pairs)}
 
 
-def grounding_accuracy(data_dir: str, model_dir: str, n: int = 96, seed: int = 0) -> float:
-    """Share of greedy answers to held-out PPO prompts with no false claim: the SFT gate (SPEC section 7:
-    some seeds never learn to look at the image)."""
+def _greedy_claim_counts(data_dir: str, model_dir: str, prompts_file: str, n: int = 0) -> list[tuple[int, int]]:
+    """(n_true, n_false) of the model's greedy answer to each prompt of data_dir/prompts_file (the last n)."""
     import data
-    records = data.read_ppo_prompts(os.path.join(data_dir, "ppo_prompts.json"))[-n:]
+    records = data.read_ppo_prompts(os.path.join(data_dir, prompts_file))[-n:]
     scenes = json.load(open(os.path.join(data_dir, "scenes.json")))
     answers = sample_responses(model_dir, records, os.path.join(data_dir, "images"), n=1, temperature=0.0)
-    ok = [check_claims(scenes[r["image"]], a[0], r["question"])[1] == 0 and check_claims(
-          scenes[r["image"]], a[0], r["question"])[0] > 0 for r, a in zip(records, answers)]
+    return [check_claims(scenes[r["image"]], a[0], r["question"]) for r, a in zip(records, answers)]
+
+
+def grounding_accuracy(data_dir: str, model_dir: str, n: int = 96) -> float:
+    """Share of greedy answers to held-out PPO prompts with no false claim: the SFT gate (SPEC section 7:
+    some seeds never learn to look at the image)."""
+    counts = _greedy_claim_counts(data_dir, model_dir, "ppo_prompts.json", n)
+    ok = [n_false == 0 and n_true > 0 for n_true, n_false in counts]
     return sum(ok) / max(1, len(ok))
 
 
 def false_claim_rate(data_dir: str, model_dir: str) -> dict:
     """Greedy answers to the held-out open questions (heldout_prompts.json, images no stage trains on):
     the share with at least one claim the scene contradicts, and its standard error."""
-    import data
-    records = data.read_ppo_prompts(os.path.join(data_dir, "heldout_prompts.json"))
-    scenes = json.load(open(os.path.join(data_dir, "scenes.json")))
-    answers = sample_responses(model_dir, records, os.path.join(data_dir, "images"), n=1, temperature=0.0)
-    bad = [check_claims(scenes[r["image"]], a[0], r["question"])[1] > 0 for r, a in zip(records, answers)]
+    bad = [n_false > 0 for _, n_false in _greedy_claim_counts(data_dir, model_dir, "heldout_prompts.json")]
     n = max(1, len(bad))
     p = sum(bad) / n
     return {"rate": p, "stderr": (p * (1 - p) / n) ** 0.5, "n": len(bad)}

@@ -168,19 +168,24 @@ def test_torchrun_matches_single_process(tiny_world, tiny_sft, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-3), (k, (a[k] - b[k]).abs().max())
 
 
-def test_with_fact_rm(tiny_world, tiny_sft, tmp_path):
-    """The real path: RM adapter + head score with facts; the critic starts from the RM adapter."""
+def _train_rm(w, base, out, n: int = 40, **kw) -> None:
+    """A few reward-model steps on preferences where the ground-truth answer beats "There is no shape."."""
     import reward_model as RM
-    prompts = json.load(open(tiny_world["data"] / "preference_prompts.json"))
+    prompts = json.load(open(w["data"] / "preference_prompts.json"))
     prefs = [{"id": f"p{i}", "image": p["image"], "conversations": p["conversations"],
               "output_1": {"value": p["gt_answer"]}, "output_2": {"value": "There is no shape."},
-              "preference": 1} for i, p in enumerate(prompts[:40])]
-    json.dump(prefs, open(tmp_path / "prefs.json", "w"))
-    RM.main(sum(([f"--{k}", str(v)] for k, v in {
-        "data_path": tmp_path / "prefs.json", "image_folder": tiny_world["data"] / "images",
-        "captions": tiny_world["data"] / "captions.json", "model_path": tiny_sft, "out_dir": tmp_path / "rm",
-        "lora_r": 4, "lora_alpha": 8, "global_batch": 8, "micro_batch": 8, "max_steps": 2, "eval_size": 8,
-        "max_len": 512, "progress": "false"}.items()), []))
+              "preference": 1} for i, p in enumerate(prompts[:n])]
+    json.dump(prefs, open(out.parent / f"{out.name}_prefs.json", "w"))
+    a = {"data_path": out.parent / f"{out.name}_prefs.json", "image_folder": w["data"] / "images",
+         "captions": w["data"] / "captions.json", "model_path": base, "out_dir": out, "lora_r": 4, "lora_alpha": 8,
+         "global_batch": 8, "micro_batch": 8, "max_steps": 2, "eval_size": 8, "max_len": 512, "progress": "false"}
+    a.update(kw)
+    RM.main(sum(([f"--{k}", str(v)] for k, v in a.items()), []))
+
+
+def test_with_fact_rm(tiny_world, tiny_sft, tmp_path):
+    """The real path: RM adapter + head score with facts; the critic starts from the RM adapter."""
+    _train_rm(tiny_world, tiny_sft, tmp_path / "rm")
     r = ppo.main(_args(tiny_world, tiny_sft, tmp_path / "ppo", toy_reward="", rm_dir=tmp_path / "rm" / "best",
                        max_steps=2, no_eos_penalty=-8.0, length_penalty=-10.0))
     h = r["history"][-1]
@@ -253,16 +258,7 @@ def test_second_base_for_reward_and_value(tiny_world, tiny_sft, tmp_path):
     big = tmp_path / "big"
     model.LLaVA(cfg).save_pretrained(str(big))
     shutil.copy(tiny_world["tokenizer"], big / "tokenizer.model")
-    prompts = json.load(open(tiny_world["data"] / "preference_prompts.json"))
-    prefs = [{"id": f"p{i}", "image": p["image"], "conversations": p["conversations"],
-              "output_1": {"value": p["gt_answer"]}, "output_2": {"value": "There is no shape."},
-              "preference": 1} for i, p in enumerate(prompts[:40])]
-    json.dump(prefs, open(tmp_path / "prefs.json", "w"))
-    RM.main(sum(([f"--{k}", str(v)] for k, v in {
-        "data_path": tmp_path / "prefs.json", "image_folder": tiny_world["data"] / "images",
-        "captions": tiny_world["data"] / "captions.json", "model_path": big, "out_dir": tmp_path / "rm",
-        "lora_r": 4, "lora_alpha": 8, "global_batch": 8, "micro_batch": 8, "max_steps": 2, "eval_size": 8,
-        "max_len": 512, "progress": "false", "lr": 1e-2}.items()), []))
+    _train_rm(tiny_world, big, tmp_path / "rm", lr=1e-2)
     rm_dir = tmp_path / "rm" / "best"
     r = ppo.main(_args(tiny_world, tiny_sft, tmp_path / "ppo", toy_reward="", rm_dir=rm_dir, rm_base_path=big,
                        max_steps=2, samples_to_log=6, lr=1e-3))
@@ -287,18 +283,9 @@ def test_second_base_with_another_tokenizer_is_refused(tiny_world, tiny_sft, tmp
     """The critic reads the policy's token ids: an RM whose tokenizer differs is refused up front."""
     import shutil
     import sentencepiece as spm
-    import reward_model as RM
     other = tmp_path / "base"
     shutil.copytree(tiny_sft, other)
-    prompts = json.load(open(tiny_world["data"] / "preference_prompts.json"))
-    prefs = [{"id": f"p{i}", "image": p["image"], "conversations": p["conversations"],
-              "output_1": {"value": p["gt_answer"]}, "output_2": {"value": "There is no shape."},
-              "preference": 1} for i, p in enumerate(prompts[:16])]
-    json.dump(prefs, open(tmp_path / "prefs.json", "w"))
-    RM.main(sum(([f"--{k}", str(v)] for k, v in {
-        "data_path": tmp_path / "prefs.json", "image_folder": tiny_world["data"] / "images",
-        "model_path": other, "out_dir": tmp_path / "rm", "lora_r": 4, "lora_alpha": 8, "global_batch": 8,
-        "micro_batch": 8, "max_steps": 1, "eval_size": 8, "max_len": 512, "progress": "false"}.items()), []))
+    _train_rm(tiny_world, other, tmp_path / "rm", n=16, max_steps=1)
     spm.SentencePieceTrainer.train(sentence_iterator=iter(["a red circle on grass", "two blue squares"] * 50),
                                    model_prefix=str(tmp_path / "sp"), vocab_size=40, model_type="bpe",
                                    minloglevel=2, hard_vocab_limit=False)
