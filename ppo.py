@@ -203,7 +203,8 @@ class Config:
     max_new_tokens: int = 896
     temperature: float = 1.0
     top_p: float = 1.0
-    compile: bool = False               # rollouts through the compiled decode step (static KV cache)
+    compile: bool = False               # rollouts through the compiled decode step (static KV cache); on CPU
+    #                                     also generation and scoring through oneDNN prepacked linears
     # reward
     no_eos_penalty: float = -8.0
     length_penalty: float = -10.0       # x (response tokens / length_budget) x the item's length multiplier
@@ -364,14 +365,15 @@ def rollout(models: Models, tok: data.Tokenizer, batch: dict, records: list[dict
     P = ids.shape[1]
     full = torch.cat([ids, resp], dim=1)                                    # (B, P+R)
     fmask = torch.cat([pmask, rmask.long()], dim=1)
-    h = forward_response(pb, "policy", full, images, fmask, P)
-    logp = M.token_logprobs(h, pb.lm_head.weight, resp)                     # (B, R)
-    h = forward_response(pb, models.ref_adapter, full, images, fmask, P)
-    ref_logp = M.token_logprobs(h, pb.lm_head.weight, resp)
     vb = models.value_base
     v_images = images if vb is pb else _reprocess(batch, records, vb.config.image_size, cfg)
     vfull, vmask, vP = value_inputs(full, fmask, P, pb.num_image_tokens, vb.num_image_tokens)
-    values = models.value_head(forward_response(vb, "value", vfull, v_images, vmask, vP)).float()  # (B, R)
+    with M.packed_cpu_linear(cfg.compile and dev.type == "cpu"):
+        h = forward_response(pb, "policy", full, images, fmask, P)
+        logp = M.token_logprobs(h, pb.lm_head.weight, resp)                 # (B, R)
+        h = forward_response(pb, models.ref_adapter, full, images, fmask, P)
+        ref_logp = M.token_logprobs(h, pb.lm_head.weight, resp)
+        values = models.value_head(forward_response(vb, "value", vfull, v_images, vmask, vP)).float()  # (B, R)
 
     lengths = rmask.sum(-1).long().tolist()
     texts = [tok.decode([t for t in row[:n] if t != tok.eos_id]) for row, n in zip(resp.tolist(), lengths)]
@@ -387,7 +389,8 @@ def rollout(models: Models, tok: data.Tokenizer, batch: dict, records: list[dict
         items = [{"image": img, "response": text, "facts": rec.get("facts") or [], "id": str(rec.get("id", k)),
                   "conversations": [{"from": "human", "value": ("<image>\n" if rec.get("image") else "") + rec["question"]}]}
                  for k, (rec, text, img) in enumerate(zip(recs, texts, row_images))]
-        score = torch.tensor(_score_with_images(models.scorer, items), dtype=torch.float32)
+        with M.packed_cpu_linear(cfg.compile and dev.type == "cpu"):
+            score = torch.tensor(_score_with_images(models.scorer, items), dtype=torch.float32)
     sym = symbolic_rewards(texts, has_eos.tolist(), lengths, recs, cfg.no_eos_penalty, cfg.length_penalty,
                            cfg.length_budget, cfg.correct_scale, cfg.mc_reward, cfg.yesno_reward)
     total = score + sym["no_eos"] + sym["length"] + sym["correct"]

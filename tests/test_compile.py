@@ -1,6 +1,7 @@
 """The fast paths of model.py against the plain ones: the static-cache decode step (eager and through
 torch.compile), the compiled sampler, the fused lm_head log-prob / cross-entropy, SDPA's causal fast
 path; plus smoke runs of bench.py. Compiles stay tiny (the CPU compiler is slow): ~1 min in all."""
+import gc
 import math
 
 import pytest
@@ -109,6 +110,64 @@ def test_compiled_decode_equals_eager_and_never_recompiles():
     d = m.generate(ids, x, mask, max_new_tokens=6, eos_token_id=-1, compile=True)
     assert torch.equal(d, m.generate(ids, x, mask, max_new_tokens=6, eos_token_id=-1))
     assert dec.compiles == 2 and dec.recompiles == 0
+
+
+packed_ok = pytest.mark.skipif(not model.packed_cpu_linear_available(), reason="this torch build has no oneDNN")
+
+
+@packed_ok
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_cpu_linear_equals_f_linear_and_follows_the_weight(bias):
+    torch.manual_seed(0)
+    lin = model.Linear(24, 40, bias=bias)
+    x = torch.randn(5, 40, 24).transpose(0, 1)                   # (40, 5, 24), not contiguous
+    ref = lambda: F.linear(x, lin.weight, lin.bias)
+    assert not model._PACKED_CPU["on"]
+    with torch.no_grad(), model.packed_cpu_linear():
+        assert (lin(x) - ref()).abs().max() < 1e-5
+        assert lin.weight in model._PACKED                       # the packed path ran
+        lin.weight.mul_(-2.0)                                    # in place (an optimizer step): repacked
+        assert (lin(x) - ref()).abs().max() < 1e-5
+        lin.weight.data = torch.randn(40, 24)                    # new storage: repacked
+        assert (lin(x) - ref()).abs().max() < 1e-5
+        lin.weight.data.mul_(3.0)        # invisible to the version counter: drop_packed_weights() says so
+        model.drop_packed_weights()
+        assert (lin(x) - ref()).abs().max() < 1e-5
+        with torch.inference_mode():                             # no version counter: plain F.linear
+            inf = model.Linear(24, 40, bias=bias)
+        assert torch.equal(inf(x), F.linear(x, inf.weight, inf.bias))
+    assert not model._PACKED_CPU["on"]                           # the block restored the setting
+    # with autograd the plain path runs, gradients included
+    with model.packed_cpu_linear():
+        xg = x.detach().requires_grad_(True)
+        lin(xg).square().sum().backward()
+    xr = x.detach().requires_grad_(True)
+    F.linear(xr, lin.weight, lin.bias).square().sum().backward()
+    assert torch.equal(xg.grad, xr.grad)
+    n = len(model._PACKED)
+    lin = None
+    gc.collect()
+    assert len(model._PACKED) == n - 1                           # the packed copy goes with its weight
+
+
+@needs_compile
+@packed_ok
+def test_compiled_generation_follows_full_weight_updates():
+    """Rollouts after an optimizer step on the base weights (full fine-tuning) use the new weights: the
+    compiled graph takes them as inputs and their packed copies are made again."""
+    torch._dynamo.reset()
+    m = _tiny(adapter=False)
+    ids, x, mask = _prompts(m, [3, 6])
+    a = m.generate(ids, x, mask, max_new_tokens=6, eos_token_id=-1, compile=True)
+    assert torch.equal(a, m.generate(ids, x, mask, max_new_tokens=6, eos_token_id=-1))
+    opt = torch.optim.SGD(m.parameters(), lr=50.0)
+    m.train()
+    m.lm_loss(ids, x, mask, ids.masked_fill(ids < 0, -100)).backward()
+    opt.step()
+    m.eval()
+    b = m.generate(ids, x, mask, max_new_tokens=6, eos_token_id=-1, compile=True)
+    assert not torch.equal(a, b), "the step should change the greedy tokens"
+    assert torch.equal(b, m.generate(ids, x, mask, max_new_tokens=6, eos_token_id=-1))
 
 
 def test_sample_from_noise_draws_from_the_nucleus():

@@ -184,14 +184,28 @@ def _train_rm(w, base, out, n: int = 40, **kw) -> None:
 
 
 def test_with_fact_rm(tiny_world, tiny_sft, tmp_path):
-    """The real path: RM adapter + head score with facts; the critic starts from the RM adapter."""
+    """The real path: RM adapter + head score with facts; the critic starts from the RM adapter. With
+    --compile true (when the compiler is here) rollouts take the fast path (compiled decode, and on CPU
+    oneDNN prepacked linears for generation and scoring): the scores it logs equal the RM's plain path."""
+    import model
+    import reward_model as RM
     _train_rm(tiny_world, tiny_sft, tmp_path / "rm")
-    r = ppo.main(_args(tiny_world, tiny_sft, tmp_path / "ppo", toy_reward="", rm_dir=tmp_path / "rm" / "best",
-                       max_steps=2, no_eos_penalty=-8.0, length_penalty=-10.0))
+    rm_dir = tmp_path / "rm" / "best"
+    r = ppo.main(_args(tiny_world, tiny_sft, tmp_path / "ppo", toy_reward="", rm_dir=rm_dir, max_steps=2,
+                       no_eos_penalty=-8.0, length_penalty=-10.0, samples_to_log=6,
+                       compile=str(model.compile_available()[0]).lower()))
     h = r["history"][-1]
     assert all(math.isfinite(h[k]) for k in ("reward", "rm_score", "kl", "value_explained_var"))
     assert h["rm_score"] != 0.0
     assert abs(h["reward"] - (h["rm_score"] + h["sym_no_eos"] + h["sym_length"] + h["sym_correct"])) < 1e-4
+    caps = json.load(open(tiny_world["data"] / "captions.json"))
+    samples = [json.loads(l) for l in open(tmp_path / "ppo" / "samples.jsonl")]
+    items = [{"id": s["id"], "image": str(tiny_world["data"] / "images" / s["image"]), "response": s["response"],
+              "conversations": [{"from": "human", "value": "<image>\n" + s["question"]}], "facts": caps[s["image"]]}
+             for s in samples]
+    want = RM.RewardScorer.load(str(rm_dir)).score(items)
+    assert len(samples) == 12 and len({round(x, 4) for x in want}) > 1
+    assert max(abs(s["rm_score"] - w) for s, w in zip(samples, want)) < 1e-4
 
 
 def test_config_checks(tiny_world, tiny_sft, tmp_path):
