@@ -12,7 +12,8 @@ batched KV-cache generation, chunked log-probs, and checkpoint I/O for every lay
     m.save_pretrained("/ckpt/out")                         # transformers' Llava layout
 
 Fast paths (all off by default; bench.py measures them against transformers):
-    m.generate(..., compile=True)      # decode steps: one torch.compile'd graph over a static KV cache
+    m.generate(..., compile=True)      # decode steps: one torch.compile'd graph over a static KV cache;
+                                       # on CPU every linear through oneDNN, weights prepacked
     m.static_decoder(mode="reduce-overhead")   # ...with CUDA graphs; .compiles / .recompiles count graphs
     loss = m.lm_loss(ids, images, mask, labels)            # lm_head fused with CE, labelled rows only
     lp, ent = fused_token_logprobs(h, m.lm_head.weight, targets, with_entropy=True)
@@ -22,6 +23,7 @@ Fast paths (all off by default; bench.py measures them against transformers):
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import math
@@ -131,8 +133,17 @@ _PACKED_CPU = {"on": False}
 _PACKED = WeakIdKeyDictionary()   # weight -> (data_ptr, version, packed copy); an entry dies with its weight
 
 
+@functools.lru_cache(maxsize=None)
 def packed_cpu_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this torch build's oneDNN packs and runs a linear correctly here (tried once, small)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w, x = torch.randn(8, 16), torch.randn(3, 16)
+        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None, "none", [], "")
+        return bool(torch.allclose(y, F.linear(x, w), atol=1e-4))
+    except Exception:  # noqa: BLE001  (a build or CPU without the op: the plain path it is)
+        return False
 
 
 def use_packed_cpu_linear(enable: bool = True) -> bool:
@@ -190,17 +201,17 @@ def _packed_linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-if not hasattr(torch.ops.llava, "packed_linear"):   # once per process, even if this module is reloaded
-    torch.library.define("llava::packed_linear", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-    torch.library.impl("llava::packed_linear", "cpu", _packed_linear_cpu)
-    torch.library.register_fake("llava::packed_linear", _packed_linear_fake)
+if not hasattr(torch.ops.llava_rlhf, "packed_linear"):   # once per process, even if this module is reloaded
+    torch.library.define("llava_rlhf::packed_linear", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+    torch.library.impl("llava_rlhf::packed_linear", "cpu", _packed_linear_cpu)
+    torch.library.register_fake("llava_rlhf::packed_linear", _packed_linear_fake)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, or packed_linear for no-grad CPU inference when use_packed_cpu_linear is on."""
     if (_PACKED_CPU["on"] and x.device.type == "cpu" and weight.dtype == x.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return torch.ops.llava.packed_linear(x, weight, bias)
+        return torch.ops.llava_rlhf.packed_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
