@@ -159,9 +159,9 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, floa
         ts.append((time.perf_counter() - t0) / reps)
     flops = 2 * n ** 3 / min(ts)   # best of 3: a ceiling, not a typical value
     out = {"matmul_flops": flops, "matmul_flops_blas": flops}
-    if device.type == "cpu" and model.packed_cpu_linear_available() and dtype in (torch.float32, torch.bfloat16):
+    if device.type == "cpu" and model.packed_cpu_linear_available() and dtype == torch.float32:
         # the machine's peak is what its fastest GEMM reaches: MKL (a @ b) runs a generic path on
-        # non-Intel CPUs, oneDNN with a prepacked operand (model.packed_linear) may go twice as fast
+        # non-Intel CPUs, oneDNN with a prepacked operand (model.linear's packed path) may go twice as fast
         with torch.no_grad(), model.packed_cpu_linear():
             bt = b.t().contiguous()
             model.linear(a, bt)
