@@ -15,10 +15,10 @@ What is measured (same weights, same inputs, warm-up first, interleaved repeats,
   * training step: forward + backward of the next-token loss on the text of [BOS, image, text]
     sequences, vision tower frozen (as in LLaVA fine-tuning); ours is LLaVA.lm_loss (lm_head fused
     with the loss, run on labelled rows only), theirs is the model's own loss from `labels`.
-  * a PPO step split into generation / scoring / update with each phase's peak memory: ppo.py's
-    step when it offers one (see _ppo_phases), else a self-contained approximation with our
-    primitives (LoRA policy sampling at temperature 1; policy, reference, value and reward passes;
-    one clipped-PPO + value-loss backward through LoRA parameters and an AdamW step).
+  * a PPO step split into generation / scoring / update with each phase's peak memory, with ppo.py's
+    math and model.py's primitives (see _ppo_phases: LoRA policy sampling at temperature 1; policy,
+    reference, value and reward passes; one clipped-PPO + value-loss backward through LoRA parameters
+    and an AdamW step).
   * ceilings: the machine's measured matmul FLOP/s, the faster of BLAS (a @ b) and, on CPU, oneDNN
     with a prepacked operand (MFU = useful model FLOP/s over it), and memory
     copy bandwidth (the decode floor: bytes that must be read per step / bandwidth).
@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import model
+import ppo
 from model import IMAGE_TOKEN_INDEX, LLaVA, ModelConfig
 
 
@@ -142,52 +143,40 @@ def med(xs: list[float]) -> float:
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Measured matmul FLOP/s (square matmul in `dtype`) and memory copy bandwidth (read + write)."""
-    n = 4096 if device.type == "cuda" or dtype != torch.float32 else 2048
-    if device.type == "cuda":
-        n = 8192
+    n = 8192 if device.type == "cuda" else 2048 if dtype == torch.float32 else 4096
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     reps = 20 if device.type == "cuda" else 3
-    a @ b
-    ts = []
-    for _ in range(3):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        sync(device)
-        ts.append((time.perf_counter() - t0) / reps)
-    flops = 2 * n ** 3 / min(ts)   # best of 3: a ceiling, not a typical value
+    flops = 2 * n ** 3 / best_time(lambda: a @ b, device, rounds=3, reps=reps)
     out = {"matmul_flops": flops, "matmul_flops_blas": flops}
     if device.type == "cpu" and model.packed_cpu_linear_available() and dtype == torch.float32:
         # the machine's peak is what its fastest GEMM reaches: MKL (a @ b) runs a generic path on
         # non-Intel CPUs, oneDNN with a prepacked operand (model.linear's packed path) may go twice as fast
         with torch.no_grad(), model.packed_cpu_linear():
             bt = b.t().contiguous()
-            model.linear(a, bt)
-            ts = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    model.linear(a, bt)
-                ts.append((time.perf_counter() - t0) / reps)
-            out["matmul_flops_onednn"] = 2 * n ** 3 / min(ts)
+            out["matmul_flops_onednn"] = 2 * n ** 3 / best_time(lambda: model.linear(a, bt), device, 3, reps)
             out["matmul_flops"] = max(flops, out["matmul_flops_onednn"])
-            del bt
-    del a, b
+    a = b = bt = None   # freed before the copy test
     numel = (1 << 30 if device.type == "cuda" else 1 << 26) // 4   # 1 GiB on GPU, 64 MiB on CPU (fp32)
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
+    out["copy_bytes_per_s"] = 2 * numel * 4 / best_time(lambda: dst.copy_(src), device, rounds=5, reps=1)
+    return out
+
+
+def best_time(fn, device: torch.device, rounds: int, reps: int) -> float:
+    """Seconds per call of fn: one warm-up call, then the fastest of `rounds` rounds of `reps` calls
+    (a ceiling, not a typical value)."""
+    fn()
     ts = []
-    for _ in range(5):
+    for _ in range(rounds):
         sync(device)
         t0 = time.perf_counter()
-        dst.copy_(src)
+        for _ in range(reps):
+            fn()
         sync(device)
-        ts.append(time.perf_counter() - t0)
-    out["copy_bytes_per_s"] = 2 * numel * 4 / min(ts)
-    return out
+        ts.append((time.perf_counter() - t0) / reps)
+    return min(ts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,12 +245,13 @@ def decode_bytes(m: LLaVA, batch: int, context: int) -> int:
 # Models and inputs
 
 def init_weights(m: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
-    """transformers' LLaMA/LLaVA init: N(0, std) matrices and embeddings, zero biases, unit norms."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    """transformers' LLaMA/LLaVA init: N(0, std) matrices and embeddings, zero biases, unit norms. Drawn in
+    place on the parameters' device (no CPU copy of a 7B model's weights)."""
+    g = torch.Generator(device=next(m.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if p.dim() >= 2 or name.endswith("class_embedding"):
-                p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+                p.normal_(0.0, std, generator=g)
             elif name.endswith("bias"):
                 p.zero_()
             else:
@@ -434,11 +424,8 @@ def bench_training(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, de
         losses["transformers"] = out.loss.item()
 
     def ours_fused():
-        model.use_fused_kernels(True)
-        try:
+        with model.fused_kernels():
             ours()
-        finally:
-            model.use_fused_kernels(False)
 
     # "ours, every row" does transformers' work (lm_head on all B*T rows): the difference to "ours" is
     # what running the lm_head on the labelled rows only is worth
@@ -471,75 +458,13 @@ def bench_training(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, de
 # ----------------------------------------------------------------------------------------------------
 # PPO step split
 
-class _LocalPPOMath:
-    """The few PPO formulas the bench needs, for when ppo.py cannot be imported (same signatures)."""
-
-    @staticmethod
-    def response_mask(resp, eos_id):
-        is_eos = resp == eos_id
-        before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-        return (~before).float(), is_eos.any(-1)
-
-    @staticmethod
-    def forward_response(m, adapter, ids, images, mask, P):
-        m.set_adapter(adapter)
-        return m.hidden_states(ids, images, mask)[:, P - 1:-1]
-
-    @staticmethod
-    def shaped_rewards(score, logp, ref_logp, mask, kl_coef=0.1):
-        r = -kl_coef * (logp - ref_logp).clamp(min=0) * mask
-        last = (mask.sum(-1).long() - 1).clamp(min=0)
-        r[torch.arange(r.shape[0], device=r.device), last] += score
-        return r * mask, {}
-
-    @staticmethod
-    def gae(rewards, values, mask, gamma=1.0, lam=1.0):
-        adv, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
-        next_v, next_m = torch.zeros_like(last), torch.zeros_like(last)
-        for t in reversed(range(rewards.shape[1])):
-            last = rewards[:, t] + gamma * next_v * next_m - values[:, t] + gamma * lam * last * next_m
-            adv[:, t] = last * mask[:, t]
-            next_v, next_m = values[:, t], mask[:, t]
-        return adv, (adv + values) * mask
-
-    @staticmethod
-    def whiten(x, mask, across_ranks=False):
-        m = mask.bool()
-        return (x - x[m].mean()) / (x[m].std() + 1e-8) * mask
-
-    @staticmethod
-    def policy_loss(logp, old_logp, adv, mask, clip=0.2):
-        ratio = torch.exp(logp - old_logp)
-        loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
-        return (loss * mask).sum() / mask.sum().clamp(min=1), {}
-
-    @staticmethod
-    def value_loss(v, old_v, ret, mask, clip=0.2):
-        vc = old_v + (v - old_v).clamp(-clip, clip)
-        loss = 0.5 * torch.maximum((v - ret) ** 2, (vc - ret) ** 2)
-        return (loss * mask).sum() / mask.sum().clamp(min=1), {}
-
-
-def _ppo_math():
-    """ppo.py's own functions when it imports (so the bench runs the trainer's math), else local copies."""
-    try:
-        import ppo
-        names = ("response_mask", "forward_response", "shaped_rewards", "gae", "whiten", "policy_loss", "value_loss")
-        if all(hasattr(ppo, n) for n in names):
-            return ppo, "ppo.py's rollout/update math + model.py primitives"
-    except Exception:  # noqa: BLE001  (ppo.py missing or broken: the bench still runs)
-        pass
-    return _LocalPPOMath, "self-contained approximation (model.py primitives)"
-
-
 def _ppo_phases(m: LLaVA, cfg: BenchConfig, device, compile: bool, seed: int = 0):
     """A PPO step in three phases, as ppo.py runs it: one frozen base with LoRA adapters for the policy,
     the value model and the reward model (the reference is the bare base). generation: the policy
     samples at temperature 1; scoring: policy and reference log-probs, values, the reward model's
     score, KL-shaped rewards, GAE, whitening; update: clipped policy loss + clipped value loss on the
     whole batch, backward through the LoRA parameters and the value head, an AdamW step.
-    -> ((generation, scoring, update) callables run in this order, source description)."""
-    P_, source = _ppo_math()
+    -> (generation, scoring, update): callables to run in this order."""
     c = cfg.model
     st: dict = {}
     ids, images, mask = make_inputs(cfg, cfg.text_tokens - 1, seed=2, device=device)
@@ -563,13 +488,13 @@ def _ppo_phases(m: LLaVA, cfg: BenchConfig, device, compile: bool, seed: int = 0
         m.set_adapter("policy")
         resp = m.generate(ids, images, mask, max_new_tokens=N, temperature=1.0, eos_token_id=2,
                           generator=gen, compile=compile)
-        rmask, _ = P_.response_mask(resp, 2)
+        rmask, _ = ppo.response_mask(resp, 2)
         st["resp"], st["rmask"] = resp, rmask
         st["full"] = torch.cat([ids, resp], 1)
         st["fmask"] = torch.cat([mask, rmask.long()], 1)
 
     def hidden(adapter):
-        return P_.forward_response(m, adapter, st["full"], images, st["fmask"], P)     # (B, R, D)
+        return ppo.forward_response(m, adapter, st["full"], images, st["fmask"], P)     # (B, R, D)
 
     def scoring():
         resp, rmask = st["resp"], st["rmask"]
@@ -579,26 +504,26 @@ def _ppo_phases(m: LLaVA, cfg: BenchConfig, device, compile: bool, seed: int = 0
             st["values"] = value_head(hidden("value")) * rmask
             m.set_adapter("reward")
             score = model.gather_last(reward_head(m.hidden_states(st["full"], images, st["fmask"])), st["fmask"])
-        rewards, _ = P_.shaped_rewards(score, st["logp"], ref_logp, rmask, 0.1)
-        adv, st["ret"] = P_.gae(rewards, st["values"], rmask, 1.0, 0.95)
-        st["adv"] = P_.whiten(adv, rmask, across_ranks=False)
+        rewards, _ = ppo.shaped_rewards(score, st["logp"], ref_logp, rmask, 0.1)
+        adv, st["ret"] = ppo.gae(rewards, st["values"], rmask, 1.0, 0.95)
+        st["adv"] = ppo.whiten(adv, rmask, across_ranks=False)
 
     def update():
         m.train()
         logp, _ent = model.fused_token_logprobs(hidden("policy"), W, st["resp"], with_entropy=True)
-        pg, _ = P_.policy_loss(logp, st["logp"], st["adv"], st["rmask"], 0.2)
-        vf, _ = P_.value_loss(value_head(hidden("value")), st["values"], st["ret"], st["rmask"], 0.2)
+        pg, _ = ppo.policy_loss(logp, st["logp"], st["adv"], st["rmask"], 0.2)
+        vf, _ = ppo.value_loss(value_head(hidden("value")), st["values"], st["ret"], st["rmask"], 0.2)
         (pg + 0.1 * vf).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         m.eval()
         m.set_adapter(None)
 
-    return (generation, scoring, update), source
+    return generation, scoring, update
 
 
 def bench_ppo(m: LLaVA, cfg: BenchConfig, table: Table, device, compile: bool) -> None:
-    fns, src = _ppo_phases(m, cfg, device, compile)
+    fns = _ppo_phases(m, cfg, device, compile)
     phases = dict(zip(("generation", "scoring", "update"), fns))
     for f in phases.values():           # warm-up (compiles the LoRA policy's decode step and the sampler)
         f()
@@ -615,7 +540,8 @@ def bench_ppo(m: LLaVA, cfg: BenchConfig, table: Table, device, compile: bool) -
         t = med(times[k])
         table.add(f"PPO step: {k}", "ours" + (" compiled" if compile and k != "update" else ""), t,
                   B * N / t if k == "generation" else None, None, None, peaks[k], f"{100 * t / total:.0f}% of step")
-    table.add("PPO step: total", "ours", total, None, None, None, max(peaks.values()), src)
+    table.add("PPO step: total", "ours", total, None, None, None, max(peaks.values()),
+              "ppo.py's rollout/update math + model.py primitives")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -652,14 +578,7 @@ def gpu_check(args) -> None:
     finally:
         torch.set_default_dtype(old)
     m = m.to_empty(device=device).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() >= 2 or name.endswith("class_embedding"):
-                p.normal_(0.0, 0.02)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.fill_(1.0)
+    init_weights(m)
     for p in m.parameters():
         p.requires_grad_(False)
     n_llm = sum(p.numel() for n, p in m.named_parameters() if n.startswith(("llm.", "lm_head.")))
@@ -724,13 +643,13 @@ def gpu_check(args) -> None:
     for label, fused in (("ours eager", False), ("ours compiled", True)):
         if fused and args.no_compile:
             continue
-        model.use_fused_kernels(fused)
         try:
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            first = time.perf_counter() - t0
-            times, peaks = interleaved({"train": step}, 3, device, warmup=0)
+            with model.fused_kernels(fused):
+                t0 = time.perf_counter()
+                step()
+                sync(device)
+                first = time.perf_counter() - t0
+                times, peaks = interleaved({"train": step}, 3, device, warmup=0)
             t = med(times["train"])
             table.add(f"train fwd+bwd B={train_b} T={train_t}", label, t, train_b * train_t / t, None,
                       flops / t / ceil["matmul_flops"], peaks["train"],
@@ -740,8 +659,6 @@ def gpu_check(args) -> None:
         except Exception as e:  # noqa: BLE001
             table.add(f"train fwd+bwd B={train_b} T={train_t}", label, note=f"FAILED: {type(e).__name__}: {str(e)[:120]}")
             log(f"train {label} failed: {e}")
-        finally:
-            model.use_fused_kernels(False)
     for p in m.parameters():
         p.grad = None
     table.add("ceiling", "measured", note=f"matmul {ceil['matmul_flops'] / 1e12:.1f} TFLOP/s ({dtype}), "

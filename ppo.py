@@ -368,12 +368,11 @@ def rollout(models: Models, tok: data.Tokenizer, batch: dict, records: list[dict
     vb = models.value_base
     v_images = images if vb is pb else _reprocess(batch, records, vb.config.image_size, cfg)
     vfull, vmask, vP = value_inputs(full, fmask, P, pb.num_image_tokens, vb.num_image_tokens)
-    with M.packed_cpu_linear(cfg.compile and dev.type == "cpu"):
-        h = forward_response(pb, "policy", full, images, fmask, P)
-        logp = M.token_logprobs(h, pb.lm_head.weight, resp)                 # (B, R)
-        h = forward_response(pb, models.ref_adapter, full, images, fmask, P)
-        ref_logp = M.token_logprobs(h, pb.lm_head.weight, resp)
-        values = models.value_head(forward_response(vb, "value", vfull, v_images, vmask, vP)).float()  # (B, R)
+    h = forward_response(pb, "policy", full, images, fmask, P)
+    logp = M.token_logprobs(h, pb.lm_head.weight, resp)                     # (B, R)
+    h = forward_response(pb, models.ref_adapter, full, images, fmask, P)
+    ref_logp = M.token_logprobs(h, pb.lm_head.weight, resp)
+    values = models.value_head(forward_response(vb, "value", vfull, v_images, vmask, vP)).float()  # (B, R)
 
     lengths = rmask.sum(-1).long().tolist()
     texts = [tok.decode([t for t in row[:n] if t != tok.eos_id]) for row, n in zip(resp.tolist(), lengths)]
@@ -389,8 +388,7 @@ def rollout(models: Models, tok: data.Tokenizer, batch: dict, records: list[dict
         items = [{"image": img, "response": text, "facts": rec.get("facts") or [], "id": str(rec.get("id", k)),
                   "conversations": [{"from": "human", "value": ("<image>\n" if rec.get("image") else "") + rec["question"]}]}
                  for k, (rec, text, img) in enumerate(zip(recs, texts, row_images))]
-        with M.packed_cpu_linear(cfg.compile and dev.type == "cpu"):
-            score = torch.tensor(_score_with_images(models.scorer, items), dtype=torch.float32)
+        score = torch.tensor(_score_with_images(models.scorer, items), dtype=torch.float32)
     sym = symbolic_rewards(texts, has_eos.tolist(), lengths, recs, cfg.no_eos_penalty, cfg.length_penalty,
                            cfg.length_budget, cfg.correct_scale, cfg.mc_reward, cfg.yesno_reward)
     total = score + sym["no_eos"] + sym["length"] + sym["correct"]
@@ -563,9 +561,10 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
         for mod in (pb, models.value_base):
             mod.eval()
         parts = []
-        for i in range(0, per_rank, cfg.micro_batch):
-            b = data.collate_left([prompts[j] for j in idx[i:i + cfg.micro_batch]], tok.pad_id)
-            parts.append(rollout(models, tok, b, records, cfg, gen, reward_fn))
+        with M.packed_cpu_linear(cfg.compile and d.device.type == "cpu"):   # generation and scoring
+            for i in range(0, per_rank, cfg.micro_batch):
+                b = data.collate_left([prompts[j] for j in idx[i:i + cfg.micro_batch]], tok.pad_id)
+                parts.append(rollout(models, tok, b, records, cfg, gen, reward_fn))
         ro = merge_rollouts(parts)
         t0 = time.time()
         mask = ro["rmask"]
