@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def hf_clip_config(image_size: int = 30, patch_size: int = 6, hidden: int = 32, layers: int = 3):
@@ -53,6 +57,15 @@ def save(m, path: str) -> str:
 def to_hf_ids(ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     from model import IMAGE_TOKEN_INDEX
     return ids.masked_fill(ids == IMAGE_TOKEN_INDEX, image_token_id)
+
+
+def torchrun(script: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=nproc script args` from the repository root, one thread per rank, on a
+    free port. -> the finished process (stdout, stderr captured)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+           str(free_port()), script] + args
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def free_port() -> int:

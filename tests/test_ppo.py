@@ -3,17 +3,13 @@ a toy PPO run that learns; exact resume; torchrun equivalence; the Fact-RM path.
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import common
-from helpers import free_port
+from helpers import torchrun
 import ppo
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _ragged(B=5, T=9, seed=0):
@@ -157,10 +153,7 @@ def test_exact_resume(tiny_world, tiny_sft, tmp_path):
 def test_torchrun_matches_single_process(tiny_world, tiny_sft, tmp_path):
     kw = dict(temperature=0.0, step_batch=16, max_steps=2)
     ppo.main(_args(tiny_world, tiny_sft, tmp_path / "one", **kw))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-           str(free_port()), "ppo.py"] + _args(tiny_world, tiny_sft, tmp_path / "two", **kw)
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun("ppo.py", _args(tiny_world, tiny_sft, tmp_path / "two", **kw))
     assert r.returncode == 0, r.stderr[-3000:]
     a = common.load_checkpoint(common.latest_checkpoint(str(tmp_path / "one")))["model"]
     b = common.load_checkpoint(common.latest_checkpoint(str(tmp_path / "two")))["model"]

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import common
-from helpers import free_port
+from helpers import ROOT, torchrun
 import sft
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _args(w, out, **kw):
@@ -66,10 +65,7 @@ def test_lora_mode_trains_only_adapter(tiny_world, tmp_path):
 
 def _torchrun(args, nproc=2):
     for attempt in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
-               str(free_port()), "sft.py"] + args
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        r = torchrun("sft.py", args, nproc)
         # Known, rare (about 1 run in 10 here): with FSDP on gloo a rank can abort in C++ teardown
         # ("terminate called without an active exception") after the run has finished. Retried once,
         # only for that message; any other failure fails the test at once.
