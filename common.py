@@ -143,20 +143,33 @@ class Dist:
         return self.world > 1
 
 
+def process_group_backend(device_type: str, gpu_backend: str = "nccl") -> str:
+    """The backend string for init_process_group. NCCL takes CUDA tensors only, and the stages reduce
+    small CPU tensors too (token counts, the skip flag, metrics, pickled objects), so a GPU run registers
+    gloo for CPU tensors beside NCCL in the same group: each collective goes to its tensors' device."""
+    return f"cpu:gloo,cuda:{gpu_backend}" if device_type == "cuda" else "gloo"
+
+
 def setup_distributed(device: str = "auto") -> Dist:
-    """Init the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+    """Init the process group when launched by torchrun (even with one process: the GPU smoke test runs
+    NCCL at --nproc_per_node=1), or reuse one the caller made (the tests, the rehearsal)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda, but torch sees no CUDA GPU (a CPU-only build, or no driver)")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or world > 1
+    if launched and not dist.is_initialized():
+        dist.init_process_group(backend=process_group_backend(dev.type))
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
     return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
@@ -332,8 +345,6 @@ class StopSignal:
         """True on every rank as soon as any rank got a signal."""
         flag = torch.tensor([1.0 if self.requested else 0.0])
         if dist.is_initialized():
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
@@ -465,22 +476,40 @@ def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
     base (reward model, PPO) use this instead of DDP, which expects one forward per backward."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     i = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[i:i + n].view_as(p).clone()
+    for p in params:   # back into the gradients in place: at most one extra copy of them alive
+        n = p.grad.numel()
+        p.grad.copy_(flat[i:i + n].view_as(p.grad))
         i += n
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPU; a no-op context on CPU, where we train in fp32."""
+def autocast(device: torch.device, dtype: torch.dtype | None = None):
+    """bf16 autocast on GPU, and wherever the base weights are half precision (dtype: the base's):
+    trainable tensors are fp32 masters (fp32_trainable) while the matmuls run at the base's precision.
+    A no-op for an fp32 model on CPU."""
     import contextlib
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device.type, dtype=dtype)
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def fp32_trainable(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Keep every trainable tensor in fp32, in place: AdamW on bf16 weights loses most small updates
+    (a bf16 weight near 1e-2 cannot move by 3e-7), so the optimizer steps fp32 masters and its state
+    is fp32 too; the frozen base stays in its (bf16) dtype and the compute runs under autocast.
+    Call before the optimizer is made. -> params."""
+    with torch.no_grad():
+        for p in params:
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+    return params
 
 
 def check_finite(loss: torch.Tensor, what: str, step: int) -> bool:

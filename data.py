@@ -71,7 +71,7 @@ class DataError(ValueError):
 
 
 class TruncationError(DataError):
-    """Truncation to max_len would cut through the image tokens or leave nothing supervised."""
+    """Truncation to max_len would cut off the image tokens or leave nothing supervised."""
 
 
 @dataclass
@@ -267,23 +267,48 @@ def encode_text(text: str, tok: Tokenizer, num_image_tokens: int, bos: bool = Tr
     return ids
 
 
+def text_len(ids: list[int]) -> int:
+    """Length of an id list with each image (a run of IMAGE_TOKEN_INDEX) counted as ONE id: how the
+    official code's limits count (SPEC §9), so max_len / max_prompt_len never count the 256 / 576
+    expanded image tokens."""
+    n_img = ids.count(IMAGE_TOKEN_INDEX)
+    if not n_img:
+        return len(ids)
+    runs = sum(1 for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX and (i == 0 or ids[i - 1] != IMAGE_TOKEN_INDEX))
+    return len(ids) - n_img + runs
+
+
+def _text_cut(ids: list[int], max_len: int) -> int:
+    """The index that keeps the first max_len ids as text_len counts them; never inside an image run."""
+    n = 0
+    for i, t in enumerate(ids):
+        if t != IMAGE_TOKEN_INDEX or i == 0 or ids[i - 1] != IMAGE_TOKEN_INDEX:  # a new position starts here
+            if n == max_len:
+                return i
+            n += 1
+    return len(ids)
+
+
 def tokenize_conversation(conversations: list[dict], tok: Tokenizer, template: Template, num_image_tokens: int,
                           max_len: int | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for a training conversation. Labels are IGNORE_INDEX except on the assistant
     answers and their </s>. Pieces are encoded separately (see Template.segments), so the prompt from
-    tokenize_prompt is an exact prefix. Raises TruncationError when max_len would cut the image tokens or
-    leave no supervised token."""
+    tokenize_prompt is an exact prefix. max_len counts the image as ONE id (text_len, SPEC §9: the official
+    model_max_length 1280 counts text ids only); a longer conversation keeps its first max_len ids so
+    counted, the image whole. Raises TruncationError when max_len would cut off the image or leave no
+    supervised token."""
     conv = normalize_conversation(conversations, has_image=None, last="gpt")
     ids, labels = [tok.bos_id], [IGNORE_INDEX]
     for _, text, supervised in template.segments(conv):
         piece = encode_text(text, tok, num_image_tokens, bos=False)
         ids.extend(piece)
         labels.extend(piece if supervised else [IGNORE_INDEX] * len(piece))
-    if max_len is not None and len(ids) > max_len:
+    if max_len is not None and text_len(ids) > max_len:
         n_img = ids.count(IMAGE_TOKEN_INDEX)
-        ids, labels = ids[:max_len], labels[:max_len]
+        cut = _text_cut(ids, max_len)
+        ids, labels = ids[:cut], labels[:cut]
         if ids.count(IMAGE_TOKEN_INDEX) != n_img:
-            raise TruncationError(f"max_len {max_len} cuts through the {n_img} image tokens")
+            raise TruncationError(f"max_len {max_len} (the image counted as one id) cuts off the {n_img} image tokens")
     if all(label == IGNORE_INDEX for label in labels):
         raise TruncationError(f"no supervised token left after truncation to max_len {max_len}")
     return ids, labels
@@ -731,6 +756,7 @@ class _ServeOrSkip(torch.utils.data.Dataset):
 class SFTDataset(_ServeOrSkip):
     """Tokenised conversations with their images. Tokenisation runs once up front to find the length of
     each record and to drop (and count, in `dropped` and the Skips) those that truncation would empty;
+    records cut to max_len (the image counted as one id) but kept are counted in `truncated`;
     __getitem__ tokenises again (cheap, and keeps memory flat on large sets) and loads the image.
     A broken image at __getitem__ raises DataError; with on_error="skip" the next record is served instead
     and counted (use read_sft(check_images=True) or `data.py check` to find them before training)."""
@@ -743,12 +769,15 @@ class SFTDataset(_ServeOrSkip):
         self.image_size, self.num_image_tokens, self.max_len = image_size, num_image_tokens, max_len
         self.on_error, self.pad_to_square = on_error, pad_to_square
         self.skips = SKIPS if skips is None else skips
-        self.records, self.lengths, self.dropped = [], [], 0
+        self.records, self.lengths, self.dropped, self.truncated = [], [], 0, 0
         for i, rec in enumerate(records):
             try:
                 if rec.get("image") is not None and not any(IMAGE_PLACEHOLDER in t["value"] for t in rec["conversations"]):
                     raise DataError("the record has an image but no <image> placeholder (read it with read_sft)")
-                ids, _ = tokenize_conversation(rec["conversations"], tok, template, num_image_tokens, max_len)
+                ids, _ = tokenize_conversation(rec["conversations"], tok, template, num_image_tokens)
+                cut = max_len is not None and text_len(ids) > max_len
+                if cut:
+                    ids, _ = tokenize_conversation(rec["conversations"], tok, template, num_image_tokens, max_len)
             except DataError as e:
                 e = e.at(rec.get("source"), rec.get("index", i))
                 if isinstance(e, TruncationError):
@@ -757,11 +786,13 @@ class SFTDataset(_ServeOrSkip):
                     raise e from None
                 self.skips.add(str(e))
                 continue
+            self.truncated += int(cut)
             self.records.append(rec)
             self.lengths.append(len(ids))
-        if len(self.records) < len(records):
+        if len(self.records) < len(records) or self.truncated:
             print(f"SFTDataset: kept {len(self.records)} of {len(records)} records "
-                  f"({self.dropped} dropped by truncation to max_len={max_len})", file=sys.stderr)
+                  f"({self.dropped} dropped by truncation to max_len={max_len}, {self.truncated} kept truncated; "
+                  f"the image counted as one id)", file=sys.stderr)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -777,7 +808,8 @@ class SFTDataset(_ServeOrSkip):
 class PromptDataset(_ServeOrSkip):
     """PPO / evaluation prompts (records from read_ppo_prompts or read_mmhal): tokenised prompt ending at
     "ASSISTANT:", the image, and "index" into `records` for the facts and answers. Prompts longer than
-    max_prompt_len are dropped and counted in `dropped` (SPEC §5: prompt length <= 128)."""
+    max_prompt_len, the image counted as one id (text_len; SPEC §5/§9: prompt length <= 128 with the image as
+    a single placeholder), are dropped and counted in `dropped`."""
 
     def __init__(self, records: list[dict], tok: Tokenizer, template: Template, image_folder: str | None,
                  image_size: int, num_image_tokens: int, max_prompt_len: int | None = None,
@@ -788,14 +820,14 @@ class PromptDataset(_ServeOrSkip):
         self.prompts, self.keep, self.dropped = [], [], 0
         for i, rec in enumerate(records):
             ids = tokenize_prompt(rec["question"], tok, template, num_image_tokens, has_image=rec.get("image") is not None)
-            if max_prompt_len is not None and len(ids) > max_prompt_len:
+            if max_prompt_len is not None and text_len(ids) > max_prompt_len:
                 self.dropped += 1
                 continue
             self.prompts.append(ids)
             self.keep.append(i)
         if self.dropped:
-            print(f"PromptDataset: dropped {self.dropped} of {len(records)} prompts longer than {max_prompt_len} tokens",
-                  file=sys.stderr)
+            print(f"PromptDataset: dropped {self.dropped} of {len(records)} prompts longer than {max_prompt_len} ids "
+                  f"(the image counted as one)", file=sys.stderr)
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -1253,20 +1285,25 @@ def check_dataset(path: str, image_folder: str | None = None, tokenizer: str | T
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         for r in good:
             has_image = r.get("image") is not None or kind == "mmhal"
+            # the histogram shows the model's sequence length (image = num_image_tokens ids); max_len counts
+            # the image as one id, as the training scripts do (text_len)
             if kind == "sft":
-                n = len(tokenize_conversation(r["conversations"], tok, template, num_image_tokens)[0])
-                if max_len is not None and n > max_len:
+                ids = tokenize_conversation(r["conversations"], tok, template, num_image_tokens)[0]
+                n, n_text = len(ids), text_len(ids)
+                if max_len is not None and n_text > max_len:
                     try:
                         tokenize_conversation(r["conversations"], tok, template, num_image_tokens, max_len)
                     except TruncationError:
                         emptied += 1
             elif kind == "preference":
-                n = max(len(tokenize_conversation(with_response(r["conversations"], r[k]["value"]), tok, template,
-                                                  num_image_tokens)[0]) for k in ("output_1", "output_2"))
+                seqs = [tokenize_conversation(with_response(r["conversations"], r[k]["value"]), tok, template,
+                                              num_image_tokens)[0] for k in ("output_1", "output_2")]
+                n, n_text = max(len(x) for x in seqs), max(text_len(x) for x in seqs)
             else:
-                n = len(tokenize_prompt(r["question"], tok, template, num_image_tokens, has_image=has_image))
+                ids = tokenize_prompt(r["question"], tok, template, num_image_tokens, has_image=has_image)
+                n, n_text = len(ids), text_len(ids)
             lengths.append(n)
-            too_long += int(max_len is not None and n > max_len)
+            too_long += int(max_len is not None and n_text > max_len)
     p = lambda s="": print(s, file=out)  # noqa: E731
     p(f"file: {path}")
     p(f"kind: {kind}")
@@ -1293,8 +1330,8 @@ def check_dataset(path: str, image_folder: str | None = None, tokenizer: str | T
         p(f"tokens (image = {num_image_tokens}): min {a.min()}  mean {a.mean():.1f}  p50 {int(np.percentile(a, 50))}"
           f"  p90 {int(np.percentile(a, 90))}  p99 {int(np.percentile(a, 99))}  max {a.max()}")
         if max_len is not None:
-            p(f"longer than max_len {max_len}: {too_long}" + (f" ({emptied} would lose every supervised token and be dropped)"
-                                                              if kind == "sft" else ""))
+            p(f"longer than max_len {max_len} (the image counted as one id): {too_long}"
+              + (f" ({emptied} would lose every supervised token and be dropped)" if kind == "sft" else ""))
         p("histogram:")
         for line in _histogram(lengths):
             p(line)
@@ -1344,7 +1381,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--image_folder", default=None)
     c.add_argument("--tokenizer", default=None)
     c.add_argument("--kind", default=None, choices=["sft", "preference", "ppo", "mmhal"])
-    c.add_argument("--max_len", type=int, default=None)
+    c.add_argument("--max_len", type=int, default=None, help="count longer records, the image counted as one id")
     c.add_argument("--num_image_tokens", type=int, default=576)
     c.add_argument("--no_images", action="store_true", help="do not open the images")
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's marker id in input_ids: projected patch features go there
@@ -256,7 +257,9 @@ class LoRALinear(Linear):
             h = x
             if self.training and self.lora_dropout[name] > 0:
                 h = F.dropout(h, self.lora_dropout[name])
-            y = y + F.linear(F.linear(h, self.lora_A[name]), self.lora_B[name]) * self.lora_scale[name]
+            # adapters may be fp32 masters over a bf16 base (common.fp32_trainable): compute in x's dtype
+            a, b = self.lora_A[name].to(h.dtype), self.lora_B[name].to(h.dtype)
+            y = y + F.linear(F.linear(h, a), b) * self.lora_scale[name]
         return y
 
     def merge(self, name: str) -> None:
@@ -540,6 +543,25 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
 
 
+def _pinned_adapters(layer: nn.Module) -> Callable:
+    """The layer as a function that runs with the LoRA adapters active now, also when checkpointing
+    recomputes it in backward after another adapter was made active (PPO's policy and value adapters
+    share one base: without this, the policy's recompute would run the value adapter)."""
+    mods = [m for m in layer.modules() if isinstance(m, LoRALinear)]
+    names = [m.active_adapter for m in mods]
+
+    def run(*args):
+        now = [m.active_adapter for m in mods]
+        for m, n in zip(mods, names):
+            m.active_adapter = n
+        try:
+            return layer(*args)
+        finally:
+            for m, n in zip(mods, now):
+                m.active_adapter = n
+    return run
+
+
 def attention_mask_4d(key_valid: torch.Tensor, q_len: int, start: int) -> torch.Tensor:
     """key_valid (B, S) bool -> (B, 1, q_len, S) bool: causal (query i sits at start+i) and no padding.
     The diagonal is always allowed so that a padded query row never sees an empty set (NaN)."""
@@ -553,8 +575,16 @@ def attention_mask_4d(key_valid: torch.Tensor, q_len: int, start: int) -> torch.
 
 def causal_or_padded_mask(key_valid: torch.Tensor) -> torch.Tensor | None:
     """key_valid (B, T) bool -> None when no row is padded (plain causal: SDPA's fast is_causal path),
-    else the (B, 1, T, T) mask of attention_mask_4d."""
-    return None if bool(key_valid.all()) else attention_mask_4d(key_valid, key_valid.shape[1], 0)
+    else the (B, 1, T, T) mask of attention_mask_4d. A mask without values is the rehearsal's, whose
+    rows are all full length: None, which also gives SDPA the kernel a GPU runs (no T x T scores)."""
+    unpadded = not has_values(key_valid) or bool(key_valid.all())
+    return None if unpadded else attention_mask_4d(key_valid, key_valid.shape[1], 0)
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """False for a tensor without data: a fake tensor (rehearse.py runs the stages at full size under
+    FakeTensorMode) or a meta one. The few checks that read a tensor's values skip themselves then."""
+    return not (t.is_meta or isinstance(t, FakeTensor))
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -576,7 +606,8 @@ class ScalarHead(nn.Module):
             nn.init.zeros_(self.proj.weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(hidden).squeeze(-1).float()                       # (B, T)
+        w, b = self.proj.weight.to(hidden.dtype), self.proj.bias.to(hidden.dtype)   # an fp32 head on bf16 states
+        return F.linear(hidden, w, b).squeeze(-1).float()                  # (B, T)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -802,8 +833,8 @@ class LLaVA(nn.Module):
     def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings (B, T, D) with image features at every IMAGE_TOKEN_INDEX position, in order."""
         is_img = input_ids == IMAGE_TOKEN_INDEX
-        n_pos = int(is_img.sum())
         n_img = 0 if images is None else images.shape[0]
+        n_pos = int(is_img.sum()) if has_values(is_img) else n_img * self.num_image_tokens
         if self.config.text_only and (n_img or n_pos):
             raise ValueError("this is a text-only LLaMA (loaded without a vision tower): it takes no images")
         if n_pos != n_img * self.num_image_tokens:
@@ -822,7 +853,8 @@ class LLaVA(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         for layer in self.llm.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, start, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(_pinned_adapters(layer), x, cos, sin, mask, cache, start,
+                                                      use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, start)
         return self.llm.norm(x)
@@ -915,7 +947,7 @@ class LLaVA(nn.Module):
                 tok = tok.masked_fill(done, pad_token_id)
                 toks.append(tok)
                 done = done | (tok == eos_token_id)
-                if bool(done.all()) or i == max_new_tokens - 1:
+                if i == max_new_tokens - 1 or (has_values(done) and bool(done.all())):
                     break
                 key_valid[:, T + i] = True
                 logits = step(tok, next_pos, cache, T + i, key_valid).float()

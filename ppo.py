@@ -16,6 +16,9 @@ Tiny world:
 The paper's 13B RM and critic beside a 7B policy: add --rm_base_path runs/sft13b_336/final --rm_dir runs/rm13b/best
 (one tokenizer for both bases; the second base's image tokens and image size are its own).
 Resume: add --resume true (SIGTERM/SIGINT write a checkpoint first).
+Peak memory per GPU of one rollout + update at full size, before paying for GPUs (no weights, CPU, ~1 min):
+    python ppo.py rehearse --preset llava-rlhf-7b --rm_base_path preset:llava-rlhf-13b --ranks 8
+(--model_path / --rm_base_path may name folders: only their config.json is read.)
 """
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, across_
     mask = mask.to(x.dtype)
     stats = torch.stack([masked_sum(x, mask), masked_sum(x * x, mask), mask.sum()]).double()
     if across_ranks and dist.is_initialized():
-        stats = common.all_reduce_sum(stats.to(x.device) if dist.get_backend() == "nccl" else stats.cpu()).to(x.device)
+        stats = common.all_reduce_sum(stats)
     n = stats[2].clamp(min=1)
     mean = stats[0] / n
     var = (stats[1] / n - mean * mean).clamp(min=0)
@@ -90,8 +93,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
     l2 = -adv * ratio.clamp(1 - clip, 1 + clip)
     loss = masked_mean(torch.maximum(l1, l2), mask)
     with torch.no_grad():
-        stats = {"clipfrac": float(masked_mean((l2 > l1).to(logp.dtype), mask)),
-                 "approx_kl": float(0.5 * masked_mean((logp - old_logp) ** 2, mask))}
+        stats = {"clipfrac": masked_mean((l2 > l1).to(logp.dtype), mask),          # 0-d tensors
+                 "approx_kl": 0.5 * masked_mean((logp - old_logp) ** 2, mask)}
     return loss, stats
 
 
@@ -103,7 +106,7 @@ def value_loss(v: torch.Tensor, old_v: torch.Tensor, ret: torch.Tensor, mask: to
     e1, e2 = (v - ret) ** 2, (v_clipped - ret) ** 2
     loss = 0.5 * masked_mean(torch.maximum(e1, e2), mask)
     with torch.no_grad():
-        stats = {"vf_clipfrac": float(masked_mean((e2 > e1).to(v.dtype), mask))}
+        stats = {"vf_clipfrac": masked_mean((e2 > e1).to(v.dtype), mask)}
     return loss, stats
 
 
@@ -171,6 +174,18 @@ class AdaptiveKL:
         self.value *= 1 + err * n / self.horizon
 
 
+def ppo_lr(step: int, total: int, warmup: int, base: float, min_ratio: float = 0.0) -> float:
+    """Learning rate of PPO step `step` (0-based rollout batch; every optimizer step within it uses this
+    lr): the official schedule (SPEC §9), transformers' get_cosine_schedule_with_warmup stepped once per
+    rollout batch. Factor step / warmup for step < warmup (0 at the first step), then cosine from 1 down
+    to min_ratio over the remaining total - warmup steps."""
+    import math
+    if step < warmup:
+        return base * step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Config
 
@@ -183,7 +198,7 @@ class Config:
     captions: str = ""                  # image -> captions map: the facts the RM sees
     tokenizer: str = ""                 # default: model_path
     system: str = data.VICUNA_V1_SYSTEM
-    max_prompt_len: int = 128
+    max_prompt_len: int = 128           # prompt ids, the image counted as one (SPEC §9)
     on_error: str = "raise"
     # models
     model_path: str = ""                # the SFT model folder: the frozen base of every adapter
@@ -195,6 +210,8 @@ class Config:
     lora_r: int = 64
     lora_alpha: float = 16.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    grad_ckpt: bool = False             # recompute each decoder layer in backward (policy and value updates):
+    #                                     activation memory of one layer instead of all, ~1/3 more compute
     # rollout
     rollout_batch: int = 512            # prompts per PPO step, all ranks
     step_batch: int = 256               # rollouts per optimizer step, all ranks
@@ -252,9 +269,9 @@ class Config:
 PRESETS = {
     "tiny": dict(rollout_batch=64, step_batch=32, micro_batch=32, max_new_tokens=48, length_budget=48,
                  lora_r=16, lora_alpha=32.0, lr=3e-4, warmup_steps=2, max_steps=30, save_every=10,
-                 max_prompt_len=160, length_penalty=-1.0, no_eos_penalty=-4.0, reward_scale=1.0),
-    "llava-rlhf-7b": dict(micro_batch=8),
-    "llava-rlhf-13b": dict(micro_batch=4),
+                 max_prompt_len=97, length_penalty=-1.0, no_eos_penalty=-4.0, reward_scale=1.0),
+    "llava-rlhf-7b": dict(micro_batch=8, grad_ckpt=True),
+    "llava-rlhf-13b": dict(micro_batch=4, grad_ckpt=True),
 }
 
 
@@ -346,6 +363,12 @@ def build_models(cfg: Config, device: torch.device) -> tuple[Models, data.Tokeni
     return Models(base, ref, vbase, head, scorer), tok
 
 
+def logprob_temperature(cfg: Config) -> float:
+    """The temperature log-probs (PPO ratio, KL, entropy) divide logits by: the sampling temperature, as
+    the official code (SPEC §9); 1.0 for greedy sampling (temperature 0)."""
+    return cfg.temperature if cfg.temperature > 0 else 1.0
+
+
 @torch.no_grad()
 def rollout(models: Models, tok: data.Tokenizer, batch: dict, records: list[dict], cfg: Config,
             gen: torch.Generator, reward_fn: Callable | None) -> dict:
@@ -367,12 +390,8 @@ def rollout(models: Models, tok: data.Tokenizer, batch: dict, records: list[dict
     fmask = torch.cat([pmask, rmask.long()], dim=1)
     vb = models.value_base
     v_images = images if vb is pb else _reprocess(batch, records, vb.config.image_size, cfg)
-    vfull, vmask, vP = value_inputs(full, fmask, P, pb.num_image_tokens, vb.num_image_tokens)
-    h = forward_response(pb, "policy", full, images, fmask, P)
-    logp = M.token_logprobs(h, pb.lm_head.weight, resp)                     # (B, R)
-    h = forward_response(pb, models.ref_adapter, full, images, fmask, P)
-    ref_logp = M.token_logprobs(h, pb.lm_head.weight, resp)
-    values = models.value_head(forward_response(vb, "value", vfull, v_images, vmask, vP)).float()  # (B, R)
+    vin = value_inputs(full, fmask, P, pb.num_image_tokens, vb.num_image_tokens)
+    logp, ref_logp, values = score_passes(models, full, fmask, P, images, vin, v_images, cfg)
 
     lengths = rmask.sum(-1).long().tolist()
     texts = [tok.decode([t for t in row[:n] if t != tok.eos_id]) for row, n in zip(resp.tolist(), lengths)]
@@ -402,6 +421,24 @@ def rollout(models: Models, tok: data.Tokenizer, batch: dict, records: list[dict
             "rm_score": score, **{f"sym_{k}": v for k, v in sym.items()}, "has_eos": has_eos.cpu(),
             "texts": texts, "questions": [r["question"] for r in recs], "t_gen": t_gen, "t_score": t_score,
             "record_ids": [str(r.get("id", k)) for k, r in enumerate(recs)], "image_files": [r.get("image") for r in recs]}
+
+
+@torch.no_grad()
+def score_passes(models: Models, full: torch.Tensor, fmask: torch.Tensor, P: int, images: torch.Tensor | None,
+                 vin: tuple[torch.Tensor, torch.Tensor, int], v_images: torch.Tensor | None,
+                 cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The no-grad passes over prompt + response (B, P+R): log-probs of the sampled tokens under the
+    policy and the reference (at the sampling temperature, as they were drawn) and the critic's values;
+    vin = value_inputs(...), the same ids for the value base. -> three (B, R) fp32 tensors."""
+    pb, vb = models.policy_base, models.value_base
+    resp, temp = full[:, P:], logprob_temperature(cfg)
+    h = forward_response(pb, "policy", full, images, fmask, P)
+    logp = M.token_logprobs(h, pb.lm_head.weight, resp, temperature=temp)   # (B, R)
+    h = forward_response(pb, models.ref_adapter, full, images, fmask, P)
+    ref_logp = M.token_logprobs(h, pb.lm_head.weight, resp, temperature=temp)
+    vfull, vmask, vP = vin
+    values = models.value_head(forward_response(vb, "value", vfull, v_images, vmask, vP)).float()
+    return logp, ref_logp, values
 
 
 def _score_with_images(scorer: RM.RewardScorer, items: list[dict]) -> list[float]:
@@ -494,8 +531,54 @@ def toy_reward_fn(spec: str) -> Callable:
     return lambda recs, texts, resp, mask: torch.tensor([float(word.lower() in t.lower()) for t in texts])
 
 
+def check_rm_budget(cfg: Config) -> int:
+    """Before any model loads: refuse (ConfigError) a run whose reward-model inputs can exceed the RM's
+    max_len, since reward_model.build_rm_ids never cuts a response and would stop the run mid-way. For
+    every prompt PromptDataset keeps (max_prompt_len, the image counted as one id), the RM input as
+    rollout() builds it (the RM's tokenizer, system sentence, rating request, facts mode and the facts'
+    order for this seed and id) plus max_new_tokens response ids, the image counted as one.
+    -> the longest input before the response. (The RM re-encodes the decoded response text: for normal text
+    that is at most the generated ids; byte-level garbage can re-encode longer and still stops the run.)"""
+    import contextlib
+    import io
+    path = os.path.join(cfg.rm_dir, "rm_config.json")
+    if not os.path.isfile(path):
+        raise common.ConfigError(f"--rm_dir {cfg.rm_dir}: no rm_config.json (not a reward_model.py output folder)")
+    meta = json.load(open(path))
+    tok, rm_tok = data.Tokenizer(cfg.tokenizer or cfg.model_path), data.Tokenizer(meta["tokenizer"])
+    if cfg.rm_base_path and rm_tok.sp.serialized_model_proto() != tok.sp.serialized_model_proto():
+        return 0  # build_models refuses a second base with another tokenizer
+    template, rm_template = data.Template(system=cfg.system), data.Template(system=meta["system"])
+    with contextlib.redirect_stderr(io.StringIO()):          # the run reads (and reports on) them again
+        records = data.read_ppo_prompts(cfg.prompts_path, captions=cfg.captions or None, on_error=cfg.on_error,
+                                        skips=data.Skips())
+    worst, worst_id = 0, None
+    for rec in records:
+        has_image = rec.get("image") is not None
+        prompt = data.tokenize_prompt(rec["question"], tok, template, 1, has_image=has_image)
+        if data.text_len(prompt) > cfg.max_prompt_len:
+            continue                                         # PromptDataset drops it
+        facts = (rec.get("facts") or []) if meta.get("facts", "captions") != "none" else []
+        conv = [{"from": "human", "value": ("<image>\n" if has_image else "") + rec["question"]}]
+        ids = RM.build_rm_ids(conv, "", RM.format_facts(facts, cfg.seed, str(rec["id"])), rm_tok, rm_template,
+                              meta["rm_template"], 1, 1 << 30)
+        if data.text_len(ids) > worst:
+            worst, worst_id = data.text_len(ids), rec["id"]
+    if worst + cfg.max_new_tokens > meta["max_len"]:
+        raise common.ConfigError(
+            f"the reward model's max_len {meta['max_len']} ({path}; the image counted as one id) is too small: "
+            f"prompt {worst_id!r} of {cfg.prompts_path} with its facts and the rating request is {worst} ids, "
+            f"+ --max_new_tokens {cfg.max_new_tokens} = {worst + cfg.max_new_tokens}, and the RM never cuts a "
+            f"response; lower --max_new_tokens or --max_prompt_len, or use an RM trained with a larger max_len")
+    return worst
+
+
 def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> dict:
     """reward_fn(records, texts, resp_ids, resp_mask) -> (B,) replaces the reward model (tests, toy tasks)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["rehearse"]:      # this stage at full size on fake tensors: peak memory per GPU
+        import rehearse
+        return rehearse.main(["--stage", "ppo"] + argv[1:])
     cfg = common.parse_config(Config, argv, PRESETS)
     if cfg.toy_reward and reward_fn is None:
         reward_fn = toy_reward_fn(cfg.toy_reward)
@@ -508,8 +591,12 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
         raise common.ConfigError(f"--rollout_batch {cfg.rollout_batch} must be a multiple of --step_batch {cfg.step_batch}")
     if not cfg.rm_dir and reward_fn is None:
         raise common.ConfigError("give --rm_dir (a trained reward model) or --toy_reward contains:WORD")
+    if cfg.rm_dir and reward_fn is None:
+        check_rm_budget(cfg)     # the RM never cuts a response: refuse now what would stop the run mid-way
 
     models, tok = build_models(cfg, d.device)
+    for base in (models.policy_base, models.value_base):   # decode() checkpoints when training with grad
+        base.gradient_checkpointing = cfg.grad_ckpt
     template = data.Template(system=cfg.system)
     skips = data.Skips()
     records = data.read_ppo_prompts(cfg.prompts_path, captions=cfg.captions or None, on_error=cfg.on_error,
@@ -522,7 +609,6 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.prompts_path}: {len(prompts)} usable prompts is fewer than one rollout batch ({cfg.rollout_batch})")
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    opt_steps_per_step = cfg.ppo_epochs * (cfg.rollout_batch // cfg.step_batch)
     params = models.trainable()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sampler = data.ResumableSampler(len(prompts), rank=d.rank, world_size=d.world, seed=cfg.seed)
@@ -582,6 +668,9 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
         stats_acc: dict[str, float] = {}
         skipped = False
         perm_gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        lr = ppo_lr(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)   # once per rollout batch
+        for g in opt.param_groups:
+            g["lr"] = lr
         for ep in range(cfg.ppo_epochs):
             perm = torch.randperm(n_local, generator=perm_gen)
             for s in range(0, n_local, mb_local):
@@ -590,10 +679,10 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
                 ok = True
                 for u in range(0, len(rows), cfg.micro_batch):
                     r = rows[u:u + cfg.micro_batch]
-                    st, ok_u = _micro_update(models, ro, r, adv, ret, mask, cfg, d.device, n_tok)
+                    st, ok_u = _micro_update(models, micro_inputs(ro, r, adv, ret, models, d.device), cfg, n_tok)
                     ok = ok and ok_u
                     for k, v in st.items():
-                        stats_acc[k] = stats_acc.get(k, 0.0) + v
+                        stats_acc[k] = stats_acc.get(k, 0.0) + float(v)
                 ok_all = common.all_reduce_sum(torch.tensor(0.0 if ok else 1.0)).item() == 0
                 if not ok_all:
                     opt.zero_grad(set_to_none=True)
@@ -605,10 +694,6 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
                     opt.zero_grad(set_to_none=True)
                     skipped = True
                     continue
-                lr = common.cosine_lr(step * opt_steps_per_step, total_steps * opt_steps_per_step,
-                                      cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
-                for g in opt.param_groups:
-                    g["lr"] = lr
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         t_train = time.time() - t0
@@ -636,7 +721,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
                    "approx_kl": stats_acc.get("approx_kl", 0.0) / max(1, stats_acc.get("n", 1)),
                    "value_explained_var": ev, "response_length": glob(mask.sum(-1)),
                    "eos_rate": glob(ro["has_eos"].float()), "t_generate": ro["t_gen"],
-                   "t_score": ro["t_score"], "t_train": t_train, "skipped": float(skipped)}
+                   "t_score": ro["t_score"], "t_train": t_train, "skipped": float(skipped), "lr": lr}
         if cfg.adaptive_kl:
             kl_ctl.update(metrics["kl"], cfg.rollout_batch)
         logger.log(step, metrics)
@@ -668,41 +753,57 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     return {"step": step, "stopped": False, "history": history}
 
 
-def _micro_update(models: Models, ro: dict, rows: torch.Tensor, adv, ret, mask, cfg: Config, device,
-                  n_tok_global: float) -> tuple[dict, bool]:
-    """Policy and value losses on a few rollouts, backward with weights that make the optimizer step a
-    token mean over the whole minibatch on all ranks."""
+def micro_inputs(ro: dict, rows: torch.Tensor, adv: torch.Tensor, ret: torch.Tensor, models: Models,
+                 device) -> dict:
+    """The rows of one micro-update, on the device, trimmed of the padding columns they all share; the
+    value base's ids too (value_inputs). Host-side: it reads the masks' values."""
     pb, vb = models.policy_base, models.value_base
-    full, fmask = ro["full"][rows].to(device), ro["fmask"][rows].to(device)
-    m = mask[rows].to(device)
-    # trim padding columns shared by every selected row
-    keep = fmask.bool().any(0)
-    lo = int(keep.nonzero()[0])
+    full, fmask, m = ro["full"][rows], ro["fmask"][rows], ro["rmask"][rows]
+    lo = int(fmask.bool().any(0).nonzero()[0])
     P = ro["P"] - lo
     R = int(m.sum(-1).max().item()) if m.sum() > 0 else 1
     full, fmask = full[:, lo:ro["P"] + R], fmask[:, lo:ro["P"] + R]
-    resp, m = ro["resp"][rows][:, :R].to(device), m[:, :R]
-    images = select_rows(ro, rows, "images")
-    images = images.to(device) if images is not None else None
-    v_images = select_rows(ro, rows, "v_images")
-    v_images = v_images.to(device) if v_images is not None else None
-    old_logp, old_v = ro["logp"][rows][:, :R].to(device), ro["values"][rows][:, :R].to(device)
-    a, rt = adv[rows][:, :R].to(device), ret[rows][:, :R].to(device)
-    with common.autocast(device):
-        h = forward_response(pb, "policy", full, images, fmask, P)
-        logp, ent = M.fused_token_logprobs(h, pb.lm_head.weight, resp, with_entropy=True)
-        vfull, vmask, vP = value_inputs(full, fmask, P, pb.num_image_tokens, vb.num_image_tokens)
-        v = models.value_head(forward_response(vb, "value", vfull, v_images, vmask, vP)).float()
-    pg, pst = policy_loss(logp, old_logp, a, m, cfg.clip)
-    vf, vst = value_loss(v, old_v, rt, m, cfg.value_clip)
-    n_local = float(m.sum())
-    loss = (pg + cfg.vf_coef * vf) * (n_local / max(n_tok_global, 1.0))
-    ok = bool(torch.isfinite(loss))
+    vfull, vmask, vP = value_inputs(full, fmask, P, pb.num_image_tokens, vb.num_image_tokens)
+    images, v_images = select_rows(ro, rows, "images"), select_rows(ro, rows, "v_images")
+    out = {"full": full, "fmask": fmask, "P": P, "vfull": vfull, "vmask": vmask, "vP": vP, "mask": m[:, :R],
+           "images": images, "v_images": v_images, "old_logp": ro["logp"][rows][:, :R],
+           "old_values": ro["values"][rows][:, :R], "adv": adv[rows][:, :R], "ret": ret[rows][:, :R]}
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t)) if M.has_values(t) else True   # (the rehearsal's fake losses: go on)
+
+
+def _micro_update(models: Models, mb: dict, cfg: Config, n_tok_global: float) -> tuple[dict, bool]:
+    """Policy and value losses on a few rollouts (micro_inputs), backward with weights that make the
+    optimizer step a token mean over the whole minibatch on all ranks. -> (detached stats, finite)."""
+    pb, vb = models.policy_base, models.value_base
+    m, P = mb["mask"], mb["P"]
+    resp = mb["full"][:, P:]
+    n_local = m.sum()
+    w = n_local / max(n_tok_global, 1.0)
+    dev, dt = m.device, pb.lm_head.weight.dtype      # autocast at the frozen base's precision
+    # loss = (pg + vf_coef * vf) * w, backward in two parts: the policy's before the value forward. With
+    # gradient checkpointing a layer is recomputed in backward under the adapter active *then*, and the
+    # value forward switches a shared base to "value"; it also frees the policy's graph before the value's.
+    with common.autocast(dev, dt):
+        h = forward_response(pb, "policy", mb["full"], mb["images"], mb["fmask"], P)
+        logp, ent = M.fused_token_logprobs(h, pb.lm_head.weight, resp, temperature=logprob_temperature(cfg),
+                                           with_entropy=True)
+    pg, pst = policy_loss(logp, mb["old_logp"], mb["adv"], m, cfg.clip)
+    ok = _finite(pg)
     if ok:
-        loss.backward()
+        (pg * w).backward()
+    with common.autocast(dev, dt):
+        h = forward_response(vb, "value", mb["vfull"], mb["v_images"], mb["vmask"], mb["vP"])
+        v = models.value_head(h).float()
+    vf, vst = value_loss(v, mb["old_values"], mb["ret"], m, cfg.value_clip)
+    ok = ok and _finite(vf)
+    if ok:
+        (cfg.vf_coef * vf * w).backward()
     st = {"clipfrac": pst["clipfrac"], "approx_kl": pst["approx_kl"], "n": 1.0,
-          "entropy_sum": float((ent.detach() * m).sum()), "tokens": n_local, "vf_loss": float(vf.detach()),
-          "pg_loss": float(pg.detach())}
+          "entropy_sum": (ent.detach() * m).sum(), "tokens": n_local, "vf_loss": vf.detach(), "pg_loss": pg.detach()}
     return st, ok
 
 

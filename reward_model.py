@@ -12,6 +12,8 @@ Train (7B, 8 GPUs; --facts none gives the paper's plain RM baseline):
 Evaluate accuracy with and without facts:
     python reward_model.py eval --rm_dir runs/rm/best --data_path prefs_heldout.json \
         --image_folder tiny_out/images --captions tiny_out/captions.json
+Peak memory per GPU of one step at full size, before paying for GPUs (no weights, CPU, seconds):
+    python reward_model.py rehearse --preset llava-rlhf-13b --ranks 8
 Score from Python (ppo.py does this):
     rm = reward_model.RewardScorer.load("runs/rm/best")
     rm.score([{"image": pil_or_path, "conversations": [...], "response": "...", "facts": [...]}])
@@ -63,17 +65,23 @@ def format_facts(facts: list[str], seed: int | None = None, key: str = "") -> st
 
 
 def build_rm_ids(conversations: list[dict], response: str, facts_text: str, tok: data.Tokenizer,
-                 template: data.Template, rm_template: str, num_image_tokens: int, max_len: int) -> list[int]:
+                 template: data.Template, rm_template: str, num_image_tokens: int, max_len: int,
+                 record_id: str | None = None) -> list[int]:
     """BOS + "SYSTEM USER: <image>\\nQ ASSISTANT:" + response + </s> + rating request with facts.
-    `conversations` ends with the user turn the response answers. The response is cut (never the
-    prompt or the request) when the whole does not fit max_len."""
+    `conversations` ends with the user turn the response answers. max_len counts the image as ONE id
+    (data.text_len; SPEC §9: the official RM's limit is 2048 text ids). Nothing is ever cut: when the whole
+    does not fit, DataError names the record (record_id) and the lengths."""
     prefix = data.encode_text(template.render(conversations, add_generation_prompt=True), tok, num_image_tokens)
     resp = tok.encode(response)
     tail = [tok.eos_id] + data.encode_text(rm_template.format(facts=facts_text), tok, num_image_tokens, bos=False)
-    room = max_len - len(prefix) - len(tail)
-    if room < 1:
-        raise data.DataError(f"reward-model prompt needs {len(prefix) + len(tail) + 1} tokens; max_len is {max_len}")
-    return prefix + resp[:room] + tail
+    ids = prefix + resp + tail
+    n = data.text_len(ids)
+    if n > max_len:
+        who = f"id {record_id!r}: " if record_id is not None else ""
+        raise data.DataError(f"{who}the reward-model input is {n} ids (prompt {data.text_len(prefix)} + response "
+                             f"{len(resp)} + </s> and rating request {len(tail)}, the image counted as one), more "
+                             f"than max_len {max_len}; the response is never cut")
+    return ids
 
 
 def bradley_terry_loss(r1: torch.Tensor, r2: torch.Tensor, preference: torch.Tensor,
@@ -120,7 +128,7 @@ class RewardScorer:
     """Score (image, conversation, response, facts) items with a trained RM: batched, left padded, no_grad."""
 
     def __init__(self, m: M.LLaVA, adapter: str, head: M.ScalarHead, tok: data.Tokenizer,
-                 system: str = data.VICUNA_V1_SYSTEM, rm_template: str = DEFAULT_TEMPLATE, max_len: int = 1024,
+                 system: str = data.VICUNA_V1_SYSTEM, rm_template: str = DEFAULT_TEMPLATE, max_len: int = 2048,
                  facts: str = "captions", seed: int = 0, batch_size: int = 8):
         self.rm = RewardModel(m, adapter, head)
         self.tok, self.template, self.rm_template = tok, data.Template(system=system), rm_template
@@ -131,7 +139,8 @@ class RewardScorer:
              dtype: torch.dtype | None = None, **kw) -> "RewardScorer":
         """rm_dir holds adapter_model.safetensors + adapter_config.json (peft layout), head.safetensors and
         rm_config.json (base model folder, tokenizer, template). `base`: reuse an already-loaded base
-        (PPO keeps policy, reference, value and reward adapters on one)."""
+        (PPO keeps policy, reference, value and reward adapters on one). The facts mode the RM was trained
+        with (rm_config.json "facts": captions | none) is kept; a keyword given here wins over any saved value."""
         from safetensors.torch import load_file
         meta = json.load(open(os.path.join(rm_dir, "rm_config.json")))
         if base is None:
@@ -144,14 +153,16 @@ class RewardScorer:
         head.load_state_dict(load_file(os.path.join(rm_dir, "head.safetensors")))
         head.requires_grad_(False)
         tok = data.Tokenizer(meta["tokenizer"])
-        kw = {"system": meta["system"], "rm_template": meta["rm_template"], "max_len": meta["max_len"], **kw}
+        kw = {"system": meta["system"], "rm_template": meta["rm_template"], "max_len": meta["max_len"],
+              "facts": meta.get("facts", "captions"), **kw}
         return cls(base, adapter_name, head, tok, **kw)
 
     def encode(self, item: dict, key: str = "") -> list[int]:
         facts = (item.get("facts") or []) if self.facts != "none" else []
         return build_rm_ids(item["conversations"], item["response"],
                             format_facts(facts, self.seed, key or item.get("id", "")), self.tok, self.template,
-                            self.rm_template, self.rm.m.num_image_tokens, self.max_len)
+                            self.rm_template, self.rm.m.num_image_tokens, self.max_len,
+                            record_id=item["id"] if item.get("id") is not None else (key or None))
 
     @torch.no_grad()
     def score_ids(self, seqs: list[list[int]], images: torch.Tensor | None) -> torch.Tensor:
@@ -192,7 +203,7 @@ class Config:
     template_file: str = ""             # rating request with a {facts} slot (default: DEFAULT_TEMPLATE)
     tokenizer: str = ""                 # default: model_path
     system: str = data.VICUNA_V1_SYSTEM
-    max_len: int = 1024
+    max_len: int = 2048                 # prompt + response + rating request, the image counted as one id (SPEC §9)
     on_error: str = "raise"
     # model
     model_path: str = ""                # the SFT model (local folder)
@@ -231,9 +242,11 @@ class Config:
 
 PRESETS = {
     "tiny": dict(lr=1e-3, lora_r=16, lora_alpha=32.0, global_batch=32, micro_batch=16, epochs=2.0, eval_size=200,
-                 eval_every=20, save_every=40, max_len=448, grad_clip=1.0, early_stop_patience=0),
-    "llava-rlhf-7b": dict(lr=2e-5, global_batch=32, micro_batch=4, grad_clip=0.3, epochs=1.0, eval_every=25),
-    "llava-rlhf-13b": dict(lr=2e-5, global_batch=32, micro_batch=2, grad_clip=0.3, epochs=1.0, eval_every=25),
+                 eval_every=20, save_every=40, max_len=385, grad_clip=1.0, early_stop_patience=0),
+    "llava-rlhf-7b": dict(lr=2e-5, global_batch=32, micro_batch=4, grad_clip=0.3, epochs=1.0, eval_every=25,
+                          grad_ckpt=True, max_len=2048),
+    "llava-rlhf-13b": dict(lr=2e-5, global_batch=32, micro_batch=2, grad_clip=0.3, epochs=1.0, eval_every=25,
+                           grad_ckpt=True, max_len=2048),
 }
 
 
@@ -249,24 +262,48 @@ def pair_items(rec: dict, captions: dict, facts_mode: str) -> tuple[list[dict], 
 
 
 class PairData:
-    """Preference pairs -> tokenised (ids_1, ids_2, image, preference), facts shuffled per (seed, id, epoch)."""
+    """Preference pairs -> tokenised (ids_1, ids_2, image, preference), facts shuffled per (seed, id, epoch).
+    Lengths are checked up front (with the first epoch's facts order): a pair whose prompt + response +
+    rating request exceeds max_len (the image counted as one id; a response is never cut) raises DataError
+    naming the record, or with on_error="skip" is dropped and counted in `skipped` and the Skips."""
 
     def __init__(self, records, tok, template, rm_template, captions, facts_mode, image_folder, image_size,
-                 n_img, max_len, seed):
-        self.records, self.tok, self.template, self.rm_template = records, tok, template, rm_template
+                 n_img, max_len, seed, on_error: str = "raise", skips: data.Skips | None = None):
+        data._check_on_error(on_error)
+        self.tok, self.template, self.rm_template = tok, template, rm_template
         self.captions, self.facts_mode, self.image_folder = captions, facts_mode, image_folder
         self.image_size, self.n_img, self.max_len, self.seed = image_size, n_img, max_len, seed
         self.epoch = 0
+        skips = data.SKIPS if skips is None else skips
+        self.records, self.keys, self.skipped = [], [], 0
+        for i, rec in enumerate(records):
+            try:
+                self._ids(rec, rec.get("id", i))
+            except data.DataError as e:
+                e = e.at(rec.get("source"), rec.get("index", i))
+                if on_error == "raise":
+                    raise e from None
+                skips.add(str(e), rec.get("index", i))
+                self.skipped += 1
+                continue
+            self.records.append(rec)
+            self.keys.append(rec.get("id", i))
+        if self.skipped:
+            print(f"PairData: skipped {self.skipped} of {len(records)} pairs longer than max_len {max_len} "
+                  f"(the image counted as one id)", file=sys.stderr)
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def _ids(self, rec: dict, key) -> list[list[int]]:
+        conv, facts = pair_items(rec, self.captions, self.facts_mode)
+        ft = format_facts(facts, self.seed, f"{key}:{self.epoch}")
+        return [build_rm_ids(conv, rec[f"output_{k}"]["value"], ft, self.tok, self.template, self.rm_template,
+                             self.n_img if rec.get("image") else 0, self.max_len, record_id=str(key)) for k in (1, 2)]
+
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
-        conv, facts = pair_items(rec, self.captions, self.facts_mode)
-        ft = format_facts(facts, self.seed, f"{rec.get('id', i)}:{self.epoch}")
-        ids = [build_rm_ids(conv, rec[f"output_{k}"]["value"], ft, self.tok, self.template, self.rm_template,
-                            self.n_img if rec.get("image") else 0, self.max_len) for k in (1, 2)]
+        ids = self._ids(rec, self.keys[i])
         image = None
         if rec.get("image"):
             image = data.preprocess_image(data.load_image(os.path.join(self.image_folder, rec["image"])),
@@ -285,10 +322,19 @@ def collate_pairs(items: list[dict], pad_id: int) -> dict:
 
 
 def pair_rewards(rm: RewardModel, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r1, r2) of a collated batch, computed at the frozen base's precision (the lm_head never trains
+    here, so its dtype is the base's) over fp32 adapter and head weights."""
     images = batch["images"].to(device) if batch["images"] is not None else None
-    r = rm(batch["ids"].to(device), images, batch["mask"].to(device))         # (2B,)
+    with common.autocast(device, rm.m.lm_head.weight.dtype):
+        r = rm(batch["ids"].to(device), images, batch["mask"].to(device))     # (2B,)
     B = r.shape[0] // 2
     return r[:B], r[B:]
+
+
+def pair_loss(rm: RewardModel, batch: dict, device, center_coef: float = 1e-3) -> tuple[torch.Tensor, dict]:
+    """The Bradley-Terry loss of one micro-batch of pairs (training and evaluation)."""
+    r1, r2 = pair_rewards(rm, batch, device)
+    return bradley_terry_loss(r1.float(), r2.float(), batch["preference"].to(device), center_coef)
 
 
 def load_captions(path: str) -> dict:
@@ -310,9 +356,7 @@ def evaluate_pairs(rm: RewardModel, pdata: PairData, indices: list[int], batch: 
     with torch.no_grad():
         for i in range(0, len(indices), batch):
             b = collate_pairs([pdata[j] for j in indices[i:i + batch]], pad_id)
-            with common.autocast(device):
-                r1, r2 = pair_rewards(rm, b, device)
-            _, st = bradley_terry_loss(r1.float(), r2.float(), b["preference"].to(device))
+            _, st = pair_loss(rm, b, device)
             stats += torch.tensor([float(st["correct"].sum()), float(st["margin"].sum()), len(b["preference"])])
     stats = common.all_reduce_sum(stats)
     rm.train()
@@ -340,6 +384,9 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["eval"]:
         return eval_main(argv[1:])
+    if argv[:1] == ["rehearse"]:      # this stage at full size on fake tensors: peak memory per GPU
+        import rehearse
+        return rehearse.main(["--stage", "rm"] + argv[1:])
     cfg = common.parse_config(Config, argv, PRESETS)
     if cfg.facts not in ("captions", "none"):
         raise common.ConfigError(f"--facts must be captions or none, got {cfg.facts!r}")
@@ -369,12 +416,12 @@ def main(argv: list[str] | None = None) -> dict:
     head = M.ScalarHead(m.config.hidden).to(device=w.device, dtype=w.dtype)
     m.gradient_checkpointing = cfg.grad_ckpt
     rm = RewardModel(m, "reward", head).train()
-    params = m.adapter_parameters("reward") + list(head.parameters())
+    params = common.fp32_trainable(m.adapter_parameters("reward") + list(head.parameters()))
 
     pdata = PairData(records, tok, template, rm_template, captions, cfg.facts, cfg.image_folder,
-                     m.config.image_size, m.num_image_tokens, cfg.max_len, cfg.seed)
+                     m.config.image_size, m.num_image_tokens, cfg.max_len, cfg.seed, cfg.on_error, skips)
     edata = PairData(eval_records, tok, template, rm_template, captions, cfg.facts, cfg.image_folder,
-                     m.config.image_size, m.num_image_tokens, cfg.max_len, cfg.seed)
+                     m.config.image_size, m.num_image_tokens, cfg.max_len, cfg.seed, cfg.on_error, skips)
     eval_idx = list(range(d.rank, len(edata), d.world))
 
     per_step = cfg.micro_batch * d.world
@@ -424,13 +471,11 @@ def main(argv: list[str] | None = None) -> dict:
         tot = torch.zeros(3)
         for _ in range(accum):
             b = next_batch()
-            with common.autocast(d.device):
-                r1, r2 = pair_rewards(rm, b, d.device)
-            pref = b["preference"].to(d.device)
-            loss, st = bradley_terry_loss(r1.float(), r2.float(), pref, cfg.center_coef)
+            loss, st = pair_loss(rm, b, d.device, cfg.center_coef)
+            n = len(b["preference"])
             # each micro-batch weighs its share of the global batch; grads are then summed over ranks
-            (loss * len(pref) / cfg.global_batch).backward()
-            tot += torch.tensor([float(loss.detach()) * len(pref), float(st["correct"].sum()), len(pref)])
+            (loss * n / cfg.global_batch).backward()
+            tot += torch.tensor([float(loss.detach()) * n, float(st["correct"].sum()), n])
         tot = common.all_reduce_sum(tot)
         loss_val = float(tot[0] / tot[2])
         if not math.isfinite(loss_val):

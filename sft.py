@@ -14,6 +14,8 @@ Projector pretraining (LLaMA folder + CLIP folder, fresh projector):
 RL-init LoRA on the SFT model:
     torchrun --nproc_per_node=8 sft.py --preset llava-rlhf-7b-rlinit --model_path runs/sft7b/final ...
 Resume after a stop (SIGTERM/SIGINT write a checkpoint first): add --resume true.
+Before paying for GPUs, the peak memory per GPU of one step at full size (no weights, CPU, seconds):
+    python sft.py rehearse --preset llava-rlhf-13b --ranks 8     (any flag above; see rehearse.py)
 Multi-node: torchrun --nnodes=2 --node_rank=R --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 ...
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 from dataclasses import dataclass, asdict
 
 import torch
+import torch.distributed as dist
 
 import common
 import data
@@ -42,7 +45,7 @@ class Config:
     eval_size: int = 0                  # records held out from data_path when eval_data_path is empty
     tokenizer: str = ""                 # tokenizer.model or a folder holding it (default: model_path)
     system: str = data.VICUNA_V1_SYSTEM # the system sentence of the conversation template
-    max_len: int = 1280                 # tokens per sample, image tokens included
+    max_len: int = 1280                 # ids per sample, the image counted as one (SPEC §9, model_max_length)
     on_error: str = "raise"             # bad records: raise (name file + record) or skip (counted)
     # model
     model_path: str = ""                # local checkpoint folder (Llava, original LLaVA or LLaMA layout)
@@ -85,19 +88,31 @@ class Config:
     progress: bool = True
 
 
-_RLHF_SFT = dict(lr=2e-5, epochs=3.0, warmup_ratio=0.03, global_batch=128, max_len=1280, mode="sft")
+_RLHF_SFT = dict(lr=2e-5, epochs=3.0, warmup_ratio=0.03, global_batch=128, max_len=1280, mode="sft", fsdp=True,
+                 grad_ckpt=True)
 PRESETS = {
     # SPEC §7's measured tiny setup: from scratch, vision trained, batch 32, lr 1.5e-3
     "tiny": dict(model_preset="tiny", mode="sft", train_vision=True, lr=1.5e-3, warmup_ratio=0.02,
-                 min_lr_ratio=0.1, epochs=1.0, global_batch=32, micro_batch=32, max_len=256, weight_decay=0.0,
+                 min_lr_ratio=0.1, epochs=1.0, global_batch=32, micro_batch=32, max_len=193, weight_decay=0.0,
                  eval_size=256, eval_every=100, save_every=200, log_every=20, grad_clip=1.0),
-    "llava-rlhf-7b-pretrain": dict(mode="pretrain", lr=2e-3, epochs=1.0, global_batch=256, max_len=2048),
+    # micro batches and checkpointing: what `python rehearse.py` shows to fit 80 GB GPUs (8 ranks; README)
+    "llava-rlhf-7b-pretrain": dict(mode="pretrain", lr=2e-3, epochs=1.0, global_batch=256, max_len=2048,
+                                   grad_ckpt=True),
+    "llava-rlhf-13b-pretrain": dict(mode="pretrain", lr=2e-3, epochs=1.0, global_batch=256, max_len=2048,
+                                    grad_ckpt=True),
     "llava-rlhf-7b": dict(_RLHF_SFT, micro_batch=4),
     "llava-rlhf-13b": dict(_RLHF_SFT, micro_batch=2),
-    "llava-rlhf-7b-rlinit": dict(mode="lora", lr=1e-4, epochs=1.0, global_batch=128, lora_r=64, lora_alpha=16.0),
+    "llava-rlhf-7b-rlinit": dict(mode="lora", lr=1e-4, epochs=1.0, global_batch=128, lora_r=64, lora_alpha=16.0,
+                                 grad_ckpt=True),
     "llava-rlhf-13b-rlinit": dict(mode="lora", lr=1e-4, epochs=1.0, global_batch=128, lora_r=64, lora_alpha=16.0,
-                                  micro_batch=2),
+                                  micro_batch=2, grad_ckpt=True),
 }
+
+
+def template_for(cfg: Config) -> data.Template:
+    """The conversation template of a stage: pretraining renders LLaVA's plain `<image>CAPTION\\n` (SPEC §2-3),
+    sft and lora the Vicuna v1 template with the configured system sentence."""
+    return data.PLAIN_TEMPLATE if cfg.mode == "pretrain" else data.Template(system=cfg.system)
 
 
 def set_trainable(m: M.LLaVA, cfg: Config) -> None:
@@ -139,9 +154,35 @@ class SFTLoss(torch.nn.Module):
         h = self.m.hidden_states(ids, images, mask)[:, :-1]                 # (B, T-1, D)
         tgt = labels[:, 1:]                                                 # (B, T-1)
         sup = tgt != data.IGNORE_INDEX
-        # only supervised positions go through the lm_head: answers are a small part of each sequence
-        lp = M.fused_token_logprobs(h[sup][None], self.m.lm_head.weight, tgt[sup][None])   # (1, N) fp32
+        if M.has_values(sup):
+            # only supervised positions go through the lm_head: answers are a small part of each sequence
+            h, tgt = h[sup][None], tgt[sup][None]                           # (1, N, D), (1, N)
+        # (the rehearsal's fake labels have no values: every position counts, the worst case)
+        lp = M.fused_token_logprobs(h, self.m.lm_head.weight, tgt)          # fp32
         return -lp.sum()
+
+
+def wrap_model(m: M.LLaVA, cfg: Config, d: common.Dist, dtype: torch.dtype, mesh=None):
+    """The module the loop trains: SFTLoss(m), sharded with FSDP (--fsdp) or replicated with DDP whenever
+    a process group is up (torchrun, any number of ranks), and compiled inside the DDP wrapper
+    (--compile), so that the loop still holds the DDP module for no_sync. -> (train_m, the DDP module or
+    None). FSDP computes in `dtype` (the loaded weights', bf16 on GPU) over fp32 master weights and
+    reduces gradients in fp32. `mesh`: FSDP's device mesh (the rehearsal's fake one); default all ranks."""
+    train_m: torch.nn.Module = SFTLoss(m)
+    if cfg.fsdp and dist.is_initialized():
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
+        kw = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
+        for layer in m.llm.layers:
+            fully_shard(layer, **kw)
+        fully_shard(train_m, **kw)
+        return (torch.compile(train_m) if cfg.compile else train_m), None
+    if cfg.compile:
+        train_m = torch.compile(train_m)
+    if not dist.is_initialized():
+        return train_m, None
+    ddp = torch.nn.parallel.DistributedDataParallel(train_m, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return ddp, ddp
 
 
 def sft_loss_sum(loss_m: torch.nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -152,12 +193,12 @@ def sft_loss_sum(loss_m: torch.nn.Module, batch: dict, device: torch.device) -> 
     return s, int((labels[:, 1:] != data.IGNORE_INDEX).sum())
 
 
-def evaluate(train_m, loader_batches, device) -> float:
+def evaluate(train_m, loader_batches, device, dtype: torch.dtype) -> float:
     train_m.eval()
     tot, n = torch.zeros(()), torch.zeros(())
     with torch.no_grad():
         for batch in loader_batches:
-            with common.autocast(device):
+            with common.autocast(device, dtype):
                 s, k = sft_loss_sum(train_m, batch, device)
             tot += s.float().cpu()
             n += k
@@ -167,12 +208,16 @@ def evaluate(train_m, loader_batches, device) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["rehearse"]:      # this stage at full size on fake tensors: peak memory per GPU
+        import rehearse
+        return rehearse.main(["--stage", "sft"] + argv[1:])
     cfg = common.parse_config(Config, argv, PRESETS)
     d = common.start_run(cfg)
 
     # -- data -----------------------------------------------------------------------------------------
     tok = data.Tokenizer(cfg.tokenizer or cfg.model_path)
-    template = data.Template(system=cfg.system)
+    template = template_for(cfg)
     skips = data.Skips()
     records = data.read_sft(cfg.data_path, image_folder=cfg.image_folder, on_error=cfg.on_error, skips=skips)
     if cfg.eval_data_path:
@@ -187,10 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
                           d.device, cfg.seed)
     if m.config.vocab_size < tok.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {m.config.vocab_size}")
+    compute_dtype = next(m.parameters()).dtype   # the loaded weights' (autocast); what trains is kept in fp32
     set_trainable(m, cfg)
     m.gradient_checkpointing = cfg.grad_ckpt
     m.train()
-    params = [p for p in m.parameters() if p.requires_grad]
+    params = common.fp32_trainable([p for p in m.parameters() if p.requires_grad])
     if common.is_main():
         print(f"model: {M.count_params(m) / 1e6:.2f}M parameters, {sum(p.numel() for p in params) / 1e6:.2f}M "
               f"trainable ({cfg.mode}); {m.num_image_tokens} image tokens")
@@ -215,24 +261,14 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = int(cfg.warmup_ratio * total_steps)
 
     # -- wrap for distributed training ------------------------------------------------------------------
-    train_m: torch.nn.Module = SFTLoss(m)
-    if cfg.fsdp and d.enabled:
-        from torch.distributed.fsdp import fully_shard
-        for layer in m.llm.layers:
-            fully_shard(layer)
-        fully_shard(train_m)
-    elif d.enabled:
-        train_m = torch.nn.parallel.DistributedDataParallel(
-            train_m, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    if cfg.compile:
-        train_m = torch.compile(train_m)
+    train_m, ddp = wrap_model(m, cfg, d, compute_dtype)
     params = [p for p in train_m.parameters() if p.requires_grad]   # after fully_shard: its DTensors
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                             foreach=True)
 
     # -- resume ----------------------------------------------------------------------------------------
     step = 0
-    sharded = cfg.fsdp and d.enabled
+    sharded = cfg.fsdp and dist.is_initialized()
     if cfg.resume:
         path = common.latest_checkpoint(cfg.out_dir)
         if path is None:
@@ -282,9 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
         loss_sum = 0.0
         for i, batch in enumerate(batches):
             sync = i == accum - 1
-            ctx = train_m.no_sync() if (isinstance(train_m, torch.nn.parallel.DistributedDataParallel) and not sync) \
-                else contextlib.nullcontext()
-            with ctx, common.autocast(d.device):
+            ctx = ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()
+            with ctx, common.autocast(d.device, compute_dtype):
                 s, _ = sft_loss_sum(train_m, batch, d.device)
                 # DDP/FSDP average gradients over ranks; scale back up to a global token mean
                 loss = s * d.world / max(n_global, 1.0)
@@ -301,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         metrics = {"loss": loss_val, "lr": lr, "grad_norm": float(gnorm)}
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps) and len(eval_ds):
-            last_eval = evaluate(train_m, eval_batches, d.device)
+            last_eval = evaluate(train_m, eval_batches, d.device, compute_dtype)
             metrics["eval_loss"] = last_eval
         if step % cfg.log_every == 0 or step == total_steps or "eval_loss" in metrics:
             dt = time.time() - t_last
@@ -330,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.mode == "lora":
             m.save_adapter(os.path.join(cfg.out_dir, "final_adapter"), "default")
         else:
-            common.save_model_dir(m, final, tok.path)
+            common.save_model_dir(m.to(compute_dtype), final, tok.path)   # one dtype again, the base's
         print(f"done: {step} steps, final train loss {loss_val:.4f}, eval loss {last_eval:.4f}; "
               f"skipped records: {skips.count}")
         if skips.count:

@@ -51,3 +51,21 @@ def tiny_sft(tiny_world):
          "save_every": 1000, "progress": "false", "max_steps": 60}
     sft.main(sum(([f"--{k}", str(v)] for k, v in a.items()), []))
     return out / "final"
+
+
+@pytest.fixture(scope="session")
+def paper_model(tiny_world, tmp_path_factory):
+    """A random model with the 7B's vision geometry, 224 px / patch 14 (256 image tokens, the paper's),
+    tiny widths and tiny_world's tokenizer, saved in our layout: the paper-geometry tests train on it."""
+    import shutil
+    import model
+    torch.manual_seed(0)
+    cfg = model.ModelConfig.preset("tiny", image_size=224, patch_size=14, vision_hidden=32, vision_layers=1,
+                                   vision_heads=2, vision_intermediate=64, hidden=32, layers=2, heads=2, kv_heads=2,
+                                   intermediate=64, vocab_size=tiny_world["vocab"], max_seq_len=2048)
+    m = model.LLaVA(cfg)
+    assert m.num_image_tokens == 256
+    mdir = tmp_path_factory.mktemp("paper") / "model"
+    m.save_pretrained(str(mdir))
+    shutil.copy(tiny_world["tokenizer"], mdir / "tokenizer.model")
+    return mdir

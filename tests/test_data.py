@@ -201,15 +201,19 @@ def test_plain_template(tok):
 
 def test_truncation(tok):
     ids, _ = tokenize_conversation(SINGLE, tok, T, N_IMG)
-    prompt_len = len(tokenize_prompt("What color is the cat?", tok, T, N_IMG))
+    prompt = tokenize_prompt("What color is the cat?", tok, T, N_IMG)
+    prompt_len, prompt_text = len(prompt), data.text_len(prompt)     # max_len counts the image as one id
+    assert prompt_text == prompt_len - N_IMG + 1
     # cut inside the answer: the kept part stays supervised
-    ids3, labels3 = tokenize_conversation(SINGLE, tok, T, N_IMG, max_len=prompt_len + 2)
+    ids3, labels3 = tokenize_conversation(SINGLE, tok, T, N_IMG, max_len=prompt_text + 2)
     assert ids3 == ids[:prompt_len + 2] and [x for x in labels3 if x != IGNORE_INDEX] == ids[prompt_len:prompt_len + 2]
     with pytest.raises(TruncationError, match="no supervised"):
-        tokenize_conversation(SINGLE, tok, T, N_IMG, max_len=prompt_len)
+        tokenize_conversation(SINGLE, tok, T, N_IMG, max_len=prompt_text)
     first_img = ids.index(IMAGE_TOKEN_INDEX)
-    with pytest.raises(TruncationError, match="image tokens"):
-        tokenize_conversation(SINGLE, tok, T, N_IMG, max_len=first_img + 2)
+    with pytest.raises(TruncationError, match="image tokens"):       # the image would be id first_img + 1
+        tokenize_conversation(SINGLE, tok, T, N_IMG, max_len=first_img)
+    with pytest.raises(TruncationError, match="no supervised"):      # the whole image, nothing after it
+        tokenize_conversation(SINGLE, tok, T, N_IMG, max_len=first_img + 1)
     # a dataset drops (and counts) such samples in both error modes
     recs = [{"id": "a", "image": None, "conversations": TEXT_ONLY},
             {"id": "b", "image": None,
@@ -220,6 +224,69 @@ def test_truncation(tok):
         ds = SFTDataset(recs, tok, T, None, 16, N_IMG, max_len, on_error=mode, skips=skips)
         assert len(ds) == 1 and ds.dropped == 1 and skips.count == 1 and "record 1" in skips.reasons[0]
         assert ds[0]["input_ids"].tolist() == tokenize_conversation(TEXT_ONLY, tok, T, N_IMG)[0]
+
+
+def _question_with_prompt_len(tok, target):
+    """A question whose PPO prompt is `target` ids long with the image counted as one."""
+    for j in range(200):
+        q = "What color is the cat?" + " a" * j
+        if data.text_len(tokenize_prompt(q, tok, T, 1)) == target:
+            return q
+    raise AssertionError(f"no question gives a {target}-id prompt")
+
+
+@pytest.mark.parametrize("n_img", [256, 576])
+def test_prompt_dataset_counts_the_image_as_one_id(tok, n_img):
+    # the paper's geometry (SPEC §5/§9): max_prompt_len 128 counts the image as a single placeholder
+    short = "What color is the cat?"
+    recs = [{"id": "short", "image": "a.png", "question": short},
+            {"id": "at128", "image": "a.png", "question": _question_with_prompt_len(tok, 128)},
+            {"id": "at129", "image": "a.png", "question": _question_with_prompt_len(tok, 129)},
+            {"id": "text", "image": None, "question": "Say hello."}]
+    ds = data.PromptDataset(recs, tok, T, None, 16, n_img, max_prompt_len=128)
+    assert ds.keep == [0, 1, 3] and ds.dropped == 1
+    assert data.text_len(tokenize_prompt(short, tok, T, n_img)) < 128
+    for ids, i in zip(ds.prompts, ds.keep):
+        assert ids.count(IMAGE_TOKEN_INDEX) == (n_img if recs[i]["image"] else 0)
+    assert len(ds.prompts[1]) == 128 + n_img - 1          # the expanded prompt is far longer than 128
+
+
+def _long_conv(answer_ids):
+    """An image conversation whose answer is about answer_ids ids long (7 per sentence)."""
+    answer = "the cat is red. " * (answer_ids // 7 + 1)
+    return [{"from": "human", "value": "<image>\nDescribe the picture."}, {"from": "gpt", "value": answer}]
+
+
+@pytest.mark.parametrize("n_img", [256, 576])
+def test_sft_max_len_counts_the_image_as_one_id(tok, n_img, tmp_path, capsys):
+    # SPEC §9: SFT's model_max_length 1280 counts text ids, the image as one
+    fits = _long_conv(1000)
+    full, full_labels = tokenize_conversation(fits, tok, T, n_img)
+    assert data.text_len(full) <= 1280 < len(full)
+    ids, labels = tokenize_conversation(fits, tok, T, n_img, max_len=1280)
+    assert ids == full and labels == full_labels                          # kept whole, not truncated
+    long = _long_conv(1400)
+    lfull, _ = tokenize_conversation(long, tok, T, n_img)
+    assert data.text_len(lfull) > 1280
+    ids, labels = tokenize_conversation(long, tok, T, n_img, max_len=1280)
+    # cut at 1280 ids so counted, never through the image; the kept answer stays supervised
+    assert data.text_len(ids) == 1280 and len(ids) == 1280 + n_img - 1 and ids == lfull[:len(ids)]
+    assert ids.count(IMAGE_TOKEN_INDEX) == n_img and labels[-1] == ids[-1]
+    # a record cut so early that no answer is left is dropped; truncated-but-kept records are counted
+    prompt = tokenize_prompt("Describe the picture.", tok, T, n_img)
+    recs = [{"id": "fits", "image": None, "conversations": fits}, {"id": "long", "image": None, "conversations": long}]
+    capsys.readouterr()
+    ds = SFTDataset(recs, tok, T, None, 16, n_img, 1280)
+    assert len(ds) == 2 and ds.dropped == 0 and ds.truncated == 1
+    assert "kept 2 of 2 records (0 dropped by truncation to max_len=1280, 1 kept truncated" in capsys.readouterr().err
+    ds = SFTDataset(recs, tok, T, None, 16, n_img, data.text_len(prompt), skips=Skips())
+    assert len(ds) == 0 and ds.dropped == 2 and ds.truncated == 0
+    # `data.py check --max_len` counts the same way
+    path = _write(tmp_path / "sft.json", [{"id": "fits", "image": "a.png", "conversations": fits},
+                                          {"id": "long", "image": "a.png", "conversations": long}])
+    res = data.check_dataset(path, None, tok, num_image_tokens=n_img, max_len=1280, check_images=False,
+                             out=open(os.devnull, "w"))
+    assert res["too_long"] == 1 and res["lengths"] == [len(full), len(lfull)]
 
 
 # ----------------------------------------------------------------------------------------------------

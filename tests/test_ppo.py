@@ -303,3 +303,286 @@ def test_second_base_with_another_tokenizer_is_refused(tiny_world, tiny_sft, tmp
     with pytest.raises(common.ConfigError, match="tokenizer .* differs from the policy's"):
         ppo.main(_args(tiny_world, tiny_sft, tmp_path / "ppo", toy_reward="", rm_dir=tmp_path / "rm" / "best",
                        rm_base_path=other, max_steps=1))
+
+
+# --------------------------------------------------------------------------------------------------
+# The official schedule, tempered log-probs, gradient checkpointing (SPEC §9)
+
+@pytest.mark.parametrize("total,warmup", [(10, 5), (30, 2), (4, 0), (6, 6), (3, 5)])
+def test_ppo_lr_matches_transformers_cosine_with_warmup(total, warmup):
+    """ppo_lr(step) equals transformers' get_cosine_schedule_with_warmup (the official scheduler) stepped
+    once per PPO step: factor 0 at the first step, step / warmup during warm-up, then cosine to 0; with
+    min_ratio, get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=min_ratio)."""
+    import transformers
+    base = 3e-5
+    for min_ratio in (0.0, 0.1):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=base)
+        if min_ratio:
+            sched = transformers.get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=min_ratio)
+        else:
+            sched = transformers.get_cosine_schedule_with_warmup(opt, warmup, total)
+        for step in range(total):
+            want = sched.get_last_lr()[0]
+            assert abs(ppo.ppo_lr(step, total, warmup, base, min_ratio) - want) < 1e-15, (step, want)
+            opt.step()
+            sched.step()
+    # the paper's 5 warm-up steps: 0, 1/5, ... 4/5, then 1 at the first cosine step
+    assert [ppo.ppo_lr(s, 100, 5, 1.0) for s in range(6)] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def test_ppo_main_lr_per_ppo_step_and_no_update_at_first_step(tiny_world, tiny_sft, tmp_path):
+    """ppo.main logs one lr per PPO step, the same for every optimizer step within it: ppo_lr(step). With
+    warm-up the first PPO step has lr 0, so its checkpoint equals the initial trainable state."""
+    args = _args(tiny_world, tiny_sft, tmp_path / "lr", warmup_steps=2, max_steps=4, save_every=1, keep_last=10)
+    seen = []
+    orig_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **kw):
+        seen.append(self.param_groups[0]["lr"])
+        return orig_step(self, *a, **kw)
+    torch.optim.AdamW.step = spy
+    try:
+        ppo.main(args)
+    finally:
+        torch.optim.AdamW.step = orig_step
+    want = [ppo.ppo_lr(s, 4, 2, 1e-2) for s in range(4)]
+    assert want == [0.0, 5e-3, 1e-2, 5e-3]
+    lines = [json.loads(l) for l in open(tmp_path / "lr" / "metrics.jsonl")]
+    assert [l["lr"] for l in lines] == want
+    per_step = 2 * (16 // 8)                                   # ppo_epochs x (rollout_batch / step_batch)
+    assert seen == [w for w in want for _ in range(per_step)]
+    cfg = common.parse_config(ppo.Config, args)
+    models, _ = ppo.build_models(cfg, torch.device("cpu"))
+    init = common.trainable_state_dict(ppo._Trainable(models))
+    ck1 = common.load_checkpoint(str(tmp_path / "lr" / "ckpt_0000001.pt"))["model"]
+    ck2 = common.load_checkpoint(str(tmp_path / "lr" / "ckpt_0000002.pt"))["model"]
+    assert set(ck1) == set(init) and all(torch.equal(ck1[k], init[k]) for k in init)
+    assert any(not torch.equal(ck2[k], init[k]) for k in init)
+
+
+def _rollout_setup(w, sft_dir, temperature):
+    import data
+    cfg = ppo.Config(model_path=str(sft_dir), prompts_path=str(w["data"] / "ppo_prompts.json"),
+                     image_folder=str(w["data"] / "images"), temperature=temperature, max_new_tokens=12,
+                     lora_r=8, lora_alpha=16.0, length_penalty=0.0, no_eos_penalty=0.0)
+    models, tok = ppo.build_models(cfg, torch.device("cpu"))
+    pb = models.policy_base
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():                                      # a policy that differs from the reference
+        for p in pb.adapter_parameters("policy"):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    records = data.read_ppo_prompts(cfg.prompts_path)
+    prompts = data.PromptDataset(records, tok, data.Template(system=cfg.system), cfg.image_folder,
+                                 pb.config.image_size, pb.num_image_tokens, cfg.max_prompt_len)
+    batch = data.collate_left([prompts[j] for j in range(6)], tok.pad_id)
+    for mod in (pb, models.value_base):
+        mod.eval()
+    part = ppo.rollout(models, tok, batch, records, cfg, torch.Generator().manual_seed(0),
+                       lambda recs, texts, resp, mask: torch.zeros(len(texts)))
+    return cfg, models, ppo.merge_rollouts([part])
+
+
+def _full_logits(pb, adapter, ro):
+    pb.set_adapter(adapter)
+    with torch.no_grad():
+        return pb(ro["full"], ro["images"], ro["fmask"]).float()[:, ro["P"] - 1:-1]   # (B, R, V)
+
+
+def test_rollout_logprobs_use_the_sampling_temperature(tiny_world, paper_model):
+    """At temperature 0.7 the rollout's logp and ref_logp are log_softmax(logits / 0.7) at the sampled
+    tokens, from the model's full logits (policy adapter and the bare base as the reference)."""
+    cfg, models, ro = _rollout_setup(tiny_world, paper_model, 0.7)   # 256 image tokens
+    pb, m = models.policy_base, ro["rmask"].bool()
+    assert models.ref_adapter is None
+    got = {}
+    for key, adapter in (("logp", "policy"), ("ref_logp", None)):
+        z = _full_logits(pb, adapter, ro)
+        want = torch.log_softmax(z / 0.7, -1).gather(-1, ro["resp"][..., None]).squeeze(-1)
+        untempered = torch.log_softmax(z, -1).gather(-1, ro["resp"][..., None]).squeeze(-1)
+        assert torch.allclose(ro[key][m], want[m], atol=1e-5), (key, (ro[key][m] - want[m]).abs().max())
+        assert (untempered[m] - want[m]).abs().max() > 1e-2            # the temperature matters here
+        got[key] = ro[key][m]
+    assert (got["logp"] - got["ref_logp"]).abs().max() > 1e-3       # policy and reference differ
+
+
+def test_first_micro_update_ratio_is_one_at_temperature(tiny_world, paper_model):
+    """The update's log-probs use the rollout's temperature: at the first micro update (weights unchanged)
+    the ratio is exactly 1 (approx_kl ~ 0, no clipping), and the logged entropy is the entropy of
+    softmax(logits / 0.7)."""
+    cfg, models, ro = _rollout_setup(tiny_world, paper_model, 0.7)   # 256 image tokens
+    pb, mask = models.policy_base, ro["rmask"]
+    z = _full_logits(pb, "policy", ro) / 0.7
+    logp_all = torch.log_softmax(z, -1)
+    ent_want = float((-(logp_all.exp() * logp_all).sum(-1) * mask).sum() / mask.sum())
+    for mod in (pb, models.value_base):
+        mod.train()
+    adv = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1)) * mask
+    rows = torch.arange(mask.shape[0])
+    mb = ppo.micro_inputs(ro, rows, adv, torch.zeros_like(adv), models, torch.device("cpu"))
+    st, ok = ppo._micro_update(models, mb, cfg, float(mask.sum()))
+    st = {k: float(v) for k, v in st.items()}
+    assert ok and st["approx_kl"] < 1e-10 and st["clipfrac"] == 0.0, st
+    assert abs(st["entropy_sum"] / st["tokens"] - ent_want) < 1e-4, (st["entropy_sum"] / st["tokens"], ent_want)
+
+
+def test_grad_ckpt_at_paper_geometry_saves_memory_same_grads():
+    """224 px / patch 14 (256 image tokens) with a 300-token response, tiny widths: one policy + value micro
+    update with the 7b preset's grad_ckpt holds several times (> 4x) fewer bytes for backward (autograd's saved
+    tensors plus the layer inputs checkpoint keeps) than without, and gives the same gradients."""
+    import torch.utils.checkpoint as tuc
+    import model as M
+    ck_cfg = common.parse_config(ppo.Config, ["--preset", "llava-rlhf-7b"], ppo.PRESETS)
+    assert ck_cfg.grad_ckpt is True and ppo.Config().grad_ckpt is False
+    V = 256
+    torch.manual_seed(0)
+    mc = M.ModelConfig.preset("tiny", image_size=224, patch_size=14, vision_hidden=32, vision_layers=1,
+                              vision_heads=2, vision_intermediate=64, hidden=64, layers=4, heads=2, kv_heads=2,
+                              intermediate=128, vocab_size=V, max_seq_len=1024)
+    m = M.LLaVA(mc)
+    assert m.num_image_tokens == 256
+    m.requires_grad_(False)
+    m.add_adapter("policy", r=8, alpha=16.0)
+    m.add_adapter("value", r=8, alpha=16.0)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name in ("policy", "value"):
+            for p in m.adapter_parameters(name):
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+                p.requires_grad_(True)
+    head = M.ScalarHead(mc.hidden)
+    models = ppo.Models(m, None, m, head, None)
+    B, R = 2, 300
+    prompt = [1, 5, 6] + [M.IMAGE_TOKEN_INDEX] * 256 + [7, 8, 9]
+    P = len(prompt)
+    resp = torch.randint(3, V, (B, R), generator=g)
+    rmask = torch.ones(B, R)
+    rmask[1, 250:] = 0
+    resp[1, 250:] = 0
+    full = torch.cat([torch.tensor([prompt] * B), resp], 1)
+    fmask = torch.cat([torch.ones(B, P, dtype=torch.long), rmask.long()], 1)
+    images = torch.randn(B, 3, 224, 224, generator=g)
+    ro = {"full": full, "fmask": fmask, "P": P, "resp": resp, "rmask": rmask, "images": images, "v_images": images,
+          "logp": torch.full((B, R), -math.log(V)), "values": torch.zeros(B, R), "img_rows": torch.ones(B, dtype=torch.bool)}
+    adv = torch.randn(B, R, generator=g) * rmask
+    ret = torch.randn(B, R, generator=g) * rmask
+    params = models.trainable()
+    frozen = {p.untyped_storage().data_ptr() for p in m.parameters() if not p.requires_grad}
+    frozen.add(images.untyped_storage().data_ptr())
+
+    def run(cfg):
+        m.gradient_checkpointing = cfg.grad_ckpt
+        m.train()
+        held = {}
+
+        def count(t):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in frozen:
+                held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+        def pack(t):
+            count(t)
+            return t
+        orig = tuc.checkpoint
+
+        def ckpt(fn, *args, **kw):     # the layer inputs non-reentrant checkpoint keeps for its recompute
+            for a in args:
+                count(a)
+            return orig(fn, *args, **kw)
+        tuc.checkpoint = ckpt
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                mb = ppo.micro_inputs(ro, torch.arange(B), adv, ret, models, torch.device("cpu"))
+                st, ok = ppo._micro_update(models, mb, cfg, float(rmask.sum()))
+                st = {k: float(v) for k, v in st.items()}
+        finally:
+            tuc.checkpoint = orig
+        assert ok
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return sum(held.values()), grads, st
+
+    plain_bytes, plain_grads, plain_st = run(ppo.Config())
+    ck_bytes, ck_grads, ck_st = run(ck_cfg)
+    assert ck_bytes * 4 < plain_bytes, (ck_bytes, plain_bytes)
+    assert plain_st["pg_loss"] == pytest.approx(ck_st["pg_loss"], rel=1e-5)
+    assert all(g.abs().sum() > 0 for g in plain_grads)
+    for a, b in zip(plain_grads, ck_grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), (a - b).abs().max()
+
+
+def test_ppo_main_applies_grad_ckpt_to_policy_and_value(tiny_world, tiny_sft, tmp_path, monkeypatch):
+    """--grad_ckpt true reaches both bases: every micro update runs in training mode with grad enabled and
+    gradient_checkpointing on for the policy and the value base (what makes decode() checkpoint layers);
+    the 7b/13b presets of ppo.py and reward_model.py turn it on."""
+    import reward_model as RM
+    for name in ("llava-rlhf-7b", "llava-rlhf-13b"):
+        assert common.parse_config(ppo.Config, ["--preset", name], ppo.PRESETS).grad_ckpt is True
+        assert common.parse_config(RM.Config, ["--preset", name], RM.PRESETS).grad_ckpt is True
+    seen = []
+    orig = ppo._micro_update
+
+    def spy(models, *a, **kw):
+        pb, vb = models.policy_base, models.value_base
+        seen.append((pb.gradient_checkpointing, vb.gradient_checkpointing, pb.training, vb.training,
+                     torch.is_grad_enabled()))
+        return orig(models, *a, **kw)
+    monkeypatch.setattr(ppo, "_micro_update", spy)
+    ppo.main(_args(tiny_world, tiny_sft, tmp_path / "ck", max_steps=1, grad_ckpt="true"))
+    assert seen and all(all(s) for s in seen), seen
+    seen.clear()
+    ppo.main(_args(tiny_world, tiny_sft, tmp_path / "nock", max_steps=1))
+    assert seen and not any(s[0] or s[1] for s in seen)
+
+
+def test_paper_preset_keeps_image_prompts_at_256_image_tokens(tiny_world, tmp_path, capfd):
+    """--preset llava-rlhf-7b (max_prompt_len 128, the image counted as one id, SPEC §9) on a tiny-width model
+    with the 7B's vision geometry (224 px / patch 14: 256 image tokens): every image prompt is kept."""
+    import shutil
+    import model
+    torch.manual_seed(0)
+    cfg = model.ModelConfig.preset("tiny", image_size=224, patch_size=14, vision_hidden=32, vision_layers=1,
+                                   vision_heads=2, vision_intermediate=64, hidden=32, layers=2, heads=2, kv_heads=2,
+                                   intermediate=64, vocab_size=tiny_world["vocab"])
+    m = model.LLaVA(cfg)
+    assert m.num_image_tokens == 256
+    mdir = tmp_path / "m224"
+    m.save_pretrained(str(mdir))
+    shutil.copy(tiny_world["tokenizer"], mdir / "tokenizer.model")
+    prompts = json.load(open(tiny_world["data"] / "ppo_prompts.json"))
+    assert prompts and all(p.get("image") for p in prompts)
+    assert ppo.PRESETS["llava-rlhf-7b"].get("max_prompt_len", ppo.Config.max_prompt_len) == 128
+    capfd.readouterr()
+    r = ppo.main(["--preset", "llava-rlhf-7b", "--model_path", str(mdir), "--prompts_path",
+                  str(tiny_world["data"] / "ppo_prompts.json"), "--image_folder", str(tiny_world["data"] / "images"),
+                  "--out_dir", str(tmp_path / "ppo"), "--rollout_batch", "4", "--step_batch", "4", "--micro_batch", "4",
+                  "--max_new_tokens", "4", "--max_steps", "1", "--toy_reward", "contains:red", "--progress", "false"])
+    assert r["step"] == 1 and not r["stopped"]
+    assert "PromptDataset: dropped" not in capfd.readouterr().err
+
+
+def test_rm_budget_refused_before_models_load(tiny_world, tmp_path):
+    """A run whose RM inputs (prompt + facts + rating request + max_new_tokens) can exceed the RM's max_len is
+    refused before any model loads (the RM never cuts a response); the bound is exact."""
+    import data
+    import reward_model as RM
+    rm_dir = tmp_path / "rm"
+    rm_dir.mkdir()
+    meta = {"model_path": str(tmp_path / "nowhere"), "vision_tower": "", "tokenizer": str(tiny_world["tokenizer"]),
+            "system": data.VICUNA_V1_SYSTEM, "rm_template": RM.DEFAULT_TEMPLATE, "max_len": 2048, "facts": "captions"}
+
+    def run(max_len, facts="captions"):
+        json.dump(dict(meta, max_len=max_len, facts=facts), open(rm_dir / "rm_config.json", "w"))
+        cfg = common.parse_config(ppo.Config, _args(tiny_world, tiny_world["model"], tmp_path / "x", toy_reward="",
+                                                    rm_dir=rm_dir))
+        return ppo.check_rm_budget(cfg)
+
+    worst = run(2048)
+    assert run(worst + 12) == worst                     # max_new_tokens 12 in _args: an exact fit passes
+    with pytest.raises(common.ConfigError, match=f"max_len {worst + 11} .* is {worst} ids, \\+ --max_new_tokens 12"):
+        run(worst + 11)
+    assert run(2048, facts="none") < worst              # an RM without facts needs less
+    # through main, before any model loads (rm_dir holds no adapter: loading it would fail otherwise)
+    json.dump(dict(meta, max_len=worst), open(rm_dir / "rm_config.json", "w"))
+    with pytest.raises(common.ConfigError, match="never cuts a response"):
+        ppo.main(_args(tiny_world, tiny_world["model"], tmp_path / "y", toy_reward="", rm_dir=rm_dir))

@@ -173,3 +173,85 @@ def test_malformed_preferences(tiny_world, tmp_path):
     skips = data.Skips()
     kept = data.read_preferences(str(tmp_path / "bad.json"), on_error="skip", skips=skips)
     assert len(kept) == 58 and skips.count == 2
+
+
+def _response_of(tok, n):
+    """A response text that encodes to exactly n ids."""
+    words = ("the red circle is on the left of a big blue square . " * (n // 4 + 10)).split()
+    for k in range(len(words)):
+        text = " ".join(words[:k])
+        if len(tok.encode(text)) == n:
+            return text
+    raise AssertionError(f"no response of {n} ids")
+
+
+def _wide_image_model(w, image_size, patch_size=14):
+    """A tiny-width LLaVA with the paper's vision geometry (336/14: 576 image tokens); nothing runs."""
+    cfg = M.ModelConfig.preset("tiny", image_size=image_size, patch_size=patch_size, vision_hidden=32, vision_layers=1,
+                               vision_heads=2, vision_intermediate=64, hidden=32, layers=2, heads=2, kv_heads=2,
+                               intermediate=64, vocab_size=w["vocab"])
+    return M.LLaVA(cfg)
+
+
+def test_rm_never_cuts_the_response_at_576_image_tokens(tiny_world):
+    # SPEC §9: the official RM sees the whole response; its limit (2048) counts text ids, the image as one
+    tok = data.Tokenizer(str(tiny_world["tokenizer"]))
+    conv = [{"from": "human", "value": "<image>\nDescribe the image in detail."}]
+    resp = _response_of(tok, 900)
+    resp_ids = tok.encode(resp)
+    facts = RM.format_facts(["a red circle", "a blue square"])
+
+    def contains(ids, sub):
+        return any(ids[i:i + len(sub)] == sub for i in range(len(ids) - len(sub) + 1))
+
+    ids = RM.build_rm_ids(conv, resp, facts, tok, data.Template(), RM.DEFAULT_TEMPLATE, 576, 2048)
+    n = data.text_len(ids)
+    assert contains(ids, resp_ids) and ids.count(M.IMAGE_TOKEN_INDEX) == 576 and len(ids) == n + 575
+    assert RM.build_rm_ids(conv, resp, facts, tok, data.Template(), RM.DEFAULT_TEMPLATE, 576, n) == ids  # exact fit
+    with pytest.raises(data.DataError, match=r"id 'long'.*response 900.*max_len %d" % (n - 1)):
+        RM.build_rm_ids(conv, resp, facts, tok, data.Template(), RM.DEFAULT_TEMPLATE, 576, n - 1, record_id="long")
+    # the scorer's default max_len is the official 2048, the image of a 336 px / patch 14 tower counted as one
+    m = _wide_image_model(tiny_world, 336)
+    assert m.num_image_tokens == 576
+    scorer = RM.RewardScorer(m, "reward", M.ScalarHead(32), tok)
+    assert scorer.max_len == 2048 and RM.Config().max_len == 2048
+    assert RM.PRESETS["llava-rlhf-7b"]["max_len"] == RM.PRESETS["llava-rlhf-13b"]["max_len"] == 2048
+    item = {"id": "r1", "image": None, "conversations": conv, "response": resp, "facts": ["a red circle"]}
+    assert contains(scorer.encode(item), resp_ids)
+    with pytest.raises(data.DataError, match="id 'r2'.*never cut"):
+        scorer.encode(dict(item, id="r2", response=resp + " " + _response_of(tok, 1200)))
+
+
+def test_too_long_pairs_go_through_on_error(tiny_world, tmp_path):
+    """RM training: a pair that cannot fit max_len stops the run naming the record, or is skipped and counted."""
+    prefs = json.load(open(_separable_prefs(tiny_world, tmp_path / "p.json", n=60)))
+    tok = data.Tokenizer(str(tiny_world["tokenizer"]))
+    prefs[7]["output_2"]["value"] = _response_of(tok, 600)
+    json.dump(prefs, open(tmp_path / "long.json", "w"))
+    with pytest.raises(data.DataError, match=r"long.json: record 7: id 's7'.*response 600.*max_len 512"):
+        RM.main(_args(tiny_world, tmp_path / "x", tmp_path / "long.json"))
+    recs = data.read_preferences(str(tmp_path / "long.json"))
+    skips = data.Skips()
+    pd = RM.PairData(recs, tok, data.Template(), RM.DEFAULT_TEMPLATE, {}, "captions", str(tiny_world["data"] / "images"),
+                     32, 4, 512, 0, on_error="skip", skips=skips)
+    assert len(pd) == 59 and pd.skipped == 1 and skips.count == 1 and skips.indices == [7]
+    assert [r["id"] for r in pd.records] == [r["id"] for r in recs if r["id"] != "s7"]
+    assert all(len(pd[i]["ids"]) == 2 for i in range(3))
+
+
+def test_scorer_load_keeps_the_trained_facts_mode(tiny_world, paper_model, tmp_path):
+    """An RM trained with --facts none scores the same with or without facts in the items (PPO passes them).
+    At 256 image tokens (224 px / patch 14)."""
+    prefs = _separable_prefs(tiny_world, tmp_path / "prefs.json", n=48)
+    RM.main(_args(tiny_world, tmp_path / "rm", prefs, model_path=paper_model, max_steps=2, eval_size=8, facts="none"))
+    best = str(tmp_path / "rm" / "best")
+    assert json.load(open(os.path.join(best, "rm_config.json")))["facts"] == "none"
+    recs = json.load(open(prefs))[:4]
+    items = [{"id": r["id"], "image": str(tiny_world["data"] / "images" / r["image"]), "conversations": r["conversations"],
+              "response": r["output_1"]["value"]} for r in recs]
+    with_facts = [dict(it, facts=["a tiny green triangle at the top", "the sky is grey"]) for it in items]
+    plain = RM.RewardScorer.load(best)
+    assert plain.facts == "none"
+    assert plain.score(items) == plain.score(with_facts)
+    forced = RM.RewardScorer.load(best, facts="captions")     # an explicit keyword still wins
+    assert forced.facts == "captions" and forced.score(with_facts) != forced.score(items)

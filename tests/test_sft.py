@@ -116,3 +116,31 @@ def test_config_errors():
     assert c.lr == 3e-5 and c.grad_ckpt is True and c.model_preset == "tiny" and c.preset == "tiny"
     r = subprocess.run([sys.executable, "sft.py", "--bogus", "1"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "unknown config key --bogus" in r.stderr
+
+
+def test_pretrain_mode_uses_the_plain_template(tiny_world, paper_model, tmp_path, monkeypatch):
+    """--mode pretrain renders LLaVA's plain `<image>CAPTION\\n` (SPEC §2-3): only the caption and its "\\n" are
+    supervised; sft and lora keep the Vicuna v1 template."""
+    import data
+    from model import IMAGE_TOKEN_INDEX
+    made = []
+
+    class Spy(data.SFTDataset):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(data, "SFTDataset", Spy)
+    sft.main(_args(tiny_world, tmp_path / "pre", model_path=paper_model, mode="pretrain", train_vision="false",
+                   max_steps=1))
+    assert made and all(ds.template is data.PLAIN_TEMPLATE for ds in made)
+    ds = made[0]
+    i = next(k for k, r in enumerate(ds.records) if r["image"] and len(r["conversations"]) == 2)
+    caption = ds.records[i]["conversations"][1]["value"]
+    item, n, tok = ds[i], ds.num_image_tokens, ds.tok
+    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+    assert ids == [tok.bos_id] + [IMAGE_TOKEN_INDEX] * n + tok.encode(caption + "\n")
+    assert labels == [data.IGNORE_INDEX] * (1 + n) + ids[1 + n:]
+    for mode in ("sft", "lora"):
+        t = sft.template_for(common.parse_config(sft.Config, ["--mode", mode, "--system", "Be brief."]))
+        assert t.style == "vicuna_v1" and t.system == "Be brief."
