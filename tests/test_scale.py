@@ -194,6 +194,7 @@ def test_rehearsal_estimate_matches_real_memory(stage):
                                                  decode_steps=8)
     est = run(True)["peak"]
     real = _allocator_peak_gib(lambda: run(False))
+    print(f"{stage}: estimate {est:.4f} GiB, allocator {real:.4f} GiB, ratio {est / real:.3f}")
     assert abs(est / real - 1) < 0.10, (est, real)
 
 
