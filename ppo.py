@@ -178,12 +178,11 @@ def ppo_lr(step: int, total: int, warmup: int, base: float, min_ratio: float = 0
     """Learning rate of PPO step `step` (0-based rollout batch; every optimizer step within it uses this
     lr): the official schedule (SPEC §9), transformers' get_cosine_schedule_with_warmup stepped once per
     rollout batch. Factor step / warmup for step < warmup (0 at the first step), then cosine from 1 down
-    to min_ratio over the remaining total - warmup steps."""
-    import math
+    to min_ratio over the remaining total - warmup steps (common.cosine_lr's decay; only the warm-up,
+    which starts at 0 rather than 1 / warmup, differs)."""
     if step < warmup:
-        return base * step / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return base * step / warmup
+    return common.cosine_lr(step, total, warmup, base, min_ratio)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -531,16 +530,15 @@ def toy_reward_fn(spec: str) -> Callable:
     return lambda recs, texts, resp, mask: torch.tensor([float(word.lower() in t.lower()) for t in texts])
 
 
-def check_rm_budget(cfg: Config) -> int:
+def check_rm_budget(cfg: Config, records: list[dict]) -> int:
     """Before any model loads: refuse (ConfigError) a run whose reward-model inputs can exceed the RM's
     max_len, since reward_model.build_rm_ids never cuts a response and would stop the run mid-way. For
-    every prompt PromptDataset keeps (max_prompt_len, the image counted as one id), the RM input as
+    every prompt of `records` (read_ppo_prompts) that PromptDataset keeps (max_prompt_len, the image
+    counted as one id), the RM input as
     rollout() builds it (the RM's tokenizer, system sentence, rating request, facts mode and the facts'
     order for this seed and id) plus max_new_tokens response ids, the image counted as one.
     -> the longest input before the response. (The RM re-encodes the decoded response text: for normal text
     that is at most the generated ids; byte-level garbage can re-encode longer and still stops the run.)"""
-    import contextlib
-    import io
     path = os.path.join(cfg.rm_dir, "rm_config.json")
     if not os.path.isfile(path):
         raise common.ConfigError(f"--rm_dir {cfg.rm_dir}: no rm_config.json (not a reward_model.py output folder)")
@@ -549,9 +547,6 @@ def check_rm_budget(cfg: Config) -> int:
     if cfg.rm_base_path and rm_tok.sp.serialized_model_proto() != tok.sp.serialized_model_proto():
         return 0  # build_models refuses a second base with another tokenizer
     template, rm_template = data.Template(system=cfg.system), data.Template(system=meta["system"])
-    with contextlib.redirect_stderr(io.StringIO()):          # the run reads (and reports on) them again
-        records = data.read_ppo_prompts(cfg.prompts_path, captions=cfg.captions or None, on_error=cfg.on_error,
-                                        skips=data.Skips())
     worst, worst_id = 0, None
     for rec in records:
         has_image = rec.get("image") is not None
@@ -591,16 +586,16 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
         raise common.ConfigError(f"--rollout_batch {cfg.rollout_batch} must be a multiple of --step_batch {cfg.step_batch}")
     if not cfg.rm_dir and reward_fn is None:
         raise common.ConfigError("give --rm_dir (a trained reward model) or --toy_reward contains:WORD")
+    skips = data.Skips()
+    records = data.read_ppo_prompts(cfg.prompts_path, captions=cfg.captions or None, on_error=cfg.on_error,
+                                    skips=skips)
     if cfg.rm_dir and reward_fn is None:
-        check_rm_budget(cfg)     # the RM never cuts a response: refuse now what would stop the run mid-way
+        check_rm_budget(cfg, records)   # the RM never cuts a response: refuse now what would stop the run mid-way
 
     models, tok = build_models(cfg, d.device)
     for base in (models.policy_base, models.value_base):   # decode() checkpoints when training with grad
         base.gradient_checkpointing = cfg.grad_ckpt
     template = data.Template(system=cfg.system)
-    skips = data.Skips()
-    records = data.read_ppo_prompts(cfg.prompts_path, captions=cfg.captions or None, on_error=cfg.on_error,
-                                    skips=skips)
     pb = models.policy_base
     prompts = data.PromptDataset(records, tok, template, cfg.image_folder, pb.config.image_size, pb.num_image_tokens,
                                  cfg.max_prompt_len)

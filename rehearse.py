@@ -54,8 +54,8 @@ class Phase:
 
 
 class MemoryCounter(TorchDispatchMode):
-    """Counts the bytes of every live tensor storage: those registered up front (track) and those any op
-    creates while the mode is on, until the storage is freed (a weakref finalizer) or resized (FSDP
+    """Counts the bytes of every live tensor storage that an op creates while the mode is on (start it
+    before the model is built), until the storage is freed (a weakref finalizer) or resized (FSDP
     frees and refills gathered parameters with storage.resize_). Keeps the peak of each named phase and
     what was live then; `breakdown` sorts that into weights / gradients / optimizer / activations / kv."""
 
@@ -77,16 +77,17 @@ class MemoryCounter(TorchDispatchMode):
         if hasattr(t, "_local_tensor"):            # a DTensor (FSDP's shard): count the local part
             t = t._local_tensor
         st = t.untyped_storage()
-        key = id(st)
-        if key in self.live:
+        if id(st) in self.live:
             return
-        n = st.nbytes()
-        self._serial += 1
         # a 5-D tensor is the KV cache (layers, B, kv_heads, S, head_dim): nothing else in the model is 5-D
-        self.live[key] = [n, "kv" if t.dim() == 5 else "", self._serial]
-        self.total += n
-        weakref.finalize(st, self._freed, key)
-        self._note()
+        self._add(st, "kv" if t.dim() == 5 else "")
+        self._resized(st, st.nbytes())
+
+    def _add(self, st, hint: str) -> list:
+        self._serial += 1
+        entry = self.live[id(st)] = [0, hint, self._serial]
+        weakref.finalize(st, self._freed, id(st))
+        return entry
 
     def _freed(self, key: int) -> None:
         entry = self.live.pop(key, None)
@@ -94,12 +95,7 @@ class MemoryCounter(TorchDispatchMode):
             self.total -= entry[0]
 
     def _resized(self, st, nbytes: int) -> None:
-        key = id(st)
-        entry = self.live.get(key)
-        if entry is None:
-            self._serial += 1
-            self.live[key] = entry = [0, "", self._serial]
-            weakref.finalize(st, self._freed, key)
+        entry = self.live.get(id(st)) or self._add(st, "")
         self.total += nbytes - entry[0]
         entry[0] = nbytes
         self._note()
@@ -109,12 +105,15 @@ class MemoryCounter(TorchDispatchMode):
         if self.total > ph.peak:
             # a snapshot of what is live at most every 8 MiB of growth (a forward makes thousands of peaks)
             if self.total > ph.snap_total + 2 ** 23:
-                ph.at_peak, ph.snap_total = [(e[2], e[0], e[1]) for e in self.live.values()], self.total
+                ph.at_peak, ph.snap_total = self._snapshot(), self.total
             ph.peak = self.total
+
+    def _snapshot(self) -> list:
+        return [(serial, n, hint) for n, hint, serial in self.live.values()]
 
     def set_phase(self, name: str) -> None:
         self.phase = name
-        self.phases[name] = Phase(self.total, [(e[2], e[0], e[1]) for e in self.live.values()], self.total)
+        self.phases[name] = Phase(self.total, self._snapshot(), self.total)
 
     # the mode ----------------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -214,11 +213,14 @@ def build_model(cfg: M.ModelConfig, dtype: torch.dtype) -> M.LLaVA:
 
 
 def model_config(model_path: str, stage_preset: str) -> M.ModelConfig:
-    """config.json of a local folder, else the model preset named like the stage preset."""
+    """`preset:NAME` (a model preset), config.json of a local folder, else the model preset named like the
+    stage preset."""
+    if model_path.startswith("preset:"):
+        return M.ModelConfig.preset(model_path[len("preset:"):])
     if model_path:
         return M.config_from_folder(model_path)[0]
     name = next((p for p in sorted(M.PRESETS, key=len, reverse=True) if stage_preset.startswith(p)), None)
-    if name is None or name == "tiny" and not stage_preset.startswith("tiny"):
+    if name is None:
         raise common.ConfigError(f"give --model_path (a folder with config.json) or a --preset named after a "
                                  f"model preset ({sorted(M.PRESETS)}); got {stage_preset!r}")
     return M.ModelConfig.preset(name)
@@ -430,12 +432,6 @@ TABLE = [("sft", "llava-rlhf-7b-pretrain", []), ("sft", "llava-rlhf-13b-pretrain
          ("ppo", "llava-rlhf-7b", ["--rm_base_path", "preset:llava-rlhf-13b"])]
 
 
-def _model_cfg(path: str, stage_preset: str) -> M.ModelConfig:
-    if path.startswith("preset:"):
-        return M.ModelConfig.preset(path[len("preset:"):])
-    return model_config(path, stage_preset)
-
-
 def run_stage(stage: str, argv: list[str], ranks: int, decode_steps: int | None = 8) -> dict:
     """Parse `argv` with the stage's own Config and presets, then rehearse it. -> the result dict, with
     "stage", "preset", "ranks" and "what" (a short description) added."""
@@ -447,19 +443,19 @@ def run_stage(stage: str, argv: list[str], ranks: int, decode_steps: int | None 
     if stage == "sft":
         cfg = common.parse_config(sft.Config, argv, sft.PRESETS)
         stage = {"pretrain": "pretrain", "sft": "sft", "lora": "rl-init"}.get(cfg.mode, cfg.mode)
-        mcfg = _model_cfg(cfg.model_path, cfg.preset)
+        mcfg = model_config(cfg.model_path, cfg.preset)
         res = rehearse_sft(cfg, mcfg, ranks)
         what = f"micro {cfg.micro_batch} x {cfg.max_len} text ids" + (", FSDP" if cfg.fsdp else ", DDP") + \
             (", ckpt" if cfg.grad_ckpt else "")
     elif stage == "rm":
         cfg = common.parse_config(RM.Config, argv, RM.PRESETS)
-        mcfg = _model_cfg(cfg.model_path, cfg.preset)
+        mcfg = model_config(cfg.model_path, cfg.preset)
         res = rehearse_rm(cfg, mcfg, ranks)
         what = f"micro {cfg.micro_batch} pairs x {cfg.max_len} ids" + (", ckpt" if cfg.grad_ckpt else "")
     else:
         cfg = common.parse_config(ppo.Config, argv, ppo.PRESETS)
-        mcfg = _model_cfg(cfg.model_path, cfg.preset)
-        rm_mcfg = _model_cfg(cfg.rm_base_path, "") if cfg.rm_base_path else None
+        mcfg = model_config(cfg.model_path, cfg.preset)
+        rm_mcfg = model_config(cfg.rm_base_path, "") if cfg.rm_base_path else None
         rm_max_len = RM.Config.max_len
         if cfg.rm_dir:
             import json

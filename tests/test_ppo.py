@@ -575,7 +575,7 @@ def test_rm_budget_refused_before_models_load(tiny_world, tmp_path):
         json.dump(dict(meta, max_len=max_len, facts=facts), open(rm_dir / "rm_config.json", "w"))
         cfg = common.parse_config(ppo.Config, _args(tiny_world, tiny_world["model"], tmp_path / "x", toy_reward="",
                                                     rm_dir=rm_dir))
-        return ppo.check_rm_budget(cfg)
+        return ppo.check_rm_budget(cfg, data.read_ppo_prompts(cfg.prompts_path, captions=cfg.captions or None))
 
     worst = run(2048)
     assert run(worst + 12) == worst                     # max_new_tokens 12 in _args: an exact fit passes
