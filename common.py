@@ -11,7 +11,7 @@ import sys
 import time
 import typing
 from dataclasses import dataclass, fields, asdict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -245,29 +245,32 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to `path` so that a crash leaves either the old file or the new one, never a half."""
+def atomic_file(path: str, write: Callable[[str], None]) -> None:
+    """write(tmp) then rename onto `path`, so that a crash leaves either the old file or the new one,
+    never a half; the file and its folder are fsynced. The one atomic file write of the project."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     _fsync_dir(d)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    atomic_file(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(text: str, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(d)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_file(path, write)
 
 
 def save_checkpoint(state: dict, out_dir: str, step: int, keep_last: int = 2) -> str:

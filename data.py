@@ -243,6 +243,15 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text, out_type=int) if text else []
 
+    def decode_response(self, ids) -> str:
+        """A generated row -> its text: the tokens before the first EOS (generate pads after it),
+        stripped of surrounding spaces. The one way every stage reads a sampled response."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self.decode(ids).strip()
+
     def decode(self, ids) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
