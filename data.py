@@ -1,12 +1,6 @@
 """Data for LLaVA-RLHF: the Vicuna v1 conversation template, a sentencepiece tokenizer, CLIP image
-preprocessing, readers for every data format of the pipeline, converters, batching and a resumable sampler.
-
-Command line:
-    python data.py convert vqav2 --questions Q.json --annotations A.json --out vqav2_sft.json [--per_image] [--format sft|ppo]
-    python data.py convert aokvqa --input aokvqa_v1p0_train.json --out aokvqa_sft.json [--style letter_first|rationale_first] [--format sft|ppo]
-    python data.py convert flickr30k --input results_20130124.token --out flickr_sft.json [--captions_out flickr_captions.json] [--seed 0]
-    python data.py mix --inputs a.json b.json --out mix.json --seed 0 [--counts 1000 500]
-    python data.py check FILE --image_folder DIR [--tokenizer T] [--kind sft|preference|ppo|mmhal] [--max_len 1280]
+preprocessing, readers for every data format of the pipeline, datasets, batching and a resumable sampler.
+Converting public data sets, mixing and checking files: prepare_data.py.
 
 Bad data: every reader raises DataError naming the file, the record index (and the image) by default. With
 on_error="skip" the record is skipped, counted in a Skips object (passed in, or the module-level SKIPS) and a
@@ -14,16 +8,13 @@ summary line is printed when the reader finishes. Nothing here ever returns a si
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import random
 import struct
 import sys
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -223,22 +214,11 @@ class Tokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no sentencepiece model at {path}")
         self.path = path
-        self._load(spm.SentencePieceProcessor(model_file=path))
-
-    def _load(self, sp: spm.SentencePieceProcessor) -> None:
-        self.sp = sp
-        self.bos_id, self.eos_id, self.pad_id = sp.bos_id(), sp.eos_id(), sp.unk_id()
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{self.path}: the sentencepiece model has no BOS/EOS ids")
-        self.vocab_size = sp.get_piece_size()
-
-    # DataLoader workers pickle the dataset: send the model bytes, not a C++ handle.
-    def __getstate__(self) -> dict:
-        return {"path": self.path, "proto": self.sp.serialized_model_proto()}
-
-    def __setstate__(self, state: dict) -> None:
-        self.path = state["path"]
-        self._load(spm.SentencePieceProcessor(model_proto=state["proto"]))
+            raise ValueError(f"{path}: the sentencepiece model has no BOS/EOS ids")
+        self.vocab_size = self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text, out_type=int) if text else []
@@ -431,10 +411,21 @@ def preprocess_image(img: Image.Image, image_size: int, pad_to_square: bool = Tr
     return ((x - _MEAN) / _STD).contiguous()
 
 
+def image_tensor(path: str, image_size: int, pad_to_square: bool = True) -> torch.Tensor:
+    """An image file as the model's (3, S, S) input: the one way every stage reads an image.
+    DataError naming the file when it is missing or unreadable."""
+    return preprocess_image(load_image(path), image_size, pad_to_square)
+
+
+def image_file(image_folder: str | None, image: str) -> str:
+    """Where a record's image is: relative names are looked up in image_folder."""
+    return image if (image_folder is None or os.path.isabs(image)) else os.path.join(image_folder, image)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Files: JSON lists and JSONL
 
-def _read_records(path: str) -> list[tuple[int, Any]]:
+def read_records(path: str) -> list[tuple[int, Any]]:
     """[(record index, parsed record or DataError)] from a JSON list or a JSONL file. Errors that make
     the whole file unreadable raise DataError; a bad JSONL line becomes that record's error."""
     if not os.path.isfile(path):
@@ -466,23 +457,23 @@ def _read_records(path: str) -> list[tuple[int, Any]]:
     return out
 
 
-def write_records(records: list[dict], path: str) -> None:
-    """JSON list (indented) or JSONL when the name ends in .jsonl."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        else:
-            json.dump(records, f, ensure_ascii=False, indent=1)
+def load_json(path: str) -> Any:
+    """A whole JSON file; DataError naming the file when it is missing or invalid."""
+    if not os.path.isfile(path):
+        raise DataError("file not found", path=path)
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON at line {e.lineno}: {e.msg}", path=path) from None
 
 
-def _parse_file(path: str, parse_one, on_error: str, skips: Skips | None) -> list[dict]:
-    """Apply parse_one(raw) -> dict to each record; DataErrors get the file and index, then raise or skip."""
+def parse_each(path: str, rows: list[tuple[int, Any]], parse_one, on_error: str,
+               skips: Skips | None) -> list[tuple[int, dict]]:
+    """[(index, parse_one(raw))] for the (index, raw) rows of a file. A DataError gets the file and the
+    index, then raises, or with on_error="skip" is counted and the record left out."""
     _check_on_error(on_error)
     skips = SKIPS if skips is None else skips
-    rows = _read_records(path)
     out, bad = [], 0
     for index, raw in rows:
         try:
@@ -491,7 +482,7 @@ def _parse_file(path: str, parse_one, on_error: str, skips: Skips | None) -> lis
             if not isinstance(raw, dict):
                 raise DataError(f"record should be an object, got {type(raw).__name__}")
             try:
-                rec = parse_one(raw)
+                out.append((index, parse_one(raw)))
             except (TypeError, AttributeError, KeyError) as e:  # a shape the checks above did not foresee
                 raise DataError(f"malformed record ({type(e).__name__}: {e})") from None
         except DataError as e:
@@ -500,15 +491,18 @@ def _parse_file(path: str, parse_one, on_error: str, skips: Skips | None) -> lis
                 raise e from None
             skips.add(str(e), index)
             bad += 1
-            continue
-        rec["source"], rec["index"] = path, index
-        out.append(rec)
     if bad:
         print(f"{path}: skipped {bad} of {len(rows)} records (on_error='skip')", file=sys.stderr)
     return out
 
 
-def _get(rec: dict, key: str, types: type | tuple, required: bool = True, default: Any = None) -> Any:
+def _parse_file(path: str, parse_one, on_error: str, skips: Skips | None) -> list[dict]:
+    """The records of a data file through parse_one, each tagged with its "source" file and "index"."""
+    return [{**rec, "source": path, "index": index}
+            for index, rec in parse_each(path, read_records(path), parse_one, on_error, skips)]
+
+
+def get_field(rec: dict, key: str, types: type | tuple, required: bool = True, default: Any = None) -> Any:
     """A field of the right type; bools are not accepted as numbers."""
     if key not in rec or rec[key] is None:
         if required:
@@ -522,17 +516,13 @@ def _get(rec: dict, key: str, types: type | tuple, required: bool = True, defaul
     return v
 
 
-def _image_path(image_folder: str | None, image: str) -> str:
-    return image if (image_folder is None or os.path.isabs(image)) else os.path.join(image_folder, image)
-
-
 def _parse_id_image(raw: dict, image_folder: str | None, check_images: bool) -> tuple[str | None, str | None]:
-    rid = _get(raw, "id", (str, int), required=False)
-    image = _get(raw, "image", str, required=False)
+    rid = get_field(raw, "id", (str, int), required=False)
+    image = get_field(raw, "image", str, required=False)
     if image is not None and not image.strip():
         raise DataError("field 'image' is an empty string")
     if check_images and image is not None:
-        load_image(_image_path(image_folder, image))
+        load_image(image_file(image_folder, image))
     return (None if rid is None else str(rid)), image
 
 
@@ -602,17 +592,13 @@ def read_preferences(path: str, on_error: str = "raise", image_folder: str | Non
     return recs
 
 
-def load_captions(captions: str | dict) -> dict[str, list[str]]:
-    """An image -> [caption, ...] map from a JSON file or a dict, validated."""
+def load_captions(captions: str | dict | None) -> dict[str, list[str]]:
+    """An image -> [caption, ...] map from a JSON file or a dict, validated; no file ("" or None): {}."""
+    if not captions:
+        return {}
     src = captions if isinstance(captions, str) else "captions"
     if isinstance(captions, str):
-        if not os.path.isfile(captions):
-            raise DataError("captions file not found", path=captions)
-        try:
-            with open(captions, encoding="utf-8") as f:
-                captions = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON: {e.msg}", path=src) from None
+        captions = load_json(captions)
     if not isinstance(captions, dict):
         raise DataError(f"captions should map image -> list of strings, got {type(captions).__name__}", path=src)
     for k, v in captions.items():
@@ -641,7 +627,7 @@ def read_ppo_prompts(path: str, captions: str | dict | None = None, on_error: st
         nonlocal no_facts
         rid, image = _parse_id_image(raw, image_folder, check_images)
         if "question" in raw:
-            q = _get(raw, "question", str)
+            q = get_field(raw, "question", str)
         elif "conversations" in raw:
             conv = raw["conversations"]
             if not isinstance(conv, list) or not conv:
@@ -660,14 +646,14 @@ def read_ppo_prompts(path: str, captions: str | dict | None = None, on_error: st
         q = q.replace(IMAGE_PLACEHOLDER, "").strip()
         if not q:
             raise DataError("empty question")
-        at = _get(raw, "answer_type", str, required=False, default="general")
+        at = get_field(raw, "answer_type", str, required=False, default="general")
         if at.lower() not in _ANSWER_TYPE_ALIASES:
             raise DataError(f"'answer_type' must be one of {ANSWER_TYPES}, got {at!r}")
         at = _ANSWER_TYPE_ALIASES[at.lower()]
-        ans = _get(raw, "answer", str, required=False)
+        ans = get_field(raw, "answer", str, required=False)
         if at == "multiple_choice":
             if ans is None and raw.get("correct_choice_idx") is not None:
-                idx = _get(raw, "correct_choice_idx", int)
+                idx = get_field(raw, "correct_choice_idx", int)
                 if not 0 <= idx < 4:
                     raise DataError(f"'correct_choice_idx' must be 0-3, got {idx}")
                 ans = "ABCD"[idx]
@@ -682,7 +668,7 @@ def read_ppo_prompts(path: str, captions: str | dict | None = None, on_error: st
             ans = ans.strip().rstrip(".").lower()
             if ans not in ("yes", "no"):
                 raise DataError(f"yes_no 'answer' must be 'yes' or 'no', got {raw.get('answer')!r}")
-        facts = _get(raw, "facts", list, required=False)
+        facts = get_field(raw, "facts", list, required=False)
         if facts is not None:
             if not all(isinstance(x, str) for x in facts):
                 raise DataError("'facts' should be a list of strings")
@@ -692,7 +678,7 @@ def read_ppo_prompts(path: str, captions: str | dict | None = None, on_error: st
                 no_facts += 1
         facts = list(facts or [])
         key = "length_multiplier" if "length_multiplier" in raw else "length_bonus"
-        lm = float(_get(raw, key, (int, float), required=False, default=1.0))
+        lm = float(get_field(raw, key, (int, float), required=False, default=1.0))
         if not (lm >= 0 and np.isfinite(lm)):
             raise DataError(f"'{key}' must be a finite number >= 0, got {lm}")
         return {"id": rid, "image": image, "question": q, "facts": facts, "answer_type": at, "answer": ans,
@@ -710,30 +696,30 @@ MMHAL_TYPES = ("attribute", "adversarial", "comparison", "counting", "relation",
 
 
 def read_mmhal(path: str, on_error: str = "raise", skips: Skips | None = None) -> list[dict]:
-    """MMHal-Bench template (SPEC §6) -> the file's fields plus "index" (file order) and "image" (the base
-    name of image_src, for a local copy of the images). model_answer defaults to ""."""
+    """MMHal-Bench items (SPEC §6): every field of the file kept (the answers file is written back in the
+    template's format; a tiny-world item keeps its scene), the benchmark's fields checked, model_answer
+    defaulting to "", plus "source", "index" (file order) and "image" (when the item names none, the base
+    name of image_src, for a local copy of the images)."""
     def parse(raw: dict) -> dict:
-        rec = {k: _get(raw, k, str) for k in ("question_type", "question_topic", "image_id", "image_src",
-                                              "question", "gt_answer")}
-        content = _get(raw, "image_content", list)
+        for k in ("question_type", "question_topic", "image_id", "image_src", "question", "gt_answer"):
+            get_field(raw, k, str)
+        content = get_field(raw, "image_content", list)
         if not all(isinstance(c, str) for c in content):
             raise DataError("'image_content' should be a list of strings")
-        if rec["question_type"] not in MMHAL_TYPES:
-            raise DataError(f"unknown question_type {rec['question_type']!r}")
-        rec["image_content"] = list(content)
-        rec["model_answer"] = _get(raw, "model_answer", str, required=False, default="")
-        rec["image"] = os.path.basename(rec["image_src"].split("?")[0])
-        return rec
+        if raw["question_type"] not in MMHAL_TYPES:
+            raise DataError(f"unknown question_type {raw['question_type']!r}")
+        image = get_field(raw, "image", str, required=False) or os.path.basename(raw["image_src"].split("?")[0])
+        return {**raw, "model_answer": get_field(raw, "model_answer", str, required=False, default=""),
+                "image": image}
     return _parse_file(path, parse, on_error, skips)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Datasets
 
-class _ServeOrSkip(torch.utils.data.Dataset):
+class _ServeOrSkip:
     """__getitem__ for datasets whose items can fail to load (a broken image): raise the DataError, or with
-    on_error="skip" count it and serve the next record instead, so batch shapes stay as planned.
-    With DataLoader workers the count lives in the worker process; the warning on stderr is the record."""
+    on_error="skip" count it and serve the next record instead, so batch shapes stay as planned."""
     on_error: str
     skips: Skips
 
@@ -755,20 +741,20 @@ class _ServeOrSkip(torch.utils.data.Dataset):
         """(3, S, S) image of a record, or None; DataError naming the file, record and image."""
         if rec.get("image") is None:
             return None
-        path = _image_path(self.image_folder, rec["image"])
+        path = image_file(self.image_folder, rec["image"])
         try:
-            return preprocess_image(load_image(path), self.image_size, self.pad_to_square)
+            return image_tensor(path, self.image_size, self.pad_to_square)
         except DataError as e:
             raise e.at(rec.get("source"), rec.get("index"), path) from None
 
 
 class SFTDataset(_ServeOrSkip):
-    """Tokenised conversations with their images. Tokenisation runs once up front to find the length of
-    each record and to drop (and count, in `dropped` and the Skips) those that truncation would empty;
-    records cut to max_len (the image counted as one id) but kept are counted in `truncated`;
-    __getitem__ tokenises again (cheap, and keeps memory flat on large sets) and loads the image.
-    A broken image at __getitem__ raises DataError; with on_error="skip" the next record is served instead
-    and counted (use read_sft(check_images=True) or `data.py check` to find them before training)."""
+    """Tokenised conversations with their images. Tokenisation runs once up front to drop (and count, in
+    `dropped` and the Skips) the records that truncation would empty; records cut to max_len (the image
+    counted as one id) but kept are counted in `truncated`; __getitem__ tokenises again (cheap, and keeps
+    memory flat on large sets) and loads the image. A broken image at __getitem__ raises DataError; with
+    on_error="skip" the next record is served instead and counted (read_sft(check_images=True) or
+    `prepare_data.py check` find them before training)."""
 
     def __init__(self, records: list[dict], tok: Tokenizer, template: Template, image_folder: str | None,
                  image_size: int, num_image_tokens: int, max_len: int | None, on_error: str = "raise",
@@ -778,15 +764,15 @@ class SFTDataset(_ServeOrSkip):
         self.image_size, self.num_image_tokens, self.max_len = image_size, num_image_tokens, max_len
         self.on_error, self.pad_to_square = on_error, pad_to_square
         self.skips = SKIPS if skips is None else skips
-        self.records, self.lengths, self.dropped, self.truncated = [], [], 0, 0
+        self.records, self.dropped, self.truncated = [], 0, 0
         for i, rec in enumerate(records):
             try:
                 if rec.get("image") is not None and not any(IMAGE_PLACEHOLDER in t["value"] for t in rec["conversations"]):
                     raise DataError("the record has an image but no <image> placeholder (read it with read_sft)")
                 ids, _ = tokenize_conversation(rec["conversations"], tok, template, num_image_tokens)
                 cut = max_len is not None and text_len(ids) > max_len
-                if cut:
-                    ids, _ = tokenize_conversation(rec["conversations"], tok, template, num_image_tokens, max_len)
+                if cut:  # TruncationError when the cut would leave no answer
+                    tokenize_conversation(rec["conversations"], tok, template, num_image_tokens, max_len)
             except DataError as e:
                 e = e.at(rec.get("source"), rec.get("index", i))
                 if isinstance(e, TruncationError):
@@ -797,7 +783,6 @@ class SFTDataset(_ServeOrSkip):
                 continue
             self.truncated += int(cut)
             self.records.append(rec)
-            self.lengths.append(len(ids))
         if len(self.records) < len(records) or self.truncated:
             print(f"SFTDataset: kept {len(self.records)} of {len(records)} records "
                   f"({self.dropped} dropped by truncation to max_len={max_len}, {self.truncated} kept truncated; "
@@ -920,14 +905,11 @@ def collate_left(batch: list[dict], pad_id: int) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Sampler: sharded, deterministic from (seed, epoch), resumable mid-epoch
 
-class ResumableSampler(torch.utils.data.Sampler):
+class ResumableSampler:
     """Each epoch's order is a permutation drawn from (seed, epoch); rank r takes every world_size-th
     index of what remains. `position` counts indices consumed across all ranks, so a checkpointed state
     resumes the same remaining order, even with a different world size. drop_last=False pads the tail
-    by wrapping to the start of the order so every rank gets the same count. When an iteration runs out
-    the sampler moves itself to the next epoch (set_epoch(e) with the current epoch keeps the position).
-    With DataLoader workers the sampler runs ahead of training: checkpoint with
-    state_dict(consumed=number of this rank's items actually trained on in this pass)."""
+    by wrapping to the start of the order so every rank gets the same count."""
 
     def __init__(self, num_items: int, rank: int | None = None, world_size: int | None = None, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = True):
@@ -940,66 +922,44 @@ class ResumableSampler(torch.utils.data.Sampler):
             raise ValueError("num_items must be >= 0")
         self.num_items, self.seed, self.shuffle, self.drop_last = num_items, seed, shuffle, drop_last
         self.epoch, self.position = 0, 0
-        self._pass_epoch, self._pass_start = 0, 0  # where the current iteration started
-        self._it: Iterator[int] | None = None      # take()'s iteration in progress
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its order): drawn once per epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
-            self._it = None
+    def order(self, epoch: int) -> np.ndarray:
+        """The global order of an epoch (all ranks)."""
+        if self._order is None or self._order[0] != epoch:
+            perm = (np.random.default_rng([self.seed, epoch]).permutation(self.num_items) if self.shuffle
+                    else np.arange(self.num_items))
+            self._order = (epoch, perm)
+        return self._order[1]
+
+    def _remaining(self) -> np.ndarray:
+        """This rank's indices still to come in the current epoch."""
+        order = self.order(self.epoch)
+        rest, w = order[self.position:], self.world_size
+        if self.drop_last:
+            rest = rest[:len(rest) // w * w]
+        elif len(rest) % w:
+            rest = np.concatenate([rest, np.resize(order, w - len(rest) % w)])  # np.resize repeats the order
+        return rest[self.rank::w]
 
     def take(self, n: int) -> list[int]:
         """This rank's next n indices, running on into the next epoch when one ends: how the training
         loops draw a batch. The state after it is what a checkpoint saves."""
         out: list[int] = []
-        empty_passes = 0
         while len(out) < n:
-            if self._it is None:
-                self._it = iter(self)
-            try:
-                out.append(next(self._it))
-                empty_passes = 0
-            except StopIteration:  # the sampler has moved itself to the next epoch
-                self._it = None
-                empty_passes += 1
-                if empty_passes > 1:
+            rest = self._remaining()
+            if not len(rest):
+                if self.position == 0:
                     raise ValueError(f"the sampler yields nothing ({self.num_items} items over {self.world_size} ranks)")
+                self.epoch, self.position = self.epoch + 1, 0
+                continue
+            k = min(n - len(out), len(rest))
+            out += [int(i) for i in rest[:k]]
+            # every rank takes k, so k * world_size indices of the order are consumed
+            self.position = min(self.num_items, self.position + k * self.world_size)
         return out
 
-    def order(self, epoch: int | None = None) -> np.ndarray:
-        """The global order of an epoch (all ranks)."""
-        epoch = self.epoch if epoch is None else epoch
-        if not self.shuffle:
-            return np.arange(self.num_items)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
-
-    def _plan(self) -> list[int]:
-        order = self.order()
-        rest = order[self.position:]
-        w = self.world_size
-        if self.drop_last:
-            rest = rest[:len(rest) // w * w]
-        elif len(rest) % w and len(order):
-            pad = w - len(rest) % w
-            rest = np.concatenate([rest, np.resize(order, pad)])  # np.resize repeats the order cyclically
-        return [int(i) for i in rest[self.rank::w]]
-
-    def __len__(self) -> int:
-        return len(self._plan())
-
-    def __iter__(self) -> Iterator[int]:
-        plan = self._plan()
-        self._pass_epoch, self._pass_start = self.epoch, self.position
-        for k, i in enumerate(plan):
-            # count an index as consumed once handed out: a checkpoint after the batch resumes after it
-            self.position = min(self.num_items, self._pass_start + (k + 1) * self.world_size)
-            yield i
-        self.epoch, self.position = self.epoch + 1, 0
-
-    def state_dict(self, consumed: int | None = None) -> dict:
-        if consumed is not None:
-            pos = min(self.num_items, self._pass_start + consumed * self.world_size)
-            return {"epoch": self._pass_epoch, "position": pos, "seed": self.seed, "num_items": self.num_items}
+    def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_items": self.num_items}
 
     def load_state_dict(self, state: dict) -> None:
@@ -1008,429 +968,3 @@ class ResumableSampler(torch.utils.data.Sampler):
                 raise ValueError(f"sampler state has {key}={state[key]} but this sampler has {getattr(self, key)}: "
                                  "the order would differ")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._pass_epoch, self._pass_start = self.epoch, self.position
-        self._it = None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Converters to SFT conversations (and PPO prompts)
-
-VQA_INSTRUCTION = "Answer the question using a single word or phrase."
-MC_INSTRUCTION = "Answer with the letter of the correct option, then explain why."
-CAPTION_INSTRUCTIONS = (
-    "Describe this image briefly.",
-    "Write a short caption for this picture.",
-    "Give a one-sentence description of the photo.",
-    "What does this image show? Answer in one sentence.",
-    "Summarize the visual content of the image in a sentence.",
-    "Provide a brief description of what you see.",
-    "Caption this image.",
-    "Briefly describe the scene shown here.",
-)
-COCO_IMAGE = "coco/train2017/{image_id:012d}.jpg"
-
-
-def _load_json(path: str) -> Any:
-    if not os.path.isfile(path):
-        raise DataError("file not found", path=path)
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON at line {e.lineno}: {e.msg}", path=path) from None
-
-
-def _convert_each(path: str, items: list, convert_one, on_error: str, skips: Skips | None) -> list:
-    _check_on_error(on_error)
-    skips = SKIPS if skips is None else skips
-    out, bad = [], 0
-    for i, item in enumerate(items):
-        try:
-            if not isinstance(item, dict):
-                raise DataError(f"record should be an object, got {type(item).__name__}")
-            out.append(convert_one(item))
-        except DataError as e:
-            e = e.at(path, i)
-            if on_error == "raise":
-                raise e from None
-            skips.add(str(e))
-            bad += 1
-    if bad:
-        print(f"{path}: skipped {bad} of {len(items)} records (on_error='skip')", file=sys.stderr)
-    return out
-
-
-def _nonempty(rec: dict, key: str) -> str:
-    v = _get(rec, key, str)
-    if not v.strip():
-        raise DataError(f"field '{key}' is empty")
-    return v.strip()
-
-
-def convert_vqav2(questions: str, annotations: str, image_format: str = COCO_IMAGE, per_image: bool = False,
-                  fmt: str = "sft", instruction: str = VQA_INSTRUCTION, on_error: str = "raise",
-                  skips: Skips | None = None) -> list[dict]:
-    """VQA-v2 -> short-answer conversations (the answer is multiple_choice_answer). per_image groups the
-    questions about one image into one multi-turn conversation. fmt="ppo" writes PPO prompts (yes/no
-    answers get answer_type yes_no)."""
-    qdata, adata = _load_json(questions), _load_json(annotations)
-    if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
-        raise DataError("expected {'questions': [...]}", path=questions)
-    if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
-        raise DataError("expected {'annotations': [...]}", path=annotations)
-    answers = {a.get("question_id"): a for a in adata["annotations"] if isinstance(a, dict)}
-
-    def one(q: dict) -> dict:
-        qid, image_id = _get(q, "question_id", int), _get(q, "image_id", int)
-        question = _nonempty(q, "question")
-        if qid not in answers:
-            raise DataError(f"question_id {qid} has no annotation in {annotations}")
-        answer = _nonempty(answers[qid], "multiple_choice_answer")
-        image = image_format.format(image_id=image_id)
-        if fmt == "ppo":
-            at = "yes_no" if answer.lower() in ("yes", "no") else "general"
-            return {"id": f"vqav2_{qid}", "image": image, "question": f"{question}\n{instruction}",
-                    "answer_type": at, "answer": answer.lower() if at == "yes_no" else answer}
-        return {"id": f"vqav2_{qid}", "image": image, "image_id": image_id,
-                "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}\n{instruction}"},
-                                  {"from": "gpt", "value": answer}]}
-    recs = _convert_each(questions, qdata["questions"], one, on_error, skips)
-    if fmt == "sft" and per_image:
-        grouped: dict[int, dict] = {}
-        for r in recs:
-            g = grouped.get(r["image_id"])
-            if g is None:
-                grouped[r["image_id"]] = r
-            else:  # later questions on the same image: plain turns, the image stays in the first
-                q = r["conversations"][0]["value"].replace(IMAGE_PLACEHOLDER + "\n", "")
-                g["conversations"] += [{"from": "human", "value": q}, r["conversations"][1]]
-        recs = list(grouped.values())
-    for r in recs:
-        r.pop("image_id", None)
-    return recs
-
-
-def convert_aokvqa(path: str, image_format: str = COCO_IMAGE, style: str = "letter_first", fmt: str = "sft",
-                   on_error: str = "raise", skips: Skips | None = None) -> list[dict]:
-    """A-OKVQA -> multiple choice (options lettered A-D) answered with the first rationale.
-    style="letter_first": "B. choice\\nrationale"; "rationale_first" (chain of thought):
-    "rationale So the correct option is B." fmt="ppo" writes PPO prompts with the correct letter and the
-    item's own facts (the correct answer and the rationales)."""
-    items = _load_json(path)
-    if not isinstance(items, list):
-        raise DataError("expected a JSON list of A-OKVQA records", path=path)
-    if style not in ("letter_first", "rationale_first"):
-        raise ValueError(f"unknown style {style!r}")
-
-    def one(r: dict) -> dict:
-        qid, image_id = _get(r, "question_id", (str, int)), _get(r, "image_id", int)
-        question = _nonempty(r, "question")
-        choices = _get(r, "choices", list)
-        if not 2 <= len(choices) <= 4 or not all(isinstance(c, str) and c.strip() for c in choices):
-            raise DataError("'choices' should be 2-4 non-empty strings")
-        k = _get(r, "correct_choice_idx", int)
-        if not 0 <= k < len(choices):
-            raise DataError(f"'correct_choice_idx' {k} is out of range for {len(choices)} choices")
-        rationales = [x.strip() for x in _get(r, "rationales", list, required=False, default=[])
-                      if isinstance(x, str) and x.strip()]
-        letter = "ABCD"[k]
-        options = "\n".join(f"{'ABCD'[i]}. {c.strip()}" for i, c in enumerate(choices))
-        prompt = f"{question}\n{options}\n{MC_INSTRUCTION}"
-        image = image_format.format(image_id=image_id)
-        if fmt == "ppo":
-            facts = [f"The answer is {choices[k].strip()}."] + rationales
-            return {"id": f"aokvqa_{qid}", "image": image, "question": prompt, "answer_type": "multiple_choice",
-                    "answer": letter, "facts": facts}
-        if not rationales:
-            raise DataError("no rationale to answer with")
-        if style == "letter_first":
-            answer = f"{letter}. {choices[k].strip()}\n{rationales[0]}"
-        else:
-            answer = f"{rationales[0]} So the correct option is {letter}."
-        return {"id": f"aokvqa_{qid}", "image": image,
-                "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{prompt}"},
-                                  {"from": "gpt", "value": answer}]}
-    return _convert_each(path, items, one, on_error, skips)
-
-
-def read_flickr30k_captions(path: str, split: str | None = None) -> dict[str, list[str]]:
-    """Flickr30k captions as {file name: [captions]} from any of: results_20130124.token
-    ("name.jpg#0<TAB>caption"), results.csv ("name.jpg| 0| caption"), Karpathy's dataset_flickr30k.json
-    ({"images": [{"filename", "sentences": [{"raw"}], "split"}]}) or a plain {name: [captions]} map."""
-    if not os.path.isfile(path):
-        raise DataError("file not found", path=path)
-    caps: dict[str, list[str]] = {}
-    if path.endswith(".json"):
-        data = _load_json(path)
-        if isinstance(data, dict) and isinstance(data.get("images"), list):
-            for i, im in enumerate(data["images"]):
-                try:
-                    if split is not None and im.get("split") != split:
-                        continue
-                    name = _get(im, "filename", str)
-                    caps[name] = [_nonempty(s, "raw") for s in _get(im, "sentences", list)]
-                except (DataError, AttributeError) as e:
-                    raise (e if isinstance(e, DataError) else DataError(str(e))).at(path, i) from None
-            return caps
-        return load_captions(data)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip() or line.lower().startswith("image_name"):
-                continue
-            if "\t" in line:
-                key, cap = line.split("\t", 1)
-                name = key.split("#")[0]
-            elif line.count("|") >= 2:
-                name, _, cap = (x.strip() for x in line.split("|", 2))
-            else:
-                raise DataError(f"line {lineno}: expected 'name.jpg#k<TAB>caption' or 'name.jpg| k| caption'", path=path)
-            if cap.strip():
-                caps.setdefault(name.strip(), []).append(cap.strip())
-    return caps
-
-
-def convert_flickr30k(path: str, image_format: str = "flickr30k/{name}", seed: int = 0, all_captions: bool = False,
-                      split: str | None = None) -> list[dict]:
-    """Flickr30k -> captioning conversations: per image one caption (or every one with all_captions),
-    each asked with an instruction drawn from CAPTION_INSTRUCTIONS by a seeded RNG."""
-    caps = read_flickr30k_captions(path, split)
-    rng = random.Random(seed)
-    recs = []
-    for name, cs in caps.items():
-        chosen = cs if all_captions else [rng.choice(cs)]
-        for k, cap in enumerate(chosen):
-            stem = os.path.splitext(name)[0]
-            recs.append({"id": f"flickr30k_{stem}" + (f"_{k}" if all_captions else ""),
-                         "image": image_format.format(name=name),
-                         "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{rng.choice(CAPTION_INSTRUCTIONS)}"},
-                                           {"from": "gpt", "value": cap}]})
-    return recs
-
-
-def mix_sft(inputs: list[str], seed: int = 0, counts: list[int] | None = None, on_error: str = "raise",
-            skips: Skips | None = None) -> list[dict]:
-    """Validate several SFT files, optionally sample counts[i] records from input i (without replacement),
-    and shuffle everything with one seeded RNG."""
-    if counts is not None and len(counts) != len(inputs):
-        raise ValueError("--counts needs one number per input")
-    rng = random.Random(seed)
-    out = []
-    for i, path in enumerate(inputs):
-        recs = read_sft(path, on_error=on_error, skips=skips)
-        recs = [{"id": r["id"], **({"image": r["image"]} if r["image"] is not None else {}),
-                 "conversations": r["conversations"]} for r in recs]
-        if counts is not None:
-            if counts[i] > len(recs):
-                raise ValueError(f"{path}: asked for {counts[i]} records but it has {len(recs)}")
-            recs = rng.sample(recs, counts[i])
-        out.extend(recs)
-    rng.shuffle(out)
-    dup = sum(c - 1 for c in Counter(r["id"] for r in out).values() if c > 1)
-    if dup:
-        print(f"mix: warning: {dup} duplicate id(s) across the inputs", file=sys.stderr)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checking a dataset
-
-def detect_kind(path: str) -> str:
-    for _, raw in _read_records(path):
-        if isinstance(raw, dict):
-            if "output_1" in raw or "preference" in raw:
-                return "preference"
-            if "gt_answer" in raw and "question_type" in raw:
-                return "mmhal"
-            if "question" in raw or "answer_type" in raw or "facts" in raw:
-                return "ppo"
-            return "sft"
-    return "sft"
-
-
-def _histogram(lengths: list[int], bins: int = 10) -> list[str]:
-    lo, hi = min(lengths), max(lengths)
-    width = max(1, -(-(hi - lo + 1) // bins))
-    counts = Counter((x - lo) // width for x in lengths)
-    top = max(counts.values())
-    return [f"  [{lo + b * width:6d}, {lo + (b + 1) * width:6d})  {counts.get(b, 0):7d}  "
-            + "#" * int(round(40 * counts.get(b, 0) / top)) for b in range(-(-(hi - lo + 1) // width))]
-
-
-def check_dataset(path: str, image_folder: str | None = None, tokenizer: str | Tokenizer | None = None,
-                  kind: str | None = None, template: Template | None = None, num_image_tokens: int = 576,
-                  max_len: int | None = None, check_images: bool = True, out=None) -> dict:
-    """Validate every record of a file: prints counts, problems (record index and reason) and a token
-    length histogram; returns the same as a dict. Problems never stop the check."""
-    out = out or sys.stdout
-    template = template or Template()
-    kind = kind or detect_kind(path)
-    total = len(_read_records(path))
-    skips = Skips()
-    reader = {"sft": lambda: read_sft(path, on_error="skip", skips=skips),
-              "preference": lambda: read_preferences(path, on_error="skip", skips=skips),
-              "ppo": lambda: read_ppo_prompts(path, on_error="skip", skips=skips),
-              "mmhal": lambda: read_mmhal(path, on_error="skip", skips=skips)}[kind]
-    recs = reader()
-    problems = list(zip(skips.indices, skips.reasons))
-    n_img = n_img_bad = 0
-    good = []
-    for r in recs:
-        ok = True
-        if check_images and kind != "mmhal" and r.get("image") is not None:
-            n_img += 1
-            p = _image_path(image_folder, r["image"])
-            try:
-                load_image(p)
-            except DataError as e:
-                problems.append((r["index"], str(e.at(path, r["index"], p))))
-                n_img_bad += 1
-                ok = False
-        if ok:
-            good.append(r)
-    problems = [msg for _, msg in sorted(problems, key=lambda x: -1 if x[0] is None else x[0])]
-    lengths, too_long, emptied = [], 0, 0
-    if tokenizer is not None:
-        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-        for r in good:
-            has_image = r.get("image") is not None or kind == "mmhal"
-            # the histogram shows the model's sequence length (image = num_image_tokens ids); max_len counts
-            # the image as one id, as the training scripts do (text_len)
-            if kind == "sft":
-                ids = tokenize_conversation(r["conversations"], tok, template, num_image_tokens)[0]
-                n, n_text = len(ids), text_len(ids)
-                if max_len is not None and n_text > max_len:
-                    try:
-                        tokenize_conversation(r["conversations"], tok, template, num_image_tokens, max_len)
-                    except TruncationError:
-                        emptied += 1
-            elif kind == "preference":
-                seqs = [tokenize_conversation(with_response(r["conversations"], r[k]["value"]), tok, template,
-                                              num_image_tokens)[0] for k in ("output_1", "output_2")]
-                n, n_text = max(len(x) for x in seqs), max(text_len(x) for x in seqs)
-            else:
-                ids = tokenize_prompt(r["question"], tok, template, num_image_tokens, has_image=has_image)
-                n, n_text = len(ids), text_len(ids)
-            lengths.append(n)
-            too_long += int(max_len is not None and n_text > max_len)
-    p = lambda s="": print(s, file=out)  # noqa: E731
-    p(f"file: {path}")
-    p(f"kind: {kind}")
-    p(f"records: {total}  valid: {len(good)}  problems: {len(problems)}")
-    if kind == "preference" and good:
-        c = Counter(r["preference"] for r in good)
-        p(f"preference: 1 -> {c.get(1, 0)}, 2 -> {c.get(2, 0)}")
-    if kind == "ppo" and good:
-        c = Counter(r["answer_type"] for r in good)
-        p("answer types: " + ", ".join(f"{k} {c[k]}" for k in ANSWER_TYPES if c.get(k)))
-    if kind == "mmhal" and good:
-        c = Counter(r["question_type"] for r in good)
-        p("question types: " + ", ".join(f"{k} {c[k]}" for k in MMHAL_TYPES if c.get(k)))
-    if check_images and kind != "mmhal":
-        p(f"images: {n_img} referenced, {n_img - n_img_bad} ok, {n_img_bad} missing or unreadable")
-    if problems:
-        p("problems:")
-        for msg in problems[:50]:
-            p(f"  {msg}")
-        if len(problems) > 50:
-            p(f"  ... and {len(problems) - 50} more")
-    if lengths:
-        a = np.array(lengths)
-        p(f"tokens (image = {num_image_tokens}): min {a.min()}  mean {a.mean():.1f}  p50 {int(np.percentile(a, 50))}"
-          f"  p90 {int(np.percentile(a, 90))}  p99 {int(np.percentile(a, 99))}  max {a.max()}")
-        if max_len is not None:
-            p(f"longer than max_len {max_len} (the image counted as one id): {too_long}"
-              + (f" ({emptied} would lose every supervised token and be dropped)" if kind == "sft" else ""))
-        p("histogram:")
-        for line in _histogram(lengths):
-            p(line)
-    return {"kind": kind, "total": total, "valid": len(good), "problems": problems, "lengths": lengths,
-            "too_long": too_long, "images": n_img, "images_bad": n_img_bad}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="LLaVA-RLHF data tools")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
-    conv = sub.add_parser("convert", help="convert a public data set to SFT conversations (or PPO prompts)")
-    csub = conv.add_subparsers(dest="source", required=True)
-    v = csub.add_parser("vqav2")
-    v.add_argument("--questions", required=True)
-    v.add_argument("--annotations", required=True)
-    v.add_argument("--per_image", action="store_true", help="one multi-turn conversation per image")
-    a = csub.add_parser("aokvqa")
-    a.add_argument("--input", required=True)
-    a.add_argument("--style", default="letter_first", choices=["letter_first", "rationale_first"])
-    f = csub.add_parser("flickr30k")
-    f.add_argument("--input", required=True)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--all_captions", action="store_true")
-    f.add_argument("--split", default=None, help="with Karpathy's JSON: keep only this split")
-    f.add_argument("--captions_out", default=None, help="also write the image -> captions map (PPO facts)")
-    for p_ in (v, a, f):
-        p_.add_argument("--out", required=True)
-        p_.add_argument("--image_format", default=None,
-                        help="image path template; {image_id} (COCO) or {name} (Flickr30k)")
-        p_.add_argument("--skip", action="store_true", help="skip bad records instead of stopping")
-    for p_ in (v, a):
-        p_.add_argument("--format", default="sft", choices=["sft", "ppo"])
-
-    m = sub.add_parser("mix", help="mix SFT files into one shuffled set")
-    m.add_argument("--inputs", nargs="+", required=True)
-    m.add_argument("--out", required=True)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--counts", nargs="+", type=int, default=None)
-    m.add_argument("--skip", action="store_true")
-
-    c = sub.add_parser("check", help="validate a data file")
-    c.add_argument("file")
-    c.add_argument("--image_folder", default=None)
-    c.add_argument("--tokenizer", default=None)
-    c.add_argument("--kind", default=None, choices=["sft", "preference", "ppo", "mmhal"])
-    c.add_argument("--max_len", type=int, default=None, help="count longer records, the image counted as one id")
-    c.add_argument("--num_image_tokens", type=int, default=576)
-    c.add_argument("--no_images", action="store_true", help="do not open the images")
-
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "convert":
-            on_error = "skip" if args.skip else "raise"
-            skips = Skips()
-            if args.source == "vqav2":
-                recs = convert_vqav2(args.questions, args.annotations, args.image_format or COCO_IMAGE,
-                                     args.per_image, args.format, on_error=on_error, skips=skips)
-            elif args.source == "aokvqa":
-                recs = convert_aokvqa(args.input, args.image_format or COCO_IMAGE, args.style, args.format,
-                                      on_error=on_error, skips=skips)
-            else:
-                recs = convert_flickr30k(args.input, args.image_format or "flickr30k/{name}", args.seed,
-                                         args.all_captions, args.split)
-                if args.captions_out:
-                    caps = read_flickr30k_captions(args.input, args.split)
-                    with open(args.captions_out, "w", encoding="utf-8") as fh:
-                        json.dump(caps, fh, ensure_ascii=False, indent=1)
-            write_records(recs, args.out)
-            print(f"wrote {len(recs)} records to {args.out}" + (f"; skipped {skips.count}" if skips.count else ""))
-            if skips.count:
-                skips.report()
-        elif args.cmd == "mix":
-            skips = Skips()
-            recs = mix_sft(args.inputs, args.seed, args.counts, "skip" if args.skip else "raise", skips)
-            write_records(recs, args.out)
-            print(f"wrote {len(recs)} records to {args.out}" + (f"; skipped {skips.count}" if skips.count else ""))
-        else:
-            res = check_dataset(args.file, args.image_folder, args.tokenizer, args.kind,
-                                num_image_tokens=args.num_image_tokens, max_len=args.max_len,
-                                check_images=not args.no_images)
-            return 1 if res["problems"] else 0
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -368,7 +368,7 @@ class ModelAnswerer:
                 for r in records]
         ids, mask = data.left_pad(seqs, self.tok.pad_id)
         size = self.m.config.image_size
-        images = torch.stack([data.preprocess_image(data.load_image(p), size, pad_to_square=True) for p in image_paths])
+        images = torch.stack([data.image_tensor(p, size) for p in image_paths])
         dtype = next(self.m.parameters()).dtype
         new = self.m.generate(ids.to(self.device), images.to(self.device, dtype), attention_mask=mask.to(self.device),
                               max_new_tokens=self.max_new_tokens, temperature=0.0, eos_token_id=self.tok.eos_id)

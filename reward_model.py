@@ -306,8 +306,7 @@ class PairData:
         ids = self._ids(rec, self.keys[i])
         image = None
         if rec.get("image"):
-            image = data.preprocess_image(data.load_image(os.path.join(self.image_folder, rec["image"])),
-                                          self.image_size)
+            image = data.image_tensor(os.path.join(self.image_folder, rec["image"]), self.image_size)
         return {"ids": ids, "image": image, "preference": int(rec["preference"])}
 
 
@@ -335,18 +334,6 @@ def pair_loss(rm: RewardModel, batch: dict, device, center_coef: float = 1e-3) -
     """The Bradley-Terry loss of one micro-batch of pairs (training and evaluation)."""
     r1, r2 = pair_rewards(rm, batch, device)
     return bradley_terry_loss(r1.float(), r2.float(), batch["preference"].to(device), center_coef)
-
-
-def load_captions(path: str) -> dict:
-    if not path:
-        return {}
-    try:
-        caps = json.load(open(path))
-    except (OSError, json.JSONDecodeError) as e:
-        raise data.DataError(f"{path}: cannot read the captions map: {e}") from None
-    if not isinstance(caps, dict):
-        raise data.DataError(f"{path}: the captions map must be a JSON object image -> list of captions")
-    return caps
 
 
 def evaluate_pairs(rm: RewardModel, pdata: PairData, indices: list[int], batch: int, pad_id: int, device) -> dict:
@@ -397,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
     rm_template = open(cfg.template_file).read() if cfg.template_file else DEFAULT_TEMPLATE
     if rm_template.count("{facts}") != 1:
         raise common.ConfigError(f"the reward template must contain one {{facts}} slot ({cfg.template_file or 'default'})")
-    captions = load_captions(cfg.captions)
+    captions = data.load_captions(cfg.captions)
     skips = data.Skips()
     records = data.read_preferences(cfg.data_path, on_error=cfg.on_error, skips=skips)
     if cfg.eval_data_path:
@@ -545,7 +532,7 @@ def eval_main(argv: list[str]) -> dict:
                        ("cpu" if cfg.device == "auto" else cfg.device))
     scorer = RewardScorer.load(cfg.rm_dir, device=dev)
     m = scorer.rm.m
-    captions = load_captions(cfg.captions)
+    captions = data.load_captions(cfg.captions)
     records = data.read_preferences(cfg.data_path)
     rows = {}
     for mode in ("captions", "none"):

@@ -1363,7 +1363,7 @@ def facts_diagnostic(rm_dir: str, prefs_path: str, data_dir: str, n: int) -> dic
     sc = RM.RewardScorer.load(rm_dir)
     m = sc.rm.m
     recs = data.read_preferences(prefs_path)[:n]
-    caps = RM.load_captions(os.path.join(data_dir, "captions.json"))
+    caps = data.load_captions(os.path.join(data_dir, "captions.json"))
     keys = sorted(caps)
     other = dict(zip(keys, keys[1:] + keys[:1]))           # every image gets its neighbour's captions
     wrong = {k: caps[other[k]] for k in keys}
