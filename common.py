@@ -433,28 +433,6 @@ def cosine_lr(step: int, total: int, warmup: int, base_lr: float, min_ratio: flo
 # ----------------------------------------------------------------------------------------------------
 # Model helpers shared by the training stages.
 
-def load_model(model_path: str = "", vision_tower: str = "", preset: str = "", vocab_size: int = 0,
-               dtype: str = "auto", device: torch.device | str = "cpu", seed: int = 0):
-    """A LLaVA from a local folder (any layout model.py reads) or, with `preset`, freshly initialised
-    from `seed` (the tiny world trains from scratch). dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
-    import model as M
-    dev = torch.device(device)
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
-    if dtype == "auto":
-        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    if dt is None:
-        raise ConfigError(f"dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
-    if model_path:
-        m = M.LLaVA.from_pretrained(model_path, vision_tower=vision_tower or None, dtype=dt, device=dev)
-    elif preset:
-        overrides = {"vocab_size": vocab_size} if vocab_size else {}
-        torch.manual_seed(seed)
-        m = M.LLaVA(M.ModelConfig.preset(preset, **overrides)).to(device=dev, dtype=dt)
-    else:
-        raise ConfigError("give --model_path (a local checkpoint folder) or --model_preset")
-    return m
-
-
 def trainable_state_dict(m: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Only what training changes: checkpoints stay small and the frozen base is reloaded from its folder."""
     return {k: p.detach().cpu().clone() for k, p in m.named_parameters() if p.requires_grad}

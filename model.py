@@ -25,13 +25,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import json
 import math
 import os
-import re
 import shutil
 import weakref
-from dataclasses import dataclass, asdict, fields, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
@@ -40,6 +38,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.weak import WeakIdKeyDictionary
+
+import weights
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's marker id in input_ids: projected patch features go there
 
@@ -1077,77 +1077,47 @@ class LLaVA(nn.Module):
     def save_adapter(self, out_dir: str, name: str) -> None:
         """Save adapter `name` in peft's layout, keyed as the original LLaVA / LlamaForCausalLM model
         (`base_model.model.model.layers.N...lora_A.weight`), as the released LLaVA-RLHF adapters are."""
-        from safetensors.torch import save_file
-        meta = self.adapters[name]
-        sd = {}
-        for k, v in self.adapter_state_dict(name).items():
-            path, ab = k.rsplit(".", 1)
-            sd[f"base_model.model.{path.replace('llm.', 'model.', 1)}.{ab}.weight"] = v.contiguous().cpu()
-        cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": meta["r"], "lora_alpha": meta["alpha"],
-               "lora_dropout": meta["dropout"], "target_modules": meta["targets"], "bias": "none",
-               "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None}
-        os.makedirs(out_dir, exist_ok=True)
-        _atomic(lambda p: save_file(sd, p, metadata={"format": "pt"}), os.path.join(out_dir, "adapter_model.safetensors"))
-        _atomic(lambda p: open(p, "w").write(json.dumps(cfg, indent=2)), os.path.join(out_dir, "adapter_config.json"))
+        weights.save_adapter(out_dir, self.adapter_state_dict(name), self.adapters[name])
 
     def load_adapter(self, path: str, name: str = "default", trainable: bool = False) -> None:
         """Load a peft-layout adapter folder (any key prefix ending in `layers.N.<block>.<proj>`)."""
-        cfg_path = os.path.join(path, "adapter_config.json")
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{cfg_path} not found: not a peft adapter folder")
-        acfg = json.load(open(cfg_path))
-        sd = _read_weights(path, prefer=("adapter_model.safetensors", "adapter_model.bin"))
-        pat = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
-        found: dict[str, dict[str, torch.Tensor]] = {}
-        for k, v in sd.items():
-            m = pat.search(k)
-            if m is None:
-                if "lora_" in k:
-                    raise ValueError(f"{path}: adapter tensor {k!r} does not name a LLaMA layer projection")
-                continue  # e.g. modules_to_save of other heads
-            found.setdefault(f"llm.layers.{m[1]}.{m[2]}.{m[3]}", {})[m[4]] = v
-        if not found:
-            raise ValueError(f"{path}: no LoRA tensors found")
-        targets = sorted({k.rsplit(".", 1)[-1] for k in found})
-        r = int(acfg.get("r", next(iter(found.values()))["A"].shape[0]))
-        self.add_adapter(name, r=r, alpha=float(acfg.get("lora_alpha", r)),
-                         dropout=float(acfg.get("lora_dropout", 0.0)), targets=targets)
-        mods = dict(self.lora_layers())
-        for p, ab in found.items():
-            mod = mods[p]
+        meta, sd = weights.read_adapter(path)
+        self.add_adapter(name, **meta)
+        mods = {p: mod for p, mod in self.lora_layers() if name in mod.lora_A}
+        extra = sorted({k.rsplit(".", 1)[0] for k in sd} - set(mods))
+        if extra:
+            raise ValueError(f"{path}: adapter tensors for {extra[:4]} have no place in the model")
+        missing = [p for p in mods if f"{p}.lora_A" not in sd and f"{p}.lora_B" not in sd]
+        if missing:
+            raise ValueError(f"{path}: adapter has no tensors for {missing[:4]}{'...' if len(missing) > 4 else ''}")
+        for p, mod in mods.items():
             for which, param in (("A", mod.lora_A[name]), ("B", mod.lora_B[name])):
-                if which not in ab:
+                t = sd.get(f"{p}.lora_{which}")
+                if t is None:
                     raise ValueError(f"{path}: missing lora_{which} for {p}")
-                t = ab[which]
                 if tuple(t.shape) != tuple(param.shape):
                     raise ValueError(f"{path}: adapter tensor {p}.lora_{which} has shape {tuple(t.shape)}, "
                                      f"model expects {tuple(param.shape)}")
                 with torch.no_grad():
                     param.copy_(t.to(param.dtype))
                 param.requires_grad_(trainable)
-        missing = [p for p, mod in mods.items() if name in mod.lora_A and p not in found]
-        if missing:
-            raise ValueError(f"{path}: adapter has no tensors for {missing[:4]}{'...' if len(missing) > 4 else ''}")
 
-    # -- checkpoint I/O --------------------------------------------------------------------------------
+    # -- checkpoint I/O (the layouts are weights.py's) ------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str, vision_tower: str | None = None, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", **config_overrides) -> "LLaVA":
-        """Load from a local folder in any supported layout (see load_state below):
-        our/transformers' Llava layout, the original LLaVA layout (vision tower from `vision_tower`, a
-        local CLIP folder, when the config names a hub id), or a bare LLaMA folder plus `vision_tower`
-        (a fresh projector: the start of pretraining). Built on the meta device, weights assigned shard by
-        shard: a 13B model never sits in memory twice."""
+        """Load from a local folder in any layout weights.py reads: our/transformers' Llava layout, the
+        original LLaVA layout (vision tower from `vision_tower`, a local CLIP folder, when the config
+        names a hub id), or a bare LLaMA folder plus `vision_tower` (a fresh projector: the start of
+        pretraining). Built on the meta device, weights assigned shard by shard."""
         cfg, layout, vt_path = config_from_folder(path, vision_tower, **config_overrides)
         with torch.device("meta"):
             m = cls(cfg)
-        fresh: set[str] = set()
-        dtype = load_folder_into(m, path, layout, dtype, device, skip_prefixes=("vision.",) if vt_path else ())
+        dtype = weights.load_folder_into(m, path, layout, dtype, device, skip_prefixes=("vision.",) if vt_path else ())
         if vt_path:
-            load_folder_into(m, vt_path, "clip", dtype, device)
+            weights.load_folder_into(m, vt_path, "clip", dtype, device)
         if layout == "llama" and not cfg.text_only:
-            fresh = {k for k, v in m.named_parameters() if v.is_meta and k.startswith("projector.")}
-            _init_fresh(m, fresh, dtype, device)
+            weights.init_fresh(m, "projector.", dtype, device)
         missing = [k for k, v in list(m.named_parameters()) + list(m.named_buffers()) if v.is_meta]
         if missing:
             raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
@@ -1155,92 +1125,8 @@ class LLaVA(nn.Module):
 
     def save_pretrained(self, out_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
         """Save base weights in transformers' Llava layout (config.json + safetensors shards).
-        LoRA adapters are not part of it: merge_adapter first, or save_adapter. A `linear` projector is
-        stored as linear_1 = W, linear_2 = identity with activation "linear" (exact in fp32/bf16)."""
-        from safetensors.torch import save_file
-        cfg = self.config
-        if cfg.text_only:
-            raise ValueError("a text-only LLaMA has no Llava layout; its weights are the LLaMA folder it came from")
-        sd: dict[str, torch.Tensor] = {}
-        img_id = cfg.image_token_index
-        vocab = cfg.vocab_size
-        for k, v in self.state_dict().items():
-            if ".lora_" in k:
-                continue
-            v = v.detach().cpu().contiguous()
-            if k.startswith("vision."):
-                sd["vision_tower.vision_model." + k[len("vision."):]] = v
-            elif k.startswith("llm."):
-                sd["language_model.model." + k[len("llm."):]] = v
-            elif k == "lm_head.weight":
-                sd["language_model.lm_head.weight"] = v
-            elif k.startswith("projector.linear."):
-                sd["multi_modal_projector.linear_1." + k.rsplit(".", 1)[1]] = v
-            elif k.startswith("projector."):
-                sd["multi_modal_projector." + k[len("projector."):]] = v
-        if cfg.projector == "linear":
-            w = sd["multi_modal_projector.linear_1.weight"]
-            sd["multi_modal_projector.linear_2.weight"] = torch.eye(cfg.hidden, dtype=w.dtype)
-            sd["multi_modal_projector.linear_2.bias"] = torch.zeros(cfg.hidden, dtype=w.dtype)
-        if img_id is None:
-            img_id = vocab
-        if img_id >= vocab:
-            # transformers looks the image id up in the vocabulary: give it (unused, zero) rows up to it
-            extra = img_id + 1 - vocab
-            vocab += extra
-            for k in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
-                sd[k] = torch.cat([sd[k], torch.zeros(extra, cfg.hidden, dtype=sd[k].dtype)])
-        hf_cfg = {
-            "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-            "image_token_index": img_id, "image_seq_length": cfg.num_image_tokens,
-            "projector_hidden_act": "linear" if cfg.projector == "linear" else "gelu",
-            "multimodal_projector_bias": True,
-            "vision_feature_layer": cfg.vision_feature_layer,
-            "vision_feature_select_strategy": "full" if cfg.vision_keep_cls else "default",
-            "tie_word_embeddings": False,
-            "dtype": str(next(self.parameters()).dtype).replace("torch.", ""),
-            "text_config": {
-                "model_type": "llama", "hidden_size": cfg.hidden, "intermediate_size": cfg.intermediate,
-                "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
-                "num_key_value_heads": cfg.kv_heads, "vocab_size": vocab, "rms_norm_eps": cfg.rms_eps,
-                "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
-                "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "head_dim": cfg.head_dim,
-                "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-            },
-            "vision_config": {
-                "model_type": "clip_vision_model", "hidden_size": cfg.vision_hidden,
-                "intermediate_size": cfg.vision_intermediate, "num_hidden_layers": cfg.vision_layers,
-                "num_attention_heads": cfg.vision_heads, "image_size": cfg.image_size,
-                "patch_size": cfg.patch_size, "hidden_act": "quick_gelu", "layer_norm_eps": cfg.vision_eps,
-                "num_channels": 3, "projection_dim": cfg.vision_hidden,
-            },
-            # our own config, so that from_pretrained restores every field exactly
-            "llava_rlhf_config": {**asdict(cfg), "image_token_index": img_id},
-        }
-        os.makedirs(out_dir, exist_ok=True)
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for k in sorted(sd):
-            n = sd[k].numel() * sd[k].element_size()
-            if shards[-1] and size + n > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][k] = sd[k]
-            size += n
-        if len(shards) == 1:
-            _atomic(lambda p: save_file(shards[0], p, metadata={"format": "pt"}), os.path.join(out_dir, "model.safetensors"))
-        else:
-            weight_map = {}
-            for i, sh in enumerate(shards):
-                fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                _atomic(lambda p, sh=sh: save_file(sh, p, metadata={"format": "pt"}), os.path.join(out_dir, fn))
-                weight_map.update({k: fn for k in sh})
-            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
-                     "weight_map": weight_map}
-            _atomic(lambda p: open(p, "w").write(json.dumps(index, indent=2)),
-                    os.path.join(out_dir, "model.safetensors.index.json"))
-        _atomic(lambda p: open(p, "w").write(json.dumps(hf_cfg, indent=2)), os.path.join(out_dir, "config.json"))
+        LoRA adapters are not part of it: merge_adapter first, or save_adapter."""
+        weights.save_llava(self.config, self.state_dict(), out_dir, max_shard_bytes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1349,232 +1235,39 @@ _DECODERS: "weakref.WeakKeyDictionary[LLaVA, dict[tuple, StaticDecoder]]" = weak
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoint layouts
-
-def _atomic(write, path: str) -> None:
-    """Call write(tmp_path), fsync it, then rename onto `path`."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
-def _clip_fields(vc: dict) -> dict:
-    return dict(image_size=vc.get("image_size", 224), patch_size=vc.get("patch_size", 32),
-                vision_hidden=vc.get("hidden_size", 768), vision_layers=vc.get("num_hidden_layers", 12),
-                vision_heads=vc.get("num_attention_heads", 12), vision_intermediate=vc.get("intermediate_size", 3072),
-                vision_eps=vc.get("layer_norm_eps", 1e-5))
-
-
-def _llama_fields(tc: dict) -> dict:
-    heads = tc.get("num_attention_heads", 32)
-    rope = tc.get("rope_theta") or (tc.get("rope_parameters") or {}).get("rope_theta") or 10000.0
-    return dict(hidden=tc.get("hidden_size", 4096), layers=tc.get("num_hidden_layers", 32), heads=heads,
-                kv_heads=tc.get("num_key_value_heads") or heads, intermediate=tc.get("intermediate_size", 11008),
-                vocab_size=tc.get("vocab_size", 32000), rms_eps=tc.get("rms_norm_eps", 1e-6),
-                rope_theta=float(rope), max_seq_len=tc.get("max_position_embeddings", 2048))
-
-
-def _clip_config(path: str) -> dict:
-    c = _read_json(os.path.join(path, "config.json"))
-    if c.get("model_type") == "clip":
-        c = c["vision_config"]
-    elif c.get("model_type") not in ("clip_vision_model", None):
-        raise ValueError(f"{path}: expected a CLIP model folder, config.json has model_type {c.get('model_type')!r}")
-    return c
-
+# Loading
 
 def config_from_folder(path: str, vision_tower: str | None = None, **overrides) -> tuple[ModelConfig, str, str | None]:
-    """-> (config, layout, folder to take the vision tower from or None). Layouts:
-    'ours'/'llava' (transformers' Llava), 'llava_orig' (original LLaVA repo), 'llama' (LLM only)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder {path} does not exist")
-    c = _read_json(os.path.join(path, "config.json"))
-    mt = c.get("model_type")
-    vt_path = None
-    if "llava_rlhf_config" in c:
-        fields_ = {f.name for f in fields(ModelConfig)}
-        cfg = ModelConfig(**{k: v for k, v in c["llava_rlhf_config"].items() if k in fields_})
-        layout = "llava"
-    elif mt == "llava" and "text_config" in c and "vision_config" in c:
-        act = c.get("projector_hidden_act", "gelu")
-        if act != "gelu":
-            raise ValueError(f"{path}: projector_hidden_act {act!r} is not supported (LLaVA uses gelu)")
-        cfg = ModelConfig(**_clip_fields(c["vision_config"]), **_llama_fields(c["text_config"]),
-                          projector="mlp2x_gelu", vision_feature_layer=c.get("vision_feature_layer", -2),
-                          vision_keep_cls=c.get("vision_feature_select_strategy", "default") == "full",
-                          image_token_index=c.get("image_token_index"))
-        layout = "llava"
-    elif mt in ("llava_llama", "llava") or "mm_vision_tower" in c:
-        # the original LLaVA repo: a LLaMA config plus mm_* fields; vision weights usually not saved
-        vt = vision_tower or c.get("mm_vision_tower")
-        if vt is None:
-            raise ValueError(f"{path}: original-LLaVA config names no mm_vision_tower; pass vision_tower=<local CLIP folder>")
-        if not os.path.isdir(vt):
-            raise FileNotFoundError(f"{path}: the vision tower {vt!r} is not a local folder; pass "
-                                    f"vision_tower=<local CLIP folder> (nothing is downloaded)")
-        ptype = c.get("mm_projector_type", "linear")
-        if ptype not in ("linear", "mlp2x_gelu"):
-            raise ValueError(f"{path}: mm_projector_type {ptype!r} is not supported")
-        cfg = ModelConfig(**_clip_fields(_clip_config(vt)), **_llama_fields(c), projector=ptype,
-                          vision_feature_layer=c.get("mm_vision_select_layer", -2),
-                          vision_keep_cls=c.get("mm_vision_select_feature", "patch") == "cls_patch")
-        layout, vt_path = "llava_orig", vt
-    elif mt == "llama":
-        if vision_tower is None:   # a text-only LLaMA: no tower, no projector
-            cfg = ModelConfig(**_llama_fields(c), text_only=True)
-            layout = "llama"
-        else:
-            cfg = ModelConfig(**_clip_fields(_clip_config(vision_tower)), **_llama_fields(c))
-            layout, vt_path = "llama", vision_tower
-    else:
-        raise ValueError(f"{path}: unsupported model_type {mt!r} (expected llava, llava_llama or llama)")
-    if vision_tower is not None and layout == "llava":
-        vt_path = vision_tower  # replace the saved tower with the named one
-    cfg = replace(cfg, **overrides)
-    return cfg, layout, vt_path
+    """-> (config, layout, folder to take the vision tower from or None); layouts: see weights.py."""
+    return weights.config_from_folder(path, ModelConfig, vision_tower, **overrides)
 
 
-def _map_key(k: str, layout: str) -> str | None:
-    """Checkpoint key -> our key (None: not ours, skipped)."""
-    if layout == "clip":
-        if k.startswith("vision_model."):
-            k = k[len("vision_model."):]
-        elif k.startswith(("text_model.", "visual_projection", "text_projection", "logit_scale")):
-            return None
-        return "vision." + k
-    if layout in ("llama", "llava_orig"):
-        if k.startswith("model.vision_tower."):
-            # LLaVA-RLHF checkpoints sometimes keep the (frozen) tower: model.vision_tower.vision_tower.vision_model.*
-            i = k.find("vision_model.")
-            return "vision." + k[i + len("vision_model."):] if i >= 0 else None
-        if k.startswith("model.mm_projector."):
-            rest = k[len("model.mm_projector."):]            # "weight" | "0.weight" | "2.bias" ...
-            layer = {"0": "linear_1", "2": "linear_2"}.get(rest.split(".")[0], "linear")
-            return f"projector.{layer}.{rest.rsplit('.', 1)[-1]}"
-        if k.startswith("model."):
-            return "llm." + k[len("model."):]
-        if k == "lm_head.weight":
-            return k
-        return None
-    # transformers' Llava, new (5.x) and old (4.x) key names
-    for src, dst in (("model.language_model.", "llm."), ("language_model.model.", "llm."),
-                     ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."),
-                     ("model.vision_tower.vision_model.", "vision."), ("vision_tower.vision_model.", "vision."),
-                     ("model.vision_tower.", "vision."), ("vision_tower.", "vision."),
-                     ("model.multi_modal_projector.", "projector."), ("multi_modal_projector.", "projector.")):
-        if k.startswith(src):
-            return dst + k[len(src):]
-    return None
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
 
 
-def _weight_files(path: str, prefer=("model.safetensors", "pytorch_model.bin")) -> list[str]:
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        ip = os.path.join(path, index)
-        if os.path.exists(ip):
-            files = sorted(set(_read_json(ip)["weight_map"].values()))
-            return [os.path.join(path, f) for f in files]
-    for name in prefer:
-        if os.path.exists(os.path.join(path, name)):
-            return [os.path.join(path, name)]
-    raise FileNotFoundError(f"{path}: no weights found (looked for {', '.join(prefer)} and their .index.json)")
+def torch_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """auto: bf16 on GPU, fp32 on CPU (CPUs have no fast bf16 matmul everywhere)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, got {name!r}")
+    return DTYPES[name]
 
 
-def _iter_tensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) from one weight file, one tensor at a time, naming the file on any error."""
-    if file.endswith(".safetensors"):
-        from safetensors import safe_open
-        try:
-            f = safe_open(file, framework="pt")
-            keys = list(f.keys())
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"cannot read {file} (truncated or corrupt safetensors file?): {e}") from None
-        for k in keys:
-            try:
-                yield k, f.get_tensor(k)
-            except Exception as e:  # noqa: BLE001
-                raise ValueError(f"cannot read tensor {k!r} from {file}: {e}") from None
-    else:
-        try:
-            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"cannot read {file} (truncated or not a weights file?): {e}") from None
-        yield from sd.items()
-
-
-def _read_weights(path: str, prefer) -> dict[str, torch.Tensor]:
-    return {k: v for f in _weight_files(path, prefer) for k, v in _iter_tensors(f)}
-
-
-def _set_tensor(m: nn.Module, key: str, t: torch.Tensor) -> None:
-    mod_path, name = key.rsplit(".", 1)
-    mod = m.get_submodule(mod_path)
-    if name in mod._parameters:
-        old = mod._parameters[name]
-        mod._parameters[name] = nn.Parameter(t, requires_grad=old.requires_grad)
-    else:
-        mod._buffers[name] = t
-
-
-def load_folder_into(m: "LLaVA", path: str, layout: str, dtype: torch.dtype | None, device,
-                     skip_prefixes: tuple[str, ...] = ()) -> torch.dtype | None:
-    """Assign every tensor of a checkpoint folder into `m` (built on meta), checking names and shapes."""
-    params = dict(m.named_parameters())
-    cfg = m.config
-    seen = set()
-    for file in _weight_files(path):
-        for k, t in _iter_tensors(file):
-            ours = _map_key(k, layout)
-            if ours is None or ours.startswith(skip_prefixes):
-                continue
-            if ours.startswith("projector.linear_2.") and cfg.projector == "linear":
-                continue  # our saved identity for a linear projector
-            if ours.startswith("projector.linear_1.") and cfg.projector == "linear" and layout == "llava":
-                ours = "projector.linear." + ours.rsplit(".", 1)[1]
-            if ours not in params:
-                raise ValueError(f"{file}: unexpected tensor {k!r} (shape {tuple(t.shape)}) has no place in the model")
-            want = params[ours]
-            shape = tuple(t.shape)
-            if (ours in ("llm.embed_tokens.weight", "lm_head.weight") and shape[0] > want.shape[0]
-                    and cfg.image_token_index is not None and cfg.image_token_index == shape[0] - 1):
-                t, shape = t[:want.shape[0]], tuple(want.shape)   # the image rows added by save_pretrained
-            if shape != tuple(want.shape):
-                raise ValueError(f"{file}: tensor {k!r} has shape {shape}, the model expects {tuple(want.shape)} "
-                                 f"for {ours}")
-            if not t.is_floating_point():
-                raise ValueError(f"{file}: tensor {k!r} has dtype {t.dtype}; expected a floating-point tensor")
-            if dtype is None:
-                dtype = t.dtype  # one dtype for the whole model: the checkpoint's, unless asked otherwise
-            _set_tensor(m, ours, t.to(device=device, dtype=dtype))
-            seen.add(ours)
-    if not seen:
-        raise ValueError(f"{path}: no tensors matched the {layout} layout")
-    return dtype
-
-
-def _init_fresh(m: "LLaVA", names: set[str], dtype, device) -> None:
-    """Materialise parameters that no checkpoint provides (a new projector) with nn.Linear's init."""
-    for n in sorted(names):
-        mod_path, pname = n.rsplit(".", 1)
-        mod = m.get_submodule(mod_path)
-        ref = next((p for p in m.parameters() if not p.is_meta), None)
-        dt = dtype or (ref.dtype if ref is not None else torch.float32)
-        mod._parameters[pname] = nn.Parameter(torch.empty(mod._parameters[pname].shape, device=device, dtype=dt))
-    for n in {x.rsplit(".", 1)[0] for x in names}:
-        mod = m.get_submodule(n)
-        if isinstance(mod, nn.Linear):
-            mod.reset_parameters()
+def load_model(model_path: str = "", vision_tower: str = "", preset: str = "", vocab_size: int = 0,
+               dtype: str = "auto", device: torch.device | str = "cpu", seed: int = 0) -> LLaVA:
+    """The stages' model: from a local folder (any layout weights.py reads) or, with `preset`, freshly
+    initialised from `seed` (the tiny world trains from scratch)."""
+    dev = torch.device(device)
+    dt = torch_dtype(dtype, dev)
+    if model_path:
+        return LLaVA.from_pretrained(model_path, vision_tower=vision_tower or None, dtype=dt, device=dev)
+    if preset:
+        overrides = {"vocab_size": vocab_size} if vocab_size else {}
+        torch.manual_seed(seed)
+        return LLaVA(ModelConfig.preset(preset, **overrides)).to(device=dev, dtype=dt)
+    raise ValueError("give --model_path (a local checkpoint folder) or --model_preset")
 
 
 def count_params(m: nn.Module, trainable_only: bool = False) -> int:

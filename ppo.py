@@ -328,7 +328,7 @@ class Models:
 
 
 def build_models(cfg: Config, device: torch.device) -> tuple[Models, data.Tokenizer]:
-    base = common.load_model(cfg.model_path, cfg.vision_tower, "", 0, cfg.dtype, device)
+    base = M.load_model(cfg.model_path, cfg.vision_tower, "", 0, cfg.dtype, device)
     base.requires_grad_(False)
     tok = data.Tokenizer(cfg.tokenizer or cfg.model_path)
     torch.manual_seed(cfg.seed)
@@ -343,7 +343,7 @@ def build_models(cfg: Config, device: torch.device) -> tuple[Models, data.Tokeni
         p.requires_grad_(True)
     vbase = base
     if cfg.rm_base_path:
-        vbase = common.load_model(cfg.rm_base_path, "", "", 0, cfg.dtype, device)
+        vbase = M.load_model(cfg.rm_base_path, "", "", 0, cfg.dtype, device)
         vbase.requires_grad_(False)
     scorer = None
     if cfg.rm_dir:

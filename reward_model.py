@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         eval_records, records = records[:cfg.eval_size], records[cfg.eval_size:]
 
-    m = common.load_model(cfg.model_path, cfg.vision_tower, "", 0, cfg.dtype, d.device)
+    m = M.load_model(cfg.model_path, cfg.vision_tower, "", 0, cfg.dtype, d.device)
     m.requires_grad_(False)
     torch.manual_seed(cfg.seed)  # adapter and head init from the seed: the same on every rank
     m.add_adapter("reward", r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,

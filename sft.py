@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
         eval_records, records = records[:cfg.eval_size], records[cfg.eval_size:]
 
     # -- model ----------------------------------------------------------------------------------------
-    m = common.load_model(cfg.model_path, cfg.vision_tower, cfg.model_preset, tok.vocab_size, cfg.dtype,
-                          d.device, cfg.seed)
+    m = M.load_model(cfg.model_path, cfg.vision_tower, cfg.model_preset, tok.vocab_size, cfg.dtype,
+                     d.device, cfg.seed)
     if m.config.vocab_size < tok.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {m.config.vocab_size}")
     compute_dtype = next(m.parameters()).dtype   # the loaded weights' (autocast); what trains is kept in fp32

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import model
+import weights
 from model import IMAGE_TOKEN_INDEX, LLaVA, ModelConfig
 from helpers import hf_clip_config, hf_llama_config, hf_llava, save, to_hf_ids, _randomize
 
@@ -43,11 +44,11 @@ def test_vision_matches_clip(tmp_path, size, patch, layer, keep_cls):
     ref = CLIPVisionModel(hf_clip_config(size, patch)).eval()
     _randomize(ref)
     save(ref, tmp_path / "clip")
-    cfg = ModelConfig(**model._clip_fields(ref.config.to_dict()), vision_feature_layer=layer,
+    cfg = ModelConfig(**weights.clip_fields(ref.config.to_dict()), vision_feature_layer=layer,
                       vision_keep_cls=keep_cls, hidden=16, layers=1, heads=2, kv_heads=2, intermediate=16, vocab_size=10)
     with torch.device("meta"):
         m = LLaVA(cfg)
-    model.load_folder_into(m, str(tmp_path / "clip"), "clip", None, "cpu")
+    weights.load_folder_into(m, str(tmp_path / "clip"), "clip", None, "cpu")
     x = _images(2, size)
     with torch.no_grad():
         hs = ref(pixel_values=x, output_hidden_states=True).hidden_states[layer]

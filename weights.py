@@ -1,0 +1,434 @@
+"""How models and adapters are laid out on disk: every layout we read or write, in one place.
+
+A layout is a config.json reader (-> ModelConfig fields) and one key-mapping table, read in both
+directions: loading renames each file key to ours, saving renames ours to the layout's.
+
+    llava       transformers' LlavaForConditionalGeneration (save_pretrained writes it; 4.x and 5.x names)
+    llava_orig  the original LLaVA repo and LLaVA-RLHF: LlamaForCausalLM keys plus model.mm_projector.*
+    llama       a bare LLaMA / Vicuna folder (LlamaForCausalLM)
+    clip        a CLIPModel or CLIPVisionModel folder (the vision tower)
+    peft        a LoRA adapter folder: adapter_config.json + adapter_model.safetensors
+
+Models are built on the meta device and each tensor is assigned as it is read, one shard at a time:
+a 13B checkpoint never sits in memory twice. This file knows nothing of the model's code (model.py
+imports it): it sees an nn.Module with named parameters and a config dataclass.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, fields, replace
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from common import atomic_file
+
+# ----------------------------------------------------------------------------------------------------
+# Key-mapping tables: rows (our prefix, the layout's prefix)
+#
+# Loading renames a file key by the row with the longest matching layout prefix; `None` as ours marks
+# tensors we do not keep. Saving renames our key by the row with the longest matching prefix of ours,
+# the first such row: the layout's canonical name. A key no row matches is not in that layout.
+
+Table = tuple[tuple[str | None, str], ...]
+
+LLAMA: Table = (
+    ("llm.", "model."),
+    ("lm_head.", "lm_head."),
+)
+
+LLAVA: Table = (
+    # the 4.x names come first: transformers 4.x reads only them, 5.x converts them on load
+    ("llm.", "language_model.model."), ("llm.", "model.language_model."),
+    ("lm_head.", "language_model.lm_head."), ("lm_head.", "lm_head."),
+    ("vision.", "vision_tower.vision_model."), ("vision.", "model.vision_tower.vision_model."),
+    ("vision.", "vision_tower."), ("vision.", "model.vision_tower."),
+    ("projector.", "multi_modal_projector."), ("projector.", "model.multi_modal_projector."),
+)
+
+# Llava's projector is always two linears. Our one-linear projector is stored as linear_1 = W with
+# linear_2 = identity and activation "linear" (exact in fp32 and bf16); loading skips the identity.
+LLAVA_LINEAR_PROJECTOR: Table = (
+    ("projector.linear.", "multi_modal_projector.linear_1."),
+    ("projector.linear.", "model.multi_modal_projector.linear_1."),
+    (None, "multi_modal_projector.linear_2."), (None, "model.multi_modal_projector.linear_2."),
+) + LLAVA
+
+LLAVA_ORIG: Table = LLAMA + (
+    ("projector.linear.", "model.mm_projector."),       # mm_projector_type "linear": one nn.Linear
+    ("projector.linear_1.", "model.mm_projector.0."),   # "mlp2x_gelu": Sequential(Linear, GELU, Linear)
+    ("projector.linear_2.", "model.mm_projector.2."),
+    # LLaVA-RLHF checkpoints sometimes keep the (frozen) tower: CLIPVisionTower wraps CLIPVisionModel
+    ("vision.", "model.vision_tower.vision_tower.vision_model."),
+    ("vision.", "model.vision_tower.vision_model."),
+    (None, "model.vision_tower."),
+)
+
+CLIP: Table = (
+    ("vision.", "vision_model."),
+    ("vision.", ""),                                    # a bare CLIPVisionTransformer's keys
+    (None, "text_model."), (None, "text_projection"), (None, "visual_projection"), (None, "logit_scale"),
+)
+
+TABLES: dict[str, Table] = {"llava": LLAVA, "llava_orig": LLAVA_ORIG, "llama": LLAMA, "clip": CLIP}
+
+
+def table(layout: str, projector: str = "mlp2x_gelu") -> Table:
+    if layout == "llava" and projector == "linear":
+        return LLAVA_LINEAR_PROJECTOR
+    return TABLES[layout]
+
+
+def our_key(key: str, rows: Table) -> str | None:
+    """A file key -> our name; None: not a tensor of ours."""
+    hits = [(ours, theirs) for ours, theirs in rows if key.startswith(theirs)]
+    if not hits:
+        return None
+    ours, theirs = max(hits, key=lambda r: len(r[1]))
+    return None if ours is None else ours + key[len(theirs):]
+
+
+def layout_key(key: str, rows: Table) -> str | None:
+    """Our name -> the layout's key; None: the layout does not hold it."""
+    hits = [(ours, theirs) for ours, theirs in rows if ours is not None and key.startswith(ours)]
+    if not hits:
+        return None
+    ours, theirs = max(hits, key=lambda r: len(r[0]))   # max keeps the first of equal lengths
+    return theirs + key[len(ours):]
+
+
+def to_layout(sd: dict[str, torch.Tensor], rows: Table) -> dict[str, torch.Tensor]:
+    """Our state dict -> the layout's, dropping what the layout does not hold."""
+    return {k2: v for k, v in sd.items() if (k2 := layout_key(k, rows)) is not None}
+
+
+def from_layout(sd: dict[str, torch.Tensor], rows: Table) -> dict[str, torch.Tensor]:
+    return {k2: v for k, v in sd.items() if (k2 := our_key(k, rows)) is not None}
+
+
+# ----------------------------------------------------------------------------------------------------
+# config.json of each layout -> ModelConfig fields
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def clip_fields(vc: dict) -> dict:
+    """transformers' CLIPVisionConfig dict -> ModelConfig's vision fields."""
+    return dict(image_size=vc.get("image_size", 224), patch_size=vc.get("patch_size", 32),
+                vision_hidden=vc.get("hidden_size", 768), vision_layers=vc.get("num_hidden_layers", 12),
+                vision_heads=vc.get("num_attention_heads", 12), vision_intermediate=vc.get("intermediate_size", 3072),
+                vision_eps=vc.get("layer_norm_eps", 1e-5))
+
+
+def llama_fields(tc: dict) -> dict:
+    """transformers' LlamaConfig dict -> ModelConfig's language-model fields."""
+    heads = tc.get("num_attention_heads", 32)
+    rope = tc.get("rope_theta") or (tc.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    return dict(hidden=tc.get("hidden_size", 4096), layers=tc.get("num_hidden_layers", 32), heads=heads,
+                kv_heads=tc.get("num_key_value_heads") or heads, intermediate=tc.get("intermediate_size", 11008),
+                vocab_size=tc.get("vocab_size", 32000), rms_eps=tc.get("rms_norm_eps", 1e-6),
+                rope_theta=float(rope), max_seq_len=tc.get("max_position_embeddings", 2048))
+
+
+def clip_config(path: str) -> dict:
+    c = read_json(os.path.join(path, "config.json"))
+    if c.get("model_type") == "clip":
+        c = c["vision_config"]
+    elif c.get("model_type") not in ("clip_vision_model", None):
+        raise ValueError(f"{path}: expected a CLIP model folder, config.json has model_type {c.get('model_type')!r}")
+    return c
+
+
+def config_from_folder(path: str, config_cls: type, vision_tower: str | None = None, **overrides):
+    """-> (config_cls instance, layout, folder to take the vision tower from or None)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    c = read_json(os.path.join(path, "config.json"))
+    mt = c.get("model_type")
+    vt_path = None
+    if "llava_rlhf_config" in c:   # written by save_llava: every field exactly
+        names = {f.name for f in fields(config_cls)}
+        cfg = config_cls(**{k: v for k, v in c["llava_rlhf_config"].items() if k in names})
+        layout = "llava"
+    elif mt == "llava" and "text_config" in c and "vision_config" in c:
+        act = c.get("projector_hidden_act", "gelu")
+        if act != "gelu":
+            raise ValueError(f"{path}: projector_hidden_act {act!r} is not supported (LLaVA uses gelu)")
+        cfg = config_cls(**clip_fields(c["vision_config"]), **llama_fields(c["text_config"]),
+                         projector="mlp2x_gelu", vision_feature_layer=c.get("vision_feature_layer", -2),
+                         vision_keep_cls=c.get("vision_feature_select_strategy", "default") == "full",
+                         image_token_index=c.get("image_token_index"))
+        layout = "llava"
+    elif mt in ("llava_llama", "llava") or "mm_vision_tower" in c:
+        # the original LLaVA repo: a LLaMA config plus mm_* fields; vision weights usually not saved
+        vt = vision_tower or c.get("mm_vision_tower")
+        if vt is None:
+            raise ValueError(f"{path}: original-LLaVA config names no mm_vision_tower; pass vision_tower=<local CLIP folder>")
+        if not os.path.isdir(vt):
+            raise FileNotFoundError(f"{path}: the vision tower {vt!r} is not a local folder; pass "
+                                    f"vision_tower=<local CLIP folder> (nothing is downloaded)")
+        ptype = c.get("mm_projector_type", "linear")
+        if ptype not in ("linear", "mlp2x_gelu"):
+            raise ValueError(f"{path}: mm_projector_type {ptype!r} is not supported")
+        cfg = config_cls(**clip_fields(clip_config(vt)), **llama_fields(c), projector=ptype,
+                         vision_feature_layer=c.get("mm_vision_select_layer", -2),
+                         vision_keep_cls=c.get("mm_vision_select_feature", "patch") == "cls_patch")
+        layout, vt_path = "llava_orig", vt
+    elif mt == "llama":
+        if vision_tower is None:   # a text-only LLaMA: no tower, no projector
+            cfg = config_cls(**llama_fields(c), text_only=True)
+            layout = "llama"
+        else:                      # the start of pretraining: LLaMA + CLIP + a fresh projector
+            cfg = config_cls(**clip_fields(clip_config(vision_tower)), **llama_fields(c))
+            layout, vt_path = "llama", vision_tower
+    else:
+        raise ValueError(f"{path}: unsupported model_type {mt!r} (expected llava, llava_llama or llama)")
+    if vision_tower is not None and layout == "llava":
+        vt_path = vision_tower  # replace the saved tower with the named one
+    return replace(cfg, **overrides), layout, vt_path
+
+
+def llava_config_json(cfg, image_token_index: int, vocab_size: int, dtype: torch.dtype) -> dict:
+    """transformers' LlavaConfig for our config, plus our own fields so that loading restores each one."""
+    return {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "image_token_index": image_token_index, "image_seq_length": cfg.num_image_tokens,
+        "projector_hidden_act": "linear" if cfg.projector == "linear" else "gelu",
+        "multimodal_projector_bias": True,
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "vision_feature_select_strategy": "full" if cfg.vision_keep_cls else "default",
+        "tie_word_embeddings": False,
+        "dtype": str(dtype).replace("torch.", ""),
+        "text_config": {
+            "model_type": "llama", "hidden_size": cfg.hidden, "intermediate_size": cfg.intermediate,
+            "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+            "num_key_value_heads": cfg.kv_heads, "vocab_size": vocab_size, "rms_norm_eps": cfg.rms_eps,
+            "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+            "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "head_dim": cfg.head_dim,
+            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+        },
+        "vision_config": {
+            "model_type": "clip_vision_model", "hidden_size": cfg.vision_hidden,
+            "intermediate_size": cfg.vision_intermediate, "num_hidden_layers": cfg.vision_layers,
+            "num_attention_heads": cfg.vision_heads, "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size, "hidden_act": "quick_gelu", "layer_norm_eps": cfg.vision_eps,
+            "num_channels": 3, "projection_dim": cfg.vision_hidden,
+        },
+        "llava_rlhf_config": {**asdict(cfg), "image_token_index": image_token_index},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weight files: safetensors (sharded with an index, or one file) or torch .bin
+
+def weight_files(path: str, prefer=("model.safetensors", "pytorch_model.bin")) -> list[str]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        ip = os.path.join(path, index)
+        if os.path.exists(ip):
+            files = sorted(set(read_json(ip)["weight_map"].values()))
+            return [os.path.join(path, f) for f in files]
+    for name in prefer:
+        if os.path.exists(os.path.join(path, name)):
+            return [os.path.join(path, name)]
+    raise FileNotFoundError(f"{path}: no weights found (looked for {', '.join(prefer)} and their .index.json)")
+
+
+def iter_tensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) from one weight file, one tensor at a time, naming the file on any error."""
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+        try:
+            f = safe_open(file, framework="pt")
+            keys = list(f.keys())
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot read {file} (truncated or corrupt safetensors file?): {e}") from None
+        for k in keys:
+            try:
+                yield k, f.get_tensor(k)
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"cannot read tensor {k!r} from {file}: {e}") from None
+    else:
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot read {file} (truncated or not a weights file?): {e}") from None
+        yield from sd.items()
+
+
+def read_weights(path: str, prefer) -> dict[str, torch.Tensor]:
+    return {k: v for f in weight_files(path, prefer) for k, v in iter_tensors(f)}
+
+
+def _write_json(path: str, obj: dict) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_file(path, write)
+
+
+def save_safetensors(sd: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: int) -> None:
+    """model.safetensors, or shards of at most max_shard_bytes with model.safetensors.index.json."""
+    from safetensors.torch import save_file
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(sd):
+        n = sd[k].numel() * sd[k].element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = sd[k]
+        size += n
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, sh in zip(names, shards):
+        atomic_file(os.path.join(out_dir, name), lambda p, sh=sh: save_file(sh, p, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                 "weight_map": {k: name for name, sh in zip(names, shards) for k in sh}}
+        _write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading into a model built on the meta device, and saving in transformers' Llava layout
+
+def _set_tensor(m: nn.Module, key: str, t: torch.Tensor) -> None:
+    mod_path, name = key.rsplit(".", 1)
+    mod = m.get_submodule(mod_path)
+    if name in mod._parameters:
+        old = mod._parameters[name]
+        mod._parameters[name] = nn.Parameter(t, requires_grad=old.requires_grad)
+    else:
+        mod._buffers[name] = t
+
+
+def load_folder_into(m: nn.Module, path: str, layout: str, dtype: torch.dtype | None, device,
+                     skip_prefixes: tuple[str, ...] = ()) -> torch.dtype | None:
+    """Assign every tensor of a checkpoint folder into `m` (built on meta), checking names and shapes.
+    -> the dtype the model now has: `dtype`, or the checkpoint's when None."""
+    params = dict(m.named_parameters())
+    cfg = m.config
+    rows = table(layout, cfg.projector)
+    seen = set()
+    for file in weight_files(path):
+        for k, t in iter_tensors(file):
+            ours = our_key(k, rows)
+            if ours is None or ours.startswith(skip_prefixes):
+                continue
+            if ours not in params:
+                raise ValueError(f"{file}: unexpected tensor {k!r} (shape {tuple(t.shape)}) has no place in the model")
+            want = params[ours]
+            shape = tuple(t.shape)
+            if (ours in ("llm.embed_tokens.weight", "lm_head.weight") and shape[0] > want.shape[0]
+                    and cfg.image_token_index is not None and cfg.image_token_index == shape[0] - 1):
+                t, shape = t[:want.shape[0]], tuple(want.shape)   # the image rows added by save_llava
+            if shape != tuple(want.shape):
+                raise ValueError(f"{file}: tensor {k!r} has shape {shape}, the model expects {tuple(want.shape)} "
+                                 f"for {ours}")
+            if not t.is_floating_point():
+                raise ValueError(f"{file}: tensor {k!r} has dtype {t.dtype}; expected a floating-point tensor")
+            if dtype is None:
+                dtype = t.dtype  # one dtype for the whole model: the checkpoint's, unless asked otherwise
+            _set_tensor(m, ours, t.to(device=device, dtype=dtype))
+            seen.add(ours)
+    if not seen:
+        raise ValueError(f"{path}: no tensors matched the {layout} layout")
+    return dtype
+
+
+def init_fresh(m: nn.Module, prefix: str, dtype: torch.dtype | None, device) -> None:
+    """Materialise the parameters under `prefix` that no checkpoint provided (a new projector) with
+    nn.Linear's init."""
+    names = sorted(k for k, v in m.named_parameters() if v.is_meta and k.startswith(prefix))
+    ref = next((p for p in m.parameters() if not p.is_meta), None)
+    dt = dtype or (ref.dtype if ref is not None else torch.float32)
+    for n in names:
+        mod_path, pname = n.rsplit(".", 1)
+        mod = m.get_submodule(mod_path)
+        mod._parameters[pname] = nn.Parameter(torch.empty(mod._parameters[pname].shape, device=device, dtype=dt))
+    for n in {x.rsplit(".", 1)[0] for x in names}:
+        mod = m.get_submodule(n)
+        if isinstance(mod, nn.Linear):
+            mod.reset_parameters()
+
+
+def save_llava(cfg, sd: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: int) -> None:
+    """Our base weights (no LoRA) -> transformers' Llava layout: config.json + safetensors shards."""
+    if cfg.text_only:
+        raise ValueError("a text-only LLaMA has no Llava layout; its weights are the LLaMA folder it came from")
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items() if ".lora_" not in k}
+    dtype = next(iter(sd.values())).dtype
+    out = to_layout(sd, table("llava", cfg.projector))
+    if cfg.projector == "linear":
+        w = out["multi_modal_projector.linear_1.weight"]
+        out["multi_modal_projector.linear_2.weight"] = torch.eye(cfg.hidden, dtype=w.dtype)
+        out["multi_modal_projector.linear_2.bias"] = torch.zeros(cfg.hidden, dtype=w.dtype)
+    img_id = cfg.vocab_size if cfg.image_token_index is None else cfg.image_token_index
+    vocab = cfg.vocab_size
+    if img_id >= vocab:
+        # transformers looks the image id up in the vocabulary: give it (unused, zero) rows up to it
+        extra = img_id + 1 - vocab
+        vocab += extra
+        for k in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+            out[k] = torch.cat([out[k], torch.zeros(extra, cfg.hidden, dtype=out[k].dtype)])
+    os.makedirs(out_dir, exist_ok=True)
+    save_safetensors(out, out_dir, max_shard_bytes)
+    _write_json(os.path.join(out_dir, "config.json"), llava_config_json(cfg, img_id, vocab, dtype))
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA adapters in peft's layout
+
+# peft names a LoRA weight after the module it wraps in the base model: "base_model.model." + the
+# module's key in that model (LlamaForCausalLM here, as the released LLaVA-RLHF adapters are) +
+# ".lora_A.weight". Loading accepts any base's prefix, and the adapter name peft sometimes keeps.
+PEFT_PREFIX = "base_model.model."
+_PEFT_KEY = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+def save_adapter(out_dir: str, sd: dict[str, torch.Tensor], meta: dict) -> None:
+    """sd: our adapter keys (`llm.layers.0.self_attn.q_proj.lora_A`); meta: r, alpha, dropout, targets."""
+    from safetensors.torch import save_file
+    out = {}
+    for k, v in sd.items():
+        path, ab = k.rsplit(".", 1)
+        out[f"{PEFT_PREFIX}{layout_key(path, LLAMA)}.{ab}.weight"] = v.contiguous().cpu()
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": meta["r"], "lora_alpha": meta["alpha"],
+           "lora_dropout": meta["dropout"], "target_modules": meta["targets"], "bias": "none",
+           "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None}
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_file(os.path.join(out_dir, "adapter_model.safetensors"),
+                lambda p: save_file(out, p, metadata={"format": "pt"}))
+    _write_json(os.path.join(out_dir, "adapter_config.json"), cfg)
+
+
+def read_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A peft adapter folder -> (add_adapter's r/alpha/dropout/targets, tensors under our adapter keys)."""
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: not a peft adapter folder")
+    acfg = read_json(cfg_path)
+    sd = {}
+    for k, v in read_weights(path, prefer=("adapter_model.safetensors", "adapter_model.bin")).items():
+        m = _PEFT_KEY.search(k)
+        if m is None:
+            if "lora_" in k:
+                raise ValueError(f"{path}: adapter tensor {k!r} does not name a LLaMA layer projection")
+            continue  # e.g. modules_to_save of other heads
+        sd[f"llm.layers.{m[1]}.{m[2]}.{m[3]}.lora_{m[4]}"] = v
+    if not sd:
+        raise ValueError(f"{path}: no LoRA tensors found")
+    r = int(acfg.get("r", next(v for k, v in sd.items() if k.endswith("lora_A")).shape[0]))
+    targets = sorted({k.split(".")[-2] for k in sd})
+    return dict(r=r, alpha=float(acfg.get("lora_alpha", r)), dropout=float(acfg.get("lora_dropout", 0.0)),
+                targets=targets), sd
