@@ -1,5 +1,6 @@
-"""Code that every stage needs: command-line config, distributed setup, atomic checkpoints, RNG state,
-metrics logging and a progress bar. Kept small on purpose; each stage script stays a plain loop."""
+"""Code that every stage needs: command-line config, device/dtype/batch-geometry checks, distributed setup,
+atomic files, the Checkpointer (exact resume, SIGTERM), metrics logging and a progress bar. Kept small on
+purpose; each stage script stays a plain loop."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor   # FSDP's sharded parameters
+except ImportError:   # a torch built without distributed: nothing is ever sharded
+    DTensor = ()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,15 +123,32 @@ def run_cli(main, errors: tuple[type, ...]) -> None:
         sys.exit(2)
 
 
-def config_dict(cfg) -> dict:
-    return asdict(cfg)
-
-
 def print_config(cfg) -> None:
     if is_main():
         print(f"{type(cfg).__name__}:")
         for k, v in asdict(cfg).items():
             print(f"  {k} = {v!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device, precision and batch geometry: the same flags mean the same thing in every script.
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto: the GPU when torch sees one, else the CPU; otherwise the device named (cpu, cuda, cuda:1)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}, but torch sees no CUDA GPU (a CPU-only build, or no driver)")
+    return dev
+
+
+def accumulation(total: int, micro_batch: int, world: int, name: str = "global_batch") -> int:
+    """Micro-batches per rank that make `total` rows over all ranks: total / (micro_batch x ranks), which
+    must be whole, else ConfigError names the flag."""
+    if total % (micro_batch * world):
+        raise ConfigError(f"--{name} {total} must be a multiple of micro_batch x ranks = {micro_batch} x {world}")
+    return total // (micro_batch * world)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,10 +160,6 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
 
 
 def process_group_backend(device_type: str, gpu_backend: str = "nccl") -> str:
@@ -156,15 +175,10 @@ def setup_distributed(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda, but torch sees no CUDA GPU (a CPU-only build, or no driver)")
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:   # torchrun: one GPU per process
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device(device)
     launched = "TORCHELASTIC_RUN_ID" in os.environ or world > 1
     if launched and not dist.is_initialized():
         dist.init_process_group(backend=process_group_backend(dev.type))
@@ -206,31 +220,7 @@ def cleanup_distributed() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# RNG state: everything that decides random numbers, saved and restored for exact resume.
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary name, fsynced, renamed; the last K kept.
+# Files: written to a temporary name, fsynced, renamed, so that a crash never leaves half of one.
 
 def _fsync_dir(path: str) -> None:
     try:
@@ -273,18 +263,6 @@ def atomic_write_text(text: str, path: str) -> None:
     atomic_file(path, write)
 
 
-def save_checkpoint(state: dict, out_dir: str, step: int, keep_last: int = 2) -> str:
-    """Write `out_dir/ckpt_{step:07d}.pt` atomically, point `latest` at it, and prune old ones."""
-    path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
-    atomic_torch_save(state, path)
-    atomic_write_text(os.path.basename(path), os.path.join(out_dir, "latest"))
-    if keep_last > 0:
-        ckpts = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
-        for old in ckpts[:-keep_last]:
-            os.remove(os.path.join(out_dir, old))
-    return path
-
-
 def write_dir(out: str, fill) -> None:
     """Build a folder with fill(tmp_path) beside `out`, then swap it in: a crash never leaves half a model."""
     tmp = out + ".tmp"
@@ -303,22 +281,84 @@ def save_model_dir(m, out: str, tokenizer_path: str) -> None:
     write_dir(out, fill)
 
 
-def save_checkpoint_on_main(state: dict, out_dir: str, step: int, keep_last: int) -> None:
-    """Rank 0 writes (the state is the same on every rank); the others wait for it."""
-    if is_main():
-        save_checkpoint(state, out_dir, step, keep_last)
-    barrier()
+# ----------------------------------------------------------------------------------------------------
+# Training state: exact resume and SIGTERM checkpoints, the same for every stage.
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _on_host(x: Any, keep: bool = True) -> Any:
+    """x (a tensor, or dicts and lists of them) as one process holds it, on the CPU. An FSDP-sharded
+    tensor (DTensor) is gathered whole, a collective that every rank joins in the same order; only where
+    `keep` (the writer, rank 0) is the copy kept, so host memory holds one full state per node, not one per rank."""
+    if isinstance(x, dict):
+        return {k: _on_host(v, keep) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_on_host(v, keep) for v in x)
+    if not isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, DTensor):
+        x = x.full_tensor()
+    return x.detach().cpu() if keep else None
+
+
+def _laid_out_like(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A full tensor from a checkpoint, on p's device and, when p is FSDP-sharded, sharded the way p is."""
+    v = v.to(p.device)
+    return distribute_tensor(v, p.device_mesh, p.placements) if isinstance(p, DTensor) else v
+
+
+def trainable_state_dict(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only what training changes: checkpoints stay small and the frozen base is reloaded from its folder."""
+    return {k: _on_host(p).clone() for k, p in m.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(m: torch.nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
+    params = dict(m.named_parameters())
+    want = {k for k, p in params.items() if p.requires_grad}
+    if set(sd) != want:
+        missing, extra = sorted(want - set(sd)), sorted(set(sd) - want)
+        raise ValueError(f"{what} does not match the trainable parameters of this run: "
+                         f"missing {missing[:4]}, unexpected {extra[:4]} (was it made with other settings?)")
+    with torch.no_grad():
+        for k, v in sd.items():
+            if tuple(v.shape) != tuple(params[k].shape):
+                raise ValueError(f"{what}: {k} has shape {tuple(v.shape)}, the model expects {tuple(params[k].shape)}")
+            params[k].copy_(_laid_out_like(v, params[k]))
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, sd: dict) -> None:
+    """Optimizer state saved whole goes back sharded like its parameters (FSDP); AdamW's 0-d step stays."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {i: {k: _laid_out_like(v, params[i]) if isinstance(v, torch.Tensor) and v.dim() else v
+                 for k, v in st.items()} for i, st in sd["state"].items()}
+    opt.load_state_dict({**sd, "state": state})
 
 
 def latest_checkpoint(out_dir: str) -> str | None:
-    p = os.path.join(out_dir, "latest")
-    if not os.path.exists(p):
-        return None
-    name = open(p).read().strip()
-    path = os.path.join(out_dir, name)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{p} points at {name}, which does not exist")
-    return path
+    """The checkpoint of the highest step in out_dir (None if there is none). Files appear only
+    complete (atomic rename), so the newest one on disk is always whole."""
+    names = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt")) \
+        if os.path.isdir(out_dir) else []
+    return os.path.join(out_dir, names[-1]) if names else None
 
 
 def load_checkpoint(path: str) -> dict:
@@ -354,6 +394,95 @@ class StopSignal:
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+class Checkpointer:
+    """Exact resume for a stage's loop. A checkpoint, out_dir/ckpt_{step:07d}.pt, holds everything that
+    decides the rest of the run: the trainable weights of `model`, the optimizer, the sampler's position,
+    every RNG (and `generator`, the rollout sampler of each rank), the step, the stage's extras and the
+    config. The last cfg.keep_last are kept. SIGTERM/SIGINT only set a flag: the loop finishes its step,
+    writes a checkpoint and returns, so a preempted job goes on with --resume true as if never stopped.
+    FSDP-sharded weights and optimizer state are saved whole: the file is the one a single process writes.
+
+        ck = common.Checkpointer(cfg, model, opt, sampler)   # cfg: out_dir, keep_last, save_every, stop_at_step
+        if cfg.resume and (state := ck.resume()):
+            step = state["step"]                             # and the extras given to save
+        while step < total_steps:
+            ...; step += 1
+            if ck.after_step(step, **extras):                # saved; a signal or stop_at_step: return now
+                return ...
+        ck.finish(step, **extras)
+    """
+
+    def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler,
+                 generator: torch.Generator | None = None):
+        self.out_dir, self.keep_last = cfg.out_dir, cfg.keep_last
+        self.save_every, self.stop_at_step = cfg.save_every, cfg.stop_at_step
+        self.config = asdict(cfg)
+        self.model, self.optimizer, self.sampler, self.generator = model, optimizer, sampler, generator
+        self.stop = StopSignal()
+
+    def resume(self) -> dict | None:
+        """Load the newest checkpoint of out_dir into the model, optimizer, sampler and RNGs.
+        -> {"step": ..., and the extras given to save}, or None when there is none yet."""
+        path = latest_checkpoint(self.out_dir)
+        if path is None:
+            if is_main():
+                print(f"--resume: no checkpoint in {self.out_dir}; starting fresh")
+            return None
+        ck = load_checkpoint(path)
+        load_trainable_state(self.model, ck.pop("model"), path)
+        _load_optimizer(self.optimizer, ck.pop("optimizer"))
+        self.sampler.load_state_dict(ck.pop("sampler"))
+        _set_rng_state(ck.pop("rng"))
+        gens = ck.pop("gen", None)
+        if self.generator is not None:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            self.generator.set_state(gens[rank] if isinstance(gens, list) else gens)
+        ck.pop("config", None)
+        if is_main():
+            print(f"resumed from {path} at step {ck['step']}")
+        return ck
+
+    def save(self, step: int, **extras) -> str:
+        """Write the checkpoint of `step`. Every rank calls it (sharded state is gathered, each rank's
+        generator collected); rank 0 writes, the others wait for it. -> the file's path."""
+        keep = is_main()
+        state = {"model": _on_host({k: p for k, p in self.model.named_parameters() if p.requires_grad}, keep),
+                 "optimizer": _on_host(self.optimizer.state_dict(), keep), "step": step,
+                 "sampler": self.sampler.state_dict(), "rng": _rng_state(), "config": self.config, **extras}
+        if self.generator is not None:
+            gens = [self.generator.get_state()]
+            if dist.is_initialized():
+                gens = [None] * dist.get_world_size()
+                dist.all_gather_object(gens, self.generator.get_state().cpu())
+            state["gen"] = gens
+        path = os.path.join(self.out_dir, f"ckpt_{step:07d}.pt")
+        if keep:
+            atomic_torch_save(state, path)
+            if self.keep_last > 0:
+                names = sorted(f for f in os.listdir(self.out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
+                for old in names[:-self.keep_last]:
+                    os.remove(os.path.join(self.out_dir, old))
+        barrier()
+        return path
+
+    def after_step(self, step: int, **extras) -> bool:
+        """End of a step: save every save_every steps, and when the run must stop here (a signal on any
+        rank, or stop_at_step reached). -> True when it stopped: the loop returns at once."""
+        stopping = self.stop.should_stop() or bool(self.stop_at_step and step >= self.stop_at_step)
+        if stopping or (self.save_every and step % self.save_every == 0):
+            self.save(step, **extras)
+        if stopping:
+            self.stop.restore()
+            if is_main():
+                print(f"\nstopped at step {step}; checkpoint written to {self.out_dir} (continue with --resume true)")
+        return stopping
+
+    def finish(self, step: int, **extras) -> str:
+        """The last checkpoint of a run that reached its end; SIGTERM/SIGINT act as usual again."""
+        self.stop.restore()
+        return self.save(step, **extras)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -433,23 +562,6 @@ def cosine_lr(step: int, total: int, warmup: int, base_lr: float, min_ratio: flo
 # ----------------------------------------------------------------------------------------------------
 # Model helpers shared by the training stages.
 
-def trainable_state_dict(m: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Only what training changes: checkpoints stay small and the frozen base is reloaded from its folder."""
-    return {k: p.detach().cpu().clone() for k, p in m.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(m: torch.nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
-    params = dict(m.named_parameters())
-    want = {k for k, p in params.items() if p.requires_grad}
-    if set(sd) != want:
-        missing, extra = sorted(want - set(sd)), sorted(set(sd) - want)
-        raise ValueError(f"{what} does not match the trainable parameters of this run: "
-                         f"missing {missing[:4]}, unexpected {extra[:4]} (was it made with other settings?)")
-    with torch.no_grad():
-        for k, v in sd.items():
-            if tuple(v.shape) != tuple(params[k].shape):
-                raise ValueError(f"{what}: {k} has shape {tuple(v.shape)}, the model expects {tuple(params[k].shape)}")
-            params[k].copy_(v)
 
 
 def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
@@ -491,10 +603,3 @@ def fp32_trainable(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]
             if p.dtype != torch.float32:
                 p.data = p.data.float()
     return params
-
-
-def check_finite(loss: torch.Tensor, what: str, step: int) -> bool:
-    ok = bool(torch.isfinite(loss).all())
-    if not ok and is_main():
-        print(f"warning: non-finite {what} at step {step}: {loss.detach().float().tolist()}", file=sys.stderr)
-    return ok

@@ -329,22 +329,6 @@ def answer_stage(cfg: EvalConfig, items: list[dict], answers_path: str,
     return records
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise common.ConfigError(f"--dtype: expected auto, float32, bfloat16 or float16, got {name!r}")
-    return table[name]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def decode_new_tokens(row: list[int], tok) -> str:
     """generate() pads with 0 after EOS; keep the tokens before the first EOS."""
     if tok.eos_id in row:
@@ -378,9 +362,9 @@ class ModelAnswerer:
 def build_answerer(cfg: EvalConfig) -> Answerer:
     import data
     import model
-    device = resolve_device(cfg.device)
+    device = common.resolve_device(cfg.device)
     m = model.LLaVA.from_pretrained(cfg.model_path, vision_tower=cfg.vision_tower or None,
-                                    dtype=resolve_dtype(cfg.dtype, device))
+                                    dtype=model.torch_dtype(cfg.dtype, device))
     if cfg.adapter_path:
         m.load_adapter(cfg.adapter_path, name="default")
         m.set_adapter("default")
@@ -588,9 +572,9 @@ def build_judge(cfg: EvalConfig):
             raise common.ConfigError("--judge local needs --judge_model_path")
         import data
         import model
-        device = resolve_device(cfg.device)
+        device = common.resolve_device(cfg.device)
         m = model.LLaVA.from_pretrained(cfg.judge_model_path, vision_tower=cfg.judge_vision_tower or None,
-                                        dtype=resolve_dtype(cfg.dtype, device)).to(device).eval()
+                                        dtype=model.torch_dtype(cfg.dtype, device)).to(device).eval()
         tok = data.Tokenizer(cfg.judge_tokenizer or cfg.judge_model_path)
         template = data.Template(system=cfg.judge_system or data.VICUNA_V1_SYSTEM)
         return LocalJudge(m, tok, template, cfg.judge_batch_size, cfg.judge_max_new_tokens, device)

@@ -579,9 +579,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
         reward_fn = toy_reward_fn(cfg.toy_reward)
     d = common.start_run(cfg)
     for name, total in (("rollout_batch", cfg.rollout_batch), ("step_batch", cfg.step_batch)):
-        if total % (d.world * cfg.micro_batch):
-            raise common.ConfigError(f"--{name} {total} must be a multiple of micro_batch x ranks = "
-                                     f"{cfg.micro_batch} x {d.world}")
+        common.accumulation(total, cfg.micro_batch, d.world, name)
     if cfg.rollout_batch % cfg.step_batch:
         raise common.ConfigError(f"--rollout_batch {cfg.rollout_batch} must be a multiple of --step_batch {cfg.step_batch}")
     if not cfg.rm_dir and reward_fn is None:
@@ -610,30 +608,12 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000 + d.rank)   # rollout sampling
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
+    ck = common.Checkpointer(cfg, _Trainable(models), opt, sampler, generator=gen)
     step, bad = 0, 0
-    if cfg.resume and (path := common.latest_checkpoint(cfg.out_dir)):
-        ck = common.load_checkpoint(path)
-        common.load_trainable_state(_Trainable(models), ck["model"], path)
-        opt.load_state_dict(ck["optimizer"])
-        sampler.load_state_dict(ck["sampler"])
-        common.set_rng_state(ck["rng"])
-        gen.set_state(ck["gen"][d.rank] if isinstance(ck["gen"], list) else ck["gen"])
-        kl_ctl.value = ck["kl_coef"]
-        step, bad = ck["step"], ck["bad"]
-        print(f"resumed from {path} at step {step}") if common.is_main() else None
-
-    def checkpoint() -> None:
-        gens = [gen.get_state()]
-        if d.enabled:
-            gens = [None] * d.world
-            dist.all_gather_object(gens, gen.get_state().cpu())
-        state = {"model": common.trainable_state_dict(_Trainable(models)), "optimizer": opt.state_dict(),
-                 "step": step, "sampler": sampler.state_dict(), "rng": common.rng_state(), "gen": gens,
-                 "kl_coef": kl_ctl.value, "bad": bad, "config": asdict(cfg)}
-        common.save_checkpoint_on_main(state, cfg.out_dir, step, cfg.keep_last)
+    if cfg.resume and (state := ck.resume()):
+        step, bad, kl_ctl.value = state["step"], state["bad"], state["kl_coef"]
 
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "ppo", asdict(cfg))
-    stop = common.StopSignal()
     bar = common.Progress(total_steps, "ppo", start=step, enabled=cfg.progress)
     history = []
     while step < total_steps:
@@ -728,17 +708,11 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
                                         "question": ro["questions"][k], "response": ro["texts"][k],
                                         "reward": float(ro["score"][k]), "rm_score": float(ro["rm_score"][k])}) + "\n")
         bar.update(1, reward=metrics["reward"], kl=metrics["kl"], len=metrics["response_length"])
-        stopping = stop.should_stop() or bool(cfg.stop_at_step and step >= cfg.stop_at_step)
-        if step % cfg.save_every == 0 or stopping:
-            checkpoint()
-        if stopping:
-            print(f"\nstopped at step {step}; resume with --resume true") if common.is_main() else None
-            stop.restore()
+        if ck.after_step(step, kl_coef=kl_ctl.value, bad=bad):   # saved; a signal or stop_at_step: stop
             common.cleanup_distributed()
             return {"step": step, "stopped": True, "history": history}
     bar.close()
-    stop.restore()
-    checkpoint()
+    ck.finish(step, kl_coef=kl_ctl.value, bad=bad)
     if common.is_main():
         pb.save_adapter(os.path.join(cfg.out_dir, "policy_adapter"), "policy")
         # the policy merged into the base: what eval_mmhal.py and serving tools load directly

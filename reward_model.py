@@ -231,7 +231,6 @@ class Config:
     device: str = "auto"
     log_every: int = 10
     eval_every: int = 50
-    early_stop_patience: int = 0        # > 0: stop after this many evals without a better accuracy
     save_every: int = 50
     keep_last: int = 2
     resume: bool = False
@@ -242,7 +241,7 @@ class Config:
 
 PRESETS = {
     "tiny": dict(lr=1e-3, lora_r=16, lora_alpha=32.0, global_batch=32, micro_batch=16, epochs=2.0, eval_size=200,
-                 eval_every=20, save_every=40, max_len=385, grad_clip=1.0, early_stop_patience=0),
+                 eval_every=20, save_every=40, max_len=385, grad_clip=1.0),
     "llava-rlhf-7b": dict(lr=2e-5, global_batch=32, micro_batch=4, grad_clip=0.3, epochs=1.0, eval_every=25,
                           grad_ckpt=True, max_len=2048),
     "llava-rlhf-13b": dict(lr=2e-5, global_batch=32, micro_batch=2, grad_clip=0.3, epochs=1.0, eval_every=25,
@@ -411,11 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
                      m.config.image_size, m.num_image_tokens, cfg.max_len, cfg.seed, cfg.on_error, skips)
     eval_idx = list(range(d.rank, len(edata), d.world))
 
-    per_step = cfg.micro_batch * d.world
-    if cfg.global_batch % per_step:
-        raise common.ConfigError(f"--global_batch {cfg.global_batch} must be a multiple of micro_batch x ranks "
-                                 f"= {cfg.micro_batch} x {d.world}")
-    accum = cfg.global_batch // per_step
+    accum = common.accumulation(cfg.global_batch, cfg.micro_batch, d.world)
     steps_per_epoch = len(pdata) // cfg.global_batch
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.data_path}: {len(pdata)} pairs is fewer than one global batch ({cfg.global_batch})")
@@ -424,25 +419,13 @@ def main(argv: list[str] | None = None) -> dict:
     sampler = data.ResumableSampler(len(pdata), rank=d.rank, world_size=d.world, seed=cfg.seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    step, best, since_best = 0, -1.0, 0
-    if cfg.resume and (path := common.latest_checkpoint(cfg.out_dir)):
-        ck = common.load_checkpoint(path)
-        common.load_trainable_state(rm, ck["model"], path)
-        opt.load_state_dict(ck["optimizer"])
-        sampler.load_state_dict(ck["sampler"])
-        common.set_rng_state(ck["rng"])
-        step, best, since_best = ck["step"], ck["best"], ck["since_best"]
-        print(f"resumed from {path} at step {step}") if common.is_main() else None
+    ck = common.Checkpointer(cfg, rm, opt, sampler)
+    step, best = 0, -1.0                  # best: the held-out accuracy of out_dir/best
+    if cfg.resume and (state := ck.resume()):
+        step, best = state["step"], state["best"]
     pdata.epoch = sampler.epoch
 
-    def checkpoint() -> None:
-        state = {"model": common.trainable_state_dict(rm), "optimizer": opt.state_dict(), "step": step,
-                 "sampler": sampler.state_dict(), "rng": common.rng_state(), "best": best,
-                 "since_best": since_best, "config": asdict(cfg)}
-        common.save_checkpoint_on_main(state, cfg.out_dir, step, cfg.keep_last)
-
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "rm", asdict(cfg))
-    stop = common.StopSignal()
     bar = common.Progress(total_steps, "reward model", start=step, enabled=cfg.progress)
 
     def next_batch() -> dict:
@@ -473,34 +456,22 @@ def main(argv: list[str] | None = None) -> dict:
         opt.zero_grad(set_to_none=True)
         step += 1
         metrics = {"loss": loss_val, "train_accuracy": float(tot[1] / tot[2]), "lr": lr, "grad_norm": float(gnorm)}
-        stopping = stop.should_stop() or bool(cfg.stop_at_step and step >= cfg.stop_at_step)
         if len(eval_idx) and (step % cfg.eval_every == 0 or step == total_steps):
             ev = evaluate_pairs(rm, edata, eval_idx, cfg.micro_batch, tok.pad_id, d.device)
             metrics.update(eval_accuracy=ev["accuracy"], eval_margin=ev["margin"])
             if ev["accuracy"] > best:
-                best, since_best = ev["accuracy"], 0
+                best = ev["accuracy"]
                 if common.is_main():
                     save_rm(os.path.join(cfg.out_dir, "best"), m, head, cfg, rm_template, tok.path,
                             {"step": step, "eval_accuracy": best, "n_eval": len(edata)})
-            else:
-                since_best += 1
-            if cfg.early_stop_patience and since_best >= cfg.early_stop_patience:
-                if common.is_main():
-                    print(f"\nearly stop at step {step}: no better held-out accuracy in {since_best} evals")
-                total_steps = step
         logger.log(step, metrics)
         bar.update(1, loss=loss_val, acc=metrics["train_accuracy"], **({"eval_acc": ev["accuracy"]}
                                                                         if "eval_accuracy" in metrics else {}))
-        if step % cfg.save_every == 0 or stopping:
-            checkpoint()
-        if stopping:
-            print(f"\nstopped at step {step}; resume with --resume true") if common.is_main() else None
-            stop.restore()
+        if ck.after_step(step, best=best):   # saved every save_every steps; a signal or stop_at_step: stop
             common.cleanup_distributed()
             return {"step": step, "stopped": True}
     bar.close()
-    stop.restore()
-    checkpoint()
+    ck.finish(step, best=best)
     if common.is_main():
         save_rm(os.path.join(cfg.out_dir, "final"), m, head, cfg, rm_template, tok.path,
                 {"step": step, "eval_accuracy": ev["accuracy"], "n_eval": len(edata)})
@@ -528,8 +499,7 @@ class EvalConfig:
 
 def eval_main(argv: list[str]) -> dict:
     cfg = common.parse_config(EvalConfig, argv)
-    dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if cfg.device == "auto" else cfg.device))
+    dev = common.resolve_device(cfg.device)
     scorer = RewardScorer.load(cfg.rm_dir, device=dev)
     m = scorer.rm.m
     captions = data.load_captions(cfg.captions)

@@ -84,7 +84,6 @@ class Config:
     resume: bool = False
     stop_at_step: int = 0               # write a checkpoint and stop after this step (0: run to the end)
     logger: str = "none"                # none | wandb | tensorboard (JSON lines are always written)
-    gate_eval_loss: float = 0.0         # > 0: exit with status 3 if the final eval loss is above this
     progress: bool = True
 
 
@@ -247,11 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
                               m.num_image_tokens, cfg.max_len, on_error=cfg.on_error, skips=skips)
 
     # -- batch geometry ----------------------------------------------------------------------------------
-    per_step = cfg.micro_batch * d.world
-    if cfg.global_batch % per_step:
-        raise common.ConfigError(f"--global_batch {cfg.global_batch} must be a multiple of micro_batch x ranks "
-                                 f"= {cfg.micro_batch} x {d.world}")
-    accum = cfg.global_batch // per_step
+    accum = common.accumulation(cfg.global_batch, cfg.micro_batch, d.world)
     sampler = data.ResumableSampler(len(ds), rank=d.rank, world_size=d.world, seed=cfg.seed, shuffle=True,
                                     drop_last=True)
     steps_per_epoch = len(ds) // cfg.global_batch
@@ -266,37 +261,13 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                             foreach=True)
 
-    # -- resume ----------------------------------------------------------------------------------------
+    # -- checkpoints: resume, save_every, SIGTERM ---------------------------------------------------------
+    ck = common.Checkpointer(cfg, m, opt, sampler)   # under FSDP m's parameters are the shards: saved whole
     step = 0
-    sharded = cfg.fsdp and dist.is_initialized()
-    if cfg.resume:
-        path = common.latest_checkpoint(cfg.out_dir)
-        if path is None:
-            print(f"--resume: no checkpoint in {cfg.out_dir}; starting fresh")
-        else:
-            ck = common.load_checkpoint(path)
-            if sharded:
-                load_sharded_state(train_m, opt, ck, path)
-            else:
-                common.load_trainable_state(m, ck["model"], path)
-                opt.load_state_dict(ck["optimizer"])
-            sampler.load_state_dict(ck["sampler"])
-            common.set_rng_state(ck["rng"])
-            step = ck["step"]
-            if common.is_main():
-                print(f"resumed from {path} at step {step}")
-
-    def checkpoint() -> None:
-        if sharded:  # gather full tensors (collective: every rank takes part)
-            model_sd, opt_sd = full_sharded_state(train_m, opt)
-        else:
-            model_sd, opt_sd = common.trainable_state_dict(m), opt.state_dict()
-        state = {"model": model_sd, "optimizer": opt_sd, "step": step, "sampler": sampler.state_dict(),
-                 "rng": common.rng_state(), "config": asdict(cfg)}
-        common.save_checkpoint_on_main(state, cfg.out_dir, step, cfg.keep_last)
+    if cfg.resume and (state := ck.resume()):
+        step = state["step"]
 
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "sft", asdict(cfg))
-    stop = common.StopSignal()
     bar = common.Progress(total_steps, "sft", start=step, enabled=cfg.progress)
     eval_batches = [data.collate_right([eval_ds[j] for j in range(i, min(i + cfg.micro_batch, len(eval_ds)))],
                                        tok.pad_id)
@@ -344,22 +315,15 @@ def main(argv: list[str] | None = None) -> dict:
             t_last, tokens_seen = time.time(), 0
             logger.log(step, metrics)
         bar.update(1, loss=loss_val, lr=lr, **({"eval": last_eval} if "eval_loss" in metrics else {}))
-        stopping = stop.should_stop() or (cfg.stop_at_step and step >= cfg.stop_at_step)
-        if step % cfg.save_every == 0 or stopping:
-            checkpoint()
-        if stopping:
-            if common.is_main():
-                print(f"\nstopped at step {step}; checkpoint written to {cfg.out_dir} (continue with --resume true)")
-            stop.restore()
+        if ck.after_step(step):   # saved every save_every steps; a signal or stop_at_step: saved, stop
             common.cleanup_distributed()
             return {"step": step, "loss": loss_val, "stopped": True}
     bar.close()
-    stop.restore()
 
     # -- final model -------------------------------------------------------------------------------------
-    checkpoint()
+    ck.finish(step)
     final = os.path.join(cfg.out_dir, "final")
-    if sharded:
+    if cfg.fsdp and dist.is_initialized():
         m = unsharded_copy(train_m, m.config)   # collective; rank 0 gets a plain model, others None
     if common.is_main():
         if cfg.mode == "lora":
@@ -371,42 +335,13 @@ def main(argv: list[str] | None = None) -> dict:
         if skips.count:
             skips.report()
     common.cleanup_distributed()
-    if cfg.gate_eval_loss > 0 and not (last_eval <= cfg.gate_eval_loss):
-        print(f"gate failed: eval loss {last_eval:.4f} > {cfg.gate_eval_loss} (the model did not learn to use the "
-              f"image; try another --seed)", file=sys.stderr)
-        sys.exit(3)
     return {"step": step, "loss": loss_val, "eval_loss": last_eval, "stopped": False}
-
-
-def _full_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def full_sharded_state(train_m: torch.nn.Module, opt) -> tuple[dict, dict]:
-    """FSDP: full (unsharded) trainable weights and optimizer state on rank 0, our key names."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    full = get_model_state_dict(train_m, options=_full_options())
-    trainable = {n for n, p in train_m.named_parameters() if p.requires_grad}
-    model_sd = {k[len("m."):]: v for k, v in full.items() if k in trainable}
-    return model_sd, get_optimizer_state_dict(train_m, opt, options=_full_options())
-
-
-def load_sharded_state(train_m: torch.nn.Module, opt, ck: dict, path: str) -> None:
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-    want = {n[len("m."):] for n, p in train_m.named_parameters() if p.requires_grad}
-    if set(ck["model"]) != want:
-        raise ValueError(f"{path} does not match the trainable parameters of this run")
-    opts = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(train_m, {"m." + k: v for k, v in ck["model"].items()}, options=opts)
-    set_optimizer_state_dict(train_m, opt, ck["optimizer"], options=opts)
 
 
 def unsharded_copy(train_m: torch.nn.Module, cfg: M.ModelConfig) -> M.LLaVA | None:
     """Gather an FSDP model into a plain LLaVA on rank 0 (built on meta, tensors assigned)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    full = get_model_state_dict(train_m, options=_full_options())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(train_m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not common.is_main():
         return None
     with torch.device("meta"):

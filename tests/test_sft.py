@@ -84,6 +84,20 @@ def test_torchrun_matches_single_process(tiny_world, tmp_path, fsdp):
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
 
 
+def test_fsdp_exact_resume(tiny_world, tmp_path):
+    """Under FSDP the checkpoint holds the whole weights and optimizer state (gathered from the shards) and a
+    resumed run puts them back sharded: the same final state and losses as a run that never stopped."""
+    _torchrun(_args(tiny_world, tmp_path / "full", max_steps=4, fsdp="true"))
+    _torchrun(_args(tiny_world, tmp_path / "part", max_steps=4, fsdp="true", stop_at_step=2))
+    assert common.load_checkpoint(common.latest_checkpoint(str(tmp_path / "part")))["step"] == 2
+    _torchrun(_args(tiny_world, tmp_path / "part", max_steps=4, fsdp="true", resume="true"))
+    a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _losses(tmp_path / "full") == _losses(tmp_path / "part")
+
+
 def test_sigterm_leaves_loadable_checkpoint(tiny_world, tmp_path):
     out = tmp_path / "sig"
     p = subprocess.Popen([sys.executable, "sft.py"] + _args(tiny_world, out, max_steps=10000), cwd=ROOT,

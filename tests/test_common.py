@@ -1,0 +1,125 @@
+"""common.py: the Checkpointer (keeps the last K, finds the newest, resumes exactly, stops on SIGTERM) and
+the shared checks of devices, dtypes and batch geometry."""
+import os
+import random
+import signal
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import model
+import data
+
+
+@dataclass
+class _Cfg:
+    out_dir: str
+    keep_last: int = 2
+    save_every: int = 2
+    stop_at_step: int = 0
+    lr: float = 0.1
+
+
+def _state(seed: int):
+    """A model with a frozen part, its AdamW, a sampler (the run's seed, 0: its order is the config's) and a
+    rollout generator; weights and generator drawn from `seed`."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    model.bias.requires_grad_(False)
+    opt = torch.optim.AdamW([model.weight], lr=0.1)
+    sampler = data.ResumableSampler(10, seed=0)
+    gen = torch.Generator().manual_seed(seed)
+    return model, opt, sampler, gen
+
+
+def _train_step(model, opt, sampler, gen) -> None:
+    x = torch.randn(len(sampler.take(3)), 4, generator=gen)
+    model(x).pow(2).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _what_comes_next(model, opt, sampler, gen) -> dict:
+    """Everything a resumed run draws or computes next: the sampler's indices (across an epoch end), each
+    RNG's next numbers, and the weights after one more AdamW step (which reads the optimizer's moments)."""
+    nxt = {"indices": sampler.take(12), "python": random.random(), "numpy": float(np.random.rand()),
+           "torch": torch.rand(3), "gen": torch.rand(3, generator=gen)}
+    _train_step(model, opt, sampler, gen)
+    nxt["weight"] = model.weight.detach().clone()
+    return nxt
+
+
+def test_checkpointer_keeps_last_k_and_resumes_exactly(tmp_path):
+    cfg = _Cfg(out_dir=str(tmp_path))
+    model, opt, sampler, gen = _state(0)
+    ck = common.Checkpointer(cfg, model, opt, sampler, generator=gen)
+    assert ck.resume() is None                                   # nothing there yet: a fresh start
+    for step in range(1, 6):
+        _train_step(model, opt, sampler, gen)
+        ck.save(step, best=0.1 * step)
+    # the last keep_last are kept; the newest is the highest step, never a half-written file
+    open(tmp_path / "ckpt_0000009.pt.tmp.123", "w").write("a crash while writing")
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["ckpt_0000004.pt", "ckpt_0000005.pt"]
+    assert common.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt_0000005.pt")
+    saved_weight = model.weight.detach().clone()
+    saved_bias = model.bias.detach().clone()
+    saved_moments = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    want = _what_comes_next(model, opt, sampler, gen)
+    ck.stop.restore()
+
+    # a new process: other weights, other RNG states, a fresh optimizer and sampler
+    model2, opt2, sampler2, gen2 = _state(7)
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    ck2 = common.Checkpointer(cfg, model2, opt2, sampler2, generator=gen2)
+    state = ck2.resume()
+    ck2.stop.restore()
+    assert state == {"step": 5, "best": 0.1 * 5}
+    assert torch.equal(model2.weight, saved_weight) and not torch.equal(model2.bias, saved_bias)  # frozen: not saved
+    with torch.no_grad():
+        model2.bias.copy_(saved_bias)               # the frozen base comes from its folder, as in the stages
+    assert set(opt2.state[model2.weight]) == set(saved_moments)
+    for k, v in saved_moments.items():
+        assert torch.equal(opt2.state[model2.weight][k], v), k
+    got = _what_comes_next(model2, opt2, sampler2, gen2)
+    assert got["indices"] == want["indices"]
+    assert got["python"] == want["python"] and got["numpy"] == want["numpy"]
+    for k in ("torch", "gen", "weight"):
+        assert torch.equal(got[k], want[k]), k
+    ck5 = common.load_checkpoint(str(tmp_path / "ckpt_0000005.pt"))
+    assert set(ck5["model"]) == {"weight"}          # the frozen bias is reloaded from the base, not saved
+    assert ck5["config"] == {"out_dir": str(tmp_path), "keep_last": 2, "save_every": 2, "stop_at_step": 0, "lr": 0.1}
+
+
+def test_checkpointer_saves_every_k_and_stops_on_sigterm_or_stop_at_step(tmp_path):
+    model, opt, sampler, _ = _state(0)
+    before = signal.getsignal(signal.SIGTERM)
+    ck = common.Checkpointer(_Cfg(out_dir=str(tmp_path / "a"), keep_last=0, save_every=2), model, opt, sampler)
+    assert [ck.after_step(s) for s in (1, 2, 3)] == [False, False, False]
+    assert os.listdir(tmp_path / "a") == ["ckpt_0000002.pt"]
+    os.kill(os.getpid(), signal.SIGTERM)             # caught: only a flag is set
+    assert ck.after_step(5, bad=1) is True           # not a multiple of save_every: saved because it stops
+    assert common.load_checkpoint(str(tmp_path / "a" / "ckpt_0000005.pt"))["bad"] == 1
+    assert signal.getsignal(signal.SIGTERM) == before
+    ck = common.Checkpointer(_Cfg(out_dir=str(tmp_path / "b"), save_every=100, stop_at_step=3), model, opt, sampler)
+    assert [ck.after_step(s) for s in (1, 2, 3)] == [False, False, True]
+    assert common.latest_checkpoint(str(tmp_path / "b")).endswith("ckpt_0000003.pt")
+    assert ck.finish(3).endswith("ckpt_0000003.pt") and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_device_dtype_and_batch_geometry():
+    cpu = torch.device("cpu")
+    assert common.resolve_device("cpu") == cpu
+    assert common.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert model.torch_dtype("auto", cpu) is torch.float32
+    assert model.torch_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    for names, dt in ((("fp32", "float32"), torch.float32), (("bf16", "bfloat16"), torch.bfloat16),
+                      (("fp16", "float16"), torch.float16)):
+        assert all(model.torch_dtype(n, cpu) is dt for n in names)
+    with pytest.raises(ValueError, match="dtype must be auto"):
+        model.torch_dtype("fp8", cpu)
+    assert common.accumulation(32, 4, 2) == 4
+    with pytest.raises(common.ConfigError, match=r"--step_batch 12 must be a multiple of micro_batch x ranks = 4 x 2"):
+        common.accumulation(12, 4, 2, "step_batch")
