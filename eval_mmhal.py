@@ -22,9 +22,10 @@ adapter) and judge with any OpenAI-compatible chat-completions endpoint:
     # a local LLaMA-family judge loaded through model.py
     python eval_mmhal.py ... --judge local --judge_model_path JUDGE_DIR --judge_tokenizer JUDGE_DIR
 
-    # the tiny world's rule judge (tinyworld.rule_judge; items carry a "scene"; DATA = tinyworld.py make's folder)
-    python eval_mmhal.py --model_path tiny_out/sft --tokenizer_path DATA/tokenizer.model \
-        --template DATA/eval/mmhal_tiny.json --image_folder DATA/eval/images --out tiny_out/mmhal_sft.json --judge rule
+    # the tiny world's rule judge (items carry a "scene"; DATA = tinyworld.py make's folder): tinyworld.py
+    # passes its judge function to main() here, so this file never imports the tiny world
+    python tinyworld.py eval --model_path tiny_out/sft --tokenizer_path DATA/tokenizer.model \
+        --template DATA/eval/mmhal_tiny.json --image_folder DATA/eval/images --out tiny_out/mmhal_sft.json
 
     # answer only (e.g. on a GPU box), judge later without the model
     python eval_mmhal.py --model_path DIR --image_folder IMGS --out results/rlhf.json --judge none
@@ -61,6 +62,8 @@ from typing import Callable
 import torch
 
 import common
+import data
+import model
 
 
 @dataclass
@@ -82,7 +85,7 @@ class EvalConfig:
     device: str = "auto"               # auto | cpu | cuda
     dtype: str = "auto"                # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
     # --- judging
-    judge: str = "api"                 # api | local | rule | none (answers only)
+    judge: str = "api"                 # api | local | rule (a judge function passed to main) | none (answers only)
     judge_prompt_file: str = ""        # the benchmark's official judge text (four slots); default: ours
     judge_cache: str = ""              # default: judge_cache.jsonl beside --out
     api_base: str = "https://api.openai.com/v1"  # any OpenAI-compatible server; /chat/completions is appended
@@ -101,10 +104,6 @@ class EvalConfig:
     judge_max_new_tokens: int = 512
     plot: bool = True                  # per-type bar chart when matplotlib is installed
 
-
-# The benchmark's eight question types, in the order they cycle through the official file (item i has
-# type i mod 8); used when a record carries no question_type.
-QUESTION_TYPES = ["attribute", "adversarial", "comparison", "counting", "relation", "environment", "holistic", "other"]
 
 # Our own judge prompt, written from the benchmark's rubric (SPEC §6). For numbers comparable with
 # published ones pass the official text with --judge_prompt_file instead.
@@ -153,14 +152,15 @@ def parse_rating(text: str) -> int:
 
 def summarize(records: list[dict]) -> dict:
     """Average rating, hallucination rate (share of ratings below 3), and both per question type.
-    The type is the record's question_type, else the official type of its position (index mod 8)."""
+    The type is the record's question_type, else the official type of its position (data.MMHAL_TYPES
+    cycle through the official file: item i has type i mod 8)."""
     if not records:
         raise ValueError("summarize: no records")
     ratings = [int(r["rating"]) for r in records]
     if any(not 0 <= s <= 6 for s in ratings):
         raise ValueError(f"ratings must lie in 0..6, got {sorted(set(ratings))}")
-    types = [r.get("question_type") or QUESTION_TYPES[i % 8] for i, r in enumerate(records)]
-    groups: dict[str, list[int]] = {t: [] for t in QUESTION_TYPES if t in types}  # official order first
+    types = [r.get("question_type") or data.MMHAL_TYPES[i % 8] for i, r in enumerate(records)]
+    groups: dict[str, list[int]] = {t: [] for t in data.MMHAL_TYPES if t in types}  # official order first
     for t, s in zip(types, ratings):
         groups.setdefault(t, []).append(s)
     n = len(ratings)
@@ -329,13 +329,6 @@ def answer_stage(cfg: EvalConfig, items: list[dict], answers_path: str,
     return records
 
 
-def decode_new_tokens(row: list[int], tok) -> str:
-    """generate() pads with 0 after EOS; keep the tokens before the first EOS."""
-    if tok.eos_id in row:
-        row = row[:row.index(tok.eos_id)]
-    while row and row[-1] == tok.pad_id:
-        row = row[:-1]
-    return tok.decode(row).strip()
 
 
 class ModelAnswerer:
@@ -347,7 +340,6 @@ class ModelAnswerer:
 
     @torch.no_grad()
     def __call__(self, records: list[dict], image_paths: list[str]) -> list[str]:
-        import data  # the project's data module; imported here so that judging alone needs none of it
         seqs = [data.tokenize_prompt(r["question"], self.tok, self.template, self.m.num_image_tokens, has_image=True)
                 for r in records]
         ids, mask = data.left_pad(seqs, self.tok.pad_id)
@@ -356,12 +348,10 @@ class ModelAnswerer:
         dtype = next(self.m.parameters()).dtype
         new = self.m.generate(ids.to(self.device), images.to(self.device, dtype), attention_mask=mask.to(self.device),
                               max_new_tokens=self.max_new_tokens, temperature=0.0, eos_token_id=self.tok.eos_id)
-        return [decode_new_tokens(row, self.tok) for row in new.tolist()]
+        return [self.tok.decode_response(row) for row in new]
 
 
 def build_answerer(cfg: EvalConfig) -> Answerer:
-    import data
-    import model
     device = common.resolve_device(cfg.device)
     m = model.LLaVA.from_pretrained(cfg.model_path, vision_tower=cfg.vision_tower or None,
                                     dtype=model.torch_dtype(cfg.dtype, device))
@@ -454,6 +444,10 @@ def judge_id(cfg: EvalConfig) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # Judges. Each has run(prompts {index: prompt}, on_done(index, reply)) and calls on_done as replies come.
+# A rule judge is instead a plain function of the record (the tiny world's reads the item's scene graph);
+# the caller passes it in (tinyworld.py eval), so this file imports no judge of its own.
+RuleJudge = Callable[[dict, str], tuple[str, int]]   # (record, answer) -> (reply ending "Rating: N", N)
+
 
 class APIJudge:
     """OpenAI-compatible chat completions over urllib: temperature 0, a thread pool of requests in
@@ -546,7 +540,6 @@ class LocalJudge:
 
     @torch.no_grad()
     def run(self, prompts: dict[int, str], on_done: Callable[[int, str], None]) -> None:
-        import data
         order = list(prompts)
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
@@ -556,7 +549,7 @@ class LocalJudge:
             new = self.m.generate(ids.to(self.device), None, attention_mask=mask.to(self.device),
                                   max_new_tokens=self.max_new_tokens, temperature=0.0, eos_token_id=self.tok.eos_id)
             for i, row in zip(idx, new.tolist()):
-                on_done(i, decode_new_tokens(row, self.tok))
+                on_done(i, self.tok.decode_response(row))
 
 
 def build_judge(cfg: EvalConfig):
@@ -570,8 +563,6 @@ def build_judge(cfg: EvalConfig):
     if cfg.judge == "local":
         if not cfg.judge_model_path:
             raise common.ConfigError("--judge local needs --judge_model_path")
-        import data
-        import model
         device = common.resolve_device(cfg.device)
         m = model.LLaVA.from_pretrained(cfg.judge_model_path, vision_tower=cfg.judge_vision_tower or None,
                                         dtype=model.torch_dtype(cfg.dtype, device)).to(device).eval()
@@ -581,16 +572,16 @@ def build_judge(cfg: EvalConfig):
     raise common.ConfigError(f"--judge: expected api, local, rule or none, got {cfg.judge!r}")
 
 
-def judge_stage(cfg: EvalConfig, records: list[dict], make_judge: Callable | None = None) -> list[str]:
+def judge_stage(cfg: EvalConfig, records: list[dict], make_judge: Callable | None = None,
+                rule_judge: RuleJudge | None = None) -> list[str]:
     """One judge reply per record. Cached replies are reused; only the missing ones are asked for,
-    and each is cached the moment it arrives."""
+    and each is cached the moment it arrives. A rule judge is a function, instant: nothing to cache."""
     if cfg.judge == "rule":
-        import tinyworld  # the tiny world's scene-graph judge
         replies = []
         for i, r in enumerate(records):
-            reply, rating = tinyworld.rule_judge(r, r["model_answer"])
+            reply, rating = rule_judge(r, r["model_answer"])
             if parse_rating(reply) != rating:  # we score every judge through the same parse
-                raise RuntimeError(f"item {i}: tinyworld.rule_judge rated {rating} but its reply parses as "
+                raise RuntimeError(f"item {i}: the rule judge rated {rating} but its reply parses as "
                                    f"{parse_rating(reply)}: {reply!r}")
             replies.append(reply)
         return replies
@@ -625,16 +616,20 @@ def out_stem(out: str) -> str:
     return out[:-5] if out.endswith(".json") else out
 
 
-def run(cfg: EvalConfig, make_answerer: Callable | None = None, make_judge: Callable | None = None) -> dict | None:
+def run(cfg: EvalConfig, make_answerer: Callable | None = None, make_judge: Callable | None = None,
+        rule_judge: RuleJudge | None = None) -> dict | None:
     if cfg.judge not in ("api", "local", "rule", "none"):
         raise common.ConfigError(f"--judge: expected api, local, rule or none, got {cfg.judge!r}")
+    if cfg.judge == "rule" and rule_judge is None:  # before answering: an hour of answers would go unjudged
+        raise common.ConfigError("--judge rule needs a rule judge function; the tiny world's is run by "
+                                 "`python tinyworld.py eval ...`")
     items = load_items(cfg.template, cfg.limit)
     answers_path = cfg.answers or out_stem(cfg.out) + ".answers.json"
     records = answer_stage(cfg, items, answers_path, make_answerer)
     if cfg.judge == "none":
         print(f"answers for {len(records)} items in {answers_path}; no judge (--judge none)")
         return None
-    replies = judge_stage(cfg, records, make_judge)
+    replies = judge_stage(cfg, records, make_judge, rule_judge)
     jid = judge_id(cfg)
     results = [{**r, "judge": jid, "judge_reply": reply, "rating": parse_rating(reply)} for r, reply in zip(records, replies)]
     summary = summarize(results)
@@ -662,7 +657,8 @@ def compare(paths: list[str]) -> str:
     return format_comparison(named)
 
 
-def main(argv: list[str] | None = None) -> dict | str | None:
+def main(argv: list[str] | None = None, rule_judge: RuleJudge | None = None) -> dict | str | None:
+    """The command line; `rule_judge` is what --judge rule rates with (tinyworld.py eval passes its own)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
         if len(argv) < 2:
@@ -672,7 +668,7 @@ def main(argv: list[str] | None = None) -> dict | str | None:
         return table
     cfg = common.parse_config(EvalConfig, argv)
     common.print_config(cfg)
-    return run(cfg)
+    return run(cfg, rule_judge=rule_judge)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ Commands:
         against the scene graph: the preference format of SPEC section 3.
     python tinyworld.py collect --data DIR --model runs/sft/final --out prefs.json
         samples the two responses per preference prompt from the SFT model, then labels them.
+    python tinyworld.py eval --model_path DIR --template DATA/eval/mmhal_tiny.json --image_folder DATA/eval/images \
+        --out FILE [any other eval_mmhal.py flag]
+        eval_mmhal.py's evaluation with the rule judge below (eval_mmhal.main(argv, rule_judge=rule_judge)).
     python tinyworld.py pipeline --out tiny_out [--size full|smoke]
         the whole paper in miniature with the real stage scripts: make -> sft -> collect -> reward
         model with and without facts -> PPO with the Fact-RM -> evaluation of SFT and RLHF models.
@@ -24,9 +27,10 @@ Commands:
 Python API (what the stages use):
     extract_claims(answer, question=None) -> list of claim tuples
     check_claims(scene, answer, question=None) -> (n_true, n_false); verify(...) -> Verdict with details
-    rule_judge(record, answer) -> (judge reply ending "Rating: N", N)   # eval_mmhal.py --judge rule
+    rule_judge(record, answer) -> (judge reply ending "Rating: N", N)   # tinyworld.py eval
     label_pair(scene, question, output_1, output_2, rng, noise) -> {"preference": 1|2, ...}
-    tiny_model_config(vocab_size) -> the `tiny` model preset (SPEC section 7)
+The model trained is model.PRESETS["tiny"] with the tokenizer's vocabulary (SPEC section 7); the
+stages' tiny settings are their own PRESETS["tiny"].
 
 Layout written by `make` (DIR/):
     images/*.png                training images (SFT, PPO and preference pools, disjoint)
@@ -40,7 +44,7 @@ Layout written by `make` (DIR/):
     eval/mmhal_tiny.json        96 items, MMHal template fields plus "scene"
     eval/images/<image_id>.png  evaluation images
     tokenizer.model             sentencepiece (unk 0, bos 1, eos 2, byte fallback)
-    meta.json                   seed, counts, vocabulary size, the tiny model preset
+    meta.json                   seed, counts, vocabulary size, the tiny model's config
 """
 from __future__ import annotations
 
@@ -50,13 +54,24 @@ import json
 import os
 import random
 import re
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import sentencepiece as spm
+import torch
 from PIL import Image, ImageDraw
+
+import common
+import data
+import eval_mmhal
+import model
+import ppo
+import reward_model
+import sft
 
 # ----------------------------------------------------------------------------------------------------
 # The world's vocabulary. Everything below is built from these lists, so the parser and the generator
@@ -79,32 +94,8 @@ RELATIONS = {"to the left of": "left", "left of": "left", "to the right of": "ri
              "right of": "right", "above": "above", "below": "below"}
 REL_TEXT = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
 
-MMHAL_TYPES = ["attribute", "adversarial", "comparison", "counting", "relation", "environment",
-               "holistic", "other"]
 MMHAL_TOPICS = ["outdoor", "vehicle", "person", "animal", "food", "sports", "kitchen", "accessory",
                 "electronic", "furniture", "indoor", "appliance"]
-
-SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-
-# The SPEC section 7 first setup (1.27M parameters, 3.6 steps/s at batch 32 on 2 cores, lr 1.5e-3,
-# starts using the image after 60-120 s). The prototype used a two-layer GELU projector.
-TINY_MODEL = {
-    "image_size": 64, "patch_size": 8,  # 64 image tokens: patch 16 never learned to look (SPEC 7)
-    "vision_hidden": 128, "vision_layers": 2, "vision_heads": 4, "vision_intermediate": 512,
-    "hidden": 128, "layers": 4, "heads": 4, "kv_heads": 4, "intermediate": 352,
-    "vocab_size": 1024, "projector": "mlp2x_gelu",
-    # 64 image tokens + system sentence + a few turns fits in 256; the reward-model prompt with its
-    # rating instructions and captions needs more, hence 512.
-    "max_seq_len": 512,
-}
-# What the prototype measured as a good SFT setting for this preset; stages may start from it.
-TINY_SFT_HINTS = {"lr": 1.5e-3, "batch_size": 32, "seconds": 300}
-
-
-def tiny_model_config(vocab_size: int = 1024) -> dict:
-    """The tiny preset with the tokenizer's vocabulary size filled in."""
-    return {**TINY_MODEL, "vocab_size": vocab_size}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -456,7 +447,7 @@ SFT_WEIGHTS = {"attribute": 1.0, "adversarial": 0.4, "comparison": 0.8, "countin
                "caption": 0.4}
 # PPO prompts: open questions of all eight MMHal types, plus multiple choice and yes/no items whose
 # symbolic correctness rewards PPO uses (SPEC 5).
-PPO_WEIGHTS = {**{t: 1.0 for t in MMHAL_TYPES}, "multiple_choice": 2.0, "yes_no": 2.0}
+PPO_WEIGHTS = {**{t: 1.0 for t in data.MMHAL_TYPES}, "multiple_choice": 2.0, "yes_no": 2.0}
 
 
 def ask(scene: dict, qtype: str, rng: random.Random, focus: str | None = None) -> dict | None:
@@ -986,8 +977,9 @@ def rule_judge(record: dict, answer: str) -> tuple[str, int]:
     return "\n".join(lines), score
 
 
-def rule_judge_reply(record: dict, answer: str) -> str:
-    return rule_judge(record, answer)[0]
+def evaluate(argv: list[str]) -> dict | None:
+    """eval_mmhal.py's evaluation (any of its flags) rated by rule_judge: `python tinyworld.py eval ...`."""
+    return eval_mmhal.main([*argv, "--judge", "rule"], rule_judge=rule_judge)
 
 
 def label_pair(scene: dict, question: str, output_1: str, output_2: str, rng: random.Random | None = None,
@@ -1074,7 +1066,7 @@ def build_reading(scenes: list[tuple[str, dict]], n: int, seed: int) -> list[dic
     for k in range(n):
         name, scene = scenes[rng.randrange(len(scenes))]
         caps = make_captions(scene, rng)
-        qa = ask_weighted(scene, {t: 1.0 for t in MMHAL_TYPES}, rng)
+        qa = ask_weighted(scene, {t: 1.0 for t in data.MMHAL_TYPES}, rng)
         if k % 2 == 0:
             user = "Read these captions of a picture:" + _caption_block(caps, rng) + "\n" + qa["question"]
             reply = qa["answer"]
@@ -1112,7 +1104,7 @@ def build_eval(seed: int) -> list[dict]:
     items = []
     for t, topic in enumerate(MMHAL_TOPICS):
         bg, kind = list(BACKGROUNDS)[t % 4], KINDS[t % 3]
-        for qtype in MMHAL_TYPES:
+        for qtype in data.MMHAL_TYPES:
             rng = random.Random(f"{seed}-eval-{topic}-{qtype}")
             while True:
                 min_shapes = 2 if qtype in ("comparison", "relation") else 1
@@ -1142,16 +1134,17 @@ _GENERIC_TEXT = [
 
 def _rating_prompt_lines() -> list[str]:
     """The reward model's rating request (reward_model.DEFAULT_TEMPLATE), so that it encodes to whole words."""
-    import reward_model
     text = reward_model.DEFAULT_TEMPLATE.replace("{facts}", reward_model.FACTS_INTRO)
     return [ln for ln in text.split("\n") if ln.strip()]
+
+
 _ASCII = "".join(chr(c) for c in range(33, 127))  # so every printable character has its own piece
 
 
 def _vicuna_lines(conversations: list[dict]) -> list[str]:
     """A conversation laid out as the Vicuna template lays it out (without "</s>", which is a special
     id, not text), so that piece frequencies match what the trainer will encode."""
-    text = SYSTEM_PROMPT
+    text = data.VICUNA_V1_SYSTEM
     for turn in conversations:
         if turn["from"] == "human":
             text += " USER: " + turn["value"].replace("<image>\n", "") + " ASSISTANT:"
@@ -1186,7 +1179,6 @@ def train_tokenizer(lines: list[str], path: str, vocab_size: int = 1024) -> None
     every world word, the system sentence and the rating prompt to be one piece per word (SFT examples
     average ~57 text tokens). 768 keeps world words whole but splits the rating prompt (~340 tokens
     instead of ~240); 512 splits world words too."""
-    import sentencepiece as spm
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
@@ -1225,32 +1217,35 @@ def make(out: str, seed: int = 0, n_sft_images: int = 3000, n_sft: int = 20000, 
     # Creating thousands of small files is system-call bound: threads overlap them (2-3x faster).
     with ThreadPoolExecutor(8) as ex:
         list(ex.map(lambda job: render(job[0]).save(job[1], compress_level=1), jobs))
-    sft = build_sft(sft_pool, n_sft, seed, multi_turn)
+    sft_convs = build_sft(sft_pool, n_sft, seed, multi_turn)
     if n_read:
-        sft += build_reading(sft_pool, n_read, seed)
-        random.Random(f"{seed}-mix").shuffle(sft)
-    ppo = build_prompts(ppo_pool, n_ppo, PPO_WEIGHTS, seed, "ppo")
+        sft_convs += build_reading(sft_pool, n_read, seed)
+        random.Random(f"{seed}-mix").shuffle(sft_convs)
+    ppo_prompts = build_prompts(ppo_pool, n_ppo, PPO_WEIGHTS, seed, "ppo")
     # Preference prompts are open questions, like the paper's LLaVA instruction prompts.
-    pref = build_prompts(pref_pool, n_pref, {t: 1.0 for t in MMHAL_TYPES}, seed, "pref")
-    held = build_prompts(held_pool, n_heldout, {t: 1.0 for t in MMHAL_TYPES}, seed, "heldout")
+    pref_prompts = build_prompts(pref_pool, n_pref, {t: 1.0 for t in data.MMHAL_TYPES}, seed, "pref")
+    held_prompts = build_prompts(held_pool, n_heldout, {t: 1.0 for t in data.MMHAL_TYPES}, seed, "heldout")
     _dump(captions, os.path.join(out, "captions.json"))
     _dump(scenes, os.path.join(out, "scenes.json"))
-    _dump(sft, os.path.join(out, "sft.json"))
-    _dump(ppo, os.path.join(out, "ppo_prompts.json"))
-    _dump(pref, os.path.join(out, "preference_prompts.json"))
-    _dump(held, os.path.join(out, "heldout_prompts.json"))
+    _dump(sft_convs, os.path.join(out, "sft.json"))
+    _dump(ppo_prompts, os.path.join(out, "ppo_prompts.json"))
+    _dump(pref_prompts, os.path.join(out, "preference_prompts.json"))
+    _dump(held_prompts, os.path.join(out, "heldout_prompts.json"))
     with open(os.path.join(out, "eval", "mmhal_tiny.json"), "w") as f:
         json.dump(eval_recs, f, indent=1)
     tok_path = os.path.join(out, "tokenizer.model")
-    train_tokenizer(tokenizer_corpus(sft, captions, [ppo, pref], eval_recs), tok_path, vocab_size)
+    corpus = tokenizer_corpus(sft_convs, captions, [ppo_prompts, pref_prompts], eval_recs)
+    train_tokenizer(corpus, tok_path, vocab_size)
     meta = {"seed": seed, "eval_seed": eval_seed, "vocab_size": vocab_size,
             "counts": {"images": len(scenes), "sft_images": n_sft_images, "ppo_images": n_ppo_images,
-                       "preference_images": n_pref_images, "sft": len(sft), "ppo_prompts": len(ppo),
-                       "preference_prompts": len(pref), "heldout_prompts": len(held), "eval": len(eval_recs),
-                       "sft_reading": n_read},
-            "ppo_answer_types": dict(Counter(r["answer_type"] for r in ppo)),
-            "system_prompt": SYSTEM_PROMPT, "model": tiny_model_config(vocab_size),
-            "sft_hints": TINY_SFT_HINTS, "seconds": round(time.time() - t0, 2)}
+                       "preference_images": n_pref_images, "sft": len(sft_convs),
+                       "ppo_prompts": len(ppo_prompts), "preference_prompts": len(pref_prompts),
+                       "heldout_prompts": len(held_prompts), "eval": len(eval_recs), "sft_reading": n_read},
+            "ppo_answer_types": dict(Counter(r["answer_type"] for r in ppo_prompts)),
+            "system_prompt": data.VICUNA_V1_SYSTEM,
+            # what sft.py --preset tiny builds with this tokenizer
+            "model": asdict(model.ModelConfig.preset("tiny", vocab_size=vocab_size)),
+            "seconds": round(time.time() - t0, 2)}
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
@@ -1281,24 +1276,19 @@ def annotate(data_dir: str, records: list[dict], noise: float = 0.0, seed: int =
 def sample_responses(model_dir: str, records: list[dict], image_folder: str, n: int = 2, temperature: float = 1.0,
                      max_new_tokens: int = 48, batch: int = 64, seed: int = 0) -> list[list[str]]:
     """`n` responses per prompt record (data.read_ppo_prompts records) from a saved model."""
-    import torch
-    import data
-    import model as M
-    from common import Progress
-    m = M.LLaVA.from_pretrained(model_dir).eval()
+    m = model.LLaVA.from_pretrained(model_dir).eval()
     tok = data.Tokenizer(os.path.join(model_dir, "tokenizer.model"))
     ds = data.PromptDataset(records, tok, data.Template(), image_folder, m.config.image_size, m.num_image_tokens)
     gen = torch.Generator().manual_seed(seed)
     out: list[list[str]] = [[] for _ in records]
-    bar = Progress(n * ((len(ds) + batch - 1) // batch), "sampling")
+    bar = common.Progress(n * ((len(ds) + batch - 1) // batch), "sampling")
     for _ in range(n):
         for i in range(0, len(ds), batch):
             b = data.collate_left([ds[j] for j in range(i, min(i + batch, len(ds)))], tok.pad_id)
             new = m.generate(b["input_ids"], b["images"], b["attention_mask"], max_new_tokens=max_new_tokens,
                              temperature=temperature, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=gen)
-            for row, idx in zip(new.tolist(), b["index"].tolist()):
-                row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
-                out[idx].append(tok.decode(row).strip())
+            for row, idx in zip(new, b["index"].tolist()):
+                out[idx].append(tok.decode_response(row))
             bar.update(1)
     bar.close()
     return out
@@ -1308,7 +1298,6 @@ def collect_preferences(data_dir: str, model_dir: str, out_path: str, noise: flo
                         limit: int = 0, max_new_tokens: int = 48, drop_ties: bool = True) -> dict:
     """The simulated annotator end to end: two samples per preference prompt from the SFT model, labelled
     against the scene graph, written in the preference format (SPEC section 3)."""
-    import data
     prompts_path = os.path.join(data_dir, "preference_prompts.json")
     records = data.read_ppo_prompts(prompts_path)
     raw = json.load(open(prompts_path))
@@ -1330,7 +1319,6 @@ def collect_preferences(data_dir: str, model_dir: str, out_path: str, noise: flo
 
 def _greedy_claim_counts(data_dir: str, model_dir: str, prompts_file: str, n: int = 0) -> list[tuple[int, int]]:
     """(n_true, n_false) of the model's greedy answer to each prompt of data_dir/prompts_file (the last n)."""
-    import data
     records = data.read_ppo_prompts(os.path.join(data_dir, prompts_file))[-n:]
     scenes = json.load(open(os.path.join(data_dir, "scenes.json")))
     answers = sample_responses(model_dir, records, os.path.join(data_dir, "images"), n=1, temperature=0.0)
@@ -1354,25 +1342,28 @@ def false_claim_rate(data_dir: str, model_dir: str) -> dict:
     return {"rate": p, "stderr": (p * (1 - p) / n) ** 0.5, "n": len(bad)}
 
 
-def facts_diagnostic(rm_dir: str, prefs_path: str, data_dir: str, n: int) -> dict:
+def facts_diagnostic(rm_dir: str, prefs_path: str, data_dir: str, n: int, work_dir: str) -> dict:
     """Does the Fact-RM read the facts? Held-out accuracy (the first n pairs, the RM's eval split) with the
-    right captions, with another image's captions, and with no facts block."""
-    import torch
-    import data
-    import reward_model as RM
-    sc = RM.RewardScorer.load(rm_dir)
-    m = sc.rm.m
-    recs = data.read_preferences(prefs_path)[:n]
-    caps = data.load_captions(os.path.join(data_dir, "captions.json"))
+    right captions, with another image's captions, and with no facts block, by reward_model.py eval."""
+    with open(prefs_path) as f:
+        heldout = json.load(f)[:n]
+    with open(os.path.join(data_dir, "captions.json")) as f:
+        caps = json.load(f)
     keys = sorted(caps)
-    other = dict(zip(keys, keys[1:] + keys[:1]))           # every image gets its neighbour's captions
-    wrong = {k: caps[other[k]] for k in keys}
-    out = {}
-    for name, cmap, mode in (("right", caps, "captions"), ("other_image", wrong, "captions"), ("none", caps, "none")):
-        pd = RM.PairData(recs, sc.tok, sc.template, sc.rm_template, cmap, mode, os.path.join(data_dir, "images"),
-                         m.config.image_size, m.num_image_tokens, sc.max_len, 0)
-        out[name] = RM.evaluate_pairs(sc.rm, pd, list(range(len(pd))), 16, sc.tok.pad_id, torch.device("cpu"))["accuracy"]
-    return out
+    wrong = {k: caps[o] for k, o in zip(keys, keys[1:] + keys[:1])}   # every image gets its neighbour's captions
+    os.makedirs(work_dir, exist_ok=True)
+    heldout_path = os.path.join(work_dir, "heldout_pairs.json")
+    wrong_path = os.path.join(work_dir, "captions_shifted.json")
+    _dump(heldout, heldout_path)
+    _dump(wrong, wrong_path)
+    rows = {}
+    for name, captions in (("right", os.path.join(data_dir, "captions.json")), ("other_image", wrong_path)):
+        rows[name] = reward_model.main(["eval", "--rm_dir", rm_dir, "--data_path", heldout_path, "--image_folder",
+                                        os.path.join(data_dir, "images"), "--captions", captions, "--batch", "16",
+                                        "--device", "cpu"])
+    # eval scores each pair with its captions and with none; the no-facts row is the same either way
+    return {"right": rows["right"]["captions"]["accuracy"], "other_image": rows["other_image"]["captions"]["accuracy"],
+            "none": rows["right"]["none"]["accuracy"]}
 
 
 PIPELINE_SIZES = {
@@ -1396,10 +1387,6 @@ PIPELINE_SIZES = {
 def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
     """make -> sft (gated, next seed on failure) -> annotate -> Fact-RM and plain RM -> PPO with the
     Fact-RM -> MMHal-style evaluation of the SFT and RLHF models with the rule judge. Prints one table."""
-    import eval_mmhal
-    import ppo
-    import reward_model
-    import sft
     cfg = PIPELINE_SIZES[size]
     t_start = time.time()
     times: dict[str, float] = {}
@@ -1447,7 +1434,8 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
     rm_plain = reward_model.main(rm_common + ["--out_dir", os.path.join(runs, "rm_plain"), "--facts", "none"])
     done("reward model (no facts)")
     n_heldout = int(json.load(open(os.path.join(runs, "rm_facts", "best", "rm_config.json")))["n_eval"])
-    diag = {**facts_diagnostic(os.path.join(runs, "rm_facts", "best"), prefs, d, n_heldout), "n": n_heldout}
+    diag = {**facts_diagnostic(os.path.join(runs, "rm_facts", "best"), prefs, d, n_heldout,
+                               os.path.join(runs, "facts_diagnostic")), "n": n_heldout}
 
     stage("ppo")
     ppo_run = os.path.join(runs, "ppo")
@@ -1460,11 +1448,11 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
     results = {}
     for name, mdir in (("SFT", sft_dir), ("RLHF", os.path.join(ppo_run, "final"))):
         argv = ["--model_path", mdir, "--template", f"{d}/eval/mmhal_tiny.json", "--image_folder",
-                f"{d}/eval/images", "--out", os.path.join(out, f"mmhal_{name.lower()}.json"), "--judge", "rule",
+                f"{d}/eval/images", "--out", os.path.join(out, f"mmhal_{name.lower()}.json"),
                 "--max_new_tokens", "64", "--batch_size", "32"]
         if cfg["eval_limit"]:
             argv += ["--limit", str(cfg["eval_limit"])]
-        results[name] = eval_mmhal.main(argv)
+        results[name] = evaluate(argv)
         results[name]["heldout"] = false_claim_rate(d, mdir)
     done("evaluation")
 
@@ -1532,7 +1520,10 @@ def plot_ppo(hist: list[dict], path: str) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"] and not {"-h", "--help"} & set(argv):  # eval_mmhal.py's own flags follow
+        return evaluate(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make", help="write the tiny dataset")
@@ -1568,6 +1559,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--noise", type=float, default=0.0)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--limit", type=int, default=0)
+    sub.add_parser("eval", help="eval_mmhal.py with the rule judge; takes eval_mmhal.py's flags (--model_path, "
+                   "--template DATA/eval/mmhal_tiny.json, --image_folder DATA/eval/images, --out ...)")
     args = ap.parse_args(argv)
     if args.cmd == "make":
         kw = {k: v for k, v in vars(args).items() if k != "cmd"}
@@ -1585,6 +1578,7 @@ def main(argv: list[str] | None = None) -> None:
         _dump(labelled, args.out)
         n_h = sum(r["hallucination"] for r in labelled)
         print(f"wrote {len(labelled)} preference records to {args.out} ({n_h} with a hallucination)")
+    return None
 
 
 if __name__ == "__main__":

@@ -1,22 +1,24 @@
 """eval_mmhal.py: the benchmark's rating parse and scoring, the API judge against a scripted HTTP server
 on 127.0.0.1 (retries, timeouts, malformed bodies, cache, key never written), and resume after an
-interruption while answering and while judging. Model and tiny-world pieces are faked, except one test
-that answers through model.py/data.py when they exist."""
+interruption while answering and while judging. The model and the rule judge are faked, except one test
+that answers through model.py/data.py."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
-import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import eval_mmhal  # noqa: E402
+import model  # noqa: E402
 from eval_mmhal import parse_rating, summarize  # noqa: E402
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "mmhal",
@@ -35,7 +37,7 @@ def _no_proxy(monkeypatch):
 
 def make_items(n: int, answered: bool = True) -> list[dict]:
     """Items shaped like the benchmark's template; "item-K" in the question lets the server script per item."""
-    types_ = eval_mmhal.QUESTION_TYPES
+    types_ = data.MMHAL_TYPES
     return [{"question_type": types_[i % 8], "question_topic": "outdoor", "image_id": f"img{i:03d}",
              "image_src": f"https://example.com/photos/src_{i:03d}.jpg", "image_content": ["Dog", "Ball"] if i % 2 else ["Cat"],
              "question": f"What is in item-{i}?", "gt_answer": f"The human answer {i}.",
@@ -379,11 +381,10 @@ class FakeAnswerer:
         return ["" if r["image_id"] == "img007" else f"answer to {r['question']}" for r in records]
 
 
-def fake_tinyworld(monkeypatch):
-    def rule_judge(record, answer):
-        n = 0 if not answer else len(answer) % 7
-        return f"scene says {record['scene']}. Rating: {n}", n
-    monkeypatch.setitem(sys.modules, "tinyworld", types.SimpleNamespace(rule_judge=rule_judge))
+def fake_rule_judge(record: dict, answer: str) -> tuple[str, int]:
+    """Stands in for tinyworld.rule_judge: what --judge rule is given."""
+    n = 0 if not answer else len(answer) % 7
+    return f"scene says {record['scene']}. Rating: {n}", n
 
 
 def test_resume_after_interrupted_answering(tmp_path, monkeypatch):
@@ -417,9 +418,8 @@ def test_resume_after_interrupted_answering(tmp_path, monkeypatch):
 
     # Complete: no model is built again (even for item 7's empty answer); judge with the rule judge.
     monkeypatch.setattr(eval_mmhal, "build_answerer", lambda cfg: pytest.fail("model loaded again"))
-    fake_tinyworld(monkeypatch)
     rule_args = [a if a != "none" else "rule" for a in args]
-    summary = eval_mmhal.main(rule_args)
+    summary = eval_mmhal.main(rule_args, rule_judge=fake_rule_judge)
     ratings = [0 if not a else len(a) % 7 for a in expected]
     assert summary["average"] == pytest.approx(sum(ratings) / 10)
     with open(tmp_path / "out" / "res.json") as f:
@@ -448,29 +448,45 @@ def test_missing_image_is_named_before_loading_the_model(tmp_path, monkeypatch):
 def test_judge_only_needs_answers(tmp_path):
     template = write_json(make_items(3, answered=False), tmp_path / "tpl.json")
     with pytest.raises(eval_mmhal.common.ConfigError, match="--model_path"):
-        eval_mmhal.main(["--template", template, "--out", str(tmp_path / "r.json"), "--judge", "rule"])
+        eval_mmhal.main(["--template", template, "--out", str(tmp_path / "r.json"), "--judge", "rule"],
+                        rule_judge=fake_rule_judge)
     with pytest.raises(eval_mmhal.common.ConfigError, match="unknown config key"):
         eval_mmhal.main(["--template", template, "--no_such_key", "1"])
 
 
-def test_rule_judge_mismatch_is_loud(tmp_path, monkeypatch):
+def test_rule_judge_mismatch_is_loud(tmp_path):
     template = write_json([{**r, "scene": "s"} for r in make_items(2)], tmp_path / "tpl.json")
-    monkeypatch.setitem(sys.modules, "tinyworld", types.SimpleNamespace(rule_judge=lambda rec, a: ("Rating: 2", 5)))
     with pytest.raises(RuntimeError, match="rated 5"):
-        eval_mmhal.main(["--template", template, "--out", str(tmp_path / "r.json"), "--judge", "rule"])
+        eval_mmhal.main(["--template", template, "--out", str(tmp_path / "r.json"), "--judge", "rule"],
+                        rule_judge=lambda rec, a: ("Rating: 2", 5))
+
+
+def test_rule_judge_is_passed_in_not_imported(tmp_path, monkeypatch):
+    # --judge rule without a judge function fails before any model is loaded, and names the command that has one
+    items = [{**r, "scene": "s"} for r in make_items(2, answered=False)]
+    template = write_json(items, tmp_path / "tpl.json")
+    make_images(tmp_path / "imgs", items)
+    monkeypatch.setattr(eval_mmhal, "build_answerer", lambda cfg: pytest.fail("model loaded before the judge check"))
+    with pytest.raises(eval_mmhal.common.ConfigError, match="tinyworld.py eval"):
+        eval_mmhal.main(["--template", template, "--out", str(tmp_path / "r.json"), "--judge", "rule",
+                         "--model_path", "m", "--image_folder", str(tmp_path / "imgs")])
+    # no import cycle: eval_mmhal does not import the tiny world (a fresh interpreter, so no test's import counts)
+    code = "import sys, eval_mmhal; assert 'tinyworld' not in sys.modules, 'eval_mmhal imported tinyworld'"
+    subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                   check=True, capture_output=True)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Output: comparison table and plot.
 
-def test_compare_and_plot(tmp_path, monkeypatch, capsys):
-    fake_tinyworld(monkeypatch)
+def test_compare_and_plot(tmp_path, capsys):
     outs = []
     for name, n in (("sft", 8), ("rlhf", 16)):
         items = [{**r, "scene": "s", "model_answer": "x" * (k + 1 + (n == 16))} for k, r in enumerate(make_items(n))]
         template = write_json(items, tmp_path / f"{name}_tpl.json")
         out = str(tmp_path / f"{name}.json")
-        eval_mmhal.main(["--template", template, "--out", out, "--judge", "rule", "--plot", "true"])
+        eval_mmhal.main(["--template", template, "--out", out, "--judge", "rule", "--plot", "true"],
+                        rule_judge=fake_rule_judge)
         outs.append(out)
     png = tmp_path / "sft.per_type.png"
     try:
@@ -495,6 +511,7 @@ def test_compare_and_plot(tmp_path, monkeypatch, capsys):
 
 class ReversibleTokenizer:
     bos_id, eos_id, pad_id = 1, 2, 0
+    decode_response = data.Tokenizer.decode_response   # the real one: cut at EOS, over this decode
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) + 3 for c in text]
@@ -524,12 +541,11 @@ class FakeJudgeModel:
 
 def test_local_judge_batches_and_caches(tmp_path, monkeypatch):
     import torch
-    fake_data = types.SimpleNamespace(
-        tokenize_prompt=lambda q, tok, tpl, n, has_image=True: [tok.bos_id] + tok.encode(f"{tpl} USER: {q} ASSISTANT:"),
-        left_pad=lambda seqs, pad: (
-            torch.tensor([[pad] * (max(map(len, seqs)) - len(s)) + s for s in seqs]),
-            torch.tensor([[0] * (max(map(len, seqs)) - len(s)) + [1] * len(s) for s in seqs])))
-    monkeypatch.setitem(sys.modules, "data", fake_data)
+    monkeypatch.setattr(data, "tokenize_prompt",
+                        lambda q, tok, tpl, n, has_image=True: [tok.bos_id] + tok.encode(f"{tpl} USER: {q} ASSISTANT:"))
+    monkeypatch.setattr(data, "left_pad", lambda seqs, pad: (
+        torch.tensor([[pad] * (max(map(len, seqs)) - len(s)) + s for s in seqs]),
+        torch.tensor([[0] * (max(map(len, seqs)) - len(s)) + [1] * len(s) for s in seqs])))
     tok = ReversibleTokenizer()
     built = []
 
@@ -552,11 +568,12 @@ def test_local_judge_batches_and_caches(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The real answering path through model.py and data.py (skips until they exist).
+# The real answering path through model.py and data.py.
 
 class CharTokenizer:
     """Enough of data.Tokenizer for a random tiny model: one id per character."""
     bos_id, eos_id, pad_id = 1, 2, 0
+    decode_response = data.Tokenizer.decode_response
 
     def encode(self, text: str) -> list[int]:
         return [3 + ord(c) % 200 for c in text]
@@ -566,11 +583,6 @@ class CharTokenizer:
 
 
 def test_real_answering_path_through_model(tmp_path, monkeypatch):
-    model = pytest.importorskip("model")
-    data = pytest.importorskip("data")
-    need = ("tokenize_prompt", "left_pad", "load_image", "preprocess_image", "Template", "VICUNA_V1_SYSTEM")
-    if not hasattr(model, "LLaVA") or not all(hasattr(data, n) for n in need):
-        pytest.skip("model.LLaVA / data.py not written yet")
     import torch
     torch.manual_seed(0)
     cfg = model.ModelConfig.preset("tiny", image_size=32, patch_size=16, vision_layers=1, layers=2, vocab_size=256)
@@ -587,10 +599,9 @@ def test_real_answering_path_through_model(tmp_path, monkeypatch):
     template = write_json(items, tmp_path / "tpl.json")
     make_images(tmp_path / "imgs", items)
     monkeypatch.setattr(eval_mmhal, "build_answerer", make_answerer)
-    fake_tinyworld(monkeypatch)
     args = ["--template", template, "--out", str(tmp_path / "res.json"), "--model_path", ckpt,
             "--image_folder", str(tmp_path / "imgs"), "--batch_size", "2", "--max_new_tokens", "6", "--judge", "rule"]
-    eval_mmhal.main(args)
+    eval_mmhal.main(args, rule_judge=fake_rule_judge)
     with open(tmp_path / "res.json") as f:
         doc = json.load(f)
     answers = [r["model_answer"] for r in doc["items"]]
@@ -598,6 +609,6 @@ def test_real_answering_path_through_model(tmp_path, monkeypatch):
     # Greedy: answering again one at a time gives the same text (left padding does not change answers).
     os.remove(tmp_path / "res.answers.json")
     os.remove(tmp_path / "res.answers.json.meta.json")
-    eval_mmhal.main([a if a != "2" else "1" for a in args])
+    eval_mmhal.main([a if a != "2" else "1" for a in args], rule_judge=fake_rule_judge)
     with open(tmp_path / "res.json") as f:
         assert [r["model_answer"] for r in json.load(f)["items"]] == answers

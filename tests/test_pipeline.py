@@ -2,6 +2,7 @@
 import json
 import os
 
+import data
 import tinyworld
 
 
@@ -13,7 +14,7 @@ def test_pipeline_smoke(tmp_path):
     assert s["annotation"]["pairs"] > 0 and len(s["ppo_history"]) == 2
     for name in ("sft", "rlhf"):
         assert 0 <= s[name]["average"] <= 6 and 0 <= s[name]["hallucination_rate"] <= 1
-        assert set(s[name]["per_type"]) <= set(tinyworld.MMHAL_TYPES)
+        assert set(s[name]["per_type"]) <= set(data.MMHAL_TYPES)
     table = open(tmp_path / "p" / "pipeline_table.txt").read()
     assert "with facts" in table and "hallucination rate" in table and "another image's" in table
     assert set(s["facts_diagnostic"]) == {"right", "other_image", "none", "n"} and s["facts_diagnostic"]["n"] == 32

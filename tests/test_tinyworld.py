@@ -1,4 +1,5 @@
 """Tests for the tiny world: generator, data files, claim checker, rule judge, annotator, tokenizer."""
+import dataclasses
 import json
 import os
 import random
@@ -10,6 +11,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data as D  # noqa: E402
+import model  # noqa: E402
+import sft  # noqa: E402
 import tinyworld as tw  # noqa: E402
 
 SMALL = ["--n_sft_images", "40", "--n_sft", "300", "--n_ppo_images", "30", "--n_ppo", "90",
@@ -198,7 +202,6 @@ def test_rule_judge_rubric():
                 break
         assert tw.rule_judge(r, "")[1] == 0  # empty: a failed answer, documented in rule_judge
         assert tw.rule_judge(r, "Hello there, nice weather.")[1] == 3  # no checkable claim
-        assert tw.rule_judge_reply(r, r["gt_answer"]) == tw.rule_judge(r, r["gt_answer"])[0]
 
 
 def test_rule_judge_levels():
@@ -210,6 +213,27 @@ def test_rule_judge_levels():
     assert tw.rule_judge(rec, "There is no yellow square. The square is blue. The circle is purple.")[1] == 2
     assert tw.rule_judge(rec, "There is no yellow square. The circle is purple.")[1] == 1
     assert tw.rule_judge(rec, "The yellow square is in the bottom right.")[1] == 0
+
+
+def test_eval_command_rates_with_the_rule_judge(tmp_path):
+    """tinyworld.py eval is eval_mmhal.py's evaluation with rule_judge passed in (answers given here, so no
+    model is needed): the reference answers rate 5 (test_rule_judge_rubric), a colour swap rates below 3."""
+    items = tw.build_eval(0)[:16]
+    for k, r in enumerate(items):
+        r["model_answer"] = r["gt_answer"]
+        if k % 4 == 0:   # a wrong colour for the item's first shape: a claim its scene contradicts
+            s = r["scene"]["shapes"][0]
+            r["model_answer"] = f"The {s['kind']} is {next(c for c in tw.COLORS if c != s['color'])}."
+    template = tmp_path / "tpl.json"
+    template.write_text(json.dumps(items))
+    out = tmp_path / "res.json"
+    summary = tw.main(["eval", "--template", str(template), "--out", str(out), "--plot", "false"])
+    doc = json.loads(out.read_text())
+    assert doc["judge"] == "rule"
+    assert [r["rating"] for r in doc["items"]] == [tw.rule_judge(r, r["model_answer"])[1] for r in items]
+    assert [r["rating"] < 3 for r in doc["items"]] == [k % 4 == 0 for k in range(16)]
+    assert all(r["rating"] == 5 for k, r in enumerate(doc["items"]) if k % 4)
+    assert summary["hallucination_rate"] == 0.25 and summary == doc["summary"]
 
 
 def test_label_pair_prefers_the_less_hallucinated():
@@ -268,7 +292,7 @@ def test_eval_file(data):
         assert [r["question_type"] for r in items] == [t["question_type"] for t in tpl]
     for i, r in enumerate(items):
         assert list(r)[:len(fields)] == fields and "scene" in r
-        assert r["question_type"] == tw.MMHAL_TYPES[i % 8] and r["question_topic"] == tw.MMHAL_TOPICS[i // 8]
+        assert r["question_type"] == D.MMHAL_TYPES[i % 8] and r["question_topic"] == tw.MMHAL_TOPICS[i // 8]
         assert r["model_answer"] == "" and r["image_content"] and r["gt_answer"]
         assert os.path.exists(os.path.join(data, "eval", "images", r["image_src"]))
         assert r["image_src"] == r["image_id"] + ".png"
@@ -356,24 +380,32 @@ def test_prompt_records(data):
             assert r["answer_type"] == "general" and r["answer"]
     assert {r["answer_type"] for r in ppo} == {"general", "multiple_choice", "yes_no"}
     assert {r["answer_type"] for r in pref} <= {"general", "yes_no"}  # open MMHal-type questions only
-    assert {r["question_type"] for r in pref} <= set(tw.MMHAL_TYPES)
+    assert {r["question_type"] for r in pref} <= set(D.MMHAL_TYPES)
     assert not {r["image"] for r in pref} & {r["image"] for r in ppo}
     assert not {r["image"] for r in pref} & {r["image"] for r in _load(data, "sft.json") if "image" in r}
     held = _load(data, "heldout_prompts.json")
-    assert len(held) == 400 and {r["question_type"] for r in held} <= set(tw.MMHAL_TYPES)
+    assert len(held) == 400 and {r["question_type"] for r in held} <= set(D.MMHAL_TYPES)
     used = {r["image"] for r in ppo + pref + _load(data, "sft.json") if "image" in r}
     assert len({r["image"] for r in held}) == 400 and not {r["image"] for r in held} & used
 
 
-def test_meta_and_model_preset(data):
+def test_meta_records_the_model_sft_trains(data, tmp_path):
     meta = _load(data, "meta.json")
     assert meta["seed"] == 0 and meta["counts"]["sft"] == 360 and meta["counts"]["sft_reading"] == 60 and meta["counts"]["eval"] == 96
-    cfg = tw.tiny_model_config(meta["vocab_size"])
-    assert meta["model"] == cfg
-    for k in ["image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "vision_intermediate",
-              "hidden", "layers", "heads", "kv_heads", "intermediate", "vocab_size", "projector", "max_seq_len"]:
-        assert k in cfg
-    assert (cfg["image_size"], cfg["patch_size"], cfg["hidden"], cfg["layers"], cfg["intermediate"]) == (64, 8, 128, 4, 352)
+    # train it as the pipeline does (sft.py --preset tiny on this tokenizer), one step, and load what was saved
+    out = tmp_path / "sft"
+    sft.main(["--preset", "tiny", "--data_path", f"{data}/sft.json", "--image_folder", f"{data}/images",
+              "--tokenizer", f"{data}/tokenizer.model", "--out_dir", str(out), "--max_steps", "1", "--eval_size", "8",
+              "--global_batch", "8", "--micro_batch", "8", "--progress", "false"])
+    saved = model.LLaVA.from_pretrained(str(out / "final")).config
+    assert set(meta["model"]) == {f.name for f in dataclasses.fields(saved)}
+    # image_token_index is the one field saving fills in (None: save_pretrained appends the image token's row)
+    assert meta["model"]["image_token_index"] is None and saved.image_token_index == meta["vocab_size"]
+    assert {k: v for k, v in meta["model"].items() if k != "image_token_index"} == \
+        {k: getattr(saved, k) for k in meta["model"] if k != "image_token_index"}
+    assert meta["model"]["vocab_size"] == meta["vocab_size"]
+    # SPEC section 7's tiny geometry: 64 px, patch 8 (64 image tokens), LLM 128 x 4 layers, FFN 352
+    assert (saved.image_size, saved.patch_size, saved.hidden, saved.layers, saved.intermediate) == (64, 8, 128, 4, 352)
 
 
 def test_tokenizer_roundtrip(data):
@@ -382,7 +414,7 @@ def test_tokenizer_roundtrip(data):
     meta = _load(data, "meta.json")
     assert sp.vocab_size() == meta["vocab_size"]
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
-    texts = [tw.SYSTEM_PROMPT, "USER:", "ASSISTANT:", " ".join(tw._GENERIC_TEXT),
+    texts = [D.VICUNA_V1_SYSTEM, "USER:", "ASSISTANT:", " ".join(tw._GENERIC_TEXT),
              "Odd text: naïve café 123 ☃ \t two  spaces\nnew line"]
     for r in _load(data, "sft.json")[:200]:
         texts += [c["value"] for c in r["conversations"]]
