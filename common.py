@@ -65,10 +65,32 @@ def _convert(name: str, raw: str, typ: Any) -> Any:
     raise ConfigError(f"--{name}: unsupported type {typ}")
 
 
+def config_help(cls: type, presets: dict[str, dict] | None = None, prog: str = "") -> str:
+    """--help: every key of the config class with its default and the comment beside it in the source
+    (the dataclass is the one place a key is documented), then the presets."""
+    import inspect
+    src = inspect.getsource(cls).splitlines()
+    notes = {}
+    for line in src:
+        name, sep, rest = line.strip().partition(":")
+        if sep and name.isidentifier() and "#" in rest:
+            notes[name] = rest.split("#", 1)[1].strip()
+    hints, default = typing.get_type_hints(cls), cls()
+    rows = [f"  --{f.name} {getattr(hints[f.name], '__name__', hints[f.name])} = {getattr(default, f.name)!r}"
+            + (f"    {notes[f.name]}" if f.name in notes else "") for f in fields(cls)]
+    head = f"usage: {prog or 'python ' + os.path.basename(sys.argv[0])} [--key value ...]   (keys of {cls.__name__}):"
+    tail = [f"presets (--preset NAME): {', '.join(presets)}"] if presets else []
+    return "\n".join([head] + rows + tail)
+
+
 def parse_config(cls: type, argv: list[str] | None = None, presets: dict[str, dict] | None = None):
     """Build `cls` from `argv`. `--preset NAME` (when presets are given) applies a named set of defaults
-    first; every other key must be a field of `cls`, else ConfigError names it."""
+    first; every other key must be a field of `cls`, else ConfigError names it. --help / -h prints
+    config_help and exits 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(config_help(cls, presets))
+        raise SystemExit(0)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     pairs: list[tuple[str, str]] = []

@@ -16,7 +16,6 @@ with --help. Exit code 0; 1 when check found problems; 2 on a bad option or bad 
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import random
@@ -478,13 +477,6 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "check": (CheckConfig, run_check)}
 
 
-def usage(command: str, cls: type) -> str:
-    """A command's keys as its config class declares them: name, type, default and what it does."""
-    lines = inspect.getsource(cls).splitlines()
-    fields_ = [line.strip() for line in lines[next(i for i, x in enumerate(lines) if x.startswith("class ")) + 1:]]
-    return f"python prepare_data.py {command} --key value ...\n" + "\n".join(f"  --{x.replace(':', '', 1)}" for x in fields_ if x)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     words = 2 if argv[:1] == ["convert"] else 1
@@ -494,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if command in ("--help", "-h") else 2
     cls, run = COMMANDS[command]
     if "--help" in rest or "-h" in rest:
-        print(usage(command, cls))
+        print(common.config_help(cls, prog=f"python prepare_data.py {command}"))
         return 0
     try:
         return run(common.parse_config(cls, rest))

@@ -13,7 +13,7 @@ Evaluate accuracy with and without facts:
     python reward_model.py eval --rm_dir runs/rm/best --data_path prefs_heldout.json \
         --image_folder tiny_out/images --captions tiny_out/captions.json
 Peak memory per GPU of one step at full size, before paying for GPUs (no weights, CPU, seconds):
-    python reward_model.py rehearse --preset llava-rlhf-13b --ranks 8
+    python rehearse.py --stage rm --preset llava-rlhf-13b --ranks 8
 Score from Python (ppo.py does this):
     rm = reward_model.RewardScorer.load("runs/rm/best")
     rm.score([{"image": pil_or_path, "conversations": [...], "response": "...", "facts": [...]}])
@@ -370,9 +370,6 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["eval"]:
         return eval_main(argv[1:])
-    if argv[:1] == ["rehearse"]:      # this stage at full size on fake tensors: peak memory per GPU
-        import rehearse
-        return rehearse.main(["--stage", "rm"] + argv[1:])
     cfg = common.parse_config(Config, argv, PRESETS)
     if cfg.facts not in ("captions", "none"):
         raise common.ConfigError(f"--facts must be captions or none, got {cfg.facts!r}")

@@ -15,7 +15,7 @@ RL-init LoRA on the SFT model:
     torchrun --nproc_per_node=8 sft.py --preset llava-rlhf-7b-rlinit --model_path runs/sft7b/final ...
 Resume after a stop (SIGTERM/SIGINT write a checkpoint first): add --resume true.
 Before paying for GPUs, the peak memory per GPU of one step at full size (no weights, CPU, seconds):
-    python sft.py rehearse --preset llava-rlhf-13b --ranks 8     (any flag above; see rehearse.py)
+    python rehearse.py --stage sft --preset llava-rlhf-13b --ranks 8     (any flag above)
 Multi-node: torchrun --nnodes=2 --node_rank=R --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 ...
 """
 from __future__ import annotations
@@ -208,9 +208,6 @@ def evaluate(train_m, loader_batches, device, dtype: torch.dtype) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["rehearse"]:      # this stage at full size on fake tensors: peak memory per GPU
-        import rehearse
-        return rehearse.main(["--stage", "sft"] + argv[1:])
     cfg = common.parse_config(Config, argv, PRESETS)
     d = common.start_run(cfg)
 

@@ -1,5 +1,6 @@
 """common.py: the Checkpointer (keeps the last K, finds the newest, resumes exactly, stops on SIGTERM) and
 the shared checks of devices, dtypes and batch geometry."""
+import dataclasses
 import os
 import random
 import signal
@@ -123,3 +124,15 @@ def test_device_dtype_and_batch_geometry():
     assert common.accumulation(32, 4, 2) == 4
     with pytest.raises(common.ConfigError, match=r"--step_batch 12 must be a multiple of micro_batch x ranks = 4 x 2"):
         common.accumulation(12, 4, 2, "step_batch")
+
+
+def test_help_lists_every_key_with_its_default_comment_and_the_presets(capsys):
+    import sft
+    with pytest.raises(SystemExit) as e:
+        common.parse_config(sft.Config, ["--lr", "1", "--help"], sft.PRESETS)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    lines = [x for x in out.splitlines() if x.startswith("  --")]
+    assert len(lines) == len(dataclasses.fields(sft.Config))          # one line per key, none left out
+    assert "  --max_len int = 1280    ids per sample, the image counted as one" in out
+    assert "presets (--preset NAME): " in out and "llava-rlhf-7b" in out

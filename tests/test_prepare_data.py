@@ -191,8 +191,8 @@ def test_cli_rejects_unknown_keys_and_prints_help(tmp_path, capsys):
     # --help: every key of the command with its default and what it does
     assert prepare_data.main(["convert", "aokvqa", "--help"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("python prepare_data.py convert aokvqa --key value")
-    assert '--style str = "letter_first"' in out and "rationale_first" in out and "--skip bool = False" in out
+    assert out.startswith("usage: python prepare_data.py convert aokvqa [--key value")
+    assert "--style str = 'letter_first'" in out and "rationale_first" in out and "--skip bool = False" in out
     assert prepare_data.main(["--help"]) == 0 and "python prepare_data.py mix" in capsys.readouterr().out
     assert prepare_data.main(["convert", "coco"]) == 2
     r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "check", "--file", path, "--bogus", "1"],
