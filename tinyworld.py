@@ -17,8 +17,8 @@ Commands:
         against the scene graph: the preference format of SPEC section 3.
     python tinyworld.py collect --data DIR --model runs/sft/final --out prefs.json
         samples the two responses per preference prompt from the SFT model, then labels them.
-    python tinyworld.py eval --model_path DIR --template DATA/eval/mmhal_tiny.json --image_folder DATA/eval/images \
-        --out FILE [any other eval_mmhal.py flag]
+    python tinyworld.py eval --model_path DIR --template DATA/eval/mmhal_tiny.json --out FILE
+        [--image_folder DATA/eval/images, any other eval_mmhal.py flag]
         eval_mmhal.py's evaluation with the rule judge below (eval_mmhal.main(argv, rule_judge=rule_judge)).
     python tinyworld.py pipeline --out tiny_out [--size full|smoke]
         the whole paper in miniature with the real stage scripts: make -> sft -> collect -> reward
@@ -48,7 +48,6 @@ Layout written by `make` (DIR/):
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -1520,66 +1519,110 @@ def plot_ppo(hist: list[dict], path: str) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+# ----------------------------------------------------------------------------------------------------
+# Command line: one config dataclass per command, parsed like the stages' (common.parse_config).
+
+@dataclass
+class MakeConfig:
+    out: str = ""                 # the folder to write (required)
+    seed: int = 0
+    eval_seed: int = 0            # fixed by default so all runs share one eval set
+    n_sft_images: int = 3000
+    n_sft: int = 20000
+    n_ppo_images: int = 2000
+    n_ppo: int = 4000
+    n_pref_images: int = 1500
+    n_pref: int = 1500
+    vocab_size: int = 1024        # 256 of these are byte-fallback pieces; see train_tokenizer
+    multi_turn: float = 0.15      # share of multi-turn SFT conversations
+    n_heldout: int = 400          # held-out images, one open question each
+    n_read: int = 6000            # text-only reading conversations added to sft.json (see build_reading)
+
+
+@dataclass
+class AnnotateConfig:
+    data: str = ""                # the folder written by `make` (required)
+    responses: str = ""           # JSON list with output_1/output_2 per prompt (required)
+    out: str = ""                 # the labelled preferences to write (required)
+    noise: float = 0.0            # probability of flipping a label
+    seed: int = 0
+
+
+@dataclass
+class CollectConfig:
+    data: str = ""                # the folder written by `make` (required)
+    model: str = ""               # an SFT model folder (sft.py's final/) (required)
+    out: str = ""                 # the labelled preferences to write (required)
+    noise: float = 0.0            # probability of flipping a label
+    seed: int = 0
+    limit: int = 0                # > 0: only the first `limit` preference prompts
+
+
+@dataclass
+class PipelineConfig:
+    out: str = ""                 # the run folder (required)
+    size: str = "full"            # full | smoke (seconds, for tests)
+    seed: int = 0
+
+
+def _required(cfg, *keys: str) -> None:
+    for k in keys:
+        if not getattr(cfg, k):
+            raise common.ConfigError(f"--{k} is required")
+
+
+def run_make(cfg: MakeConfig) -> dict:
+    _required(cfg, "out")
+    meta = make(**asdict(cfg))
+    print(json.dumps({"out": cfg.out, **meta["counts"], "vocab_size": meta["vocab_size"], "seconds": meta["seconds"]}))
+    return meta
+
+
+def run_annotate(cfg: AnnotateConfig) -> list[dict]:
+    _required(cfg, "data", "responses", "out")
+    with open(cfg.responses) as f:
+        labelled = annotate(cfg.data, json.load(f), cfg.noise, cfg.seed)
+    _dump(labelled, cfg.out)
+    n_h = sum(r["hallucination"] for r in labelled)
+    print(f"wrote {len(labelled)} preference records to {cfg.out} ({n_h} with a hallucination)")
+    return labelled
+
+
+def run_collect(cfg: CollectConfig) -> dict:
+    _required(cfg, "data", "model", "out")
+    res = collect_preferences(cfg.data, cfg.model, cfg.out, cfg.noise, cfg.seed, cfg.limit)
+    print(json.dumps(res))
+    return res
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    _required(cfg, "out")
+    if cfg.size not in PIPELINE_SIZES:
+        raise common.ConfigError(f"--size must be one of {sorted(PIPELINE_SIZES)}, got {cfg.size!r}")
+    return pipeline(cfg.out, cfg.size, cfg.seed)
+
+
+COMMANDS = {"make": (MakeConfig, run_make), "annotate": (AnnotateConfig, run_annotate),
+            "collect": (CollectConfig, run_collect), "pipeline": (PipelineConfig, run_pipeline)}
+
+
+def main(argv: list[str] | None = None):
+    """`python tinyworld.py COMMAND --key value ...`; `eval` passes eval_mmhal.py's own flags through."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["eval"] and not {"-h", "--help"} & set(argv):  # eval_mmhal.py's own flags follow
-        return evaluate(argv[1:])
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("make", help="write the tiny dataset")
-    m.add_argument("--out", required=True)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--eval_seed", type=int, default=0, help="fixed by default so all runs share one eval set")
-    m.add_argument("--n_sft_images", type=int, default=3000)
-    m.add_argument("--n_sft", type=int, default=20000)
-    m.add_argument("--n_ppo_images", type=int, default=2000)
-    m.add_argument("--n_ppo", type=int, default=4000)
-    m.add_argument("--n_pref_images", type=int, default=1500)
-    m.add_argument("--n_pref", type=int, default=1500)
-    m.add_argument("--vocab_size", type=int, default=1024,
-                   help="256 of these are byte-fallback pieces; see train_tokenizer")
-    m.add_argument("--multi_turn", type=float, default=0.15, help="share of multi-turn SFT conversations")
-    m.add_argument("--n_heldout", type=int, default=400, help="held-out images, one open question each")
-    m.add_argument("--n_read", type=int, default=6000,
-                   help="text-only reading conversations added to sft.json (see build_reading)")
-    a = sub.add_parser("annotate", help="label sampled response pairs against the scene graphs")
-    a.add_argument("--data", required=True, help="directory written by `make`")
-    a.add_argument("--responses", required=True, help="JSON list with output_1/output_2 per prompt")
-    a.add_argument("--out", required=True)
-    a.add_argument("--noise", type=float, default=0.0, help="probability of flipping a label")
-    a.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("pipeline", help="make -> sft -> annotate -> reward models -> ppo -> evaluation")
-    p.add_argument("--out", required=True)
-    p.add_argument("--size", choices=sorted(PIPELINE_SIZES), default="full", help="smoke: seconds, for tests")
-    p.add_argument("--seed", type=int, default=0)
-    c = sub.add_parser("collect", help="sample two responses per preference prompt from a model and label them")
-    c.add_argument("--data", required=True)
-    c.add_argument("--model", required=True, help="an SFT model folder (sft.py's final/)")
-    c.add_argument("--out", required=True)
-    c.add_argument("--noise", type=float, default=0.0)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--limit", type=int, default=0)
-    sub.add_parser("eval", help="eval_mmhal.py with the rule judge; takes eval_mmhal.py's flags (--model_path, "
-                   "--template DATA/eval/mmhal_tiny.json, --image_folder DATA/eval/images, --out ...)")
-    args = ap.parse_args(argv)
-    if args.cmd == "make":
-        kw = {k: v for k, v in vars(args).items() if k != "cmd"}
-        meta = make(**kw)
-        print(json.dumps({"out": args.out, **meta["counts"], "vocab_size": meta["vocab_size"],
-                          "seconds": meta["seconds"]}))
-    elif args.cmd == "pipeline":
-        pipeline(args.out, args.size, args.seed)
-    elif args.cmd == "collect":
-        print(json.dumps(collect_preferences(args.data, args.model, args.out, args.noise, args.seed, args.limit)))
-    elif args.cmd == "annotate":
-        with open(args.responses) as f:
-            records = json.load(f)
-        labelled = annotate(args.data, records, args.noise, args.seed)
-        _dump(labelled, args.out)
-        n_h = sum(r["hallucination"] for r in labelled)
-        print(f"wrote {len(labelled)} preference records to {args.out} ({n_h} with a hallucination)")
-    return None
+    cmd, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if cmd == "eval":
+        return evaluate(rest)
+    if cmd in ("", "-h", "--help"):
+        print(__doc__)
+        return None
+    if cmd not in COMMANDS:
+        raise common.ConfigError(f"unknown command {cmd!r}: make, annotate, collect, eval or pipeline")
+    cls, run = COMMANDS[cmd]
+    if "-h" in rest or "--help" in rest:
+        print(common.config_help(cls, prog=f"python tinyworld.py {cmd}"))
+        return None
+    return run(common.parse_config(cls, rest))
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main, (common.ConfigError, data.DataError))
