@@ -15,10 +15,10 @@ What is measured (same weights, same inputs, warm-up first, interleaved repeats,
   * training step: forward + backward of the next-token loss on the text of [BOS, image, text]
     sequences, vision tower frozen (as in LLaVA fine-tuning); ours is LLaVA.lm_loss (lm_head fused
     with the loss, run on labelled rows only), theirs is the model's own loss from `labels`.
-  * a PPO step split into generation / scoring / update with each phase's peak memory, with ppo.py's
-    math and model.py's primitives (see _ppo_phases: LoRA policy sampling at temperature 1; policy,
-    reference, value and reward passes; one clipped-PPO + value-loss backward through LoRA parameters
-    and an AdamW step).
+  * a PPO step split into generation / scoring / update with each phase's peak memory, through ppo.py's
+    own rollout, advantages and update (see bench_ppo: LoRA policy sampling at temperature 1; policy,
+    reference, value and reward passes; ppo_epochs of clipped-PPO + value-loss backward through the
+    LoRA parameters and AdamW steps).
   * ceilings: the machine's measured matmul FLOP/s, the faster of BLAS (a @ b) and, on CPU, oneDNN
     with a prepacked operand (MFU = useful model FLOP/s over it), and memory
     copy bandwidth (the decode floor: bytes that must be read per step / bandwidth).
@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -458,90 +459,83 @@ def bench_training(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, de
 # ----------------------------------------------------------------------------------------------------
 # PPO step split
 
-def _ppo_phases(m: LLaVA, cfg: BenchConfig, device, compile: bool, seed: int = 0):
-    """A PPO step in three phases, as ppo.py runs it: one frozen base with LoRA adapters for the policy,
-    the value model and the reward model (the reference is the bare base). generation: the policy
-    samples at temperature 1; scoring: policy and reference log-probs, values, the reward model's
-    score, KL-shaped rewards, GAE, whitening; update: clipped policy loss + clipped value loss on the
-    whole batch, backward through the LoRA parameters and the value head, an AdamW step.
-    -> (generation, scoring, update): callables to run in this order."""
-    c = cfg.model
-    st: dict = {}
-    ids, images, mask = make_inputs(cfg, cfg.text_tokens - 1, seed=2, device=device)
-    P, N = ids.shape[1], cfg.new_tokens
-    W = m.lm_head.weight
-    value_head = model.ScalarHead(c.hidden, zero_init=True).to(device=device, dtype=W.dtype)
-    reward_head = model.ScalarHead(c.hidden).to(device=device, dtype=W.dtype)
-    for name in ("policy", "value", "reward"):
-        if name not in m.adapters:
-            m.add_adapter(name, r=cfg.lora_r, alpha=16)
-    for p in m.parameters():
-        p.requires_grad_(False)
-    params = m.adapter_parameters("policy") + m.adapter_parameters("value") + list(value_head.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    gen = torch.Generator(device=device).manual_seed(seed)
+class _WordTokenizer:
+    """A stand-in for data.Tokenizer (the bench's random model has no sentencepiece model): one id per
+    word, so the reward model reads about as many ids as it would of real text."""
+    bos_id, eos_id, pad_id = 1, 2, 0
 
-    def generation():
-        m.eval()
-        m.set_adapter("policy")
-        resp = m.generate(ids, images, mask, max_new_tokens=N, temperature=1.0, eos_token_id=2,
-                          generator=gen, compile=compile)
-        rmask, _ = ppo.response_mask(resp, 2)
-        st["resp"], st["rmask"] = resp, rmask
-        st["full"] = torch.cat([ids, resp], 1)
-        st["fmask"] = torch.cat([mask, rmask.long()], 1)
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
 
-    def hidden(adapter):
-        return ppo.forward_response(m, adapter, st["full"], images, st["fmask"], P)     # (B, R, D)
+    def encode(self, text: str) -> list[int]:
+        return [3 + zlib.crc32(w.encode()) % (self.vocab_size - 4) for w in text.split()]
 
-    def scoring():
-        resp, rmask = st["resp"], st["rmask"]
-        with torch.no_grad(), model.packed_cpu_linear(compile and device.type == "cpu"):   # as ppo.py
-            st["logp"] = model.fused_token_logprobs(hidden("policy"), W, resp)
-            ref_logp = model.fused_token_logprobs(hidden(None), W, resp)
-            st["values"] = value_head(hidden("value")) * rmask
-            m.set_adapter("reward")
-            score = model.gather_last(reward_head(m.hidden_states(st["full"], images, st["fmask"])), st["fmask"])
-        rewards, _ = ppo.shaped_rewards(score, st["logp"], ref_logp, rmask, 0.1)
-        adv, st["ret"] = ppo.gae(rewards, st["values"], rmask, 1.0, 0.95)
-        st["adv"] = ppo.whiten(adv, rmask, across_ranks=False)
-
-    def update():
-        m.train()
-        logp, _ent = model.fused_token_logprobs(hidden("policy"), W, st["resp"], with_entropy=True)
-        pg, _ = ppo.policy_loss(logp, st["logp"], st["adv"], st["rmask"], 0.2)
-        vf, _ = ppo.value_loss(value_head(hidden("value")), st["values"], st["ret"], st["rmask"], 0.2)
-        (pg + 0.1 * vf).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        m.eval()
-        m.set_adapter(None)
-
-    return generation, scoring, update
+    def decode_response(self, ids) -> str:
+        ids = ids.tolist()
+        ids = ids[:ids.index(self.eos_id)] if self.eos_id in ids else ids
+        return " ".join(f"w{i}" for i in ids)
 
 
 def bench_ppo(m: LLaVA, cfg: BenchConfig, table: Table, device, compile: bool) -> None:
-    fns = _ppo_phases(m, cfg, device, compile)
-    phases = dict(zip(("generation", "scoring", "update"), fns))
-    for f in phases.values():           # warm-up (compiles the LoRA policy's decode step and the sampler)
-        f()
-    times: dict[str, list[float]] = {k: [] for k in phases}
-    peaks: dict[str, int] = {k: 0 for k in phases}
-    for _ in range(cfg.ppo_iters):       # phases in order: each one consumes the previous one's output
-        for k, f in phases.items():
-            t, p = interleaved({k: f}, 1, device, warmup=0)
-            times[k] += t[k]
-            peaks[k] = max(peaks[k], p[k])
+    """A PPO step through ppo.py's own functions, at ppo.Config's defaults but the bench's batch: rollout
+    (the policy samples at temperature 1; policy, reference and value passes; the reward model scores
+    the decoded text through RewardScorer), then advantages and update (ppo_epochs passes, clipped policy
+    and value losses, AdamW). One frozen base holds the policy, value and reward adapters; the reference
+    is the bare base."""
+    import reward_model
+    c, B, N = cfg.model, cfg.batch, cfg.new_tokens
+    ids, images, _ = make_inputs(cfg, cfg.text_tokens - 1, seed=2, device="cpu")
+    items = [{"input_ids": torch.cat([ids[b, :1], torch.tensor([IMAGE_TOKEN_INDEX]), ids[b, 1 + c.num_image_tokens:]]),
+              "image": images[b], "index": b} for b in range(B)]                # the image as one id, as PromptDataset
+    records = [{"id": str(b), "question": "What is in the image?", "facts": ["a random image"]} for b in range(B)]
+    W = m.lm_head.weight
+    for name in ("policy", "value", "reward"):
+        if name not in m.adapters:
+            m.add_adapter(name, r=cfg.lora_r, alpha=16)
+    m.requires_grad_(False)
+    tok = _WordTokenizer(c.vocab_size)
+    scorer = reward_model.RewardScorer(m, "reward", model.ScalarHead(c.hidden).to(device=device, dtype=W.dtype), tok)
+    models = ppo.Models(m, None, m, model.ScalarHead(c.hidden, zero_init=True).to(device=device, dtype=W.dtype), scorer)
+    params = models.trainable()
+    for p in params:
+        p.requires_grad_(True)
+    pcfg = ppo.Config(rollout_batch=B, step_batch=B, micro_batch=B, max_new_tokens=N, temperature=1.0, compile=compile)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    gen = torch.Generator(device=device).manual_seed(0)
+    st: dict = {}
+
+    def rollout():
+        m.eval()
+        with model.packed_cpu_linear(compile and device.type == "cpu"):   # as ppo.main
+            st["rows"], st["times"] = ppo.rollout(models, tok, items, records, pcfg, gen)
+
+    def update():
+        m.train()
+        ppo.advantages(st["rows"], pcfg, pcfg.kl_coef)
+        ppo.update(models, st["rows"], opt, pcfg, torch.Generator().manual_seed(0))
+
+    rollout(), update()                 # warm-up (compiles the LoRA policy's decode step and the sampler)
+    times: dict[str, list[float]] = {"generation": [], "scoring": [], "update": []}
+    peaks = {"rollout": 0, "update": 0}
+    for _ in range(cfg.ppo_iters):      # in order: the update trains on the rollout's rows
+        t, p = interleaved({"rollout": rollout}, 1, device, warmup=0)
+        times["generation"].append(st["times"]["t_generate"])
+        times["scoring"].append(t["rollout"][0] - st["times"]["t_generate"])
+        peaks["rollout"] = max(peaks["rollout"], p["rollout"])
+        t, p = interleaved({"update": update}, 1, device, warmup=0)
+        times["update"] += t["update"]
+        peaks["update"] = max(peaks["update"], p["update"])
+    m.eval()
+    m.set_adapter(None)
     total = sum(med(v) for v in times.values())
-    B, N = cfg.batch, cfg.new_tokens
-    for k in phases:
+    for k in times:
         t = med(times[k])
         table.add(f"PPO step: {k}", "ours" + (" compiled" if compile and k != "update" else ""), t,
-                  B * N / t if k == "generation" else None, None, None, peaks[k], f"{100 * t / total:.0f}% of step")
+                  B * N / t if k == "generation" else None, None, None, peaks["update" if k == "update" else "rollout"],
+                  f"{100 * t / total:.0f}% of step" + ("; peak of the whole rollout" if k != "update" else
+                                                       f"; {pcfg.ppo_epochs} epochs"))
     table.add("PPO step: total", "ours", total, None, None, None, max(peaks.values()),
-              "ppo.py's rollout/update math + model.py primitives")
+              "ppo.rollout, ppo.advantages, ppo.update")
 
 
 # ----------------------------------------------------------------------------------------------------

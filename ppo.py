@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, field
 from typing import Callable
 
 import torch
@@ -67,12 +67,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, across_ranks: bool = True) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """(x - mean) / std over real tokens (of all ranks when distributed), eps 1e-8; 0 on padding.
     shift_mean=False keeps the mean (rescales only)."""
     mask = mask.to(x.dtype)
     stats = torch.stack([masked_sum(x, mask), masked_sum(x * x, mask), mask.sum()]).double()
-    if across_ranks and dist.is_initialized():
+    if dist.is_initialized():
         stats = common.all_reduce_sum(stats)
     n = stats[2].clamp(min=1)
     mean = stats[0] / n
@@ -121,18 +121,13 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k
     raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
 
 
-def last_real_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) right-padded mask -> (B,) index of the last real token (0 for an empty row)."""
-    return (mask.sum(-1).long() - 1).clamp(min=0)
-
-
 def shaped_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
                    kl_coef: float = 0.1, estimator: str = "k1", clamp: bool = True) -> tuple[torch.Tensor, dict]:
     """Per-token rewards: -kl_coef * KL(token) everywhere, + score (B,) on the last real response token."""
     mask = mask.to(logp.dtype)
     kl = kl_per_token(logp, ref_logp, estimator, clamp) * mask                # (B, T)
     r = -kl_coef * kl
-    idx = last_real_index(mask)
+    idx = M.last_token_index(mask)                                            # (B,), -1 for an empty row
     has = mask.sum(-1) > 0
     r[torch.arange(r.shape[0], device=r.device), idx] += torch.where(has, score.to(r.dtype), torch.zeros_like(score, dtype=r.dtype))
     return r * mask, {"kl": kl.sum(-1)}
@@ -275,44 +270,7 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rollout and scoring
-
-def response_mask(resp: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """resp (B, R) padded after EOS -> mask (B, R) float, 1 up to and including EOS; has_eos (B,) bool."""
-    is_eos = resp == eos_id
-    seen_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0         # an EOS strictly earlier
-    return (~seen_before).float(), is_eos.any(-1)
-
-
-def forward_response(m: M.LLaVA, adapter: str | None, ids: torch.Tensor, images, mask: torch.Tensor,
-                     P: int) -> torch.Tensor:
-    """Hidden states (B, R, D) that predict each response token: positions P-1 .. P+R-2 of prompt+response."""
-    m.set_adapter(adapter)
-    h = m.hidden_states(ids, images, mask)
-    return h[:, P - 1:-1]
-
-
-def value_inputs(full: torch.Tensor, fmask: torch.Tensor, P: int, n_from: int,
-                 n_to: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Policy ids -> the value/reward base's ids when the bases differ in image tokens per image (e.g. a
-    336 px RM beside a 224 px policy): each prompt's run of n_from IMAGE_TOKEN_INDEX becomes n_to, prompts
-    are left-padded again to a common length P', the responses are untouched. -> (ids, mask, P')."""
-    if n_from == n_to:
-        return full, fmask, P
-    prompts = []
-    for row, m in zip(full[:, :P].tolist(), fmask[:, :P].tolist()):
-        toks = [t for t, k in zip(row, m) if k]
-        if M.IMAGE_TOKEN_INDEX in toks:
-            i = toks.index(M.IMAGE_TOKEN_INDEX)
-            if toks[i:i + n_from] != [M.IMAGE_TOKEN_INDEX] * n_from:
-                raise ValueError(f"a prompt holds a run of image tokens that is not {n_from} long")
-            toks = toks[:i] + [M.IMAGE_TOKEN_INDEX] * n_to + toks[i + n_from:]
-        prompts.append(toks)
-    P2 = max(len(t) for t in prompts)
-    ids = torch.tensor([[0] * (P2 - len(t)) + t for t in prompts], dtype=full.dtype, device=full.device)  # (B, P')
-    pm = torch.tensor([[0] * (P2 - len(t)) + [1] * len(t) for t in prompts], dtype=fmask.dtype, device=fmask.device)
-    return torch.cat([ids, full[:, P:]], 1), torch.cat([pm, fmask[:, P:]], 1), P2
-
+# The four roles
 
 @dataclass
 class Models:
@@ -368,155 +326,255 @@ def logprob_temperature(cfg: Config) -> float:
     return cfg.temperature if cfg.temperature > 0 else 1.0
 
 
-@torch.no_grad()
-def rollout(models: Models, tok: data.Tokenizer, batch: dict, records: list[dict], cfg: Config,
-            gen: torch.Generator, reward_fn: Callable | None) -> dict:
-    """Sample responses for one micro-batch of prompts and compute everything the update needs."""
-    dev = next(models.policy_base.parameters()).device
-    pb = models.policy_base
-    ids, pmask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-    images = batch["images"].to(dev) if batch["images"] is not None else None
-    t0 = time.time()
-    pb.set_adapter("policy")
-    resp = pb.generate(ids, images, pmask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                       top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=gen,
-                       compile=cfg.compile)                                 # (B, R)
-    t_gen = time.time() - t0
-    t0 = time.time()
-    rmask, has_eos = response_mask(resp, tok.eos_id)
-    P = ids.shape[1]
-    full = torch.cat([ids, resp], dim=1)                                    # (B, P+R)
-    fmask = torch.cat([pmask, rmask.long()], dim=1)
-    vb = models.value_base
-    v_images = images if vb is pb else _reprocess(batch, records, vb.config.image_size, cfg)
-    vin = value_inputs(full, fmask, P, pb.num_image_tokens, vb.num_image_tokens)
-    logp, ref_logp, values = score_passes(models, full, fmask, P, images, vin, v_images, cfg)
+# ----------------------------------------------------------------------------------------------------
+# Rollouts: one record per sampled response, and one collate that makes a batch of them for a base
 
-    lengths = rmask.sum(-1).long().tolist()
-    texts = [tok.decode([t for t in row[:n] if t != tok.eos_id]) for row, n in zip(resp.tolist(), lengths)]
-    recs = [records[i] for i in batch["index"].tolist()]
+@dataclass
+class Row:
+    """One sampled response and everything PPO needs of it, unpadded. The prompt holds each image as ONE
+    IMAGE_TOKEN_INDEX id, and the image is kept at the size of each base: collate expands the id and picks
+    the image for the base it builds a batch for (the policy's, or a second base of the RM and critic
+    with its own image size)."""
+    record: dict                               # the prompt's record: id, question, facts, answer, ...
+    prompt: list[int]                          # BOS ... "ASSISTANT:", each image one id
+    images: dict[int, torch.Tensor]            # image size -> (3, S, S) for every base's size; {}: no image
+    response: torch.Tensor | None = None       # (R,) sampled ids up to and including EOS
+    has_eos: bool = False
+    text: str = ""                             # the decoded response
+    logp: torch.Tensor | None = None           # (R,) fp32 log-probs under the policy ...
+    ref_logp: torch.Tensor | None = None       # (R,) ... and the reference, at the sampling temperature
+    values: torch.Tensor | None = None         # (R,) the critic's
+    rm_score: float = 0.0                      # the reward model's score (or reward_fn's)
+    sym: dict[str, float] = field(default_factory=dict)    # the symbolic terms: no_eos, length, correct
+    score: float = 0.0                         # the sequence reward: rm_score + the symbolic terms
+    adv: torch.Tensor | None = None            # (R,) whitened advantages
+    ret: torch.Tensor | None = None            # (R,) returns
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return torch.ones(len(self.response))
+
+
+def expand_images(ids: list[int], n: int) -> list[int]:
+    """Each IMAGE_TOKEN_INDEX -> n of them: the run a base with n image tokens per image reads."""
+    return [t for i in ids for t in ([i] * n if i == M.IMAGE_TOKEN_INDEX else [i])]
+
+
+def per_token(rows: list[Row], key: str, pad: float = 0) -> torch.Tensor:
+    """A per-token field of the rows, (B, R) right-padded with `pad` to the longest response."""
+    return torch.nn.utils.rnn.pad_sequence([getattr(r, key) for r in rows], batch_first=True, padding_value=pad)
+
+
+def collate(rows: list[Row], base: M.LLaVA) -> dict:
+    """Rows -> one batch for `base`, on its device: prompts left-padded to P with each image expanded to
+    the base's num_image_tokens, responses right-padded to R, so that every response starts at column P
+    (the hidden state at P-1+t predicts response token t) and positions, which count real tokens only,
+    are those of each row alone. Pads are id 0 (masked: any id would do).
+    -> ids, mask (B, P+R), P, images (N, 3, S, S) at the base's size or None; when the rows hold
+    responses also resp, rmask (B, R) and the per-token fields they hold (logp, ..., ret), 0-padded."""
+    n_img, S = base.num_image_tokens, base.config.image_size
+    ids, mask = data.left_pad([expand_images(r.prompt, n_img) for r in rows], 0)          # (B, P)
+    images = [r.images[S] for r in rows if r.images]
+    out = {"P": ids.shape[1], "images": torch.stack(images) if images else None}
+    if rows[0].response is not None:
+        out["resp"], out["rmask"] = per_token(rows, "response"), per_token(rows, "mask")   # (B, R)
+        ids, mask = torch.cat([ids, out["resp"]], 1), torch.cat([mask, out["rmask"].long()], 1)
+        for k in ("logp", "ref_logp", "values", "adv", "ret"):
+            if getattr(rows[0], k) is not None:
+                out[k] = per_token(rows, k)
+    out["ids"], out["mask"] = ids, mask
+    dev = next(base.parameters()).device
+    return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+
+def forward_response(m: M.LLaVA, adapter: str | None, batch: dict) -> torch.Tensor:
+    """Hidden states (B, R, D) of a collated batch that predict each response token: positions
+    P-1 .. P+R-2 of prompt + response."""
+    m.set_adapter(adapter)
+    h = m.hidden_states(batch["ids"], batch["images"], batch["mask"])
+    return h[:, batch["P"] - 1:-1]
+
+
+def response_mask(resp: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """resp (B, R) padded after EOS -> mask (B, R) float, 1 up to and including EOS; has_eos (B,) bool."""
+    is_eos = resp == eos_id
+    seen_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0         # an EOS strictly earlier
+    return (~seen_before).float(), is_eos.any(-1)
+
+
+def prompt_row(item: dict, record: dict, sizes: set[int], image_folder: str) -> Row:
+    """A PromptDataset item (the image as one id, the image at the policy's size) -> a Row to sample,
+    with the image also at every other size a base reads, read from disk once here."""
+    images = {}
+    if item["image"] is not None:
+        images[item["image"].shape[-1]] = item["image"]
+        for S in sizes - images.keys():
+            images[S] = data.preprocess_image(data.load_image(os.path.join(image_folder, record["image"])), S)
+    return Row(record, item["input_ids"].tolist(), images)
+
+
+@torch.no_grad()
+def sample(pb: M.LLaVA, tok: data.Tokenizer, rows: list[Row], cfg: Config, gen: torch.Generator) -> None:
+    """The policy's responses to the rows' prompts, into the rows (response, has_eos, text)."""
+    b = collate(rows, pb)
+    pb.set_adapter("policy")
+    resp = pb.generate(b["ids"], b["images"], b["mask"], max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, top_p=cfg.top_p, eos_token_id=tok.eos_id,
+                       pad_token_id=tok.pad_id, generator=gen, compile=cfg.compile)      # (B, R)
+    rmask, has_eos = response_mask(resp, tok.eos_id)
+    for r, ids, n, eos in zip(rows, resp.cpu(), rmask.sum(-1).long().tolist(), has_eos.tolist()):
+        r.response, r.has_eos, r.text = ids[:n], eos, tok.decode_response(ids[:n])
+
+
+@torch.no_grad()
+def score_passes(models: Models, rows: list[Row], cfg: Config) -> None:
+    """The no-grad passes over prompt + response, into the rows: log-probs of the sampled tokens under the
+    policy and the reference (at the sampling temperature, as they were drawn) and the critic's values."""
+    pb, vb, temp = models.policy_base, models.value_base, logprob_temperature(cfg)
+    b = collate(rows, pb)
+    logp = M.token_logprobs(forward_response(pb, "policy", b), pb.lm_head.weight, b["resp"], temperature=temp)
+    ref_logp = M.token_logprobs(forward_response(pb, models.ref_adapter, b), pb.lm_head.weight, b["resp"],
+                                temperature=temp)                                         # (B, R)
+    values = models.value_head(forward_response(vb, "value", collate(rows, vb))).float()
+    for r, lp, rlp, v in zip(rows, logp.cpu(), ref_logp.cpu(), values.cpu()):
+        n = len(r.response)
+        r.logp, r.ref_logp, r.values = lp[:n], rlp[:n], v[:n]
+
+
+def rewards(models: Models, rows: list[Row], cfg: Config, reward_fn: Callable | None = None) -> None:
+    """Each row's sequence reward, into the rows: the reward model's score of the response with the
+    record's facts and the image at the RM's size (or reward_fn's), plus the symbolic terms."""
+    recs, texts = [r.record for r in rows], [r.text for r in rows]
     if reward_fn is not None:
-        score = torch.as_tensor(reward_fn(recs, texts, resp.cpu(), rmask.cpu()), dtype=torch.float32)
+        rm = torch.as_tensor(reward_fn(recs, texts, per_token(rows, "response"), per_token(rows, "mask")),
+                             dtype=torch.float32)
     else:
-        # images exist only for the rows that have one: map each row to its image
-        row_images, n = [], 0
-        for rec in recs:
-            row_images.append(v_images[n] if rec.get("image") else None)
-            n += bool(rec.get("image"))
-        items = [{"image": img, "response": text, "facts": rec.get("facts") or [], "id": str(rec.get("id", k)),
-                  "conversations": [{"from": "human", "value": ("<image>\n" if rec.get("image") else "") + rec["question"]}]}
-                 for k, (rec, text, img) in enumerate(zip(recs, texts, row_images))]
-        score = torch.tensor(_score_with_images(models.scorer, items), dtype=torch.float32)
-    sym = symbolic_rewards(texts, has_eos.tolist(), lengths, recs, cfg.no_eos_penalty, cfg.length_penalty,
-                           cfg.length_budget, cfg.correct_scale, cfg.mc_reward, cfg.yesno_reward)
-    total = score + sym["no_eos"] + sym["length"] + sym["correct"]
+        S = models.value_base.config.image_size
+        items = [{"id": str(rec["id"]), "image": r.images.get(S), "response": r.text, "facts": rec.get("facts") or [],
+                  "conversations": [{"from": "human", "value": ("<image>\n" if r.images else "") + rec["question"]}]}
+                 for r, rec in zip(rows, recs)]
+        rm = torch.tensor(models.scorer.score(items), dtype=torch.float32)
+    sym = symbolic_rewards(texts, [r.has_eos for r in rows], [len(r.response) for r in rows], recs,
+                           cfg.no_eos_penalty, cfg.length_penalty, cfg.length_budget, cfg.correct_scale,
+                           cfg.mc_reward, cfg.yesno_reward)
+    total = rm + sym["no_eos"] + sym["length"] + sym["correct"]
     if cfg.reward_clip > 0:
         total = total.clamp(-cfg.reward_clip, cfg.reward_clip)
-    t_score = time.time() - t0
-    return {"full": full.cpu(), "fmask": fmask.cpu(), "P": P, "resp": resp.cpu(), "rmask": rmask.cpu(),
-            "images": None if images is None else images.cpu(),
-            "v_images": None if v_images is None else v_images.cpu(),
-            "logp": logp.cpu(), "ref_logp": ref_logp.cpu(), "values": values.cpu(), "score": total,
-            "rm_score": score, **{f"sym_{k}": v for k, v in sym.items()}, "has_eos": has_eos.cpu(),
-            "texts": texts, "questions": [r["question"] for r in recs], "t_gen": t_gen, "t_score": t_score,
-            "record_ids": [str(r.get("id", k)) for k, r in enumerate(recs)], "image_files": [r.get("image") for r in recs]}
+    for i, r in enumerate(rows):
+        r.rm_score, r.score, r.sym = float(rm[i]), float(total[i]), {k: float(v[i]) for k, v in sym.items()}
 
 
-@torch.no_grad()
-def score_passes(models: Models, full: torch.Tensor, fmask: torch.Tensor, P: int, images: torch.Tensor | None,
-                 vin: tuple[torch.Tensor, torch.Tensor, int], v_images: torch.Tensor | None,
-                 cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The no-grad passes over prompt + response (B, P+R): log-probs of the sampled tokens under the
-    policy and the reference (at the sampling temperature, as they were drawn) and the critic's values;
-    vin = value_inputs(...), the same ids for the value base. -> three (B, R) fp32 tensors."""
+def rollout(models: Models, tok: data.Tokenizer, items: list[dict], records: list[dict], cfg: Config,
+            gen: torch.Generator, reward_fn: Callable | None = None) -> tuple[list[Row], dict[str, float]]:
+    """Sample a response to each prompt (PromptDataset items) and everything the update needs of it,
+    micro_batch prompts at a time. -> (rows, seconds spent generating and scoring)."""
+    sizes = {models.policy_base.config.image_size, models.value_base.config.image_size}
+    rows, t = [], {"t_generate": 0.0, "t_score": 0.0}
+    for i in range(0, len(items), cfg.micro_batch):
+        part = [prompt_row(it, records[it["index"]], sizes, cfg.image_folder) for it in items[i:i + cfg.micro_batch]]
+        t0 = time.time()
+        sample(models.policy_base, tok, part, cfg, gen)
+        t1 = time.time()
+        score_passes(models, part, cfg)
+        rewards(models, part, cfg, reward_fn)
+        t["t_generate"] += t1 - t0
+        t["t_score"] += time.time() - t1
+        rows += part
+    return rows, t
+
+
+# ----------------------------------------------------------------------------------------------------
+# The update
+
+def advantages(rows: list[Row], cfg: Config, kl_coef: float) -> torch.Tensor:
+    """KL-shaped per-token rewards, GAE and whitened advantages (whitening over all ranks' rows), into
+    the rows (adv, ret). -> the (B,) sequence KL of each row."""
+    mask = per_token(rows, "mask")                                                      # (B, R)
+    score = torch.tensor([r.score for r in rows])
+    rewards, kst = shaped_rewards(score, per_token(rows, "logp"), per_token(rows, "ref_logp"), mask, kl_coef,
+                                  cfg.kl_estimator, cfg.kl_clamp)
+    rewards = whiten(rewards, mask, shift_mean=False) if cfg.whiten_rewards else rewards * cfg.reward_scale
+    adv, ret = gae(rewards, per_token(rows, "values"), mask, cfg.gamma, cfg.lam)
+    adv = whiten(adv, mask, shift_mean=True)
+    for r, a, g in zip(rows, adv, ret):
+        r.adv, r.ret = a[:len(r.response)], g[:len(r.response)]
+    return kst["kl"]
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t)) if M.has_values(t) else True   # (the rehearsal's fake losses: go on)
+
+
+def _micro_update(models: Models, rows: list[Row], cfg: Config, n_tok_global: float) -> tuple[dict, bool]:
+    """Policy and value losses on a few rows, backward with weights that make the optimizer step a token
+    mean over the whole minibatch on all ranks. -> (detached stats, finite)."""
     pb, vb = models.policy_base, models.value_base
-    resp, temp = full[:, P:], logprob_temperature(cfg)
-    h = forward_response(pb, "policy", full, images, fmask, P)
-    logp = M.token_logprobs(h, pb.lm_head.weight, resp, temperature=temp)   # (B, R)
-    h = forward_response(pb, models.ref_adapter, full, images, fmask, P)
-    ref_logp = M.token_logprobs(h, pb.lm_head.weight, resp, temperature=temp)
-    vfull, vmask, vP = vin
-    values = models.value_head(forward_response(vb, "value", vfull, v_images, vmask, vP)).float()
-    return logp, ref_logp, values
+    b = collate(rows, pb)
+    m = b["rmask"]                                                                      # (B, R)
+    n_local = m.sum()
+    w = n_local / max(n_tok_global, 1.0)
+    dev, dt = m.device, pb.lm_head.weight.dtype      # autocast at the frozen base's precision
+    # loss = (pg + vf_coef * vf) * w, backward in two parts: the policy's before the value forward. With
+    # gradient checkpointing a layer is recomputed in backward under the adapter active *then*, and the
+    # value forward switches a shared base to "value"; it also frees the policy's graph before the value's.
+    with common.autocast(dev, dt):
+        h = forward_response(pb, "policy", b)
+        logp, ent = M.fused_token_logprobs(h, pb.lm_head.weight, b["resp"], temperature=logprob_temperature(cfg),
+                                           with_entropy=True)
+    pg, pst = policy_loss(logp, b["logp"], b["adv"], m, cfg.clip)
+    ok = _finite(pg)
+    if ok:
+        (pg * w).backward()
+    with common.autocast(dev, dt):
+        v = models.value_head(forward_response(vb, "value", collate(rows, vb))).float()
+    vf, vst = value_loss(v, b["values"], b["ret"], m, cfg.value_clip)
+    ok = ok and _finite(vf)
+    if ok:
+        (cfg.vf_coef * vf * w).backward()
+    st = {"clipfrac": pst["clipfrac"], "approx_kl": pst["approx_kl"], "n": 1.0,
+          "entropy_sum": (ent.detach() * m).sum(), "tokens": n_local, "vf_loss": vf.detach(), "pg_loss": pg.detach()}
+    return st, ok
 
 
-def _score_with_images(scorer: RM.RewardScorer, items: list[dict]) -> list[float]:
-    """The RM scorer on items whose images are already preprocessed tensors at the RM's size."""
-    seqs = [scorer.encode(it) for it in items]
-    imgs = [it["image"] for it in items if it["image"] is not None]
-    out = []
-    bs = scorer.batch_size
-    k = 0
-    for i in range(0, len(items), bs):
-        chunk = items[i:i + bs]
-        n = sum(it["image"] is not None for it in chunk)
-        im = torch.stack(imgs[k:k + n]) if n else None
-        k += n
-        out += scorer.score_ids(seqs[i:i + bs], im).tolist()
-    return out
+def update(models: Models, rows: list[Row], opt: torch.optim.Optimizer, cfg: Config, gen: torch.Generator,
+           ranks: int = 1) -> tuple[dict[str, float], bool]:
+    """ppo_epochs passes over the rows in an order drawn from `gen`: an optimizer step per step_batch
+    rows of all ranks, micro_batch rows per forward. A step whose loss or gradient is not finite on any
+    rank is skipped on all. -> (the micro-updates' stats summed, whether a step was skipped)."""
+    params = models.trainable()
+    per_step = cfg.step_batch // ranks
+    stats: dict[str, float] = {}
+    skipped = False
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(len(rows), generator=gen).tolist()
+        for s in range(0, len(rows), per_step):
+            minibatch = [rows[i] for i in order[s:s + per_step]]
+            n_tok = common.all_reduce_sum(torch.tensor(float(sum(len(r.response) for r in minibatch)),
+                                                       dtype=torch.float64)).item()
+            ok = True
+            for u in range(0, len(minibatch), cfg.micro_batch):
+                st, ok_u = _micro_update(models, minibatch[u:u + cfg.micro_batch], cfg, n_tok)
+                ok = ok and ok_u
+                for k, v in st.items():
+                    stats[k] = stats.get(k, 0.0) + float(v)
+            ok = common.all_reduce_sum(torch.tensor(0.0 if ok else 1.0)).item() == 0
+            if ok:
+                common.allreduce_grads(params)
+                ok = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+            if ok:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            skipped = skipped or not ok
+    return stats, skipped
 
 
-def _reprocess(batch: dict, records: list[dict], size: int, cfg: Config) -> torch.Tensor | None:
-    """The value/reward base sees its own image size when it differs from the policy's."""
-    ims = []
-    for i in batch["index"].tolist():
-        rec = records[i]
-        if rec.get("image"):
-            ims.append(data.preprocess_image(data.load_image(os.path.join(cfg.image_folder, rec["image"])), size))
-    return torch.stack(ims) if ims else None
-
-
-def pad_cat(tensors: list[torch.Tensor], value: float) -> torch.Tensor:
-    """Concatenate (b_i, T_i) tensors along the batch, padding T on the right to the max."""
-    T = max(t.shape[1] for t in tensors)
-    out = []
-    for t in tensors:
-        pad = T - t.shape[1]
-        if pad:
-            fill = torch.full((t.shape[0], pad), value, dtype=t.dtype)
-            t = torch.cat([t, fill], 1)
-        out.append(t)
-    return torch.cat(out)
-
-
-def merge_rollouts(parts: list[dict]) -> dict:
-    """Micro-batch rollouts -> one batch; prompts re-left-padded, responses re-right-padded."""
-    out = {}
-    P = max(p["P"] for p in parts)
-    fulls, fmasks = [], []
-    R = max(p["resp"].shape[1] for p in parts)
-    for p in parts:
-        pr, pm = p["full"][:, :p["P"]], p["fmask"][:, :p["P"]]
-        rs, rm = p["full"][:, p["P"]:], p["fmask"][:, p["P"]:]
-        padP, padR = P - p["P"], R - rs.shape[1]
-        fulls.append(torch.cat([torch.zeros(pr.shape[0], padP, dtype=pr.dtype), pr, rs,
-                                torch.zeros(pr.shape[0], padR, dtype=pr.dtype)], 1))
-        fmasks.append(torch.cat([torch.zeros(pm.shape[0], padP, dtype=pm.dtype), pm, rm,
-                                 torch.zeros(pm.shape[0], padR, dtype=pm.dtype)], 1))
-    out["full"], out["fmask"], out["P"] = torch.cat(fulls), torch.cat(fmasks), P
-    for k in ("resp", "rmask", "logp", "ref_logp", "values"):
-        out[k] = pad_cat([p[k] for p in parts], 0)
-    for k in ("images", "v_images"):
-        ims = [p[k] for p in parts if p[k] is not None]
-        out[k] = torch.cat(ims) if ims else None
-    for k in ("score", "rm_score", "sym_no_eos", "sym_length", "sym_correct", "has_eos"):
-        out[k] = torch.cat([p[k] for p in parts])
-    out["texts"] = sum((p["texts"] for p in parts), [])
-    for k in ("questions", "record_ids", "image_files"):
-        out[k] = sum((p[k] for p in parts), [])
-    out["img_rows"] = torch.cat([(p["full"][:, :p["P"]] == M.IMAGE_TOKEN_INDEX).any(-1) for p in parts])
-    out["t_gen"] = sum(p["t_gen"] for p in parts)
-    out["t_score"] = sum(p["t_score"] for p in parts)
-    return out
-
-
-def select_rows(ro: dict, rows: torch.Tensor, key: str) -> torch.Tensor | None:
-    """Images of the selected rows (images exist only for rows with image tokens)."""
-    if ro[key] is None:
-        return None
-    img_index = torch.cumsum(ro["img_rows"].long(), 0) - 1
-    keep = [int(img_index[r]) for r in rows.tolist() if bool(ro["img_rows"][r])]
-    return ro[key][keep] if keep else None
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over real tokens."""
+    m = mask.bool()
+    r, v = returns[m].float(), values[m].float()
+    if r.numel() < 2 or float(r.var()) == 0:
+        return float("nan")
+    return float(1 - (r - v).var() / r.var())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -595,8 +653,8 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
         base.gradient_checkpointing = cfg.grad_ckpt
     template = data.Template(system=cfg.system)
     pb = models.policy_base
-    prompts = data.PromptDataset(records, tok, template, cfg.image_folder, pb.config.image_size, pb.num_image_tokens,
-                                 cfg.max_prompt_len)
+    # prompts with the image as one id (collate expands it per base), images at the policy's size
+    prompts = data.PromptDataset(records, tok, template, cfg.image_folder, pb.config.image_size, 1, cfg.max_prompt_len)
     per_rank = cfg.rollout_batch // d.world
     steps_per_epoch = len(prompts) // cfg.rollout_batch
     if steps_per_epoch == 0:
@@ -618,59 +676,22 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     history = []
     while step < total_steps:
         # -- rollout ------------------------------------------------------------------------------------
-        idx = sampler.take(per_rank)
         for mod in (pb, models.value_base):
             mod.eval()
-        parts = []
         with M.packed_cpu_linear(cfg.compile and d.device.type == "cpu"):   # generation and scoring
-            for i in range(0, per_rank, cfg.micro_batch):
-                b = data.collate_left([prompts[j] for j in idx[i:i + cfg.micro_batch]], tok.pad_id)
-                parts.append(rollout(models, tok, b, records, cfg, gen, reward_fn))
-        ro = merge_rollouts(parts)
+            rows, times = rollout(models, tok, [prompts[j] for j in sampler.take(per_rank)], records, cfg, gen,
+                                  reward_fn)
         t0 = time.time()
-        mask = ro["rmask"]
-        rewards, kst = shaped_rewards(ro["score"], ro["logp"], ro["ref_logp"], mask, kl_ctl.value,
-                                      cfg.kl_estimator, cfg.kl_clamp)
-        rewards = whiten(rewards, mask, shift_mean=False) if cfg.whiten_rewards else rewards * cfg.reward_scale
-        adv, ret = gae(rewards, ro["values"], mask, cfg.gamma, cfg.lam)
-        adv = whiten(adv, mask, shift_mean=True)
+        seq_kl = advantages(rows, cfg, kl_ctl.value)
 
         # -- update ---------------------------------------------------------------------------------------
         for mod in (pb, models.value_base):
             mod.train()
-        n_local = ro["full"].shape[0]
-        mb_local = cfg.step_batch // d.world
-        stats_acc: dict[str, float] = {}
-        skipped = False
-        perm_gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         lr = ppo_lr(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)   # once per rollout batch
         for g in opt.param_groups:
             g["lr"] = lr
-        for ep in range(cfg.ppo_epochs):
-            perm = torch.randperm(n_local, generator=perm_gen)
-            for s in range(0, n_local, mb_local):
-                rows = perm[s:s + mb_local]
-                n_tok = common.all_reduce_sum(mask[rows].sum().double()).item()
-                ok = True
-                for u in range(0, len(rows), cfg.micro_batch):
-                    r = rows[u:u + cfg.micro_batch]
-                    st, ok_u = _micro_update(models, micro_inputs(ro, r, adv, ret, models, d.device), cfg, n_tok)
-                    ok = ok and ok_u
-                    for k, v in st.items():
-                        stats_acc[k] = stats_acc.get(k, 0.0) + float(v)
-                ok_all = common.all_reduce_sum(torch.tensor(0.0 if ok else 1.0)).item() == 0
-                if not ok_all:
-                    opt.zero_grad(set_to_none=True)
-                    skipped = True
-                    continue
-                common.allreduce_grads(params)
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                if not torch.isfinite(gnorm):
-                    opt.zero_grad(set_to_none=True)
-                    skipped = True
-                    continue
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        stats_acc, skipped = update(models, rows, opt, cfg, torch.Generator().manual_seed(cfg.seed * 7919 + step),
+                                    d.world)
         t_train = time.time() - t0
         step += 1
         bad = bad + 1 if skipped else 0
@@ -682,31 +703,32 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
                                      f"(last good checkpoint in {cfg.out_dir})")
 
         # -- stats ----------------------------------------------------------------------------------------
-        seq_kl = kst["kl"]
-
-        def glob(x: torch.Tensor) -> float:  # mean over all ranks' rollouts
-            s = common.all_reduce_sum(torch.tensor([float(x.float().sum()), float(x.numel())], dtype=torch.float64))
+        def mean(x) -> float:  # over all ranks' rows
+            x = torch.as_tensor(x, dtype=torch.float32)
+            s = common.all_reduce_sum(torch.tensor([float(x.sum()), float(x.numel())], dtype=torch.float64))
             return float(s[0] / s[1].clamp(min=1))
-        ent = stats_acc.get("entropy_sum", 0.0) / max(1.0, stats_acc.get("tokens", 1.0))
-        ev = explained_variance(ro["values"], ret, mask)
-        metrics = {"reward": glob(ro["score"]), "rm_score": glob(ro["rm_score"]),
-                   "sym_no_eos": glob(ro["sym_no_eos"]), "sym_length": glob(ro["sym_length"]),
-                   "sym_correct": glob(ro["sym_correct"]), "kl": glob(seq_kl), "kl_coef": kl_ctl.value,
-                   "entropy": ent, "clipfrac": stats_acc.get("clipfrac", 0.0) / max(1, stats_acc.get("n", 1)),
-                   "approx_kl": stats_acc.get("approx_kl", 0.0) / max(1, stats_acc.get("n", 1)),
-                   "value_explained_var": ev, "response_length": glob(mask.sum(-1)),
-                   "eos_rate": glob(ro["has_eos"].float()), "t_generate": ro["t_gen"],
-                   "t_score": ro["t_score"], "t_train": t_train, "skipped": float(skipped), "lr": lr}
+        mask = per_token(rows, "mask")
+        n_micro = max(1, stats_acc.get("n", 1))
+        metrics = {"reward": mean([r.score for r in rows]), "rm_score": mean([r.rm_score for r in rows]),
+                   **{f"sym_{k}": mean([r.sym[k] for r in rows]) for k in ("no_eos", "length", "correct")},
+                   "kl": mean(seq_kl), "kl_coef": kl_ctl.value,
+                   "entropy": stats_acc.get("entropy_sum", 0.0) / max(1.0, stats_acc.get("tokens", 1.0)),
+                   "clipfrac": stats_acc.get("clipfrac", 0.0) / n_micro,
+                   "approx_kl": stats_acc.get("approx_kl", 0.0) / n_micro,
+                   "value_explained_var": explained_variance(per_token(rows, "values"), per_token(rows, "ret"), mask),
+                   "response_length": mean(mask.sum(-1)), "eos_rate": mean([r.has_eos for r in rows]),
+                   "t_generate": times["t_generate"], "t_score": times["t_score"], "t_train": t_train,
+                   "skipped": float(skipped), "lr": lr}
         if cfg.adaptive_kl:
             kl_ctl.update(metrics["kl"], cfg.rollout_batch)
         logger.log(step, metrics)
         history.append(metrics)
         if common.is_main() and cfg.samples_to_log:
             with open(os.path.join(cfg.out_dir, "samples.jsonl"), "a") as f:
-                for k in range(min(cfg.samples_to_log, len(ro["texts"]))):
-                    f.write(json.dumps({"step": step, "id": ro["record_ids"][k], "image": ro["image_files"][k],
-                                        "question": ro["questions"][k], "response": ro["texts"][k],
-                                        "reward": float(ro["score"][k]), "rm_score": float(ro["rm_score"][k])}) + "\n")
+                for r in rows[:cfg.samples_to_log]:
+                    f.write(json.dumps({"step": step, "id": str(r.record["id"]), "image": r.record.get("image"),
+                                        "question": r.record["question"], "response": r.text, "reward": r.score,
+                                        "rm_score": r.rm_score}) + "\n")
         bar.update(1, reward=metrics["reward"], kl=metrics["kl"], len=metrics["response_length"])
         if ck.after_step(step, kl_coef=kl_ctl.value, bad=bad):   # saved; a signal or stop_at_step: stop
             common.cleanup_distributed()
@@ -720,69 +742,6 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
         print(f"done: {step} PPO steps; skipped records: {skips.count}")
     common.cleanup_distributed()
     return {"step": step, "stopped": False, "history": history}
-
-
-def micro_inputs(ro: dict, rows: torch.Tensor, adv: torch.Tensor, ret: torch.Tensor, models: Models,
-                 device) -> dict:
-    """The rows of one micro-update, on the device, trimmed of the padding columns they all share; the
-    value base's ids too (value_inputs). Host-side: it reads the masks' values."""
-    pb, vb = models.policy_base, models.value_base
-    full, fmask, m = ro["full"][rows], ro["fmask"][rows], ro["rmask"][rows]
-    lo = int(fmask.bool().any(0).nonzero()[0])
-    P = ro["P"] - lo
-    R = int(m.sum(-1).max().item()) if m.sum() > 0 else 1
-    full, fmask = full[:, lo:ro["P"] + R], fmask[:, lo:ro["P"] + R]
-    vfull, vmask, vP = value_inputs(full, fmask, P, pb.num_image_tokens, vb.num_image_tokens)
-    images, v_images = select_rows(ro, rows, "images"), select_rows(ro, rows, "v_images")
-    out = {"full": full, "fmask": fmask, "P": P, "vfull": vfull, "vmask": vmask, "vP": vP, "mask": m[:, :R],
-           "images": images, "v_images": v_images, "old_logp": ro["logp"][rows][:, :R],
-           "old_values": ro["values"][rows][:, :R], "adv": adv[rows][:, :R], "ret": ret[rows][:, :R]}
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
-
-
-def _finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t)) if M.has_values(t) else True   # (the rehearsal's fake losses: go on)
-
-
-def _micro_update(models: Models, mb: dict, cfg: Config, n_tok_global: float) -> tuple[dict, bool]:
-    """Policy and value losses on a few rollouts (micro_inputs), backward with weights that make the
-    optimizer step a token mean over the whole minibatch on all ranks. -> (detached stats, finite)."""
-    pb, vb = models.policy_base, models.value_base
-    m, P = mb["mask"], mb["P"]
-    resp = mb["full"][:, P:]
-    n_local = m.sum()
-    w = n_local / max(n_tok_global, 1.0)
-    dev, dt = m.device, pb.lm_head.weight.dtype      # autocast at the frozen base's precision
-    # loss = (pg + vf_coef * vf) * w, backward in two parts: the policy's before the value forward. With
-    # gradient checkpointing a layer is recomputed in backward under the adapter active *then*, and the
-    # value forward switches a shared base to "value"; it also frees the policy's graph before the value's.
-    with common.autocast(dev, dt):
-        h = forward_response(pb, "policy", mb["full"], mb["images"], mb["fmask"], P)
-        logp, ent = M.fused_token_logprobs(h, pb.lm_head.weight, resp, temperature=logprob_temperature(cfg),
-                                           with_entropy=True)
-    pg, pst = policy_loss(logp, mb["old_logp"], mb["adv"], m, cfg.clip)
-    ok = _finite(pg)
-    if ok:
-        (pg * w).backward()
-    with common.autocast(dev, dt):
-        h = forward_response(vb, "value", mb["vfull"], mb["v_images"], mb["vmask"], mb["vP"])
-        v = models.value_head(h).float()
-    vf, vst = value_loss(v, mb["old_values"], mb["ret"], m, cfg.value_clip)
-    ok = ok and _finite(vf)
-    if ok:
-        (cfg.vf_coef * vf * w).backward()
-    st = {"clipfrac": pst["clipfrac"], "approx_kl": pst["approx_kl"], "n": 1.0,
-          "entropy_sum": (ent.detach() * m).sum(), "tokens": n_local, "vf_loss": vf.detach(), "pg_loss": pg.detach()}
-    return st, ok
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns) over real tokens."""
-    m = mask.bool()
-    r, v = returns[m].float(), values[m].float()
-    if r.numel() < 2 or float(r.var()) == 0:
-        return float("nan")
-    return float(1 - (r - v).var() / r.var())
 
 
 class _Trainable(torch.nn.Module):

@@ -333,13 +333,13 @@ def rehearse_ppo(cfg, mcfg: M.ModelConfig, ranks: int, rm_mcfg: M.ModelConfig | 
                  decode_steps: int | None = None, device: str = "cpu") -> dict:
     """ppo.py: one rollout micro-batch at the worst case (prompts of max_prompt_len text ids, responses of
     max_new_tokens with no EOS), its scoring passes and the reward model on rm_max_len ids, then one
-    optimizer step over step_batch / ranks rollouts in micro-batches: generate, ppo.score_passes,
-    RM.RewardModel, ppo._micro_update, clip, AdamW. The policy, reference, value and reward adapters sit
-    on one base, or value and reward on a second (rm_mcfg: --rm_base_path). decode_steps < max_new_tokens
-    samples fewer tokens into the full-length KV cache (a quicker, slightly low estimate: the tests)."""
+    optimizer step over step_batch / ranks rollouts in micro-batches: ppo.collate, generate,
+    ppo.score_passes, RM.RewardModel, ppo._micro_update, clip, AdamW. The policy, reference, value and
+    reward adapters sit on one base, or value and reward on a second (rm_mcfg: --rm_base_path).
+    decode_steps < max_new_tokens samples fewer tokens into the full-length KV cache (a quicker, slightly
+    low estimate: the tests)."""
     import ppo
     import reward_model as RM
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
     dt, B, R = dtype, cfg.micro_batch, cfg.max_new_tokens
     with fake_world(ranks, fake, device) as w:
         pb = build_model(mcfg, dt)
@@ -365,38 +365,31 @@ def rehearse_ppo(cfg, mcfg: M.ModelConfig, ranks: int, rm_mcfg: M.ModelConfig | 
         # -- rollout: one micro-batch, everything at its longest
         for base in (pb, vb):
             base.eval()
-        ids, pmask = _ids(B, cfg.max_prompt_len, mcfg)
-        images = _images(B, mcfg)
-        v_images = images if rm_mcfg is None else _images(B, rm_mcfg)
+        prompt = [1, M.IMAGE_TOKEN_INDEX] + [0] * (cfg.max_prompt_len - 2)        # the image counted as one id
+        images = {c.image_size: torch.zeros(3, c.image_size, c.image_size) for c in (mcfg, vb.config)}
+        rows = [ppo.Row({"id": str(i)}, prompt, images) for i in range(B)]
         w.counter.set_phase("rollout: generate")
+        b = ppo.collate(rows, pb)
         pb.set_adapter("policy")
-        pb.generate(ids, images, pmask, max_new_tokens=R, temperature=cfg.temperature, top_p=cfg.top_p,
+        pb.generate(b["ids"], b["images"], b["mask"], max_new_tokens=R, temperature=cfg.temperature, top_p=cfg.top_p,
                     decode_fn=_stop_after(pb, decode_steps) if decode_steps else None)
         w.counter.set_phase("rollout: score")
-        P = ids.shape[1]
-        full = torch.cat([ids, torch.full((B, R), 5, dtype=torch.long)], 1)    # (B, P+R) no EOS anywhere
-        fmask = torch.ones_like(full)
-        with unset_fake_temporarily():        # value_inputs reads the ids' values: real ids, then fake again
-            real = _ids(B, cfg.max_prompt_len, mcfg)[0]
-            real = torch.cat([real, torch.full((B, R), 5, dtype=torch.long)], 1)
-            vin = ppo.value_inputs(real, torch.ones_like(real), P, pb.num_image_tokens, vb.num_image_tokens)
-        conv = w.mode.from_tensor if fake else (lambda t: t)
-        vin = (conv(vin[0]), conv(vin[1]), vin[2])
-        ppo.score_passes(models, full, fmask, P, images, vin, v_images, cfg)
+        for r in rows:
+            r.response = torch.full((R,), 5, dtype=torch.long)                    # no EOS anywhere
+        ppo.score_passes(models, rows, cfg)
         rm_rows = min(B, 8)                   # RewardScorer's batch
         rm_ids, rm_mask = _ids(rm_rows, rm_max_len, vb.config)
         with torch.no_grad():
-            scorer(rm_ids, None if v_images is None else v_images[:rm_rows], rm_mask)
+            scorer(rm_ids, ppo.collate(rows[:rm_rows], vb)["images"], rm_mask)
 
         # -- update: step_batch / ranks rollouts, micro_batch at a time, then the optimizer step
         for base in (pb, vb):
             base.train()
-        mb = {"full": full, "fmask": fmask, "P": P, "vfull": vin[0], "vmask": vin[1], "vP": vin[2],
-              "mask": torch.ones(B, R), "images": images, "v_images": v_images, "old_logp": torch.zeros(B, R),
-              "old_values": torch.zeros(B, R), "adv": torch.zeros(B, R), "ret": torch.zeros(B, R)}
+        for r in rows:
+            r.adv, r.ret = torch.zeros(R), torch.zeros(R)
         w.counter.set_phase("update: forward+backward")
         for _ in range(max(1, min(2, cfg.step_batch // ranks // B))):   # the 2nd adds to existing grads
-            ppo._micro_update(models, mb, cfg, float(B * R))
+            ppo._micro_update(models, rows, cfg, float(B * R))
         grads, optim = _optimizer_step(w, "update: optimizer step", params, opt, cfg.grad_clip, allreduce=True)
         weights = list(pb.parameters()) + list(pb.buffers()) + list(models.value_head.parameters()) + \
             list(scorer.head.parameters()) + ([] if vb is pb else list(vb.parameters()) + list(vb.buffers()))

@@ -110,6 +110,8 @@ class RewardModel(torch.nn.Module):
 
 
 def _images_tensor(images: list, image_size: int) -> torch.Tensor | None:
+    """The images of the items that have one -> (N, 3, S, S): tensors as they are (preprocessed at the
+    RM's size), paths and PIL images read and preprocessed here."""
     out = []
     for im in images:
         if im is None:
@@ -165,25 +167,21 @@ class RewardScorer:
                             record_id=item["id"] if item.get("id") is not None else (key or None))
 
     @torch.no_grad()
-    def score_ids(self, seqs: list[list[int]], images: torch.Tensor | None) -> torch.Tensor:
-        dev = next(self.rm.m.parameters()).device
-        ids, mask = data.left_pad(seqs, self.tok.pad_id)
-        was = self.rm.m.active_adapter
-        out = self.rm(ids.to(dev), None if images is None else images.to(dev), mask.to(dev))
-        self.rm.m.set_adapter(was)
-        return out
-
-    @torch.no_grad()
     def score(self, items: list[dict]) -> list[float]:
-        """items: {"image": PIL/path/(3,S,S) tensor or None, "conversations": turns ending with the user's,
-        "response": str, "facts": list[str]} -> one float each."""
-        S = self.rm.m.config.image_size
+        """items: {"image": a path, PIL image or preprocessed (3, S, S) tensor at the RM's size (what PPO
+        passes: read once per rollout) or None, "conversations": turns ending with the user's, "response":
+        str, "facts": list[str], "id"} -> one float each, batch_size items per forward."""
+        m, S = self.rm.m, self.rm.m.config.image_size
+        dev, was = next(m.parameters()).device, m.active_adapter
         out: list[float] = []
         for i in range(0, len(items), self.batch_size):
             chunk = items[i:i + self.batch_size]
             # the facts' order is drawn from the item's id (as in training and PPO), else its position
             seqs = [self.encode(it, "" if it.get("id") is not None else str(i + j)) for j, it in enumerate(chunk)]
-            out += self.score_ids(seqs, _images_tensor([it.get("image") for it in chunk], S)).tolist()
+            ids, mask = data.left_pad(seqs, self.tok.pad_id)                       # (b, T)
+            images = _images_tensor([it.get("image") for it in chunk], S)
+            out += self.rm(ids.to(dev), None if images is None else images.to(dev), mask.to(dev)).tolist()
+        m.set_adapter(was)
         return out
 
 

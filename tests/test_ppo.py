@@ -223,32 +223,98 @@ def test_non_finite_reward_skips_then_stops(tiny_world, tiny_sft, tmp_path):
                  reward_fn=lambda recs, texts, resp, mask: torch.full((len(texts),), float("nan")))
 
 
-def test_value_inputs_match_tokenizing_at_the_other_image_size(tiny_world):
-    """Policy ids (4 image tokens) -> a second base's ids (9 image tokens) equal tokenizing the same prompts
-    at 9 tokens directly; a text-only row is only re-padded; the responses are untouched."""
+QS = [("What color is the circle?", True), ("Describe the image in detail please, every shape.", True), ("Say hi.", False)]
+
+
+def test_collate_pads_expands_and_keeps_each_rows_positions(tiny_world):
+    """Rows of different prompt and response lengths (one text-only) -> prompts left-padded to the longest,
+    responses right-padded, each image a run of the base's num_image_tokens, its image at the base's size;
+    the hidden states of every row equal those of the row alone (the prompt tokenized directly at the
+    base's image tokens + its response, no padding: a single-row forward)."""
     import data
     import model
+    torch.manual_seed(0)
+    m = model.LLaVA.from_pretrained(str(tiny_world["model"])).eval()
+    n_img, S = m.num_image_tokens, m.config.image_size
+    tok, tpl = data.Tokenizer(str(tiny_world["tokenizer"])), data.Template()
+    g = torch.Generator().manual_seed(0)
+    images = [{S: torch.randn(3, S, S, generator=g)} for _ in QS]
+    rows = [ppo.Row({"id": str(i)}, data.tokenize_prompt(q, tok, tpl, 1, has_image=im), images[i] if im else {})
+            for i, (q, im) in enumerate(QS)]                                      # the image as one id
+    for r, resp in zip(rows, ([5, 6, 2], [7, 8, 9, 10, 11], [12])):
+        r.response = torch.tensor(resp)
+    b = ppo.collate(rows, m)
+    direct = [data.tokenize_prompt(q, tok, tpl, n_img, has_image=im) for q, im in QS]
+    P, R = b["P"], 5
+    assert P == max(len(d) for d in direct) and b["ids"].shape == (3, P + R)
+    assert torch.equal(b["images"], torch.stack([images[0][S], images[1][S]]))    # rows with an image, in order
+    with torch.no_grad():
+        h = m.hidden_states(b["ids"], b["images"], b["mask"])                     # (B, P+R, D)
+        for i, (d, r) in enumerate(zip(direct, rows)):
+            n = len(r.response)
+            assert b["mask"][i].tolist() == [0] * (P - len(d)) + [1] * (len(d) + n) + [0] * (R - n)
+            assert b["ids"][i, P - len(d):P].tolist() == d                       # left-padded prompt
+            assert b["ids"][i, P:P + n].tolist() == r.response.tolist()          # right-padded response
+            assert b["rmask"][i].tolist() == [1.0] * n + [0.0] * (R - n)
+            assert int((b["ids"][i] == model.IMAGE_TOKEN_INDEX).sum()) == (n_img if QS[i][1] else 0)
+            alone = torch.tensor([d + r.response.tolist()])
+            want = m.hidden_states(alone, images[i][S][None] if QS[i][1] else None)[0]   # (len, D)
+            got = h[i, P - len(d):P + n]
+            assert torch.allclose(got, want, atol=1e-5), (i, (got - want).abs().max())
+    # and forward_response reads the states that predict each response token
+    hr = ppo.forward_response(m, None, b)
+    assert torch.equal(hr, h[:, P - 1:-1])
+
+
+def test_rows_for_a_second_base_are_what_its_reward_model_sees(tiny_world, tmp_path):
+    """A second base with another image size (48 px, 9 image tokens, beside the policy's 32 px, 4 tokens):
+    rows made from the policy's prompts (prompt_row reads the image at 48 px once) and collated for it
+    hold the RM's own prompt ids and image: the RM scores them (the row's preprocessed image) as it
+    scores the raw record (the image file), and the base's hidden states over the prompt are those of
+    the RM's input, read from the file at 48 px."""
+    import data
+    import model
+    import reward_model as RM
+    torch.manual_seed(1)
+    cfg = model.ModelConfig.preset("tiny", image_size=48, patch_size=16, vision_hidden=32, vision_layers=1,
+                                   vision_heads=2, vision_intermediate=64, hidden=48, layers=2, heads=2,
+                                   kv_heads=2, intermediate=96, vocab_size=tiny_world["vocab"], max_seq_len=512)
+    big = model.LLaVA(cfg).eval()
+    big.add_adapter("reward", r=4, alpha=8.0)
+    with torch.no_grad():
+        for p in big.adapter_parameters("reward"):
+            p.normal_(0, 0.05)
+    assert big.num_image_tokens == 9
     tok = data.Tokenizer(str(tiny_world["tokenizer"]))
-    tpl = data.Template()
-    qs = [("What color is the circle?", True), ("Describe the image in detail please.", True), ("Say hi.", False)]
-    resp = torch.tensor([[5, 6, 2], [7, 2, 0], [8, 9, 10]])
-    rmask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]])
-
-    def batch(n_img):
-        ids, mask = data.left_pad([data.tokenize_prompt(q, tok, tpl, n_img, has_image=im) for q, im in qs], tok.pad_id)
-        return torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), ids.shape[1]
-
-    full, fmask, P = batch(4)
-    want_ids, want_mask, want_P = batch(9)
-    ids, mask, P2 = ppo.value_inputs(full, fmask, P, 4, 9)
-    assert P2 == want_P and torch.equal(mask, want_mask)
-    assert torch.equal(ids * mask, want_ids * want_mask)          # pad ids may differ; masked out either way
-    assert (ids == model.IMAGE_TOKEN_INDEX).sum(-1).tolist() == [9, 9, 0]
-    assert ppo.value_inputs(full, fmask, P, 4, 4) == (full, fmask, P)
-    back, back_mask, P3 = ppo.value_inputs(ids, mask, P2, 9, 4)   # and back down
-    assert P3 == P and torch.equal(back * back_mask, full * fmask) and torch.equal(back_mask, fmask)
-    with pytest.raises(ValueError, match="not 5 long"):
-        ppo.value_inputs(full, fmask, P, 5, 9)
+    scorer = RM.RewardScorer(big, "reward", model.ScalarHead(cfg.hidden), tok, max_len=1024)
+    folder = str(tiny_world["data"] / "images")
+    records = data.read_ppo_prompts(str(tiny_world["data"] / "ppo_prompts.json"),
+                                    captions=str(tiny_world["data"] / "captions.json"))[:5]
+    prompts = data.PromptDataset(records, tok, data.Template(), folder, 32, 1)     # the policy's size
+    rows = [ppo.prompt_row(prompts[i], records[prompts[i]["index"]], {32, 48}, folder) for i in range(len(prompts))]
+    for i, r in enumerate(rows):
+        assert set(r.images) == {32, 48}
+        r.text = ["a red circle", "two blue squares on grass", "no", "a green triangle", "yes"][i]
+        r.response = torch.tensor(tok.encode(r.text) + [tok.eos_id])
+    b = ppo.collate(rows, big)
+    raw = [{"id": str(rec["id"]), "image": os.path.join(folder, rec["image"]), "response": r.text,
+            "facts": rec["facts"], "conversations": [{"from": "human", "value": "<image>\n" + rec["question"]}]}
+           for r, rec in zip(rows, records)]
+    from_rows = [dict(it, image=b["images"][i]) for i, it in enumerate(raw)]
+    want = scorer.score(raw)
+    assert scorer.score(from_rows) == want and len({round(x, 5) for x in want}) > 1
+    seqs = [scorer.encode(it) for it in raw]
+    rm_ids, rm_mask = data.left_pad(seqs, tok.pad_id)
+    files = torch.stack([data.preprocess_image(data.load_image(it["image"]), 48) for it in raw])
+    with torch.no_grad():
+        big.set_adapter("reward")
+        h = big.hidden_states(b["ids"], b["images"], b["mask"])
+        h_rm = big.hidden_states(rm_ids, files, rm_mask)
+    for i, (r, s) in enumerate(zip(rows, seqs)):
+        n = len(expand := ppo.expand_images(r.prompt, 9))
+        assert b["ids"][i, b["P"] - n:b["P"]].tolist() == expand == s[:n]          # the RM's prompt ids
+        L = rm_ids.shape[1] - len(s)                                                # the RM row's left padding
+        assert torch.allclose(h[i, b["P"] - n:b["P"]], h_rm[i, L:L + n], atol=1e-5)
 
 
 def test_second_base_for_reward_and_value(tiny_world, tiny_sft, tmp_path):
@@ -374,35 +440,36 @@ def _rollout_setup(w, sft_dir, temperature):
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     records = data.read_ppo_prompts(cfg.prompts_path)
     prompts = data.PromptDataset(records, tok, data.Template(system=cfg.system), cfg.image_folder,
-                                 pb.config.image_size, pb.num_image_tokens, cfg.max_prompt_len)
-    batch = data.collate_left([prompts[j] for j in range(6)], tok.pad_id)
+                                 pb.config.image_size, 1, cfg.max_prompt_len)
     for mod in (pb, models.value_base):
         mod.eval()
-    part = ppo.rollout(models, tok, batch, records, cfg, torch.Generator().manual_seed(0),
-                       lambda recs, texts, resp, mask: torch.zeros(len(texts)))
-    return cfg, models, ppo.merge_rollouts([part])
+    rows, _ = ppo.rollout(models, tok, [prompts[j] for j in range(6)], records, cfg, torch.Generator().manual_seed(0),
+                          lambda recs, texts, resp, mask: torch.zeros(len(texts)))
+    return cfg, models, rows
 
 
-def _full_logits(pb, adapter, ro):
+def _full_logits(pb, adapter, b):
     pb.set_adapter(adapter)
     with torch.no_grad():
-        return pb(ro["full"], ro["images"], ro["fmask"]).float()[:, ro["P"] - 1:-1]   # (B, R, V)
+        return pb(b["ids"], b["images"], b["mask"]).float()[:, b["P"] - 1:-1]   # (B, R, V)
 
 
 def test_rollout_logprobs_use_the_sampling_temperature(tiny_world, paper_model):
     """At temperature 0.7 the rollout's logp and ref_logp are log_softmax(logits / 0.7) at the sampled
     tokens, from the model's full logits (policy adapter and the bare base as the reference)."""
-    cfg, models, ro = _rollout_setup(tiny_world, paper_model, 0.7)   # 256 image tokens
-    pb, m = models.policy_base, ro["rmask"].bool()
+    cfg, models, rows = _rollout_setup(tiny_world, paper_model, 0.7)   # 256 image tokens
+    pb = models.policy_base
+    b = ppo.collate(rows, pb)
+    m = b["rmask"].bool()
     assert models.ref_adapter is None
     got = {}
     for key, adapter in (("logp", "policy"), ("ref_logp", None)):
-        z = _full_logits(pb, adapter, ro)
-        want = torch.log_softmax(z / 0.7, -1).gather(-1, ro["resp"][..., None]).squeeze(-1)
-        untempered = torch.log_softmax(z, -1).gather(-1, ro["resp"][..., None]).squeeze(-1)
-        assert torch.allclose(ro[key][m], want[m], atol=1e-5), (key, (ro[key][m] - want[m]).abs().max())
+        z = _full_logits(pb, adapter, b)
+        want = torch.log_softmax(z / 0.7, -1).gather(-1, b["resp"][..., None]).squeeze(-1)
+        untempered = torch.log_softmax(z, -1).gather(-1, b["resp"][..., None]).squeeze(-1)
+        assert torch.allclose(b[key][m], want[m], atol=1e-5), (key, (b[key][m] - want[m]).abs().max())
         assert (untempered[m] - want[m]).abs().max() > 1e-2            # the temperature matters here
-        got[key] = ro[key][m]
+        got[key] = b[key][m]
     assert (got["logp"] - got["ref_logp"]).abs().max() > 1e-3       # policy and reference differ
 
 
@@ -410,17 +477,19 @@ def test_first_micro_update_ratio_is_one_at_temperature(tiny_world, paper_model)
     """The update's log-probs use the rollout's temperature: at the first micro update (weights unchanged)
     the ratio is exactly 1 (approx_kl ~ 0, no clipping), and the logged entropy is the entropy of
     softmax(logits / 0.7)."""
-    cfg, models, ro = _rollout_setup(tiny_world, paper_model, 0.7)   # 256 image tokens
-    pb, mask = models.policy_base, ro["rmask"]
-    z = _full_logits(pb, "policy", ro) / 0.7
+    cfg, models, rows = _rollout_setup(tiny_world, paper_model, 0.7)   # 256 image tokens
+    pb = models.policy_base
+    b = ppo.collate(rows, pb)
+    mask = b["rmask"]
+    z = _full_logits(pb, "policy", b) / 0.7
     logp_all = torch.log_softmax(z, -1)
     ent_want = float((-(logp_all.exp() * logp_all).sum(-1) * mask).sum() / mask.sum())
     for mod in (pb, models.value_base):
         mod.train()
     adv = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1)) * mask
-    rows = torch.arange(mask.shape[0])
-    mb = ppo.micro_inputs(ro, rows, adv, torch.zeros_like(adv), models, torch.device("cpu"))
-    st, ok = ppo._micro_update(models, mb, cfg, float(mask.sum()))
+    for r, a in zip(rows, adv):
+        r.adv, r.ret = a[:len(r.response)], torch.zeros(len(r.response))
+    st, ok = ppo._micro_update(models, rows, cfg, float(mask.sum()))
     st = {k: float(v) for k, v in st.items()}
     assert ok and st["approx_kl"] < 1e-10 and st["clipfrac"] == 0.0, st
     assert abs(st["entropy_sum"] / st["tokens"] - ent_want) < 1e-4, (st["entropy_sum"] / st["tokens"], ent_want)
@@ -452,23 +521,16 @@ def test_grad_ckpt_at_paper_geometry_saves_memory_same_grads():
                 p.requires_grad_(True)
     head = M.ScalarHead(mc.hidden)
     models = ppo.Models(m, None, m, head, None)
-    B, R = 2, 300
-    prompt = [1, 5, 6] + [M.IMAGE_TOKEN_INDEX] * 256 + [7, 8, 9]
-    P = len(prompt)
-    resp = torch.randint(3, V, (B, R), generator=g)
-    rmask = torch.ones(B, R)
-    rmask[1, 250:] = 0
-    resp[1, 250:] = 0
-    full = torch.cat([torch.tensor([prompt] * B), resp], 1)
-    fmask = torch.cat([torch.ones(B, P, dtype=torch.long), rmask.long()], 1)
-    images = torch.randn(B, 3, 224, 224, generator=g)
-    ro = {"full": full, "fmask": fmask, "P": P, "resp": resp, "rmask": rmask, "images": images, "v_images": images,
-          "logp": torch.full((B, R), -math.log(V)), "values": torch.zeros(B, R), "img_rows": torch.ones(B, dtype=torch.bool)}
-    adv = torch.randn(B, R, generator=g) * rmask
-    ret = torch.randn(B, R, generator=g) * rmask
+    R = 300
+    prompt = [1, 5, 6, M.IMAGE_TOKEN_INDEX, 7, 8, 9]                     # the image as one id: 256 tokens
+    rows = []
+    for n in (R, 250):
+        rows.append(ppo.Row({}, prompt, {224: torch.randn(3, 224, 224, generator=g)},
+                            response=torch.randint(3, V, (n,), generator=g), logp=torch.full((n,), -math.log(V)),
+                            values=torch.zeros(n), adv=torch.randn(n, generator=g), ret=torch.randn(n, generator=g)))
+    n_tok = float(R + 250)
     params = models.trainable()
     frozen = {p.untyped_storage().data_ptr() for p in m.parameters() if not p.requires_grad}
-    frozen.add(images.untyped_storage().data_ptr())
 
     def run(cfg):
         m.gradient_checkpointing = cfg.grad_ckpt
@@ -491,8 +553,7 @@ def test_grad_ckpt_at_paper_geometry_saves_memory_same_grads():
         tuc.checkpoint = ckpt
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                mb = ppo.micro_inputs(ro, torch.arange(B), adv, ret, models, torch.device("cpu"))
-                st, ok = ppo._micro_update(models, mb, cfg, float(rmask.sum()))
+                st, ok = ppo._micro_update(models, rows, cfg, n_tok)
                 st = {k: float(v) for k, v in st.items()}
         finally:
             tuc.checkpoint = orig
