@@ -17,7 +17,7 @@ The paper's 13B RM and critic beside a 7B policy: add --rm_base_path runs/sft13b
 (one tokenizer for both bases; the second base's image tokens and image size are its own).
 Resume: add --resume true (SIGTERM/SIGINT write a checkpoint first).
 Peak memory per GPU of one rollout + update at full size, before paying for GPUs (no weights, CPU, ~1 min):
-    python ppo.py rehearse --preset llava-rlhf-7b --rm_base_path preset:llava-rlhf-13b --ranks 8
+    python rehearse.py --stage ppo --preset llava-rlhf-7b --rm_base_path preset:llava-rlhf-13b --ranks 8
 (--model_path / --rm_base_path may name folders: only their config.json is read.)
 """
 from __future__ import annotations
@@ -629,9 +629,6 @@ def check_rm_budget(cfg: Config, records: list[dict]) -> int:
 def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> dict:
     """reward_fn(records, texts, resp_ids, resp_mask) -> (B,) replaces the reward model (tests, toy tasks)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["rehearse"]:      # this stage at full size on fake tensors: peak memory per GPU
-        import rehearse
-        return rehearse.main(["--stage", "ppo"] + argv[1:])
     cfg = common.parse_config(Config, argv, PRESETS)
     if cfg.toy_reward and reward_fn is None:
         reward_fn = toy_reward_fn(cfg.toy_reward)

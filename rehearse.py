@@ -7,8 +7,8 @@ activations (everything else: activations, temporaries, FSDP's gathered layers) 
 
     python rehearse.py                                      # every stage of both presets: the README table
     python rehearse.py --stage ppo --preset llava-rlhf-7b   # one stage; any of the stage's flags follow
-    python ppo.py rehearse --preset llava-rlhf-7b --rm_base_path /ckpt/sft13b   # the same, from the stage
-    python sft.py rehearse --preset llava-rlhf-13b --ranks 16 --micro_batch 4
+    python rehearse.py --stage ppo --preset llava-rlhf-7b --rm_base_path /ckpt/sft13b   # config.json only
+    python rehearse.py --stage sft --preset llava-rlhf-13b --ranks 16 --micro_batch 4
 
 `--model_path` (and `--rm_base_path`) need only a config.json there; without one the model preset of
 the stage preset's name is used (llava-rlhf-7b: CLIP ViT-L/14 224 + Vicuna-7B, llava-rlhf-13b: ViT-L/14
