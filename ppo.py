@@ -409,7 +409,7 @@ def prompt_row(item: dict, record: dict, sizes: set[int], image_folder: str) -> 
     if item["image"] is not None:
         images[item["image"].shape[-1]] = item["image"]
         for S in sizes - images.keys():
-            images[S] = data.preprocess_image(data.load_image(os.path.join(image_folder, record["image"])), S)
+            images[S] = data.image_tensor(os.path.join(image_folder, record["image"]), S)
     return Row(record, item["input_ids"].tolist(), images)
 
 
