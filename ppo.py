@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 import common
 import data
+import kernels
 import model as M
 import reward_model as RM
 
@@ -642,7 +643,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
         for mod in (pb, models.value_base):
             mod.eval()
         parts = []
-        with M.packed_cpu_linear(cfg.compile and d.device.type == "cpu"):   # generation and scoring
+        with kernels.packed_cpu_linear(cfg.compile and d.device.type == "cpu"):   # generation and scoring
             for i in range(0, per_rank, cfg.micro_batch):
                 b = data.collate_left([prompts[j] for j in idx[i:i + cfg.micro_batch]], tok.pad_id)
                 parts.append(rollout(models, tok, b, records, cfg, gen, reward_fn))
@@ -784,8 +785,8 @@ def _micro_update(models: Models, mb: dict, cfg: Config, n_tok_global: float) ->
     # value forward switches a shared base to "value"; it also frees the policy's graph before the value's.
     with common.autocast(dev, dt):
         h = forward_response(pb, "policy", mb["full"], mb["images"], mb["fmask"], P)
-        logp, ent = M.fused_token_logprobs(h, pb.lm_head.weight, resp, temperature=logprob_temperature(cfg),
-                                           with_entropy=True)
+        logp, ent = M.token_logprobs(h, pb.lm_head.weight, resp, temperature=logprob_temperature(cfg),
+                                     with_entropy=True, fused=True)
     pg, pst = policy_loss(logp, mb["old_logp"], mb["adv"], m, cfg.clip)
     ok = _finite(pg)
     if ok:
