@@ -9,12 +9,13 @@
 What is measured (same weights, same inputs, warm-up first, interleaved repeats, medians):
   * generation: prompts [BOS, image, text], greedy, a fixed number of new tokens (no EOS stop) -
     ours eager, ours compiled (decode step through torch.compile over a static KV cache; on CPU
-    every linear through oneDNN with prepacked weights, model.use_packed_cpu_linear), and
+    every linear through oneDNN with prepacked weights, kernels.use_packed_cpu_linear), and
     transformers' generate; the three must produce identical tokens (asserted). Reported twice:
     end to end (prefill + decode) and decode steps only ((t[N new] - t[1 new]) / (N - 1)).
   * training step: forward + backward of the next-token loss on the text of [BOS, image, text]
-    sequences, vision tower frozen (as in LLaVA fine-tuning); ours is LLaVA.lm_loss (lm_head fused
-    with the loss, run on labelled rows only), theirs is the model's own loss from `labels`.
+    sequences, vision tower frozen (as in LLaVA fine-tuning); ours is sft.SFTLoss, the SFT stage's own
+    loss (lm_head fused with the log-probs, run on labelled rows only), theirs is the model's own loss
+    from `labels`.
   * a PPO step split into generation / scoring / update with each phase's peak memory, through ppo.py's
     own rollout, advantages and update (see bench_ppo: LoRA policy sampling at temperature 1; policy,
     reference, value and reward passes; ppo_epochs of clipped-PPO + value-loss backward through the
@@ -40,8 +41,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+import kernels
 import model
 import ppo
+import sft
 from model import IMAGE_TOKEN_INDEX, LLaVA, ModelConfig
 
 
@@ -150,12 +153,12 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, floa
     reps = 20 if device.type == "cuda" else 3
     flops = 2 * n ** 3 / best_time(lambda: a @ b, device, rounds=3, reps=reps)
     out = {"matmul_flops": flops, "matmul_flops_blas": flops}
-    if device.type == "cpu" and model.packed_cpu_linear_available() and dtype == torch.float32:
+    if device.type == "cpu" and kernels.packed_cpu_linear_available() and dtype == torch.float32:
         # the machine's peak is what its fastest GEMM reaches: MKL (a @ b) runs a generic path on
-        # non-Intel CPUs, oneDNN with a prepacked operand (model.linear's packed path) may go twice as fast
-        with torch.no_grad(), model.packed_cpu_linear():
+        # non-Intel CPUs, oneDNN with a prepacked operand (kernels.linear's packed path) may go twice as fast
+        with torch.no_grad(), kernels.packed_cpu_linear():
             bt = b.t().contiguous()
-            out["matmul_flops_onednn"] = 2 * n ** 3 / best_time(lambda: model.linear(a, bt), device, 3, reps)
+            out["matmul_flops_onednn"] = 2 * n ** 3 / best_time(lambda: kernels.linear(a, bt), device, 3, reps)
             out["matmul_flops"] = max(flops, out["matmul_flops_onednn"])
     a = b = bt = None   # freed before the copy test
     numel = (1 << 30 if device.type == "cuda" else 1 << 26) // 4   # 1 GiB on GPU, 64 MiB on CPU (fp32)
@@ -328,7 +331,7 @@ def bench_generation(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, 
 
     compile_s, dec = None, None
     if compile:
-        dec = m.static_decoder(compile=True)
+        dec = kernels.static_decoder(m, compile=True)
         t0 = time.perf_counter()
         ours(N, True)()   # compiles the decode step for this (batch, cache length)
         compile_s = time.perf_counter() - t0
@@ -405,18 +408,13 @@ def bench_training(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, de
             p.grad = None
 
     losses = {}
+    sft_loss = sft.SFTLoss(m)
 
     def ours():
         clear(m)
-        loss = m.lm_loss(ids, images, mask, labels)
+        loss = sft_loss(ids, images, mask, labels) / labelled     # SFTLoss sums the NLL, transformers means it
         loss.backward()
         losses["ours"] = loss.item()
-
-    def ours_all_rows():
-        clear(m)
-        loss = m.lm_loss(ids, images, mask, labels, select_rows=False)
-        loss.backward()
-        losses["ours all rows"] = loss.item()
 
     def theirs():
         clear(ref)
@@ -425,23 +423,20 @@ def bench_training(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, de
         losses["transformers"] = out.loss.item()
 
     def ours_fused():
-        with model.fused_kernels():
+        with kernels.fused_kernels():
             ours()
 
-    # "ours, every row" does transformers' work (lm_head on all B*T rows): the difference to "ours" is
-    # what running the lm_head on the labelled rows only is worth
-    fns = {"transformers": theirs, "ours, every row": ours_all_rows, "ours": ours}
-    notes = {"transformers": "", "ours, every row": "lm_head fused with CE, on all rows as transformers",
-             "ours": "lm_loss: lm_head fused with CE, labelled rows only"}
+    fns = {"transformers": theirs, "ours": ours}
+    notes = {"transformers": "", "ours": "sft.SFTLoss: lm_head fused with the log-probs, labelled rows only"}
     if compile:
         t0 = time.perf_counter()
         ours_fused()                      # compiles the fused kernels (fwd and bwd)
-        compile_s, graphs = time.perf_counter() - t0, model._graphs_compiled()
+        compile_s, graphs = time.perf_counter() - t0, kernels._graphs_compiled()
         fns["ours compiled"] = ours_fused
     times, peaks = interleaved(fns, cfg.iters, device, warmup=1)
     if compile:
         notes["ours compiled"] = (f"+ fused RMSNorm/rotary/SwiGLU (torch.compile, {compile_s:.0f}s first call); "
-                                  f"recompiles while timed {model._graphs_compiled() - graphs}")
+                                  f"recompiles while timed {kernels._graphs_compiled() - graphs}")
     if abs(losses["ours"] - losses["transformers"]) > 1e-3 * max(1.0, abs(losses["transformers"])):
         raise AssertionError(f"training losses differ: {losses}")
     for mod in (m, ref):
@@ -452,7 +447,7 @@ def bench_training(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, de
     for k in fns:
         t = med(times[k])
         table.add(f"train step fwd+bwd B={B} T={T}", k, t, B * T / t, t_ref / t, flops / t / ceil["matmul_flops"],
-                  peaks[k], f"loss {losses['ours' if k == 'ours compiled' else k.replace(', every row', ' all rows')]:.4f}; "
+                  peaks[k], f"loss {losses['ours' if k == 'ours compiled' else k]:.4f}; "
                   f"{notes[k]}".rstrip("; "))
 
 
@@ -506,7 +501,7 @@ def bench_ppo(m: LLaVA, cfg: BenchConfig, table: Table, device, compile: bool) -
 
     def rollout():
         m.eval()
-        with model.packed_cpu_linear(compile and device.type == "cpu"):   # as ppo.main
+        with kernels.packed_cpu_linear(compile and device.type == "cpu"):   # as ppo.main
             st["rows"], st["times"] = ppo.rollout(models, tok, items, records, pcfg, gen)
 
     def update():
@@ -594,7 +589,7 @@ def gpu_check(args) -> None:
             if comp and done_compiled:
                 continue
             if comp:
-                dec = m.static_decoder(compile=True, mode=md)
+                dec = kernels.static_decoder(m, compile=True, mode=md)
             run = lambda n: m.generate(ids, None, mask, max_new_tokens=n, eos_token_id=-1, compile=comp)
             name = f"ours {label}" + (f" ({md})" if md else "")
             try:
@@ -617,7 +612,7 @@ def gpu_check(args) -> None:
                       None, decode_step_flops(cfg, B, prompt_len + new // 2) / step / ceil["matmul_flops"],
                       peaks["n"], note)
             log(f"decode B={B} {name}: {B / step:.0f} tok/s")
-        for dec in model._DECODERS.get(m, {}).values():
+        for dec in kernels._DECODERS.get(m, {}).values():
             dec.release()
         torch.cuda.empty_cache() if device.type == "cuda" else None
 
@@ -631,14 +626,14 @@ def gpu_check(args) -> None:
     def step():
         for p in m.parameters():
             p.grad = None
-        m.lm_loss(ids, None, mask, ids).backward()
+        (sft.SFTLoss(m)(ids, None, mask, ids) / ids[:, 1:].numel()).backward()   # the SFT stage's loss
 
     flops = train_flops(cfg, train_b, train_t, train_b * (train_t - 1), images=False)
     for label, fused in (("ours eager", False), ("ours compiled", True)):
         if fused and args.no_compile:
             continue
         try:
-            with model.fused_kernels(fused):
+            with kernels.fused_kernels(fused):
                 t0 = time.perf_counter()
                 step()
                 sync(device)
@@ -647,7 +642,7 @@ def gpu_check(args) -> None:
             t = med(times["train"])
             table.add(f"train fwd+bwd B={train_b} T={train_t}", label, t, train_b * train_t / t, None,
                       flops / t / ceil["matmul_flops"], peaks["train"],
-                      f"{flops / t / 1e12:.0f} TFLOP/s of model FLOPs; full LLM grads; fused CE"
+                      f"{flops / t / 1e12:.0f} TFLOP/s of model FLOPs; full LLM grads; SFTLoss (fused log-probs)"
                       + (f" + fused RMSNorm/rotary/SwiGLU ({first:.0f}s first call)" if fused else ""))
             log(f"train step {label} {t:.3f}s")
         except Exception as e:  # noqa: BLE001
@@ -701,7 +696,7 @@ def main(argv: list[str] | None = None) -> str:
     device = torch.device("cpu")
     compile = not args.no_compile
     if compile:
-        ok, why = model.compile_available()
+        ok, why = kernels.compile_available()
         if not ok:
             print(f"torch.compile unavailable ({why}): compiled rows skipped", file=sys.stderr)
             compile = False

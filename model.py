@@ -9,26 +9,17 @@ batched KV-cache generation, chunked log-probs, and checkpoint I/O for every lay
     m = model.LLaVA.from_pretrained("/ckpt/llava-v1.5-7b", vision_tower="/ckpt/clip-vit-large-patch14-336")
     logits = m(input_ids, images, attention_mask)          # (B, T, V)
     new = m.generate(input_ids, images, attention_mask, max_new_tokens=64)
+    lp = model.token_logprobs(m.hidden_states(ids, images, mask)[:, :-1], m.lm_head.weight, ids[:, 1:])
     m.save_pretrained("/ckpt/out")                         # transformers' Llava layout
 
-Fast paths (all off by default; bench.py measures them against transformers):
-    m.generate(..., compile=True)      # decode steps: one torch.compile'd graph over a static KV cache;
-                                       # on CPU every linear through oneDNN, weights prepacked
-    m.static_decoder(mode="reduce-overhead")   # ...with CUDA graphs; .compiles / .recompiles count graphs
-    loss = m.lm_loss(ids, images, mask, labels)            # lm_head fused with CE, labelled rows only
-    lp, ent = fused_token_logprobs(h, m.lm_head.weight, targets, with_entropy=True)
-    use_fused_kernels(True)            # RMSNorm, rotary, SwiGLU through torch.compile (training)
-    use_packed_cpu_linear(True)        # no-grad CPU linears through oneDNN, weights prepacked once
+The speed machinery, all off by default, lives in kernels.py and changes how fast, never what, this
+file computes: generate(..., compile=True) runs decode_one and the sampler through torch.compile,
+token_logprobs(..., fused=True) takes a hand-written backward, and kernels switches on the packed
+CPU linear and the compiled elementwise kernels (@kernels.fusable below).
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib
 import math
-import os
-import shutil
-import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
@@ -37,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils.weak import WeakIdKeyDictionary
+
+import kernels
 
 import weights
 
@@ -122,105 +114,14 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 # ----------------------------------------------------------------------------------------------------
-# Linear layers, and a faster CPU path for inference
-
-# On CPU, F.linear runs MKL's sgemm, and MKL takes a generic AVX2 path on CPUs that are not Intel's:
-# on an AMD EPYC (Zen 5) here it reaches half the machine's matmul FLOP/s, while oneDNN's GEMM with
-# the weight prepacked in its blocked layout runs a prefill-sized linear 2x faster and a decode step's
-# few rows 3x faster (bench.py measures both). Packing is a pass over the weight and keeps a second
-# copy of it, so it is opt-in and done once per weight version (an optimizer step, merge or load
-# bumps it); it only serves no-grad forward passes, since training needs F.linear's autograd.
-_PACKED_CPU = {"on": False}
-_PACKED = WeakIdKeyDictionary()   # weight -> (data_ptr, version, packed copy); an entry dies with its weight
-
-
-@functools.lru_cache(maxsize=None)
-def packed_cpu_linear_available() -> bool:
-    """Whether this torch build's oneDNN packs and runs a linear correctly here (tried once, small)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        w, x = torch.linspace(-1, 1, 128).view(8, 16), torch.linspace(2, -1, 48).view(3, 16)   # no RNG draws
-        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None, "none", [], "")
-        return bool(torch.allclose(y, F.linear(x, w), atol=1e-4))
-    except Exception:  # noqa: BLE001  (a build or CPU without the op: the plain path it is)
-        return False
-
-
-def use_packed_cpu_linear(enable: bool = True) -> bool:
-    """Route every no-grad fp32 CPU linear through oneDNN with prepacked weights; process-wide. Returns
-    the previous setting. generate(compile=True) turns it on for its own duration. Each packed copy
-    lives as long as its weight (memory: the linear weights once more) or until drop_packed_weights()."""
-    prev = _PACKED_CPU["on"]
-    _PACKED_CPU["on"] = bool(enable) and packed_cpu_linear_available()
-    return prev
-
-
-def drop_packed_weights() -> None:
-    """Free every packed copy now (they are made again on next use). Also the way to tell the cache
-    about a weight changed through `.data` (p.data.copy_(...)), which autograd's version counter
-    does not see; optimizer steps, merge_adapter and loading do bump it."""
-    _PACKED.clear()
-
-
-def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    hit = _PACKED.get(weight)
-    if hit is None or hit[0] != weight.data_ptr() or hit[1] != weight._version:
-        hit = _PACKED[weight] = (weight.data_ptr(), weight._version,
-                                 torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
-    return hit[2]
-
-
-@contextlib.contextmanager
-def _switched_on(use: Callable[[bool], bool], enable: bool) -> Iterator[None]:
-    """use(True) for the block when enable, then the setting use() reported before; use returns it."""
-    prev = use(True) if enable else None
-    try:
-        yield
-    finally:
-        if prev is not None:
-            use(prev)
-
-
-def packed_cpu_linear(enable: bool = True) -> contextlib.AbstractContextManager:
-    """`with packed_cpu_linear():` use_packed_cpu_linear(True) inside the block (when enable)."""
-    return _switched_on(use_packed_cpu_linear, enable)
-
-
-# An op of our own, so that torch.compile keeps it opaque: inductor cannot take oneDNN's packed layout
-# as a graph input. Defined with torch.library.define/impl rather than custom_op, whose Python wrapper
-# costs more per call than the tiny GEMMs of a decode step.
-def _packed_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if weight.is_inference():   # made under inference_mode: no version counter to tell a stale pack
-        return F.linear(x, weight, bias)
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), _packed_weight(weight),
-                                           bias, "none", [], "")                  # (N, out)
-    return y.view(*x.shape[:-1], weight.shape[0])
-
-
-def _packed_linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-if not hasattr(torch.ops.llava_rlhf, "packed_linear"):   # once per process, even if this module is reloaded
-    torch.library.define("llava_rlhf::packed_linear", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-    torch.library.impl("llava_rlhf::packed_linear", "cpu", _packed_linear_cpu)
-    torch.library.register_fake("llava_rlhf::packed_linear", _packed_linear_fake)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, or packed_linear for no-grad CPU inference when use_packed_cpu_linear is on."""
-    if (_PACKED_CPU["on"] and x.device.type == "cpu" and weight.dtype == x.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return torch.ops.llava_rlhf.packed_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
-
+# Linear layers
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and checkpoint keys) whose forward is `linear` above."""
+    """nn.Linear (same parameters and checkpoint keys). Its forward is F.linear, or oneDNN with a
+    prepacked weight for no-grad CPU inference when kernels.use_packed_cpu_linear is on."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,7 +152,7 @@ class LoRALinear(Linear):
         self.lora_dropout[name] = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        y = kernels.linear(x, self.weight, self.bias)
         name = self.active_adapter
         if name is not None:
             h = x
@@ -380,31 +281,35 @@ class Projector(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # LLaMA decoder
 
-# Elementwise kernels fused by torch.compile (off by default). Eager PyTorch runs RMSNorm as ~6 passes
-# over the activations, rotary as ~6 and SwiGLU as 2, each forward and again in backward; compiled,
-# each is one read and one write. Dynamic shapes: any batch size or length reuses the same kernels.
-_FUSED: dict[str, object] = {}            # the ones in use: empty = plain eager
-_FUSED_COMPILED: dict[str, object] = {}   # made once, so that turning them off and on reuses the graphs
+# @kernels.fusable: these run as written, or through torch.compile under kernels.use_fused_kernels.
+
+@kernels.fusable
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # normalise in fp32 whatever the storage dtype, as LLaMA does
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
-def use_fused_kernels(enable: bool = True) -> bool:
-    """Route rms_norm, apply_rope and swiglu (so every LLaMA layer, eager or checkpointed) through
-    torch.compile'd versions of themselves, or back to plain eager with enable=False. Process-wide;
-    returns the previous setting. Inside a compiled graph (the static decode step) the plain versions
-    are traced and fused anyway."""
-    prev = bool(_FUSED)
-    _FUSED.clear()
-    if enable:
-        for name, fn in (("rms_norm", _rms_norm), ("apply_rope", _apply_rope), ("swiglu", _swiglu)):
-            if name not in _FUSED_COMPILED:
-                _FUSED_COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
-            _FUSED[name] = _FUSED_COMPILED[name]
-    return prev
+@kernels.fusable
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
-def fused_kernels(enable: bool = True) -> contextlib.AbstractContextManager:
-    """`with fused_kernels():` use_fused_kernels(True) inside the block (when enable)."""
-    return _switched_on(use_fused_kernels, enable)
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) -> cos, sin (B, T, head_dim) in fp32, the two halves repeated (rotate-half form)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim))
+    ang = positions.float()[..., None] * inv_freq                          # (B, T, hd/2)
+    ang = torch.cat([ang, ang], dim=-1)                                    # (B, T, hd)
+    return ang.cos(), ang.sin()
+
+
+@kernels.fusable
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd); cos/sin (B, T, hd)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class RMSNorm(nn.Module):
@@ -417,53 +322,6 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    fused = _FUSED.get("rms_norm")
-    if fused is not None and not torch.compiler.is_compiling():
-        return fused(x, weight, eps)
-    return _rms_norm(x, weight, eps)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # normalise in fp32 whatever the storage dtype, as LLaMA does
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    fused = _FUSED.get("swiglu")
-    if fused is not None and not torch.compiler.is_compiling():
-        return fused(gate, up)
-    return _swiglu(gate, up)
-
-
-def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (B, T) -> cos, sin (B, T, head_dim) in fp32, the two halves repeated (rotate-half form)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim))
-    ang = positions.float()[..., None] * inv_freq                          # (B, T, hd/2)
-    ang = torch.cat([ang, ang], dim=-1)                                    # (B, T, hd)
-    return ang.cos(), ang.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, hd); cos/sin (B, T, hd)."""
-    fused = _FUSED.get("apply_rope")
-    if fused is not None and not torch.compiler.is_compiling():
-        return fused(x, cos, sin)
-    return _apply_rope(x, cos, sin)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 class KVCache:
     """Static, preallocated cache: (layers, B, kv_heads, max_len, head_dim) for keys and values."""
 
@@ -472,6 +330,23 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, hd) at cache slots (T,) long of `layer` -> that layer's whole cache
+        (B, Hkv, max_len, hd). One index_put_ on the whole cache tensor, a tensor index in every
+        leading dim and the slots as data: under torch.compile a decode step then has one graph for
+        every slot, and inductor makes the write an in-place store of B*Hkv*T rows; a write through
+        a view (cache[layer][:, :, slots]) gets functionalised into a copy of the cache."""
+        B, H, T, _ = k.shape
+        dev = k.device
+        idx = (torch.full((1, 1, 1), layer, dtype=torch.long, device=dev),
+               torch.arange(B, device=dev)[:, None, None],                    # (B, 1, 1)
+               torch.arange(H, device=dev)[None, :, None],                    # (1, Hkv, 1)
+               slots[None, None])                                             # (1, 1, T)
+        self.k.index_put_(idx, k)
+        self.v.index_put_(idx, v)
+        return self.k[layer], self.v[layer]
 
 
 class LlamaAttention(nn.Module):
@@ -484,12 +359,13 @@ class LlamaAttention(nn.Module):
         self.v_proj = LoRALinear(cfg.hidden, cfg.kv_heads * hd)
         self.o_proj = LoRALinear(cfg.heads * hd, cfg.hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        """x (B, T, D); mask (B, 1, T, S) bool, True = may attend; with a cache, keys for positions
-        start..start+T are written there and S is the cache length attended over.
-        mask None means plain causal attention over these T tokens (no padding, start 0): SDPA then
-        takes its is_causal path, which skips the masked half of the score blocks."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D); mask (B, 1, T, S) bool, True = may attend. With a cache, the keys and values of
+        these T tokens are written at cache `slots` (T,) and the queries attend over the first S cache
+        slots (a decode step: S = the whole cache, masked). mask None means plain causal attention over
+        these T tokens (no padding; with a cache they must be its first T slots): SDPA then takes its
+        is_causal path, which skips the masked half of the score blocks."""
         B, T, _ = x.shape
         c, hd = self.cfg, self.cfg.head_dim
         q = self.q_proj(x).view(B, T, c.heads, hd).transpose(1, 2)          # (B, H, T, hd)
@@ -497,16 +373,12 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(B, T, c.kv_heads, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            cache.k[self.layer_idx, :, :, start:start + T] = k
-            cache.v[self.layer_idx, :, :, start:start + T] = v
-            if mask is not None:
-                S = mask.shape[-1]
-                k, v = cache.k[self.layer_idx, :, :, :S], cache.v[self.layer_idx, :, :, :S]
-            elif start != 0:
-                raise ValueError("mask=None (plain causal) needs start == 0")
-        if c.kv_heads != c.heads:
-            rep = c.heads // c.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            k, v = cache.update(self.layer_idx, slots, k, v)                 # (B, Hkv, max_len, hd)
+            S = T if mask is None else mask.shape[-1]
+            k, v = k[:, :, :S], v[:, :, :S]                                  # (B, Hkv, S, hd)
+        if c.kv_heads != c.heads:   # grouped-query attention: each kv head serves heads/kv_heads query heads
+            k = k.repeat_interleave(c.heads // c.kv_heads, dim=1)            # (B, H, S, hd)
+            v = v.repeat_interleave(c.heads // c.kv_heads, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.heads * hd))
 
@@ -530,8 +402,8 @@ class LlamaLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+    def forward(self, x, cos, sin, mask, cache=None, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -562,15 +434,14 @@ def _pinned_adapters(layer: nn.Module) -> Callable:
     return run
 
 
-def attention_mask_4d(key_valid: torch.Tensor, q_len: int, start: int) -> torch.Tensor:
-    """key_valid (B, S) bool -> (B, 1, q_len, S) bool: causal (query i sits at start+i) and no padding.
-    The diagonal is always allowed so that a padded query row never sees an empty set (NaN)."""
-    S = key_valid.shape[1]
-    q_pos = torch.arange(start, start + q_len, device=key_valid.device)[:, None]   # (T, 1)
-    k_pos = torch.arange(S, device=key_valid.device)[None, :]                      # (1, S)
-    mask = (k_pos <= q_pos)[None] & key_valid[:, None, :]                          # (B, T, S)
-    mask = mask | (k_pos == q_pos)[None]
-    return mask[:, None]
+def attention_mask_4d(key_valid: torch.Tensor) -> torch.Tensor:
+    """key_valid (B, T) bool -> (B, 1, T, T) bool: causal and no padding. The diagonal is always
+    allowed so that a padded query row never sees an empty set (NaN)."""
+    T = key_valid.shape[1]
+    pos = torch.arange(T, device=key_valid.device)
+    causal = pos[None, :] <= pos[:, None]                                          # (T, T): key <= query
+    mask = (causal[None] & key_valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=key_valid.device)
+    return mask[:, None]                                                           # (B, 1, T, T)
 
 
 def causal_or_padded_mask(key_valid: torch.Tensor) -> torch.Tensor | None:
@@ -578,7 +449,7 @@ def causal_or_padded_mask(key_valid: torch.Tensor) -> torch.Tensor | None:
     else the (B, 1, T, T) mask of attention_mask_4d. A mask without values is the rehearsal's, whose
     rows are all full length: None, which also gives SDPA the kernel a GPU runs (no T x T scores)."""
     unpadded = not has_values(key_valid) or bool(key_valid.all())
-    return None if unpadded else attention_mask_4d(key_valid, key_valid.shape[1], 0)
+    return None if unpadded else attention_mask_4d(key_valid)
 
 
 def has_values(t: torch.Tensor) -> bool:
@@ -626,185 +497,70 @@ def gather_last(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # Log-probs without float32 logits for the whole batch at once
 
-def _chunk_logprob_entropy(h: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, temperature: float):
+def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, temperature: float,
+                    with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     logits = F.linear(h, weight).float() / temperature                     # (n, V)
-    logz = torch.logsumexp(logits, dim=-1)
+    logz = torch.logsumexp(logits, dim=-1)                                 # (n,)
     lp = logits.gather(-1, tgt[:, None]).squeeze(-1) - logz
-    p = torch.softmax(logits, dim=-1)
-    ent = logz - (p * logits).sum(-1)
-    return lp, ent
+    if not with_entropy:
+        return lp, lp.new_empty(0)
+    return lp, logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)    # H = log Z - E_p[logits]
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,
-                   temperature: float = 1.0, with_entropy: bool = False):
-    """log p(targets) from hidden states (B, T, D) and lm_head weight (V, D), `chunk` rows at a time.
-    Each chunk is recomputed in backward (checkpoint), so peak memory holds one chunk's logits, not
-    B*T*V floats. Returns (B, T) fp32 log-probs (and entropies when with_entropy)."""
+                   temperature: float = 1.0, with_entropy: bool = False, fused: bool = False):
+    """log p(targets) under softmax(hidden @ weight.T / temperature), from hidden states (B, T, D) and
+    the lm_head weight (V, D), `chunk` rows at a time, so that peak memory holds one chunk's logits,
+    not B*T*V floats. Returns (B, T) fp32 log-probs (and entropies when with_entropy). Targets < 0
+    (ignored positions, -100) give a value the caller masks. The plain path recomputes each chunk in
+    backward (checkpoint) and lets autograd differentiate it; fused=True runs kernels.FusedLogprobs,
+    the same numbers with a hand-written backward (faster, less memory)."""
     B, T, D = hidden.shape
     h = hidden.reshape(B * T, D)
-    tgt = targets.reshape(B * T).clamp(min=0)       # ignored positions (-100) are masked by the caller
-    lps, ents = [], []
-    for i in range(0, B * T, chunk):
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprob_entropy, h[i:i + chunk], weight,
-                                                        tgt[i:i + chunk], temperature, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprob_entropy(h[i:i + chunk], weight, tgt[i:i + chunk], temperature)
-        lps.append(lp)
-        ents.append(ent)
-    lp = torch.cat(lps).view(B, T)
-    if with_entropy:
-        return lp, torch.cat(ents).view(B, T)
-    return lp
+    tgt = targets.reshape(B * T).clamp(min=0)
+    if fused:
+        lp, ent = kernels.FusedLogprobs.apply(h, weight, tgt, chunk, temperature, with_entropy)
+    else:
+        grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+        parts = []
+        for i in range(0, B * T, chunk):
+            args = (h[i:i + chunk], weight, tgt[i:i + chunk], temperature, with_entropy)
+            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+                         if grad else _chunk_logprobs(*args))
+        lp, ent = (torch.cat(x) for x in zip(*parts))
+    return (lp.view(B, T), ent.view(B, T)) if with_entropy else lp.view(B, T)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). temperature 0 is greedy; top_p < 1 keeps the nucleus."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sp, si = probs.sort(dim=-1, descending=True)
-        drop = (sp.cumsum(-1) - sp) > top_p          # keep the smallest prefix whose mass reaches top_p
-        sp = sp.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, si, sp)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+# ----------------------------------------------------------------------------------------------------
+# Sampling: one sampler for eager and compiled generation
 
-
-def sample_from_noise(logits: torch.Tensor, noise: torch.Tensor, temperature: float,
-                      top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One draw per row from softmax(logits / temperature), cut to the top-p nucleus, given iid Exp(1)
+def pick_token(logits: torch.Tensor, noise: torch.Tensor, temperature: float,
+               top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draw per row from softmax(logits / temperature) cut to the top-p nucleus, given iid Exp(1)
     noise (B, V): argmax(p / noise) is a draw from p (independent exponential clocks with rates p_i:
-    the first to ring is i with probability p_i). Drawing the noise outside keeps a torch.Generator in
-    charge of the randomness while this function, sync-free and shape-static, compiles into a few fused
-    kernels (the compiled rollout path). -> (tokens (B,), log-probs (B,) under softmax(logits/temperature))."""
+    the first to ring is i with probability p_i). Sync-free and shape-static, so the compiled path
+    compiles it into a few fused kernels. -> (tokens (B,), log-probs (B,) under softmax(logits/temperature))."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)          # (B, V)
     p = logp.exp()
     if top_p < 1.0:
         sp, si = p.sort(dim=-1, descending=True)
-        drop = (sp.cumsum(-1) - sp) > top_p                                 # as sample_next, in sorted order
-        p = p.masked_fill(torch.zeros_like(drop).scatter(-1, si, drop), 0.0)
+        drop = (sp.cumsum(-1) - sp) > top_p          # keep the smallest prefix whose mass reaches top_p
+        p = p.masked_fill(torch.zeros_like(drop).scatter(-1, si, drop), 0.0)   # back in vocabulary order
     tok = (p / noise.clamp_min(1e-30)).argmax(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# lm_head fused with log-probs / cross-entropy, in chunks, with hand-written backward. Unlike
-# token_logprobs (autograd through a checkpoint), the backward here works straight from the saved
-# log-normaliser: one recomputed matmul and one pass over each chunk's logits instead of autograd's
-# chain of softmax / gather / logsumexp nodes, and never more than one chunk of logits alive.
-
-class _FusedLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, chunk: int, temperature: float,
-                with_entropy: bool):
-        # h (N, D), weight (V, D), tgt (N,) -> lp (N,), ent (N,) fp32 (ent empty without with_entropy)
-        N = h.shape[0]
-        lp = torch.empty(N, device=h.device, dtype=torch.float32)
-        lse = torch.empty_like(lp)
-        ent = torch.empty_like(lp) if with_entropy else lp.new_empty(0)
-        for i in range(0, N, chunk):
-            z = F.linear(h[i:i + chunk], weight).float() / temperature                # (n, V)
-            lse[i:i + chunk] = lz = torch.logsumexp(z, dim=-1)
-            lp[i:i + chunk] = z.gather(-1, tgt[i:i + chunk, None]).squeeze(-1) - lz
-            if with_entropy:
-                ent[i:i + chunk] = lz - (torch.exp(z - lz[:, None]) * z).sum(-1)    # H = lse - E_p[z]
-        ctx.save_for_backward(h, weight, tgt, lse, ent)
-        ctx.chunk, ctx.temperature, ctx.with_entropy = chunk, temperature, with_entropy
-        return lp, ent
-
-    @staticmethod
-    def backward(ctx, g_lp: torch.Tensor, g_ent: torch.Tensor):
-        h, weight, tgt, lse, ent = ctx.saved_tensors
-        chunk, t = ctx.chunk, ctx.temperature
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh = torch.empty_like(h) if need_h else None
-        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
-        for i in range(0, h.shape[0], chunk):
-            hc = h[i:i + chunk]
-            z = F.linear(hc, weight).float() / t
-            logp = z - lse[i:i + chunk, None]                                         # (n, V)
-            p = logp.exp()
-            # d lp / dz = onehot - p ;  d H / dz = -p (log p + H)
-            dz = -p * g_lp[i:i + chunk, None]
-            dz.scatter_add_(-1, tgt[i:i + chunk, None], g_lp[i:i + chunk, None])
-            if ctx.with_entropy:
-                dz -= g_ent[i:i + chunk, None] * p * (logp + ent[i:i + chunk, None])
-            dz = (dz / t).to(weight.dtype)
-            if need_h:
-                dh[i:i + chunk] = dz @ weight
-            if need_w:
-                dw += (dz.t() @ hc).float()
-        return dh, None if dw is None else dw.to(weight.dtype), None, None, None, None
-
-
-def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,
-                         temperature: float = 1.0, with_entropy: bool = False):
-    """Same contract as token_logprobs (and equal to it), faster: hand-written chunked backward."""
-    B, T, D = hidden.shape
-    lp, ent = _FusedLogprobs.apply(hidden.reshape(B * T, D), weight, targets.reshape(B * T).clamp(min=0),
-                                   chunk, temperature, with_entropy)
-    return (lp.view(B, T), ent.view(B, T)) if with_entropy else lp.view(B, T)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i w_i * CE(softmax(h_i @ W.T), t_i) over N rows. The loss is a scalar, so its gradient is
-    known up to the upstream factor while each chunk's logits are still in hand: forward computes
-    d/dh and d/dW chunk by chunk and backward only scales them. Three matmuls per chunk, as unfused
-    autograd does, but no (N, V) logits tensor and no recomputation."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, row_w: torch.Tensor, chunk: int,
-                grad: bool):
-        N = h.shape[0]
-        need_h, need_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
-        dh = torch.empty_like(h) if need_h else None
-        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
-        total = torch.zeros((), device=h.device, dtype=torch.float32)
-        rows = torch.arange(min(chunk, N), device=h.device)
-        for i in range(0, N, chunk):
-            hc, tc, wc = h[i:i + chunk], tgt[i:i + chunk], row_w[i:i + chunk]
-            z = F.linear(hc, weight).float()                                         # (n, V)
-            lz = torch.logsumexp(z, dim=-1)
-            total += ((lz - z.gather(-1, tc[:, None]).squeeze(-1)) * wc).sum()
-            if need_h or need_w:
-                dz = torch.exp(z.sub_(lz[:, None]))                                  # softmax, in place
-                dz[rows[:hc.shape[0]], tc] -= 1.0
-                dz = (dz * wc[:, None]).to(weight.dtype)
-                if need_h:
-                    dh[i:i + chunk] = dz @ weight
-                if need_w:
-                    dw += (dz.t() @ hc).float()
-        ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
-        return total
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        dh, dw = ctx.saved_tensors
-        return (None if dh is None else dh * g.to(dh.dtype)), (None if dw is None else dw * g.to(dw.dtype)), \
-            None, None, None, None
-
-
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100, chunk: int = 2048, select_rows: bool = True) -> torch.Tensor:
-    """Mean cross-entropy of softmax(hidden @ weight.T) against targets over the rows whose target is
-    not ignore_index. hidden (..., D), targets (...). Gradients are made in forward
-    (_LinearCrossEntropy). select_rows: only those rows go through the lm_head (prompt and image
-    positions cost nothing); False runs every row and weights the ignored ones 0 (static shapes)."""
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = targets.reshape(-1)
-    keep = t != ignore_index
-    n = int(keep.sum())
-    if n == 0:
-        return (h.sum() * 0.0).float() + (weight.sum() * 0.0).float()   # zero, still connected to the graph
-    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    if select_rows:
-        h, t = h[keep], t[keep]
-        row_w = torch.full((n,), 1.0 / n, device=h.device)
-    else:
-        row_w = keep.float() / n
-    return _LinearCrossEntropy.apply(h, weight, t.clamp(min=0), row_w, chunk, grad)
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+                pick: Callable = pick_token) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, V) -> (token ids (B,), their log-probs (B,) under softmax(logits / temperature)).
+    temperature 0 is greedy (log-probs under the raw logits); top_p < 1 keeps the nucleus. The noise
+    is drawn here, from `generator`, so that `pick` (pick_token, or its compiled version) is a pure
+    function: eager and compiled generation draw the same tokens from the same generator."""
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits.float(), dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+    noise = torch.empty(logits.shape, device=logits.device, dtype=torch.float32).exponential_(generator=generator)
+    return pick(logits, noise, temperature, top_p)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -848,15 +604,16 @@ class LLaVA(nn.Module):
 
     # -- decoder ---------------------------------------------------------------------------------------
     def decode(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-               cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        """Run the LLaMA layers on embeddings x (B, T, D) -> final-normed hidden states (B, T, D)."""
+               cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the LLaMA layers on embeddings x (B, T, D) at positions (B, T) -> final-normed hidden
+        states (B, T, D). mask: see LlamaAttention; with a cache, keys go to cache `slots` (T,)."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         for layer in self.llm.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(_pinned_adapters(layer), x, cos, sin, mask, cache, start,
+                x = torch.utils.checkpoint.checkpoint(_pinned_adapters(layer), x, cos, sin, mask, cache, slots,
                                                       use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, start)
+                x = layer(x, cos, sin, mask, cache, slots)
         return self.llm.norm(x)
 
     def hidden_states(self, input_ids: torch.Tensor, images: torch.Tensor | None,
@@ -875,38 +632,36 @@ class LLaVA(nn.Module):
         """-> logits (B, T, V) in the model's dtype."""
         return self.lm_head(self.hidden_states(input_ids, images, attention_mask))
 
-    def logprobs(self, input_ids: torch.Tensor, images: torch.Tensor | None, attention_mask: torch.Tensor,
-                 chunk: int = 1024, with_entropy: bool = False, temperature: float = 1.0):
-        """log p(input_ids[:, t+1] | ..t) for t < T-1, chunked. -> (B, T-1) fp32 (and entropy)."""
-        h = self.hidden_states(input_ids, images, attention_mask)[:, :-1]
-        return token_logprobs(h, self.lm_head.weight, input_ids[:, 1:], chunk, temperature, with_entropy)
-
-    def lm_loss(self, input_ids: torch.Tensor, images: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                labels: torch.Tensor, chunk: int = 2048, select_rows: bool = True) -> torch.Tensor:
-        """Mean next-token cross-entropy over labels != -100 (labels aligned with input_ids, as in
-        transformers: position t predicts labels[t+1]). The fast training loss: the lm_head runs only
-        on the labelled rows (select_rows), fused with the loss and its gradient (linear_cross_entropy)."""
-        h = self.hidden_states(input_ids, images, attention_mask)[:, :-1]
-        return linear_cross_entropy(h, self.lm_head.weight, labels[:, 1:], -100, chunk, select_rows)
-
     # -- generation ------------------------------------------------------------------------------------
+    def new_kv_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
+        return KVCache(self.config, batch, max_len, device, dtype)
+
+    def decode_one(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, slot: torch.Tensor,
+                   key_valid: torch.Tensor) -> torch.Tensor:
+        """One decode step: tokens tok (B,) at positions pos (B,), written at cache slot `slot` (1,) long
+        -> next-token logits (B, V) fp32. key_valid (B, S) bool marks the cache slots to attend to
+        (the caller sets `slot` itself). Every tensor has the same shape at every step (attention
+        covers all S slots, masked, and the slot is data, not a Python int), so under torch.compile
+        (kernels.StaticDecoder) one graph serves the whole generation."""
+        x = self.llm.embed_tokens(tok[:, None])                                    # (B, 1, D)
+        h = self.decode(x, pos[:, None], key_valid[:, None, None, :], cache, slot)  # mask (B, 1, 1, S)
+        return self.lm_head(h[:, -1]).float()                                      # (B, V)
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int = 2,
                  generator: torch.Generator | None = None, pad_token_id: int = 0,
-                 return_logprobs: bool = False, decode_fn=None, compile: bool = False):
+                 return_logprobs: bool = False, decode_fn: Callable | None = None, compile: bool = False):
         """Batched KV-cache generation from left-padded prompts (B, T).
         Returns new tokens (B, <=max_new_tokens), pad_token_id after each row's EOS (EOS itself kept);
         with return_logprobs also (B, n) fp32 log-probs of each token under softmax(logits/temperature)
         (temperature 0: under the raw logits), 0 after EOS.
-        `decode_fn` replaces the one-token decode step. compile=True: decode steps run the compiled
-        static-cache step (self.static_decoder(): compiled once per batch size and bucketed cache
-        length, reused across calls) and sampling runs the compiled sample_from_noise (same
-        distribution as sample_next, another random stream); the prefill runs eager with the fused
-        RMSNorm/rotary/SwiGLU kernels (use_fused_kernels) and, on CPU, every linear of prefill and
-        decode goes through oneDNN with prepacked weights (use_packed_cpu_linear)."""
-        with packed_cpu_linear(compile and input_ids.device.type == "cpu"), fused_kernels(compile):
+        `decode_fn(tok, pos, cache, slot, key_valid)` replaces decode_one. compile=True: the same steps
+        and the same sampler compiled (kernels.static_decoder(self): one graph per batch size and
+        bucketed cache length, reused across calls; the same tokens from the same generator), the
+        prefill with kernels' fused elementwise kernels and, on CPU, every linear through oneDNN."""
+        with kernels.packed_cpu_linear(compile and input_ids.device.type == "cpu"), kernels.fused_kernels(compile):
             B, T = input_ids.shape
             dev = input_ids.device
             if attention_mask is None:
@@ -915,104 +670,37 @@ class LLaVA(nn.Module):
             if max_new_tokens <= 0:
                 empty = torch.empty(B, 0, dtype=torch.long, device=dev)
                 return (empty, empty.float()) if return_logprobs else empty
-            x = self.embed(input_ids, images)
-            total = T + max_new_tokens
-            dec = self.static_decoder() if compile else None
+            x = self.embed(input_ids, images)                                         # (B, T, D)
+            dec = kernels.static_decoder(self) if compile else None
             if dec is not None:
-                decode_fn = decode_fn or dec
-                cache = dec.cache(B, total, dev, x.dtype)        # persistent, length rounded up to a bucket
-                total = cache.max_len
+                cache = dec.cache(B, T + max_new_tokens, dev, x.dtype)   # persistent, length bucketed
+                step, pick = decode_fn or dec, dec.pick(pick_token)
             else:
-                cache = KVCache(self.config, B, total, dev, x.dtype)
-            key_valid = torch.zeros(B, total, dtype=torch.bool, device=dev)
+                cache = self.new_kv_cache(B, T + max_new_tokens, dev, x.dtype)
+                step, pick = decode_fn or self.decode_one, pick_token
+            key_valid = torch.zeros(B, cache.max_len, dtype=torch.bool, device=dev)  # (B, S)
             key_valid[:, :T] = attention_mask
-            positions = positions_from_mask(attention_mask)
-            h = self.decode(x, positions, causal_or_padded_mask(key_valid[:, :T]), cache, 0)
+            positions = positions_from_mask(attention_mask)                           # (B, T)
+            h = self.decode(x, positions, causal_or_padded_mask(attention_mask), cache,
+                            torch.arange(T, device=dev))
             logits = self.lm_head(h[:, -1]).float()                                   # (B, V)
             next_pos = positions[:, -1] + 1                                           # (B,)
+            slot = torch.full((1,), T, dtype=torch.long, device=dev)
             done = torch.zeros(B, dtype=torch.bool, device=dev)
             toks, lps = [], []
-            step = decode_fn or self.decode_one
             for i in range(max_new_tokens):
-                if dec is not None and temperature > 0:
-                    tok, lp = dec.sample(logits, temperature, top_p, generator)
-                    if return_logprobs:
-                        lps.append(lp.masked_fill(done, 0.0))
-                else:
-                    tok = sample_next(logits, temperature, top_p, generator)
-                    if return_logprobs:
-                        t = temperature if temperature > 0 else 1.0
-                        lp = torch.log_softmax(logits / t, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
-                        lps.append(lp.masked_fill(done, 0.0))
+                tok, lp = sample_next(logits, temperature, top_p, generator, pick)
                 tok = tok.masked_fill(done, pad_token_id)
                 toks.append(tok)
+                lps.append(lp.masked_fill(done, 0.0))
                 done = done | (tok == eos_token_id)
                 if i == max_new_tokens - 1 or (has_values(done) and bool(done.all())):
                     break
                 key_valid[:, T + i] = True
-                logits = step(tok, next_pos, cache, T + i, key_valid).float()
-                next_pos = next_pos + 1
+                logits = step(tok, next_pos, cache, slot, key_valid).float()
+                next_pos, slot = next_pos + 1, slot + 1
             out = torch.stack(toks, dim=1)
             return (out, torch.stack(lps, dim=1)) if return_logprobs else out
-
-    def decode_one(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, start: int,
-                   key_valid: torch.Tensor) -> torch.Tensor:
-        """One decode step: token (B,) at cache slot `start` -> next logits (B, V). Attends over the
-        valid prefix only (eager path; the compiled path attends over the whole static cache)."""
-        x = self.llm.embed_tokens(tok[:, None])                                    # (B, 1, D)
-        mask = attention_mask_4d(key_valid[:, :start + 1], 1, start)
-        h = self.decode(x, pos[:, None], mask, cache, start)
-        return self.lm_head(h[:, -1])
-
-    def decode_step_static(self, tok: torch.Tensor, pos: torch.Tensor, start: torch.Tensor, k_cache: torch.Tensor,
-                           v_cache: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-        """One decode step written for torch.compile: tok, pos (B,) long; start (1,) long, the cache slot
-        of this token; k_cache/v_cache (L, B, Hkv, S, hd), the whole static cache, updated in place;
-        key_valid (B, S) bool. -> logits (B, V) fp32.
-        Every tensor has the same shape at every step (attention covers all S slots, masked by
-        key_valid, and `start` is data, not a Python int), so one compiled graph serves the whole
-        generation. The cache is written with index_put_ on the full cache tensor (tensor indices
-        in every leading dim) because inductor turns that into an in-place write of B*Hkv rows; a
-        write through a view (cache[i][..., start, :]) gets functionalised into a copy of the cache."""
-        c = self.config
-        B, S = key_valid.shape
-        hd, Hkv, rep = c.head_dim, c.kv_heads, c.heads // c.kv_heads
-        dev = tok.device
-        x = self.llm.embed_tokens(tok)[:, None]                                    # (B, 1, D)
-        cos, sin = rope_cos_sin(pos[:, None], hd, c.rope_theta)                    # (B, 1, hd)
-        mask = key_valid[:, None, None, :]            # (B, 1, 1, S); slot `start` is set by the caller
-        b_idx = torch.arange(B, device=dev)[:, None]                               # (B, 1)
-        h_idx = torch.arange(Hkv, device=dev)[None, :]                             # (1, Hkv)
-        for i, layer in enumerate(self.llm.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(B, 1, c.heads, hd).transpose(1, 2)            # (B, H, 1, hd)
-            k = attn.k_proj(h).view(B, 1, Hkv, hd).transpose(1, 2)                # (B, Hkv, 1, hd)
-            v = attn.v_proj(h).view(B, Hkv, hd)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            layer_idx = torch.full((1,), i, dtype=torch.long, device=dev)
-            k_cache.index_put_((layer_idx, b_idx, h_idx, start), k[:, :, 0])      # (B, Hkv, hd) at slot start
-            v_cache.index_put_((layer_idx, b_idx, h_idx, start), v)
-            # grouped-query attention without repeating the cache: the rep query heads sharing a kv
-            # head go in as rep query rows against it (one token, so no causal order among them)
-            qg = q.reshape(B, Hkv, rep, hd)
-            y = F.scaled_dot_product_attention(qg, k_cache[i], v_cache[i], attn_mask=mask)  # (B, Hkv, rep, hd)
-            x = x + attn.o_proj(y.reshape(B, 1, c.heads * hd))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.llm.norm(x)[:, 0]).float()                      # (B, V)
-
-    def static_decoder(self, compile: bool | None = None, mode: str | None = None) -> "StaticDecoder":
-        """The model's StaticDecoder for (compile, mode), made on first use and kept for the model's
-        lifetime so that compiled graphs and the static cache are reused across generate calls.
-        generate(compile=True) uses the one asked for last (compiled, default mode if none was), so
-        `m.static_decoder(mode="reduce-overhead")` once selects CUDA graphs for later rollouts."""
-        decs = _DECODERS.setdefault(self, {})
-        if compile is None and mode is None and decs:
-            return decs[next(reversed(decs))]
-        key = (True if compile is None else compile, mode)
-        dec = decs.pop(key, None) or StaticDecoder(self, compile=key[0], mode=mode)
-        decs[key] = dec   # re-inserted: now the most recent
-        return dec
 
     # -- LoRA ------------------------------------------------------------------------------------------
     def lora_layers(self) -> Iterator[tuple[str, LoRALinear]]:
@@ -1129,109 +817,6 @@ class LLaVA(nn.Module):
         weights.save_llava(self.config, self.state_dict(), out_dir, max_shard_bytes)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Compiled decoding
-
-def compile_available() -> tuple[bool, str]:
-    """Whether torch.compile's default backend (inductor) works here: on CPU it needs a C++ compiler.
-    -> (ok, reason if not). Cheap: checks for the compiler, compiles nothing."""
-    if not hasattr(torch, "compile"):
-        return False, "torch.compile is missing (torch < 2.0)"
-    try:
-        importlib.import_module("torch._inductor.config")
-    except Exception as e:  # noqa: BLE001
-        return False, f"inductor unavailable: {e}"
-    cxx = os.environ.get("CXX") or "g++"
-    if shutil.which(cxx) is None and shutil.which("c++") is None and shutil.which("clang++") is None:
-        return False, f"no C++ compiler ({cxx}) for inductor's CPU kernels"
-    return True, ""
-
-
-def _graphs_compiled() -> int:
-    """Process-wide count of graphs torch.compile has produced (dynamo's own counter)."""
-    from torch._dynamo.utils import counters
-    return counters["stats"]["unique_graphs"]
-
-
-class StaticDecoder:
-    """decode_fn for LLaVA.generate running LLaVA.decode_step_static, through torch.compile
-    (fullgraph=True, dynamic=False) unless compile=False, plus the compiled sampler.
-    Shapes are the same at every step, so a generation compiles once per (batch, cache length,
-    dtype, device, adapter, train/eval) and then only replays. `compiles` counts every graph built
-    for this decoder; `recompiles` counts those built again for a signature already compiled,
-    i.e. something that changed between steps and defeated the static shapes: it should stay 0.
-    The KV cache is kept between calls (cache()) with its length rounded up to `bucket`, so that
-    prompts of nearby lengths share a graph; with mode="reduce-overhead" (CUDA graphs) its address is
-    marked static, so that graph replays write into it directly instead of into a copy."""
-
-    def __init__(self, model: "LLaVA", compile: bool = True, mode: str | None = None, bucket: int = 64):
-        self._model = weakref.ref(model)   # the decoder lives in _DECODERS keyed by the model: no cycle
-        self.compiled, self.mode, self.bucket = compile, mode, bucket
-        self.compiles = self.recompiles = 0
-        self.signatures: set[tuple] = set()
-        self._kv: KVCache | None = None
-        self._cudagraphs = compile and mode in ("reduce-overhead", "max-autotune")
-        step, sample = LLaVA.decode_step_static, sample_from_noise
-        if compile:
-            step = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
-            sample = torch.compile(sample, fullgraph=True, dynamic=False)
-        self._step, self._sample = step, sample
-
-    def _count(self, before: int, signature) -> None:
-        n = _graphs_compiled() - before
-        if n:  # only on a compile: the steady state pays two integer reads per step
-            self.compiles += n
-            sig = signature()
-            if sig in self.signatures:
-                self.recompiles += n
-            self.signatures.add(sig)
-
-    def cache(self, batch: int, min_len: int, device, dtype) -> KVCache:
-        """A zeroed KVCache of at least min_len slots: the kept one when it fits (same batch, dtype and
-        device, and not over twice the bucketed length asked for), else a new one of the bucketed
-        length. Reuse keeps shapes (no compile) and addresses (no CUDA-graph re-recording) stable."""
-        m = self._model()
-        S = -(-min_len // self.bucket) * self.bucket
-        kv = self._kv
-        if (kv is None or kv.k.shape[1] != batch or not S <= kv.max_len <= 2 * S
-                or kv.k.device != torch.device(device) or kv.k.dtype != dtype):
-            self._kv = None  # free the old one first
-            kv = self._kv = KVCache(m.config, batch, S, device, dtype)
-            if self._cudagraphs:
-                torch._dynamo.mark_static_address(kv.k)
-                torch._dynamo.mark_static_address(kv.v)
-        else:
-            kv.k.zero_()   # masked slots are never read, but stale NaN/inf would still poison p @ v
-            kv.v.zero_()
-        return kv
-
-    def release(self) -> None:
-        """Drop the kept KV cache (memory back to the allocator)."""
-        self._kv = None
-
-    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, start: int,
-                 key_valid: torch.Tensor) -> torch.Tensor:
-        m = self._model()
-        start_t = torch.full((1,), start, dtype=torch.long, device=tok.device)
-        if self._cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        before = _graphs_compiled()
-        out = self._step(m, tok, pos, start_t, cache.k, cache.v, key_valid)
-        self._count(before, lambda: ("step", tuple(key_valid.shape), cache.k.dtype, str(tok.device),
-                                     m.active_adapter, m.training))
-        return out
-
-    def sample(self, logits: torch.Tensor, temperature: float, top_p: float,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        noise = torch.empty(logits.shape, device=logits.device, dtype=torch.float32).exponential_(generator=generator)
-        before = _graphs_compiled()
-        tok, lp = self._sample(logits, noise, temperature, top_p)
-        self._count(before, lambda: ("sample", tuple(logits.shape), logits.dtype, temperature, top_p))
-        return tok, lp
-
-
-# model -> {(compile, mode): StaticDecoder}, the most recently asked for last
-_DECODERS: "weakref.WeakKeyDictionary[LLaVA, dict[tuple, StaticDecoder]]" = weakref.WeakKeyDictionary()
 
 
 # ----------------------------------------------------------------------------------------------------

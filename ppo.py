@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 import common
 import data
+import kernels
 import model as M
 import reward_model as RM
 
@@ -519,8 +520,8 @@ def _micro_update(models: Models, rows: list[Row], cfg: Config, n_tok_global: fl
     # value forward switches a shared base to "value"; it also frees the policy's graph before the value's.
     with common.autocast(dev, dt):
         h = forward_response(pb, "policy", b)
-        logp, ent = M.fused_token_logprobs(h, pb.lm_head.weight, b["resp"], temperature=logprob_temperature(cfg),
-                                           with_entropy=True)
+        logp, ent = M.token_logprobs(h, pb.lm_head.weight, b["resp"], temperature=logprob_temperature(cfg),
+                                     with_entropy=True, fused=True)
     pg, pst = policy_loss(logp, b["logp"], b["adv"], m, cfg.clip)
     ok = _finite(pg)
     if ok:
@@ -675,7 +676,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
         # -- rollout ------------------------------------------------------------------------------------
         for mod in (pb, models.value_base):
             mod.eval()
-        with M.packed_cpu_linear(cfg.compile and d.device.type == "cpu"):   # generation and scoring
+        with kernels.packed_cpu_linear(cfg.compile and d.device.type == "cpu"):   # generation and scoring
             rows, times = rollout(models, tok, [prompts[j] for j in sampler.take(per_rank)], records, cfg, gen,
                                   reward_fn)
         t0 = time.time()

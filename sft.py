@@ -157,7 +157,7 @@ class SFTLoss(torch.nn.Module):
             # only supervised positions go through the lm_head: answers are a small part of each sequence
             h, tgt = h[sup][None], tgt[sup][None]                           # (1, N, D), (1, N)
         # (the rehearsal's fake labels have no values: every position counts, the worst case)
-        lp = M.fused_token_logprobs(h, self.m.lm_head.weight, tgt)          # fp32
+        lp = M.token_logprobs(h, self.m.lm_head.weight, tgt, fused=True)  # fp32
         return -lp.sum()
 
 

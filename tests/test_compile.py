@@ -1,6 +1,7 @@
-"""The fast paths of model.py against the plain ones: the static-cache decode step (eager and through
-torch.compile), the compiled sampler, the fused lm_head log-prob / cross-entropy, SDPA's causal fast
-path; plus smoke runs of bench.py. Compiles stay tiny (the CPU compiler is slow): ~1 min in all."""
+"""The fast paths (kernels.py) against the plain ones: the decode step against a full forward and
+through torch.compile, the sampler (closed form; eager and compiled draw the same tokens), the fused
+lm_head log-probs, the packed CPU linear, SDPA's causal fast path; plus smoke runs of bench.py.
+Compiles stay tiny (the CPU compiler is slow): ~1 min in all."""
 import gc
 import math
 
@@ -8,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 import model
 from model import IMAGE_TOKEN_INDEX, LLaVA, ModelConfig
 from helpers import _randomize
 
-COMPILE_OK, WHY = model.compile_available()
+COMPILE_OK, WHY = kernels.compile_available()
 needs_compile = pytest.mark.skipif(not COMPILE_OK, reason=f"torch.compile unavailable: {WHY}")
 
 
@@ -63,16 +65,20 @@ class Recorder:
 
 
 # --------------------------------------------------------------------------------------------------
-def test_static_step_eager_equals_decode_one():
+def test_decode_steps_equal_a_full_forward():
+    """Each cached decode step (attending over the whole preallocated cache, masked) gives the logits
+    of a forward pass over prompt + tokens so far, without a cache."""
     m = _tiny()
     ids, x, mask = _prompts(m, [3, 7, 5])
-    ref, dec = Recorder(m.decode_one), model.StaticDecoder(m, compile=False)
-    got = Recorder(dec)
-    a, lpa = m.generate(ids, x, mask, max_new_tokens=9, eos_token_id=-1, return_logprobs=True, decode_fn=ref)
-    b, lpb = m.generate(ids, x, mask, max_new_tokens=9, eos_token_id=-1, return_logprobs=True, decode_fn=got)
-    assert torch.equal(a, b)
-    assert max((u - v).abs().max().item() for u, v in zip(ref.logits, got.logits)) < 1e-5
-    assert (lpa - lpb).abs().max() < 1e-5
+    rec = Recorder(m.decode_one)
+    out = m.generate(ids, x, mask, max_new_tokens=6, eos_token_id=-1, decode_fn=rec)
+    full = torch.cat([ids, out], 1)
+    fmask = torch.cat([mask, torch.ones_like(out)], 1)
+    with torch.no_grad():
+        want = m(full, x, fmask).float()[:, ids.shape[1]:-1]              # (B, 5, V): after each new token
+    got = torch.stack(rec.logits, 1)
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-4
+    assert torch.equal(out[:, 1:], want.argmax(-1))                     # greedy: each token the argmax
 
 
 def test_causal_fast_path_equals_explicit_mask():
@@ -82,7 +88,7 @@ def test_causal_fast_path_equals_explicit_mask():
     with torch.no_grad():
         fast = m.hidden_states(ids, x, mask)                          # no padding: SDPA is_causal
         emb = m.embed(ids, x)
-        slow = m.decode(emb, model.positions_from_mask(mask), model.attention_mask_4d(mask.bool(), ids.shape[1], 0))
+        slow = m.decode(emb, model.positions_from_mask(mask), model.attention_mask_4d(mask.bool()))
     assert model.causal_or_padded_mask(mask.bool()) is None
     assert (fast - slow).abs().max() < 1e-5
 
@@ -91,7 +97,7 @@ def test_causal_fast_path_equals_explicit_mask():
 def test_compiled_decode_equals_eager_and_never_recompiles():
     torch._dynamo.reset()
     m = _tiny()
-    dec = m.static_decoder(compile=True)
+    dec = kernels.static_decoder(m, compile=True)
     ids, x, mask = _prompts(m, [3, 8, 5])
     ref, got = Recorder(m.decode_one), Recorder(dec)
     a = m.generate(ids, x, mask, max_new_tokens=10, eos_token_id=-1, decode_fn=ref)
@@ -112,7 +118,7 @@ def test_compiled_decode_equals_eager_and_never_recompiles():
     assert dec.compiles == 2 and dec.recompiles == 0
 
 
-packed_ok = pytest.mark.skipif(not model.packed_cpu_linear_available(), reason="this torch build has no oneDNN")
+packed_ok = pytest.mark.skipif(not kernels.packed_cpu_linear_available(), reason="this torch build has no oneDNN")
 
 
 @packed_ok
@@ -122,32 +128,32 @@ def test_packed_cpu_linear_equals_f_linear_and_follows_the_weight(bias):
     lin = model.Linear(24, 40, bias=bias)
     x = torch.randn(5, 40, 24).transpose(0, 1)                   # (40, 5, 24), not contiguous
     ref = lambda: F.linear(x, lin.weight, lin.bias)
-    assert not model._PACKED_CPU["on"]
-    with torch.no_grad(), model.packed_cpu_linear():
+    assert not kernels._PACKED_CPU["on"]
+    with torch.no_grad(), kernels.packed_cpu_linear():
         assert (lin(x) - ref()).abs().max() < 1e-5
-        assert lin.weight in model._PACKED                       # the packed path ran
+        assert lin.weight in kernels._PACKED                       # the packed path ran
         lin.weight.mul_(-2.0)                                    # in place (an optimizer step): repacked
         assert (lin(x) - ref()).abs().max() < 1e-5
         lin.weight.data = torch.randn(40, 24)                    # new storage: repacked
         assert (lin(x) - ref()).abs().max() < 1e-5
         lin.weight.data.mul_(3.0)        # invisible to the version counter: drop_packed_weights() says so
-        model.drop_packed_weights()
+        kernels.drop_packed_weights()
         assert (lin(x) - ref()).abs().max() < 1e-5
         with torch.inference_mode():                             # no version counter: plain F.linear
             inf = model.Linear(24, 40, bias=bias)
         assert torch.equal(inf(x), F.linear(x, inf.weight, inf.bias))
-    assert not model._PACKED_CPU["on"]                           # the block restored the setting
+    assert not kernels._PACKED_CPU["on"]                           # the block restored the setting
     # with autograd the plain path runs, gradients included
-    with model.packed_cpu_linear():
+    with kernels.packed_cpu_linear():
         xg = x.detach().requires_grad_(True)
         lin(xg).square().sum().backward()
     xr = x.detach().requires_grad_(True)
     F.linear(xr, lin.weight, lin.bias).square().sum().backward()
     assert torch.equal(xg.grad, xr.grad)
-    n = len(model._PACKED)
+    n = len(kernels._PACKED)
     lin = None
     gc.collect()
-    assert len(model._PACKED) == n - 1                           # the packed copy goes with its weight
+    assert len(kernels._PACKED) == n - 1                           # the packed copy goes with its weight
 
 
 @needs_compile
@@ -162,7 +168,8 @@ def test_compiled_generation_follows_full_weight_updates():
     assert torch.equal(a, m.generate(ids, x, mask, max_new_tokens=6, eos_token_id=-1))
     opt = torch.optim.SGD(m.parameters(), lr=50.0)
     m.train()
-    m.lm_loss(ids, x, mask, ids.masked_fill(ids < 0, -100)).backward()
+    lp = model.token_logprobs(m.hidden_states(ids, x, mask)[:, :-1], m.lm_head.weight, ids[:, 1:])
+    (-lp[(ids[:, 1:] >= 0) & mask[:, 1:].bool()].sum()).backward()
     opt.step()
     m.eval()
     b = m.generate(ids, x, mask, max_new_tokens=6, eos_token_id=-1, compile=True)
@@ -170,89 +177,72 @@ def test_compiled_generation_follows_full_weight_updates():
     assert torch.equal(b, m.generate(ids, x, mask, max_new_tokens=6, eos_token_id=-1))
 
 
-def test_sample_from_noise_draws_from_the_nucleus():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
+def test_sampler_draws_from_the_nucleus():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = torch.log(p).expand(4000, 4)
     g = torch.Generator().manual_seed(0)
-    noise = torch.empty(4000, 4).exponential_(generator=g)
-    tok, lp = model.sample_from_noise(logits, noise, 1.0, 1.0)
+    tok, lp = model.sample_next(logits, 1.0, 1.0, g)
+    assert (torch.bincount(tok, minlength=4).float() / 4000 - p).abs().max() < 0.03
+    assert torch.allclose(lp, torch.log(p)[tok], atol=1e-6)        # log-probs under the full softmax
+    # top_p 0.7: the nucleus is {0, 1} (0.5 < 0.7 <= 0.8), drawn in proportion 0.5 : 0.3
+    tok, _ = model.sample_next(logits, 1.0, 0.7, g)
     freq = torch.bincount(tok, minlength=4).float() / 4000
-    assert (freq - torch.tensor([0.5, 0.3, 0.15, 0.05])).abs().max() < 0.03
-    assert torch.allclose(lp, torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))[tok], atol=1e-6)
-    tok, _ = model.sample_from_noise(logits, noise, 1.0, 0.7)
-    assert set(tok.tolist()) == {0, 1}
+    assert set(tok.tolist()) == {0, 1} and abs(freq[0] - 0.5 / 0.8) < 0.03
+    # temperature 2 flattens p to p^(1/2), normalised
+    tok, _ = model.sample_next(logits, 2.0, 1.0, g)
+    q = p.sqrt() / p.sqrt().sum()
+    assert (torch.bincount(tok, minlength=4).float() / 4000 - q).abs().max() < 0.03
+    tok, lp = model.sample_next(logits[:3], 0.0, 0.5, g)              # greedy: argmax, raw log-probs
+    assert tok.tolist() == [0, 0, 0] and torch.allclose(lp, torch.log(p[0]).expand(3))
 
 
 @needs_compile
-def test_compiled_sampling_matches_eager_and_is_seeded():
+def test_compiled_sampling_draws_what_eager_draws():
     logits = torch.randn(3, 50)
     noise = torch.empty(3, 50).exponential_(generator=torch.Generator().manual_seed(1))
-    compiled = torch.compile(model.sample_from_noise, fullgraph=True, dynamic=False)
+    compiled = torch.compile(model.pick_token, fullgraph=True, dynamic=False)
     for t, p in ((1.0, 1.0), (0.7, 0.9)):
-        a, b = model.sample_from_noise(logits, noise, t, p), compiled(logits, noise, t, p)
+        a, b = model.pick_token(logits, noise, t, p), compiled(logits, noise, t, p)
         assert torch.equal(a[0], b[0]) and (a[1] - b[1]).abs().max() < 1e-5
+    # whole generations: eager and compiled give the same tokens from the same generator seed
+    torch._dynamo.reset()
     m = _tiny(layers=1)
     ids, x, mask = _prompts(m, [3, 5])
-    run = lambda: m.generate(ids, x, mask, max_new_tokens=6, temperature=1.0, top_p=0.9, compile=True,
-                             generator=torch.Generator().manual_seed(3), return_logprobs=True)
-    (t1, l1), (t2, l2) = run(), run()
-    assert torch.equal(t1, t2) and torch.equal(l1, l2)
+    run = lambda comp: m.generate(ids, x, mask, max_new_tokens=6, temperature=1.0, top_p=0.9, compile=comp,
+                                  generator=torch.Generator().manual_seed(3), return_logprobs=True)
+    (t1, l1), (t2, l2), (t3, l3) = run(False), run(True), run(True)
+    assert torch.equal(t1, t2) and (l1 - l2).abs().max() < 1e-4
+    assert torch.equal(t2, t3) and torch.equal(l2, l3)
     assert (l1 <= 0).all()
+    dec = kernels.static_decoder(m)
+    assert dec.recompiles == 0
 
 
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_fused_logprobs_equal_token_logprobs(temperature):
+def test_fused_logprobs_equal_plain(temperature):
     torch.manual_seed(0)
     h = torch.randn(3, 7, 16, requires_grad=True)
     w = (torch.randn(50, 16) * 0.3).requires_grad_()
     tgt = torch.randint(0, 50, (3, 7))
+    tgt[0, :2] = -100                                                  # ignored positions: any value, no error
     a = model.token_logprobs(h, w, tgt, chunk=5, temperature=temperature, with_entropy=True)
-    b = model.fused_token_logprobs(h, w, tgt, chunk=5, temperature=temperature, with_entropy=True)
+    b = model.token_logprobs(h, w, tgt, chunk=5, temperature=temperature, with_entropy=True, fused=True)
+    z = (h @ w.T) / temperature                                         # the reference: full logits
+    ref = torch.log_softmax(z, -1).gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1)
+    ref_ent = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    for lp, ent in (a, b):
+        assert (lp - ref).abs().max() < 1e-5 and (ent - ref_ent).abs().max() < 1e-5
     assert (a[0] - b[0]).abs().max() < 1e-5 and (a[1] - b[1]).abs().max() < 1e-5
     c1, c2 = torch.randn(3, 7), torch.randn(3, 7)
-    ga = torch.autograd.grad((a[0] * c1).sum() + (a[1] * c2).sum(), (h, w))
-    gb = torch.autograd.grad((b[0] * c1).sum() + (b[1] * c2).sum(), (h, w))
-    for u, v in zip(ga, gb):
-        assert (u - v).abs().max() < 1e-5
-    lp = model.fused_token_logprobs(h, w, tgt, chunk=4)               # log-probs only
+    loss = lambda lp, ent: (lp * c1).sum() + (ent * c2).sum()
+    ga, gb, gr = (torch.autograd.grad(loss(*o), (h, w)) for o in (a, b, (ref, ref_ent)))
+    for u, v, r in zip(ga, gb, gr):
+        assert (u - v).abs().max() < 1e-5 and (u - r).abs().max() < 1e-5 and (v - r).abs().max() < 1e-5
+    lp = model.token_logprobs(h, w, tgt, chunk=4, fused=True)          # log-probs only
     assert torch.allclose(lp, model.token_logprobs(h, w, tgt, chunk=4), atol=1e-6)
-
-
-def test_linear_cross_entropy_equals_cross_entropy():
-    torch.manual_seed(0)
-    h = torch.randn(2, 9, 16, requires_grad=True)
-    w = (torch.randn(40, 16) * 0.3).requires_grad_()
-    tgt = torch.randint(0, 40, (2, 9))
-    tgt[0, :4] = -100
-    want = F.cross_entropy((h @ w.T).reshape(-1, 40), tgt.reshape(-1), ignore_index=-100)
-    got = model.linear_cross_entropy(h, w, tgt, chunk=5)
-    assert abs(want.item() - got.item()) < 1e-6
-    g1 = torch.autograd.grad(3.0 * want, (h, w))
-    g2 = torch.autograd.grad(3.0 * got, (h, w))
-    for u, v in zip(g1, g2):
-        assert (u - v).abs().max() < 1e-6
-    every = model.linear_cross_entropy(h, w, tgt, chunk=4, select_rows=False)    # all rows, ignored ones weigh 0
-    assert abs(every.item() - want.item()) < 1e-6
-    for u, v in zip(g1, torch.autograd.grad(3.0 * every, (h, w))):
-        assert (u - v).abs().max() < 1e-6
     with torch.no_grad():
-        assert abs(model.linear_cross_entropy(h, w, tgt).item() - want.item()) < 1e-6
-    empty = model.linear_cross_entropy(h, w, torch.full_like(tgt, -100))
-    assert empty.item() == 0.0 and empty.requires_grad
-
-
-def test_lm_loss_equals_logits_cross_entropy():
-    m = _tiny(adapter=False).train()
-    ids, x, mask = _prompts(m, [4, 9])
-    labels = ids.masked_fill((ids == IMAGE_TOKEN_INDEX) | (mask == 0), -100)
-    loss = m.lm_loss(ids, x, mask, labels)
-    logits = m(ids, x, mask)[:, :-1]
-    want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-    assert abs(loss.item() - want.item()) < 1e-5
-    params = [p for p in m.llm.parameters()] + [m.lm_head.weight]
-    g1 = torch.autograd.grad(loss, params)
-    g2 = torch.autograd.grad(want, params)
-    assert max((u - v).abs().max().item() for u, v in zip(g1, g2)) < 1e-5
+        assert torch.allclose(model.token_logprobs(h, w, tgt, temperature=temperature, fused=True), ref, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -270,7 +270,7 @@ def test_generate_stops_at_eos_and_pads():
 def test_top_p_keeps_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = {model.sample_next(logits, 1.0, 0.7, g).item() for _ in range(300)}
+    draws = {model.sample_next(logits, 1.0, 0.7, g)[0].item() for _ in range(300)}
     assert draws == {0, 1}   # 0.5 < 0.7 needs the second token; the third is never needed
 
 
@@ -365,12 +365,13 @@ def test_peft_roundtrip(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-def test_chunked_logprobs_match_naive_with_grads():
+@pytest.mark.parametrize("fused", [False, True])
+def test_chunked_logprobs_match_naive_with_grads(fused):
     torch.manual_seed(0)
     h = torch.randn(3, 7, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=True)
     tgt = torch.randint(0, 50, (3, 7))
-    lp, ent = model.token_logprobs(h, w, tgt, chunk=5, with_entropy=True)
+    lp, ent = model.token_logprobs(h, w, tgt, chunk=5, with_entropy=True, fused=fused)
     logits = h @ w.T
     ref = torch.log_softmax(logits, -1).gather(-1, tgt[..., None]).squeeze(-1)
     ref_ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
@@ -382,17 +383,22 @@ def test_chunked_logprobs_match_naive_with_grads():
         assert (a - b).abs().max() < 1e-4
 
 
+def _next_token_logprobs(m, ids, x, mask):
+    """log p(ids[:, t+1] | ..t) for t < T-1 -> (B, T-1) fp32."""
+    return model.token_logprobs(m.hidden_states(ids, x, mask)[:, :-1], m.lm_head.weight, ids[:, 1:], chunk=7)
+
+
 def test_model_logprobs_and_gradient_checkpointing():
     m = _tiny()
     ids, mask = _ids_with_images(m.num_image_tokens, [4, 7], 64)
     x = _images(2, 16)
     m.train()
-    lp = m.logprobs(ids, x, mask, chunk=7)
+    lp = _next_token_logprobs(m, ids, x, mask)
     ref = torch.log_softmax(m(ids, x, mask)[:, :-1].float(), -1).gather(-1, ids[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
     assert (lp - ref).abs().max() < 1e-5
     g1 = torch.autograd.grad(lp[mask[:, 1:].bool()].sum(), list(m.llm.parameters()))
     m.gradient_checkpointing = True
-    lp2 = m.logprobs(ids, x, mask, chunk=7)
+    lp2 = _next_token_logprobs(m, ids, x, mask)
     g2 = torch.autograd.grad(lp2[mask[:, 1:].bool()].sum(), list(m.llm.parameters()))
     assert max((a - b).abs().max().item() for a, b in zip(g1, g2)) < 1e-5
 

@@ -180,13 +180,13 @@ def test_with_fact_rm(tiny_world, tiny_sft, tmp_path):
     """The real path: RM adapter + head score with facts; the critic starts from the RM adapter. With
     --compile true (when the compiler is here) rollouts take the fast path (compiled decode, and on CPU
     oneDNN prepacked linears for generation and scoring): the scores it logs equal the RM's plain path."""
-    import model
+    import kernels
     import reward_model as RM
     _train_rm(tiny_world, tiny_sft, tmp_path / "rm")
     rm_dir = tmp_path / "rm" / "best"
     r = ppo.main(_args(tiny_world, tiny_sft, tmp_path / "ppo", toy_reward="", rm_dir=rm_dir, max_steps=2,
                        no_eos_penalty=-8.0, length_penalty=-10.0, samples_to_log=6,
-                       compile=str(model.compile_available()[0]).lower()))
+                       compile=str(kernels.compile_available()[0]).lower()))
     h = r["history"][-1]
     assert all(math.isfinite(h[k]) for k in ("reward", "rm_score", "kl", "value_explained_var"))
     assert h["rm_score"] != 0.0
