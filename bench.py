@@ -29,7 +29,6 @@ average, and the numbers are medians of interleaved runs so that a burst hits al
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -41,6 +40,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+import common
 import kernels
 import model
 import ppo
@@ -675,16 +675,20 @@ def _header(device: torch.device) -> str:
             f"torch {torch.__version__} | transformers {transformers.__version__}")
 
 
+@dataclass
+class Flags:
+    quick: bool = False           # tiny config: a smoke test
+    no_compile: bool = False      # skip the torch.compile rows
+    no_ppo: bool = False          # skip the PPO step split
+    threads: int = 0              # torch intra-op threads (0: torch's default)
+    iters: int = 0                # timed repeats per measurement (0: the config's)
+    gpu_check: bool = False       # 7B-shaped bf16 check on one CUDA GPU
+    cpu_dry_run: bool = False     # run --gpu-check's code on CPU, tiny (its own test)
+
+
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny config: a smoke test")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    ap.add_argument("--no-ppo", action="store_true", help="skip the PPO step split")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    ap.add_argument("--iters", type=int, default=None, help="timed repeats per measurement")
-    ap.add_argument("--gpu-check", action="store_true", help="7B-shaped bf16 check on one CUDA GPU")
-    ap.add_argument("--cpu-dry-run", action="store_true", help=argparse.SUPPRESS)  # run --gpu-check's code on CPU, tiny
-    args = ap.parse_args(argv)
+    """Flags as the stages' configs (common.parse_config; --no-compile and --no_compile alike)."""
+    args = common.parse_config(Flags, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.gpu_check:

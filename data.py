@@ -696,10 +696,9 @@ MMHAL_TYPES = ("attribute", "adversarial", "comparison", "counting", "relation",
 
 
 def read_mmhal(path: str, on_error: str = "raise", skips: Skips | None = None) -> list[dict]:
-    """MMHal-Bench items (SPEC §6): every field of the file kept (the answers file is written back in the
-    template's format; a tiny-world item keeps its scene), the benchmark's fields checked, model_answer
-    defaulting to "", plus "source", "index" (file order) and "image" (when the item names none, the base
-    name of image_src, for a local copy of the images)."""
+    """MMHal-Bench items (SPEC §6), the one reader of the template (eval_mmhal.py, prepare_data check):
+    every field of the file kept and nothing added but model_answer ("" when absent), so the answers file
+    is the template's format again (a tiny-world item keeps its scene); the benchmark's fields checked."""
     def parse(raw: dict) -> dict:
         for k in ("question_type", "question_topic", "image_id", "image_src", "question", "gt_answer"):
             get_field(raw, k, str)
@@ -708,10 +707,8 @@ def read_mmhal(path: str, on_error: str = "raise", skips: Skips | None = None) -
             raise DataError("'image_content' should be a list of strings")
         if raw["question_type"] not in MMHAL_TYPES:
             raise DataError(f"unknown question_type {raw['question_type']!r}")
-        image = get_field(raw, "image", str, required=False) or os.path.basename(raw["image_src"].split("?")[0])
-        return {**raw, "model_answer": get_field(raw, "model_answer", str, required=False, default=""),
-                "image": image}
-    return _parse_file(path, parse, on_error, skips)
+        return {**raw, "model_answer": get_field(raw, "model_answer", str, required=False, default="")}
+    return [rec for _, rec in parse_each(path, read_records(path), parse, on_error, skips)]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -223,14 +223,6 @@ def plot_per_type(summary: dict, path: str, title: str) -> bool:
 # ----------------------------------------------------------------------------------------------------
 # Items, images and the answers file.
 
-def load_items(path: str, limit: int = 0) -> list[dict]:
-    with open(path) as f:
-        items = json.load(f)
-    if not isinstance(items, list) or not all(isinstance(r, dict) and "question" in r for r in items):
-        raise ValueError(f"{path}: expected a JSON list of items with a 'question' (the MMHal template)")
-    return items[:limit] if limit > 0 else items
-
-
 def find_image(record: dict, index: int, image_folder: str, base_dir: str = "") -> str:
     """An item's image: its own path ("image_path" or "image"; relative ones are looked up in the image
     folder, beside the template, then the working directory), else <image_id>.<ext> or the file name of
@@ -623,7 +615,8 @@ def run(cfg: EvalConfig, make_answerer: Callable | None = None, make_judge: Call
     if cfg.judge == "rule" and rule_judge is None:  # before answering: an hour of answers would go unjudged
         raise common.ConfigError("--judge rule needs a rule judge function; the tiny world's is run by "
                                  "`python tinyworld.py eval ...`")
-    items = load_items(cfg.template, cfg.limit)
+    items = data.read_mmhal(cfg.template)
+    items = items[:cfg.limit] if cfg.limit > 0 else items
     answers_path = cfg.answers or out_stem(cfg.out) + ".answers.json"
     records = answer_stage(cfg, items, answers_path, make_answerer)
     if cfg.judge == "none":

@@ -3,7 +3,8 @@
 Plain PyTorch, numerically equal to transformers' CLIPVisionModel / LlamaForCausalLM /
 LlavaForConditionalGeneration (tests/test_model.py proves it on tiny random configs). Also here:
 LoRA adapters (several named adapters on one frozen base), a scalar head for reward and value models,
-batched KV-cache generation, chunked log-probs, and checkpoint I/O for every layout users have on disk.
+batched KV-cache generation, chunked log-probs, and from_pretrained / save_pretrained over the
+checkpoint layouts that weights.py maps (transformers' Llava, original LLaVA, LLaMA, CLIP, peft).
 
     import model
     m = model.LLaVA.from_pretrained("/ckpt/llava-v1.5-7b", vision_tower="/ckpt/clip-vit-large-patch14-336")
@@ -30,7 +31,6 @@ import torch.utils.checkpoint
 from torch._subclasses.fake_tensor import FakeTensor
 
 import kernels
-
 import weights
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's marker id in input_ids: projected patch features go there

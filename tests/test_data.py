@@ -507,10 +507,10 @@ def test_read_mmhal_shared_template():
     out = data.read_mmhal(path)
     assert len(out) == 96
     assert [r["question_type"] for r in out[:8]] == list(data.MMHAL_TYPES)
-    assert all(r["question_type"] == data.MMHAL_TYPES[r["index"] % 8] for r in out)
+    assert all(r["question_type"] == data.MMHAL_TYPES[i % 8] for i, r in enumerate(out))
     raw = json.load(open(path))
     assert out[0]["question"] == raw[0]["question"] and out[0]["image_content"] == raw[0]["image_content"]
-    assert out[0]["image"] == raw[0]["image_src"].rsplit("/", 1)[1]
+    assert out == [{**r, "model_answer": r.get("model_answer") or ""} for r in raw]   # nothing added
 
 
 def test_read_mmhal_small_and_bad(tmp_path):
@@ -518,12 +518,12 @@ def test_read_mmhal_small_and_bad(tmp_path):
            "image_src": "https://example.org/img/abc.jpg", "image_content": ["Cat", "Dog"],
            "question": "How many?", "gt_answer": "Two.", "model_answer": ""}
     out = data.read_mmhal(_write(tmp_path / "m.jsonl", [rec]))
-    assert out[0]["image"] == "abc.jpg" and out[0]["image_content"] == ["Cat", "Dog"]
-    assert {k: out[0][k] for k in rec} == rec and out[0]["index"] == 0
-    # every field of the file is kept (a tiny-world item's scene graph), an item's own image wins
+    assert out == [rec]
+    # every field of the file is kept (a tiny-world item's scene graph), model_answer None -> ""
     out = data.read_mmhal(_write(tmp_path / "m1.json", [dict(rec, scene={"shapes": []}, image="local/x1.png",
                                                               model_answer=None)]))
     assert out[0]["scene"] == {"shapes": []} and out[0]["image"] == "local/x1.png" and out[0]["model_answer"] == ""
+    assert set(out[0]) == set(rec) | {"scene", "image"}
     bad = dict(rec, image_content="Cat")
     with pytest.raises(DataError, match="record 1"):
         data.read_mmhal(_write(tmp_path / "m2.json", [rec, bad]))
