@@ -24,11 +24,6 @@ Commands:
         the whole paper in miniature with the real stage scripts: make -> sft -> collect -> reward
         model with and without facts -> PPO with the Fact-RM -> evaluation of SFT and RLHF models.
 
-Python API (what the stages use):
-    extract_claims(answer, question=None) -> list of claim tuples
-    check_claims(scene, answer, question=None) -> (n_true, n_false); verify(...) -> Verdict with details
-    rule_judge(record, answer) -> (judge reply ending "Rating: N", N)   # tinyworld.py eval
-    label_pair(scene, question, output_1, output_2, rng, noise) -> {"preference": 1|2, ...}
 The model trained is model.PRESETS["tiny"] with the tokenizer's vocabulary (SPEC section 7); the
 stages' tiny settings are their own PRESETS["tiny"].
 
@@ -48,6 +43,7 @@ Layout written by `make` (DIR/):
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -100,11 +96,11 @@ MMHAL_TOPICS = ["outdoor", "vehicle", "person", "animal", "food", "sports", "kit
 # ----------------------------------------------------------------------------------------------------
 # Scenes and images
 
-def sample_scene(rng: random.Random, min_shapes: int = 1, max_shapes: int = 3,
-                 background: str | None = None, must_have: str | None = None) -> dict:
+def sample_scene(rng: random.Random, min_shapes: int = 1, background: str | None = None,
+                 must_have: str | None = None) -> dict:
     """A random scene graph: distinct kinds in distinct quadrants; colours may repeat (so that counting
     by colour is not trivial). Plain JSON types only."""
-    n = rng.randint(min_shapes, max_shapes)
+    n = rng.randint(min_shapes, len(KINDS))
     kinds = rng.sample(KINDS, n)
     if must_have is not None and must_have not in kinds:
         kinds[0] = must_have
@@ -215,6 +211,11 @@ def _qa(question: str, answer: str, answer_type: str = "general", key: str | Non
     return {"question": question, "answer": answer, "answer_type": answer_type, "key": key}
 
 
+def _yn(question: str, truth: bool, yes: str, no: str) -> dict:
+    """A yes/no QA whose answer is `yes` when `truth` holds, else `no`."""
+    return _qa(question, yes if truth else no, "yes_no", "yes" if truth else "no")
+
+
 def _pick(scene: dict, rng: random.Random, focus: str | None) -> dict:
     shapes = scene["shapes"]
     focused = [s for s in shapes if s["kind"] == focus]
@@ -228,9 +229,8 @@ def _other_color(rng: random.Random, color: str) -> str:
 def _yes_no_color(scene: dict, rng: random.Random, focus: str | None = None) -> dict:
     s = _pick(scene, rng, focus)
     c = s["color"] if rng.random() < 0.5 else _other_color(rng, s["color"])
-    if c == s["color"]:
-        return _qa(f"Is the {s['kind']} {c}?", f"Yes, the {s['kind']} is {c}.", "yes_no", "yes")
-    return _qa(f"Is the {s['kind']} {c}?", f"No, the {s['kind']} is {s['color']}.", "yes_no", "no")
+    return _yn(f"Is the {s['kind']} {c}?", c == s["color"], f"Yes, the {s['kind']} is {c}.",
+               f"No, the {s['kind']} is {s['color']}.")
 
 
 def qa_attribute(scene: dict, rng: random.Random, focus: str | None = None) -> dict | None:
@@ -278,12 +278,9 @@ def qa_comparison(scene: dict, rng: random.Random, focus: str | None = None) -> 
         if bigger:
             return _qa(q, f"The {_np(big)} is larger than the {_np(small)}.")
         return _qa(q, f"The {_np(small)} is smaller than the {_np(big)}.")
-    q = f"Do the {a['kind']} and the {b['kind']} have the same color?"
-    if a["color"] == b["color"]:
-        return _qa(q, f"Yes, the {a['kind']} is {a['color']}. The {b['kind']} is {b['color']}.",
-                   "yes_no", "yes")
-    return _qa(q, f"No, the {a['kind']} is {a['color']}. The {b['kind']} is {b['color']}.",
-               "yes_no", "no")
+    colors = f"the {a['kind']} is {a['color']}. The {b['kind']} is {b['color']}."
+    return _yn(f"Do the {a['kind']} and the {b['kind']} have the same color?", a["color"] == b["color"],
+               "Yes, " + colors, "No, " + colors)
 
 
 def qa_counting(scene: dict, rng: random.Random, focus: str | None = None) -> dict | None:
@@ -291,14 +288,11 @@ def qa_counting(scene: dict, rng: random.Random, focus: str | None = None) -> di
     r = rng.random()
     if r < 0.35:
         return _qa("How many shapes are there?", _count_sentence(len(shapes), "shape"))
-    if r < 0.7:
-        c = rng.choice(list(COLORS))
-        n = sum(s["color"] == c for s in shapes)
-        return _qa(f"How many {c} shapes are there?", _count_sentence(n, f"{c} shape"))
     if r < 0.85:
-        z = rng.choice(SIZES)
-        n = sum(s["size"] == z for s in shapes)
-        return _qa(f"How many {z} shapes are there?", _count_sentence(n, f"{z} shape"))
+        attr, values = ("color", list(COLORS)) if r < 0.7 else ("size", SIZES)
+        v = rng.choice(values)
+        n = sum(s[attr] == v for s in shapes)
+        return _qa(f"How many {v} shapes are there?", _count_sentence(n, f"{v} shape"))
     k = focus if focus and rng.random() < 0.5 else rng.choice(KINDS)
     n = sum(s["kind"] == k for s in shapes)
     return _qa(f"How many {k}s are there?", _count_sentence(n, k))
@@ -320,11 +314,9 @@ def qa_relation(scene: dict, rng: random.Random, focus: str | None = None) -> di
         if not hits:
             return _qa(q, f"There is nothing {REL_TEXT[rel]} the {_np(b)}.")
         return _qa(q, " ".join(f"The {_np(s)} is {REL_TEXT[rel]} the {_np(b)}." for s in hits))
-    q = f"Is the {_np(a)} {REL_TEXT[rel]} the {_np(b)}?"
-    if rel in _rel(a, b):
-        return _qa(q, f"Yes, the {_np(a)} is {REL_TEXT[rel]} the {_np(b)}.", "yes_no", "yes")
-    truth = _rel_sentences(a, b)  # "The red circle is above the blue square." -> "No, the red ..."
-    return _qa(q, "No, t" + truth[1:], "yes_no", "no")
+    # "No" states the relations that hold: "The red circle is above the blue square." -> "No, the red ..."
+    return _yn(f"Is the {_np(a)} {REL_TEXT[rel]} the {_np(b)}?", rel in _rel(a, b),
+               f"Yes, the {_np(a)} is {REL_TEXT[rel]} the {_np(b)}.", "No, t" + _rel_sentences(a, b)[1:])
 
 
 def qa_environment(scene: dict, rng: random.Random, focus: str | None = None) -> dict | None:
@@ -339,9 +331,8 @@ def qa_environment(scene: dict, rng: random.Random, focus: str | None = None) ->
             return _qa("What are the shapes on?", f"The {_np(scene['shapes'][0])} is on {bg}.")
         return _qa("What are the shapes on?", f"The shapes are on {bg}.")
     other = bg if rng.random() < 0.5 else rng.choice([b for b in BACKGROUNDS if b != bg])
-    if other == bg:
-        return _qa(f"Is the background {other}?", f"Yes, the background is {bg}.", "yes_no", "yes")
-    return _qa(f"Is the background {other}?", f"No, the background is {bg}.", "yes_no", "no")
+    return _yn(f"Is the background {other}?", other == bg, f"Yes, the background is {bg}.",
+               f"No, the background is {bg}.")
 
 
 def qa_holistic(scene: dict, rng: random.Random, focus: str | None = None) -> dict | None:
@@ -516,8 +507,7 @@ def _ref(text: str) -> tuple | None:
 def _count_claim(ref: tuple, det: str | None) -> tuple:
     if det in (None, "a", "an", "some", "any", "the"):
         return ("count", ref, 1, False)
-    n = NUMBERS[det]
-    return ("count", ref, n, True)
+    return ("count", ref, NUMBERS[det], True)
 
 
 # Sentence patterns, tried in order; each handler returns a list of claims or None (no parse).
@@ -536,44 +526,29 @@ def _h_there(m: re.Match) -> list | None:
     return out
 
 
-def _two(m: re.Match) -> tuple | None:
-    a, b = _ref(m["a"]), _ref(m["b"])
-    return None if a is None or b is None else (a, b)
+def _h_refs(groups: str, claims):
+    """A handler for a sentence about shapes, one per named group ("ab": groups a and b): claims(m, *refs)
+    once every one of them parses as a shape phrase."""
+    def h(m):
+        refs = [_ref(m[g]) for g in groups]
+        return None if None in refs else claims(m, *refs)
+    return h
 
 
-def _h_rel(m):
-    ab = _two(m)
-    return ab and [("rel", ab[0], RELATIONS[m["rel"]], ab[1])]
-
-
-def _h_cmp(m):
-    ab = _two(m)
-    return ab and [("cmp", ab[0], _SIZE_OPS[m["op"]], ab[1])]
-
-
-def _h_same_size(m):
-    ab = _two(m)
-    return ab and [("cmp", ab[0], "same", ab[1])]
-
-
-def _h_same_color(m):
-    ab = _two(m)
-    return ab and [("same_color", ab[0], ab[1], not m["neg"])]
-
-
-def _h_both(m):
-    ab = _two(m)
-    return ab and [("color", ab[0], m["color"]), ("color", ab[1], m["color"])]
+_h_at = _h_refs("a", lambda m, a: [("at", a, m["quad"])])
+_h_none_rel = _h_refs("b", lambda m, b: [("none_rel", RELATIONS[m["rel"]], b)])
+_h_rel = _h_refs("ab", lambda m, a, b: [("rel", a, RELATIONS[m["rel"]], b)])
+_h_cmp = _h_refs("ab", lambda m, a, b: [("cmp", a, _SIZE_OPS[m["op"]], b)])
+_h_same_size = _h_refs("ab", lambda m, a, b: [("cmp", a, "same", b)])
+_h_same_color = _h_refs("ab", lambda m, a, b: [("same_color", a, b, not m["neg"])])
+_h_both = _h_refs("ab", lambda m, a, b: [("color", a, m["color"]), ("color", b, m["color"])])
 
 
 def _h_attr(name: str):
-    def h(m):
-        r = _ref(m["a"])
-        if r is None:
-            return None
-        c = (name, r, m["val"])
+    def claim(m, a):
+        c = (name, a, m["val"])
         return [("not", c) if m["neg"] else c]
-    return h
+    return _h_refs("a", claim)
 
 
 def _h_on(m):
@@ -581,16 +556,6 @@ def _h_on(m):
         return [("background", m["bg"])]
     p = parse_ref(m["a"])
     return p and [_count_claim(p[0], None), ("background", m["bg"])]
-
-
-def _h_at(m):
-    r = _ref(m["a"])
-    return r and [("at", r, m["quad"])]
-
-
-def _h_none_rel(m):
-    r = _ref(m["b"])
-    return r and [("none_rel", RELATIONS[m["rel"]], r)]
 
 
 _SENTENCE_PATTERNS = [
@@ -662,21 +627,15 @@ def _yn_frames() -> list:
 
 
 def _wh_frames() -> list:
-    def color(m, opt):
-        r = _ref(m["a"])
-        return r and opt in COLORS and ("color", r, opt)
-
-    def size(m, opt):
-        r = _ref(m["a"])
-        return r and opt in SIZES and ("size", r, opt)
+    def slot(tag, values):
+        def f(m, opt):
+            r = _ref(m["a"])
+            return r and opt in values and (tag, r, opt)
+        return f
 
     def count(m, opt):
         r = _ref(m["a"])
         return r and opt in NUMBERS and ("count", r, NUMBERS[opt], True)
-
-    def where(m, opt):
-        r = _ref(m["a"])
-        return r and opt in QUADS and ("at", r, opt)
 
     def what_in(m, opt):
         if opt in ("nothing", "none"):
@@ -685,11 +644,11 @@ def _wh_frames() -> list:
         return r and ("at", r, m["quad"])
 
     pats = [
-        (r"^what colou?r is (?:the )?(?P<a>.+)$", color),
-        (r"^(?:what size is|how big is) (?:the )?(?P<a>.+)$", size),
+        (r"^what colou?r is (?:the )?(?P<a>.+)$", slot("color", COLORS)),
+        (r"^(?:what size is|how big is) (?:the )?(?P<a>.+)$", slot("size", SIZES)),
         (r"^how many (?P<a>.+?) are there$", count),
-        (r"^where is (?:the )?(?P<a>.+)$", where),
-        (r"^which part(?: of the image)? is (?:the )?(?P<a>.+?) in$", where),
+        (r"^where is (?:the )?(?P<a>.+)$", slot("at", QUADS)),
+        (r"^which part(?: of the image)? is (?:the )?(?P<a>.+?) in$", slot("at", QUADS)),
         (r"^(?:what is the background|where is this picture taken|what is the ground|what are the shapes on)$",
          lambda m, o: o in BACKGROUNDS and ("background", o)),
         (rf"^what is in the (?P<quad>{_QUAD_RE})$", what_in),
@@ -713,21 +672,12 @@ def _split_question(question: str) -> tuple[str, dict[str, str]]:
     return stem, opts
 
 
-def _yes_no_claim(stem: str) -> tuple | None:
-    for pat, f in _YN_FRAMES:
+def _frame_claim(frames: list, stem: str, *value: str) -> tuple | None:
+    """The claim of the first frame that matches the question stem and yields one (value: the wh-slot)."""
+    for pat, f in frames:
         m = pat.match(stem)
         if m:
-            c = f(m)
-            if c:
-                return c
-    return None
-
-
-def _slot_claim(stem: str, value: str) -> tuple | None:
-    for pat, f in _WH_FRAMES:
-        m = pat.match(stem)
-        if m:
-            c = f(m, value)
+            c = f(m, *value)
             if c:
                 return c
     return None
@@ -749,14 +699,14 @@ def extract_claims(answer: str, question: str | None = None) -> list[tuple]:
         if m:
             letter, text = m.group(1).upper(), text[:m.start()] + text[m.end():]
     if letter and letter in opts:
-        c = _slot_claim(stem, opts[letter])
+        c = _frame_claim(_WH_FRAMES, stem, opts[letter])
         if c:
             claims.append(c)
     # Yes/No head: "No, there is no red circle." - the head answers the question's own claim.
     m = re.match(r"^(yes|no)(?:[,.!]\s*|\s*$)", text, flags=re.I)
     if m:
         text = text[m.end():]
-        c = _yes_no_claim(stem) if stem else None
+        c = _frame_claim(_YN_FRAMES, stem) if stem else None
         if c:
             claims.append(c if m.group(1).lower() == "yes" else ("not", c))
     parsed_any = False
@@ -769,7 +719,7 @@ def extract_claims(answer: str, question: str | None = None) -> list[tuple]:
             claims.extend(cs)
     # A bare short answer to a wh-question ("red", "two", "top left").
     if not parsed_any and stem and not claims:
-        c = _slot_claim(stem, _norm(text))
+        c = _frame_claim(_WH_FRAMES, stem, _norm(text))
         if c:
             claims.append(c)
     return list(dict.fromkeys(claims))
@@ -1007,11 +957,7 @@ def _human(question: str, first: bool) -> dict:
 def _pool(seed: int, name: str, n: int, start: int) -> list[tuple[str, dict]]:
     """n scenes of one pool. Each scene depends only on (seed, pool, index), so changing one pool's
     size never changes another pool's images."""
-    out = []
-    for i in range(n):
-        rng = random.Random(f"{seed}-{name}-{i}")
-        out.append((f"{start + i:06d}.png", sample_scene(rng)))
-    return out
+    return [(f"{start + i:06d}.png", sample_scene(random.Random(f"{seed}-{name}-{i}"))) for i in range(n)]
 
 
 def build_sft(scenes: list[tuple[str, dict]], n_examples: int, seed: int, multi_turn: float = 0.15) -> list[dict]:
@@ -1105,8 +1051,8 @@ def build_eval(seed: int) -> list[dict]:
         bg, kind = list(BACKGROUNDS)[t % 4], KINDS[t % 3]
         for qtype in data.MMHAL_TYPES:
             rng = random.Random(f"{seed}-eval-{topic}-{qtype}")
+            min_shapes = 2 if qtype in ("comparison", "relation") else 1
             while True:
-                min_shapes = 2 if qtype in ("comparison", "relation") else 1
                 scene = sample_scene(rng, min_shapes=min_shapes, background=bg, must_have=kind)
                 qa = ask(scene, qtype, rng, focus=kind)
                 if qa is not None:
@@ -1114,10 +1060,9 @@ def build_eval(seed: int) -> list[dict]:
             image_id = f"tiny{len(items):03d}"
             content = [f"{s['size'].capitalize()} {s['color']} {s['kind']}" for s in scene["shapes"]]
             content.append(bg.capitalize())
-            rec = {"question_type": qtype, "question_topic": topic, "image_id": image_id,
-                   "image_src": f"{image_id}.png", "image_content": content, "question": qa["question"],
-                   "gt_answer": qa["answer"], "model_answer": "", "scene": scene}
-            items.append(rec)
+            items.append({"question_type": qtype, "question_topic": topic, "image_id": image_id,
+                          "image_src": f"{image_id}.png", "image_content": content, "question": qa["question"],
+                          "gt_answer": qa["answer"], "model_answer": "", "scene": scene})
     return items
 
 
@@ -1141,29 +1086,20 @@ _ASCII = "".join(chr(c) for c in range(33, 127))  # so every printable character
 
 
 def _vicuna_lines(conversations: list[dict]) -> list[str]:
-    """A conversation laid out as the Vicuna template lays it out (without "</s>", which is a special
-    id, not text), so that piece frequencies match what the trainer will encode."""
-    text = data.VICUNA_V1_SYSTEM
-    for turn in conversations:
-        if turn["from"] == "human":
-            text += " USER: " + turn["value"].replace("<image>\n", "") + " ASSISTANT:"
-        else:
-            text += " " + turn["value"] + "\n"
-    return text.split("\n")
+    """A conversation as the trainer renders it (data.Template), without the image placeholder and with
+    "</s>" (a special id, not text) as a line break, so that piece frequencies match what it will encode."""
+    prompt = conversations[-1]["from"] == "human"
+    text = data.Template().render(conversations, add_generation_prompt=prompt)
+    return text.replace("<image>\n", "").replace("</s>", "\n ").split("\n")
 
 
-def tokenizer_corpus(sft: list[dict], captions: dict, prompts: list[list[dict]], eval_items: list[dict]) -> list[str]:
+def tokenizer_corpus(sft: list[dict], captions: dict, prompts: list[dict], eval_items: list[dict]) -> list[str]:
     lines = [_ASCII] * 50
-    for r in sft:
+    for r in sft + prompts:
         lines += _vicuna_lines(r["conversations"])
-    n_prompts = 0
-    for ps in prompts:
-        for r in ps:
-            lines += _vicuna_lines(r["conversations"])
-        n_prompts += len(ps)
     # Every reward-model call carries the rating prompt; weighted below the world's own text so that
     # world words win the merges when the vocabulary is small.
-    lines += (_GENERIC_TEXT + _rating_prompt_lines()) * max(1, n_prompts // 5)
+    lines += (_GENERIC_TEXT + _rating_prompt_lines()) * max(1, len(prompts) // 5)
     for caps in captions.values():
         lines += caps
     for r in eval_items:
@@ -1189,64 +1125,74 @@ def train_tokenizer(lines: list[str], path: str, vocab_size: int = 1024) -> None
         f.write(buf.getvalue())
 
 
-def _dump(obj, path: str) -> None:
+def _dump(obj, path: str, indent: int | None = None) -> None:
     with open(path, "w") as f:
-        json.dump(obj, f)
+        json.dump(obj, f, indent=indent)
 
 
-def make(out: str, seed: int = 0, n_sft_images: int = 3000, n_sft: int = 20000, n_ppo_images: int = 2000,
-         n_ppo: int = 4000, n_pref_images: int = 1500, n_pref: int = 1500, eval_seed: int = 0,
-         vocab_size: int = 1024, multi_turn: float = 0.15, n_read: int = 6000, n_heldout: int = 400) -> dict:
-    """Write the whole tiny dataset to `out`; returns the meta dict."""
-    t0 = time.time()
+@dataclass
+class MakeConfig:
+    out: str = ""                 # the folder to write (required)
+    seed: int = 0
+    eval_seed: int = 0            # fixed by default so all runs share one eval set
+    n_sft_images: int = 3000
+    n_sft: int = 20000
+    n_ppo_images: int = 2000
+    n_ppo: int = 4000
+    n_pref_images: int = 1500
+    n_pref: int = 1500
+    vocab_size: int = 1024        # 256 of these are byte-fallback pieces; see train_tokenizer
+    multi_turn: float = 0.15      # share of multi-turn SFT conversations
+    n_heldout: int = 400          # held-out images, one open question each
+    n_read: int = 6000            # text-only reading conversations added to sft.json (see build_reading)
+
+
+def make(cfg: MakeConfig) -> dict:
+    """Write the whole tiny dataset to cfg.out; returns the meta dict."""
+    t0, out, seed = time.time(), cfg.out, cfg.seed
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     os.makedirs(os.path.join(out, "eval", "images"), exist_ok=True)
-    sft_pool = _pool(seed, "sft", n_sft_images, 0)
-    ppo_pool = _pool(seed, "ppo", n_ppo_images, n_sft_images)
-    pref_pool = _pool(seed, "pref", n_pref_images, n_sft_images + n_ppo_images)
+    sft_pool = _pool(seed, "sft", cfg.n_sft_images, 0)
+    ppo_pool = _pool(seed, "ppo", cfg.n_ppo_images, cfg.n_sft_images)
+    pref_pool = _pool(seed, "pref", cfg.n_pref_images, cfg.n_sft_images + cfg.n_ppo_images)
     # images no stage trains on: one open question each, for a hallucination rate with a small error bar
-    held_pool = _pool(seed, "heldout", n_heldout, n_sft_images + n_ppo_images + n_pref_images)
+    held_pool = _pool(seed, "heldout", cfg.n_heldout, cfg.n_sft_images + cfg.n_ppo_images + cfg.n_pref_images)
     scenes, captions = {}, {}
     for name, scene in sft_pool + ppo_pool + pref_pool + held_pool:
         scenes[name] = scene
         captions[name] = make_captions(scene, random.Random(f"{seed}-cap-{name}"))
-    eval_recs = build_eval(eval_seed)
+    eval_recs = build_eval(cfg.eval_seed)
     jobs = [(scene, os.path.join(out, "images", name)) for name, scene in scenes.items()]
     jobs += [(r["scene"], os.path.join(out, "eval", "images", r["image_src"])) for r in eval_recs]
     # Creating thousands of small files is system-call bound: threads overlap them (2-3x faster).
     with ThreadPoolExecutor(8) as ex:
         list(ex.map(lambda job: render(job[0]).save(job[1], compress_level=1), jobs))
-    sft_convs = build_sft(sft_pool, n_sft, seed, multi_turn)
-    if n_read:
-        sft_convs += build_reading(sft_pool, n_read, seed)
+    sft_convs = build_sft(sft_pool, cfg.n_sft, seed, cfg.multi_turn)
+    if cfg.n_read:
+        sft_convs += build_reading(sft_pool, cfg.n_read, seed)
         random.Random(f"{seed}-mix").shuffle(sft_convs)
-    ppo_prompts = build_prompts(ppo_pool, n_ppo, PPO_WEIGHTS, seed, "ppo")
+    ppo_prompts = build_prompts(ppo_pool, cfg.n_ppo, PPO_WEIGHTS, seed, "ppo")
     # Preference prompts are open questions, like the paper's LLaVA instruction prompts.
-    pref_prompts = build_prompts(pref_pool, n_pref, {t: 1.0 for t in data.MMHAL_TYPES}, seed, "pref")
-    held_prompts = build_prompts(held_pool, n_heldout, {t: 1.0 for t in data.MMHAL_TYPES}, seed, "heldout")
-    _dump(captions, os.path.join(out, "captions.json"))
-    _dump(scenes, os.path.join(out, "scenes.json"))
-    _dump(sft_convs, os.path.join(out, "sft.json"))
-    _dump(ppo_prompts, os.path.join(out, "ppo_prompts.json"))
-    _dump(pref_prompts, os.path.join(out, "preference_prompts.json"))
-    _dump(held_prompts, os.path.join(out, "heldout_prompts.json"))
-    with open(os.path.join(out, "eval", "mmhal_tiny.json"), "w") as f:
-        json.dump(eval_recs, f, indent=1)
-    tok_path = os.path.join(out, "tokenizer.model")
-    corpus = tokenizer_corpus(sft_convs, captions, [ppo_prompts, pref_prompts], eval_recs)
-    train_tokenizer(corpus, tok_path, vocab_size)
-    meta = {"seed": seed, "eval_seed": eval_seed, "vocab_size": vocab_size,
-            "counts": {"images": len(scenes), "sft_images": n_sft_images, "ppo_images": n_ppo_images,
-                       "preference_images": n_pref_images, "sft": len(sft_convs),
+    pref_prompts = build_prompts(pref_pool, cfg.n_pref, {t: 1.0 for t in data.MMHAL_TYPES}, seed, "pref")
+    held_prompts = build_prompts(held_pool, cfg.n_heldout, {t: 1.0 for t in data.MMHAL_TYPES}, seed, "heldout")
+    for name, obj in (("captions.json", captions), ("scenes.json", scenes), ("sft.json", sft_convs),
+                      ("ppo_prompts.json", ppo_prompts), ("preference_prompts.json", pref_prompts),
+                      ("heldout_prompts.json", held_prompts)):
+        _dump(obj, os.path.join(out, name))
+    _dump(eval_recs, os.path.join(out, "eval", "mmhal_tiny.json"), indent=1)
+    corpus = tokenizer_corpus(sft_convs, captions, ppo_prompts + pref_prompts, eval_recs)
+    train_tokenizer(corpus, os.path.join(out, "tokenizer.model"), cfg.vocab_size)
+    meta = {"seed": seed, "eval_seed": cfg.eval_seed, "vocab_size": cfg.vocab_size,
+            "counts": {"images": len(scenes), "sft_images": cfg.n_sft_images, "ppo_images": cfg.n_ppo_images,
+                       "preference_images": cfg.n_pref_images, "sft": len(sft_convs),
                        "ppo_prompts": len(ppo_prompts), "preference_prompts": len(pref_prompts),
-                       "heldout_prompts": len(held_prompts), "eval": len(eval_recs), "sft_reading": n_read},
+                       "heldout_prompts": len(held_prompts), "eval": len(eval_recs), "sft_reading": cfg.n_read},
             "ppo_answer_types": dict(Counter(r["answer_type"] for r in ppo_prompts)),
             "system_prompt": data.VICUNA_V1_SYSTEM,
             # what sft.py --preset tiny builds with this tokenizer
-            "model": asdict(model.ModelConfig.preset("tiny", vocab_size=vocab_size)),
+            "model": asdict(model.ModelConfig.preset("tiny", vocab_size=cfg.vocab_size)),
             "seconds": round(time.time() - t0, 2)}
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    _dump(meta, os.path.join(out, "meta.json"), indent=1)
     return meta
 
 
@@ -1257,8 +1203,7 @@ def make(out: str, seed: int = 0, n_sft_images: int = 3000, n_sft: int = 20000, 
 def annotate(data_dir: str, records: list[dict], noise: float = 0.0, seed: int = 0) -> list[dict]:
     """Add "preference" and "hallucination" to records holding "image", "conversations" (the prompt),
     "output_1" and "output_2" ({"value": text}); the scene comes from data_dir/scenes.json."""
-    with open(os.path.join(data_dir, "scenes.json")) as f:
-        scenes = json.load(f)
+    scenes = data.load_json(os.path.join(data_dir, "scenes.json"))
     rng = random.Random(seed)
     out = []
     for r in records:
@@ -1294,16 +1239,15 @@ def sample_responses(model_dir: str, records: list[dict], image_folder: str, n: 
 
 
 def collect_preferences(data_dir: str, model_dir: str, out_path: str, noise: float = 0.0, seed: int = 0,
-                        limit: int = 0, max_new_tokens: int = 48, drop_ties: bool = True) -> dict:
+                        limit: int = 0, drop_ties: bool = True) -> dict:
     """The simulated annotator end to end: two samples per preference prompt from the SFT model, labelled
     against the scene graph, written in the preference format (SPEC section 3)."""
     prompts_path = os.path.join(data_dir, "preference_prompts.json")
     records = data.read_ppo_prompts(prompts_path)
-    raw = json.load(open(prompts_path))
+    raw = data.load_json(prompts_path)
     if limit:
         records, raw = records[:limit], raw[:limit]
-    samples = sample_responses(model_dir, records, os.path.join(data_dir, "images"), n=2, seed=seed,
-                               max_new_tokens=max_new_tokens)
+    samples = sample_responses(model_dir, records, os.path.join(data_dir, "images"), n=2, seed=seed)
     # an empty response is no answer to compare (and the preference reader refuses it): counted, dropped
     pairs = [{"id": r["id"], "image": r["image"], "conversations": r["conversations"][:1],
               "output_1": {"value": s[0]}, "output_2": {"value": s[1]}} for r, s in zip(raw, samples) if s[0] and s[1]]
@@ -1319,7 +1263,7 @@ def collect_preferences(data_dir: str, model_dir: str, out_path: str, noise: flo
 def _greedy_claim_counts(data_dir: str, model_dir: str, prompts_file: str, n: int = 0) -> list[tuple[int, int]]:
     """(n_true, n_false) of the model's greedy answer to each prompt of data_dir/prompts_file (the last n)."""
     records = data.read_ppo_prompts(os.path.join(data_dir, prompts_file))[-n:]
-    scenes = json.load(open(os.path.join(data_dir, "scenes.json")))
+    scenes = data.load_json(os.path.join(data_dir, "scenes.json"))
     answers = sample_responses(model_dir, records, os.path.join(data_dir, "images"), n=1, temperature=0.0)
     return [check_claims(scenes[r["image"]], a[0], r["question"]) for r, a in zip(records, answers)]
 
@@ -1344,10 +1288,8 @@ def false_claim_rate(data_dir: str, model_dir: str) -> dict:
 def facts_diagnostic(rm_dir: str, prefs_path: str, data_dir: str, n: int, work_dir: str) -> dict:
     """Does the Fact-RM read the facts? Held-out accuracy (the first n pairs, the RM's eval split) with the
     right captions, with another image's captions, and with no facts block, by reward_model.py eval."""
-    with open(prefs_path) as f:
-        heldout = json.load(f)[:n]
-    with open(os.path.join(data_dir, "captions.json")) as f:
-        caps = json.load(f)
+    heldout = data.load_json(prefs_path)[:n]
+    caps = data.load_json(os.path.join(data_dir, "captions.json"))
     keys = sorted(caps)
     wrong = {k: caps[o] for k, o in zip(keys, keys[1:] + keys[:1])}   # every image gets its neighbour's captions
     os.makedirs(work_dir, exist_ok=True)
@@ -1366,14 +1308,14 @@ def facts_diagnostic(rm_dir: str, prefs_path: str, data_dir: str, n: int, work_d
 
 
 PIPELINE_SIZES = {
-    # minutes on 2 CPU cores; each stage's own flags follow the real scripts' names
-    "full": {"make": ["--n_pref", "6000"], "sft": ["--max_steps", "900"], "pref_limit": 0,
+    # minutes on 2 CPU cores; "make" sets MakeConfig fields, each other stage's flags are the real scripts' own
+    "full": {"make": {"n_pref": 6000}, "sft": ["--max_steps", "900"], "pref_limit": 0,
              # 400 held-out pairs: the facts / no-facts gap is a few points, 200 pairs cannot resolve it
              "rm": ["--max_steps", "120", "--eval_size", "400", "--eval_every", "40"],
              "ppo": ["--max_steps", "40"], "eval_limit": 0, "gate": 0.3, "seeds": [0, 1, 2],
              "drop_ties": True},
-    "smoke": {"make": ["--n_sft_images", "100", "--n_sft", "400", "--n_ppo_images", "40", "--n_ppo", "128",
-                       "--n_pref_images", "40", "--n_pref", "96", "--n_read", "100", "--n_heldout", "32"],
+    "smoke": {"make": {"n_sft_images": 100, "n_sft": 400, "n_ppo_images": 40, "n_ppo": 128, "n_pref_images": 40,
+                       "n_pref": 96, "n_read": 100, "n_heldout": 32},
               "sft": ["--max_steps", "20", "--eval_size", "32", "--global_batch", "16", "--micro_batch", "16"],
               "pref_limit": 96, "rm": ["--max_steps", "4", "--eval_size", "32", "--global_batch", "16",
                                        "--micro_batch", "16"],
@@ -1392,72 +1334,66 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
     d = os.path.join(out, "data")
     runs = os.path.join(out, "runs")
 
-    def stage(name: str) -> None:
-        times[name] = time.time()
+    @contextlib.contextmanager
+    def stage(name: str):
         print(f"\n=== {name} ===", flush=True)
+        t = time.time()
+        yield
+        times[name] = time.time() - t
 
-    def done(name: str) -> None:
-        times[name] = time.time() - times[name]
+    with stage("make"):
+        make(MakeConfig(out=d, seed=seed, **cfg["make"]))
 
-    stage("make")
-    make(out=d, seed=seed, **_make_kwargs(cfg["make"]))
-    done("make")
+    with stage("sft"):
+        sft_dir, grounding = "", 0.0
+        for s in cfg["seeds"]:
+            run = os.path.join(runs, f"sft_seed{s}")
+            sft.main(["--preset", "tiny", "--data_path", f"{d}/sft.json", "--image_folder", f"{d}/images",
+                      "--tokenizer", f"{d}/tokenizer.model", "--out_dir", run, "--seed", str(s)] + cfg["sft"])
+            sft_dir = os.path.join(run, "final")
+            grounding = grounding_accuracy(d, sft_dir)
+            print(f"SFT seed {s}: greedy answers with no false claim on held-out prompts: {grounding:.2f}")
+            if grounding >= cfg["gate"]:
+                break
+            print(f"SFT seed {s} is below the gate ({cfg['gate']}): it did not learn to use the image; "
+                  "next seed")
 
-    stage("sft")
-    sft_dir, grounding = "", 0.0
-    for s in cfg["seeds"]:
-        run = os.path.join(runs, f"sft_seed{s}")
-        sft.main(["--preset", "tiny", "--data_path", f"{d}/sft.json", "--image_folder", f"{d}/images",
-                  "--tokenizer", f"{d}/tokenizer.model", "--out_dir", run, "--seed", str(s)] + cfg["sft"])
-        sft_dir = os.path.join(run, "final")
-        grounding = grounding_accuracy(d, sft_dir)
-        print(f"SFT seed {s}: greedy answers with no false claim on held-out prompts: {grounding:.2f}")
-        if grounding >= cfg["gate"]:
-            break
-        print(f"SFT seed {s} is below the gate ({cfg['gate']}): it did not learn to use the image; next seed")
-    done("sft")
-
-    stage("annotate")
-    prefs = os.path.join(out, "preferences.json")
-    ann = collect_preferences(d, sft_dir, prefs, seed=seed, limit=cfg["pref_limit"], drop_ties=cfg["drop_ties"])
-    print(f"annotated {ann['pairs']} pairs ({ann['with_hallucination']} with a hallucination); dropped "
-          f"{ann['dropped_tie']} ties and {ann['dropped_empty']} pairs with an empty response")
-    done("annotate")
+    with stage("annotate"):
+        prefs = os.path.join(out, "preferences.json")
+        ann = collect_preferences(d, sft_dir, prefs, seed=seed, limit=cfg["pref_limit"],
+                                  drop_ties=cfg["drop_ties"])
+        print(f"annotated {ann['pairs']} pairs ({ann['with_hallucination']} with a hallucination); dropped "
+              f"{ann['dropped_tie']} ties and {ann['dropped_empty']} pairs with an empty response")
 
     rm_common = ["--preset", "tiny", "--model_path", sft_dir, "--data_path", prefs, "--image_folder", f"{d}/images",
                  "--captions", f"{d}/captions.json", "--seed", str(seed)] + cfg["rm"]
-    stage("reward model (facts)")
-    rm_facts = reward_model.main(rm_common + ["--out_dir", os.path.join(runs, "rm_facts")])
-    done("reward model (facts)")
-    stage("reward model (no facts)")
-    rm_plain = reward_model.main(rm_common + ["--out_dir", os.path.join(runs, "rm_plain"), "--facts", "none"])
-    done("reward model (no facts)")
-    n_heldout = int(json.load(open(os.path.join(runs, "rm_facts", "best", "rm_config.json")))["n_eval"])
-    diag = {**facts_diagnostic(os.path.join(runs, "rm_facts", "best"), prefs, d, n_heldout,
-                               os.path.join(runs, "facts_diagnostic")), "n": n_heldout}
+    with stage("reward model (facts)"):
+        rm_facts = reward_model.main(rm_common + ["--out_dir", os.path.join(runs, "rm_facts")])
+    with stage("reward model (no facts)"):
+        rm_plain = reward_model.main(rm_common + ["--out_dir", os.path.join(runs, "rm_plain"), "--facts", "none"])
+    rm_best = os.path.join(runs, "rm_facts", "best")
+    n_heldout = int(data.load_json(os.path.join(rm_best, "rm_config.json"))["n_eval"])
+    diag = {**facts_diagnostic(rm_best, prefs, d, n_heldout, os.path.join(runs, "facts_diagnostic")), "n": n_heldout}
 
-    stage("ppo")
     ppo_run = os.path.join(runs, "ppo")
-    ppo_res = ppo.main(["--preset", "tiny", "--model_path", sft_dir, "--rm_dir", os.path.join(runs, "rm_facts", "best"),
-                        "--prompts_path", f"{d}/ppo_prompts.json", "--image_folder", f"{d}/images",
-                        "--captions", f"{d}/captions.json", "--out_dir", ppo_run, "--seed", str(seed)] + cfg["ppo"])
-    done("ppo")
+    with stage("ppo"):
+        ppo_res = ppo.main(["--preset", "tiny", "--model_path", sft_dir, "--rm_dir", rm_best,
+                            "--prompts_path", f"{d}/ppo_prompts.json", "--image_folder", f"{d}/images",
+                            "--captions", f"{d}/captions.json", "--out_dir", ppo_run, "--seed", str(seed)] + cfg["ppo"])
 
-    stage("evaluation")
-    results = {}
-    for name, mdir in (("SFT", sft_dir), ("RLHF", os.path.join(ppo_run, "final"))):
-        argv = ["--model_path", mdir, "--template", f"{d}/eval/mmhal_tiny.json", "--image_folder",
-                f"{d}/eval/images", "--out", os.path.join(out, f"mmhal_{name.lower()}.json"),
-                "--max_new_tokens", "64", "--batch_size", "32"]
-        if cfg["eval_limit"]:
-            argv += ["--limit", str(cfg["eval_limit"])]
-        results[name] = evaluate(argv)
-        results[name]["heldout"] = false_claim_rate(d, mdir)
-    done("evaluation")
+    with stage("evaluation"):
+        results = {}
+        for name, mdir in (("SFT", sft_dir), ("RLHF", os.path.join(ppo_run, "final"))):
+            argv = ["--model_path", mdir, "--template", f"{d}/eval/mmhal_tiny.json", "--image_folder",
+                    f"{d}/eval/images", "--out", os.path.join(out, f"mmhal_{name.lower()}.json"),
+                    "--max_new_tokens", "64", "--batch_size", "32"]
+            if cfg["eval_limit"]:
+                argv += ["--limit", str(cfg["eval_limit"])]
+            results[name] = evaluate(argv)
+            results[name]["heldout"] = false_claim_rate(d, mdir)
 
     hist = ppo_res["history"]
-    k = max(1, len(hist) // 4)
-    table = format_pipeline_table(rm_facts, rm_plain, results, hist, k, diag)
+    table = format_pipeline_table(rm_facts, rm_plain, results, hist, diag)
     total = time.time() - t_start
     print("\n" + table)
     print("stage times (s): " + ", ".join(f"{n} {t:.0f}" for n, t in times.items()) + f"; total {total:.0f}")
@@ -1471,12 +1407,8 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
     return summary
 
 
-def _make_kwargs(flags: list[str]) -> dict:
-    return {flags[i].lstrip("-"): int(flags[i + 1]) for i in range(0, len(flags), 2)}
-
-
-def format_pipeline_table(rm_facts: dict, rm_plain: dict, results: dict, hist: list[dict], k: int,
-                          diag: dict) -> str:
+def format_pipeline_table(rm_facts: dict, rm_plain: dict, results: dict, hist: list[dict], diag: dict) -> str:
+    k = max(1, len(hist) // 4)
     first = sum(h["reward"] for h in hist[:k]) / k
     last = sum(h["reward"] for h in hist[-k:]) / k
     lines = [f"reward model           held-out accuracy ({diag['n']} pairs)",
@@ -1492,10 +1424,9 @@ def format_pipeline_table(rm_facts: dict, rm_plain: dict, results: dict, hist: l
              f"{results['RLHF']['hallucination_rate']:>8.2f}"]
     for t in results["SFT"]["per_type"]:
         lines.append(f"{'  ' + t:<26}{results['SFT']['per_type'][t]:>8.2f}{results['RLHF']['per_type'].get(t, float('nan')):>8.2f}")
-    sh, rh = results["SFT"].get("heldout"), results["RLHF"].get("heldout")
-    if sh and rh:
-        lines += ["", f"false-claim rate, {sh['n']} held-out open questions (greedy; +- 1 standard error)",
-                  f"  SFT {sh['rate']:.3f} +- {sh['stderr']:.3f}    RLHF {rh['rate']:.3f} +- {rh['stderr']:.3f}"]
+    sh, rh = results["SFT"]["heldout"], results["RLHF"]["heldout"]
+    lines += ["", f"false-claim rate, {sh['n']} held-out open questions (greedy; +- 1 standard error)",
+              f"  SFT {sh['rate']:.3f} +- {sh['stderr']:.3f}    RLHF {rh['rate']:.3f} +- {rh['stderr']:.3f}"]
     return "\n".join(lines)
 
 
@@ -1520,24 +1451,8 @@ def plot_ppo(hist: list[dict], path: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line: one config dataclass per command, parsed like the stages' (common.parse_config).
-
-@dataclass
-class MakeConfig:
-    out: str = ""                 # the folder to write (required)
-    seed: int = 0
-    eval_seed: int = 0            # fixed by default so all runs share one eval set
-    n_sft_images: int = 3000
-    n_sft: int = 20000
-    n_ppo_images: int = 2000
-    n_ppo: int = 4000
-    n_pref_images: int = 1500
-    n_pref: int = 1500
-    vocab_size: int = 1024        # 256 of these are byte-fallback pieces; see train_tokenizer
-    multi_turn: float = 0.15      # share of multi-turn SFT conversations
-    n_heldout: int = 400          # held-out images, one open question each
-    n_read: int = 6000            # text-only reading conversations added to sft.json (see build_reading)
-
+# Command line: one config dataclass per command (MakeConfig sits beside make), parsed like the stages'
+# (common.parse_config).
 
 @dataclass
 class AnnotateConfig:
@@ -1573,15 +1488,14 @@ def _required(cfg, *keys: str) -> None:
 
 def run_make(cfg: MakeConfig) -> dict:
     _required(cfg, "out")
-    meta = make(**asdict(cfg))
+    meta = make(cfg)
     print(json.dumps({"out": cfg.out, **meta["counts"], "vocab_size": meta["vocab_size"], "seconds": meta["seconds"]}))
     return meta
 
 
 def run_annotate(cfg: AnnotateConfig) -> list[dict]:
     _required(cfg, "data", "responses", "out")
-    with open(cfg.responses) as f:
-        labelled = annotate(cfg.data, json.load(f), cfg.noise, cfg.seed)
+    labelled = annotate(cfg.data, data.load_json(cfg.responses), cfg.noise, cfg.seed)
     _dump(labelled, cfg.out)
     n_h = sum(r["hallucination"] for r in labelled)
     print(f"wrote {len(labelled)} preference records to {cfg.out} ({n_h} with a hallucination)")
