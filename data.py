@@ -49,11 +49,8 @@ class DataError(ValueError):
 
     def __init__(self, reason: str, path: str | None = None, index: int | None = None, image: str | None = None):
         self.reason, self.path, self.index, self.image = reason, path, index, image
-        head = ": ".join(p for p in (str(path) if path else "", f"record {index}" if index is not None else "") if p)
-        msg = f"{head}: {reason}" if head else reason
-        if image:
-            msg += f" (image {image})"
-        super().__init__(msg)
+        where = ([str(path)] if path else []) + ([f"record {index}"] if index is not None else [])
+        super().__init__(": ".join(where + [reason]) + (f" (image {image})" if image else ""))
 
     def at(self, path: str | None, index: int | None, image: str | None = None) -> "DataError":
         """The same error with the file / record / image filled in where they were unknown."""
@@ -103,38 +100,29 @@ class Template:
     """Vicuna v1: `SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>`.
     style="plain" is LLaVA's pretraining format: `<image>CAPTION\\n`, the human text ignored."""
     system: str = VICUNA_V1_SYSTEM
-    roles: tuple[str, str] = ("USER", "ASSISTANT")
-    sep: str = " "
-    sep2: str = EOS_TEXT
     style: str = "vicuna_v1"
 
     def segments(self, conversations: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, str, bool]]:
         """The rendered text as (lead, text, supervised) pieces; render() == "".join(lead + text).
         `lead` is the separator space before an answer: it is not tokenised on its own because
         sentencepiece's dummy-prefix "▁" at the start of the answer's chunk already stands for it."""
-        user, assistant = self.roles
-        if self.style == "plain":
-            segs = []
-            for turn in conversations:
-                if turn["from"] == "human":
-                    segs.append(("", IMAGE_PLACEHOLDER if IMAGE_PLACEHOLDER in turn["value"] else "", False))
-                else:
-                    segs.append(("", turn["value"] + "\n", True))
-            return [s for s in segs if s[1]]
+        if self.style == "plain":  # a human turn gives only its image
+            return [("", IMAGE_PLACEHOLDER, False) if t["from"] == "human" else ("", t["value"] + "\n", True)
+                    for t in conversations if t["from"] != "human" or IMAGE_PLACEHOLDER in t["value"]]
         if self.style != "vicuna_v1":
             raise ValueError(f"unknown template style {self.style!r}")
-        segs, cur = [], self.system + self.sep
+        segs, cur = [], self.system + " "
         for turn in conversations:
             if turn["from"] == "human":
-                cur += f"{user}: {turn['value']}{self.sep}"
+                cur += f"USER: {turn['value']} "
             elif turn["from"] == "gpt":
-                segs.append(("", cur + f"{assistant}:", False))
-                segs.append((" ", turn["value"] + self.sep2, True))
+                segs.append(("", cur + "ASSISTANT:", False))
+                segs.append((" ", turn["value"] + EOS_TEXT, True))
                 cur = ""
             else:
                 raise DataError(f"unknown role {turn['from']!r} (expected 'human' or 'gpt')")
         if add_generation_prompt:
-            cur += f"{assistant}:"
+            cur += "ASSISTANT:"
         if cur:
             segs.append(("", cur, False))
         return segs
@@ -172,12 +160,11 @@ def normalize_conversation(conversations: Any, has_image: bool | None = None, la
             raise DataError(f"turn {i} has role {role!r}; expected 'human' or 'gpt'")
         if not isinstance(value, str):
             raise DataError(f"turn {i} 'value' should be a string, got {type(value).__name__}")
-        expected = ROLES[i % 2]
-        if role != expected:
+        if role != ROLES[i % 2]:
             raise DataError(f"turn {i} is from {role!r} but roles must alternate human/gpt starting with human")
-        if role == "gpt" and not value.strip():
+        if not value.strip() and role == "gpt":
             raise DataError(f"turn {i} is an empty answer")
-        if role == "human" and i > 0 and not value.strip():
+        if not value.strip() and i > 0:  # turn 0 is checked below: the image may be all it asks about
             raise DataError(f"turn {i} is an empty question")
         out.append({"from": role, "value": value})
     if last is not None and out[-1]["from"] != last:
@@ -192,7 +179,7 @@ def normalize_conversation(conversations: Any, has_image: bool | None = None, la
         raise DataError(f"{IMAGE_PLACEHOLDER} in the text but the record has no image")
     if total == 1 or has_image:
         out[0]["value"] = _place_image(out[0]["value"])
-    if not out[0]["value"].replace(IMAGE_PLACEHOLDER, "").strip() and not (total == 1 or has_image):
+    elif not out[0]["value"].strip():
         raise DataError("turn 0 is an empty question")
     return out
 
@@ -256,26 +243,15 @@ def encode_text(text: str, tok: Tokenizer, num_image_tokens: int, bos: bool = Tr
     return ids
 
 
+def _text_starts(ids: list[int]) -> list[int]:
+    """The index where each position starts when an image (a run of IMAGE_TOKEN_INDEX) is one position."""
+    return [i for i, t in enumerate(ids) if t != IMAGE_TOKEN_INDEX or i == 0 or ids[i - 1] != IMAGE_TOKEN_INDEX]
+
+
 def text_len(ids: list[int]) -> int:
-    """Length of an id list with each image (a run of IMAGE_TOKEN_INDEX) counted as ONE id: how the
-    official code's limits count (SPEC §9), so max_len / max_prompt_len never count the 256 / 576
-    expanded image tokens."""
-    n_img = ids.count(IMAGE_TOKEN_INDEX)
-    if not n_img:
-        return len(ids)
-    runs = sum(1 for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX and (i == 0 or ids[i - 1] != IMAGE_TOKEN_INDEX))
-    return len(ids) - n_img + runs
-
-
-def _text_cut(ids: list[int], max_len: int) -> int:
-    """The index that keeps the first max_len ids as text_len counts them; never inside an image run."""
-    n = 0
-    for i, t in enumerate(ids):
-        if t != IMAGE_TOKEN_INDEX or i == 0 or ids[i - 1] != IMAGE_TOKEN_INDEX:  # a new position starts here
-            if n == max_len:
-                return i
-            n += 1
-    return len(ids)
+    """Length of an id list with each image counted as ONE id: how the official code's limits count
+    (SPEC §9), so max_len / max_prompt_len never count the 256 / 576 expanded image tokens."""
+    return len(_text_starts(ids))
 
 
 def tokenize_conversation(conversations: list[dict], tok: Tokenizer, template: Template, num_image_tokens: int,
@@ -292,10 +268,10 @@ def tokenize_conversation(conversations: list[dict], tok: Tokenizer, template: T
         piece = encode_text(text, tok, num_image_tokens, bos=False)
         ids.extend(piece)
         labels.extend(piece if supervised else [IGNORE_INDEX] * len(piece))
-    if max_len is not None and text_len(ids) > max_len:
+    starts = _text_starts(ids)
+    if max_len is not None and len(starts) > max_len:  # keep the first max_len, never cutting inside an image
         n_img = ids.count(IMAGE_TOKEN_INDEX)
-        cut = _text_cut(ids, max_len)
-        ids, labels = ids[:cut], labels[:cut]
+        ids, labels = ids[:starts[max_len]], labels[:starts[max_len]]
         if ids.count(IMAGE_TOKEN_INDEX) != n_img:
             raise TruncationError(f"max_len {max_len} (the image counted as one id) cuts off the {n_img} image tokens")
     if all(label == IGNORE_INDEX for label in labels):
@@ -392,14 +368,13 @@ _MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
 _STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
 
 
-def preprocess_image(img: Image.Image, image_size: int, pad_to_square: bool = True,
-                     fill: tuple[int, int, int] = PAD_FILL) -> torch.Tensor:
+def preprocess_image(img: Image.Image, image_size: int, pad_to_square: bool = True) -> torch.Tensor:
     """(3, S, S) float32: pad to square, resize the shortest side to S (bicubic), centre crop,
     scale to [0, 1], normalise with the CLIP mean/std. Equal to transformers' CLIPImageProcessor."""
     if img.mode != "RGB":
         img = to_rgb(img)
     if pad_to_square:
-        img = expand2square(img, fill)
+        img = expand2square(img, PAD_FILL)
     S = image_size
     w, h = img.size
     # shortest side -> S; the other side scaled and truncated to int, as torchvision/transformers do
@@ -411,10 +386,10 @@ def preprocess_image(img: Image.Image, image_size: int, pad_to_square: bool = Tr
     return ((x - _MEAN) / _STD).contiguous()
 
 
-def image_tensor(path: str, image_size: int, pad_to_square: bool = True) -> torch.Tensor:
+def image_tensor(path: str, image_size: int) -> torch.Tensor:
     """An image file as the model's (3, S, S) input: the one way every stage reads an image.
     DataError naming the file when it is missing or unreadable."""
-    return preprocess_image(load_image(path), image_size, pad_to_square)
+    return preprocess_image(load_image(path), image_size)
 
 
 def image_file(image_folder: str | None, image: str) -> str:
@@ -432,17 +407,14 @@ def read_records(path: str) -> list[tuple[int, Any]]:
         raise DataError("file not found", path=path)
     with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
         text = f.read()
-    jsonl = path.endswith((".jsonl", ".ndjson"))
-    if not jsonl:
+    if not path.endswith((".jsonl", ".ndjson")):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            # several objects one per line in a ".json" file: read it as JSONL
-            if e.msg == "Extra data" and text.lstrip().startswith("{"):
-                jsonl = True
-            else:
+            # several objects one per line in a ".json" file: read it as JSONL below
+            if e.msg != "Extra data" or not text.lstrip().startswith("{"):
                 raise DataError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", path=path) from None
-        if not jsonl:
+        else:
             if not isinstance(data, list):
                 raise DataError(f"expected a JSON list of records, got {type(data).__name__}", path=path)
             return list(enumerate(data))
@@ -497,8 +469,9 @@ def parse_each(path: str, rows: list[tuple[int, Any]], parse_one, on_error: str,
 
 
 def _parse_file(path: str, parse_one, on_error: str, skips: Skips | None) -> list[dict]:
-    """The records of a data file through parse_one, each tagged with its "source" file and "index"."""
-    return [{**rec, "source": path, "index": index}
+    """The records of a data file through parse_one, each tagged with its "source" file and "index";
+    a record without an "id" is given its index."""
+    return [{**rec, "id": str(index) if rec["id"] is None else rec["id"], "source": path, "index": index}
             for index, rec in parse_each(path, read_records(path), parse_one, on_error, skips)]
 
 
@@ -516,13 +489,11 @@ def get_field(rec: dict, key: str, types: type | tuple, required: bool = True, d
     return v
 
 
-def _parse_id_image(raw: dict, image_folder: str | None, check_images: bool) -> tuple[str | None, str | None]:
+def _parse_id_image(raw: dict) -> tuple[str | None, str | None]:
     rid = get_field(raw, "id", (str, int), required=False)
     image = get_field(raw, "image", str, required=False)
     if image is not None and not image.strip():
         raise DataError("field 'image' is an empty string")
-    if check_images and image is not None:
-        load_image(image_file(image_folder, image))
     return (None if rid is None else str(rid)), image
 
 
@@ -536,17 +507,15 @@ def read_sft(path: str, image_folder: str | None = None, on_error: str = "raise"
     def parse(raw: dict) -> dict:
         if "conversations" not in raw:
             raise DataError("missing field 'conversations'")
-        rid, image = _parse_id_image(raw, image_folder, check_images)
+        rid, image = _parse_id_image(raw)
+        if check_images and image is not None:
+            load_image(image_file(image_folder, image))
         conv = normalize_conversation(raw["conversations"], has_image=image is not None, last="gpt")
         return {"id": rid, "image": image, "conversations": conv}
-    recs = _parse_file(path, parse, on_error, skips)
-    for r in recs:
-        r["id"] = r["id"] if r["id"] is not None else str(r["index"])
-    return recs
+    return _parse_file(path, parse, on_error, skips)
 
 
-def read_preferences(path: str, on_error: str = "raise", image_folder: str | None = None,
-                     check_images: bool = False, skips: Skips | None = None) -> list[dict]:
+def read_preferences(path: str, on_error: str = "raise", skips: Skips | None = None) -> list[dict]:
     """Human preference pairs (SPEC §3) -> [{"id", "image", "conversations", "output_1", "output_2",
     "preference", "hallucination", "source", "index"}, plus "facts" (list of str) when the record has them].
     `conversations` is the context and ends with the user turn being answered: the file's trailing gpt
@@ -557,7 +526,7 @@ def read_preferences(path: str, on_error: str = "raise", image_folder: str | Non
         for key in ("conversations", "output_1", "output_2", "preference"):
             if key not in raw:
                 raise DataError(f"missing field '{key}'")
-        rid, image = _parse_id_image(raw, image_folder, check_images)
+        rid, image = _parse_id_image(raw)
         conv = raw["conversations"]
         if isinstance(conv, list) and len(conv) >= 2 and isinstance(conv[-1], dict) and conv[-1].get("from") == "gpt":
             conv = conv[:-1]
@@ -574,22 +543,17 @@ def read_preferences(path: str, on_error: str = "raise", image_folder: str | Non
         if isinstance(pref, bool) or not isinstance(pref, int) or pref not in (1, 2):
             raise DataError(f"'preference' must be 1 or 2, got {pref!r}")
         hall = raw.get("hallucination")
-        if hall is not None:
-            if isinstance(hall, bool) or (isinstance(hall, int) and hall in (0, 1)):
-                hall = bool(hall)
-            else:
-                raise DataError(f"'hallucination' should be a boolean, got {hall!r}")
-        rec = {"id": rid, "image": image, "conversations": conv, **outs, "preference": pref, "hallucination": hall}
+        if hall is not None and not (isinstance(hall, int) and hall in (0, 1)):  # a bool, or 0 / 1
+            raise DataError(f"'hallucination' should be a boolean, got {hall!r}")
+        rec = {"id": rid, "image": image, "conversations": conv, **outs, "preference": pref,
+               "hallucination": None if hall is None else bool(hall)}
         if raw.get("facts") is not None:   # the record's own facts; the reward model prefers them to captions
             facts = raw["facts"]
             if not isinstance(facts, list) or not all(isinstance(f, str) and f.strip() for f in facts):
                 raise DataError("'facts' should be a list of non-empty strings")
             rec["facts"] = list(facts)
         return rec
-    recs = _parse_file(path, parse, on_error, skips)
-    for r in recs:
-        r["id"] = r["id"] if r["id"] is not None else str(r["index"])
-    return recs
+    return _parse_file(path, parse, on_error, skips)
 
 
 def load_captions(captions: str | dict | None) -> dict[str, list[str]]:
@@ -613,7 +577,6 @@ _ANSWER_TYPE_ALIASES = {"multiple_choice": "multiple_choice", "multiple-choice":
 
 
 def read_ppo_prompts(path: str, captions: str | dict | None = None, on_error: str = "raise",
-                     image_folder: str | None = None, check_images: bool = False,
                      skips: Skips | None = None) -> list[dict]:
     """PPO prompts -> [{"id", "image", "question", "facts", "answer_type", "answer", "length_multiplier",
     "source", "index"}]. The question is the first user turn (or the "question" field) with the <image>
@@ -625,7 +588,7 @@ def read_ppo_prompts(path: str, captions: str | dict | None = None, on_error: st
 
     def parse(raw: dict) -> dict:
         nonlocal no_facts
-        rid, image = _parse_id_image(raw, image_folder, check_images)
+        rid, image = _parse_id_image(raw)
         if "question" in raw:
             q = get_field(raw, "question", str)
         elif "conversations" in raw:
@@ -684,8 +647,6 @@ def read_ppo_prompts(path: str, captions: str | dict | None = None, on_error: st
         return {"id": rid, "image": image, "question": q, "facts": facts, "answer_type": at, "answer": ans,
                 "length_multiplier": lm}
     recs = _parse_file(path, parse, on_error, skips)
-    for r in recs:
-        r["id"] = r["id"] if r["id"] is not None else str(r["index"])
     if no_facts:
         print(f"{path}: {no_facts} prompt(s) have an image missing from the captions map (empty facts)",
               file=sys.stderr)
@@ -717,8 +678,11 @@ def read_mmhal(path: str, on_error: str = "raise", skips: Skips | None = None) -
 class _ServeOrSkip:
     """__getitem__ for datasets whose items can fail to load (a broken image): raise the DataError, or with
     on_error="skip" count it and serve the next record instead, so batch shapes stay as planned."""
-    on_error: str
-    skips: Skips
+
+    def __init__(self, image_folder: str | None, image_size: int, on_error: str, skips: Skips | None):
+        _check_on_error(on_error)
+        self.image_folder, self.image_size, self.on_error = image_folder, image_size, on_error
+        self.skips = SKIPS if skips is None else skips
 
     def _item(self, i: int) -> dict:
         raise NotImplementedError
@@ -740,27 +704,23 @@ class _ServeOrSkip:
             return None
         path = image_file(self.image_folder, rec["image"])
         try:
-            return image_tensor(path, self.image_size, self.pad_to_square)
+            return image_tensor(path, self.image_size)
         except DataError as e:
             raise e.at(rec.get("source"), rec.get("index"), path) from None
 
 
 class SFTDataset(_ServeOrSkip):
     """Tokenised conversations with their images. Tokenisation runs once up front to drop (and count, in
-    `dropped` and the Skips) the records that truncation would empty; records cut to max_len (the image
-    counted as one id) but kept are counted in `truncated`; __getitem__ tokenises again (cheap, and keeps
-    memory flat on large sets) and loads the image. A broken image at __getitem__ raises DataError; with
-    on_error="skip" the next record is served instead and counted (read_sft(check_images=True) or
-    `prepare_data.py check` find them before training)."""
+    `dropped` and the Skips) the records that truncation to max_len would empty, and to count in `truncated`
+    those it cuts but keeps; __getitem__ tokenises again (cheap, and keeps memory flat on large sets) and
+    loads the image. Broken images are found before training by read_sft(check_images=True) or
+    `prepare_data.py check`."""
 
     def __init__(self, records: list[dict], tok: Tokenizer, template: Template, image_folder: str | None,
                  image_size: int, num_image_tokens: int, max_len: int | None, on_error: str = "raise",
-                 skips: Skips | None = None, pad_to_square: bool = True):
-        _check_on_error(on_error)
-        self.tok, self.template, self.image_folder = tok, template, image_folder
-        self.image_size, self.num_image_tokens, self.max_len = image_size, num_image_tokens, max_len
-        self.on_error, self.pad_to_square = on_error, pad_to_square
-        self.skips = SKIPS if skips is None else skips
+                 skips: Skips | None = None):
+        super().__init__(image_folder, image_size, on_error, skips)
+        self.tok, self.template, self.num_image_tokens, self.max_len = tok, template, num_image_tokens, max_len
         self.records, self.dropped, self.truncated = [], 0, 0
         for i, rec in enumerate(records):
             try:
@@ -799,16 +759,13 @@ class SFTDataset(_ServeOrSkip):
 class PromptDataset(_ServeOrSkip):
     """PPO / evaluation prompts (records from read_ppo_prompts or read_mmhal): tokenised prompt ending at
     "ASSISTANT:", the image, and "index" into `records` for the facts and answers. Prompts longer than
-    max_prompt_len, the image counted as one id (text_len; SPEC §5/§9: prompt length <= 128 with the image as
-    a single placeholder), are dropped and counted in `dropped`."""
+    max_prompt_len (text_len; SPEC §5/§9: <= 128 with the image as one id) are dropped, counted in `dropped`."""
 
     def __init__(self, records: list[dict], tok: Tokenizer, template: Template, image_folder: str | None,
                  image_size: int, num_image_tokens: int, max_prompt_len: int | None = None,
-                 pad_to_square: bool = True, on_error: str = "raise", skips: Skips | None = None):
-        _check_on_error(on_error)
-        self.records, self.image_folder, self.image_size = records, image_folder, image_size
-        self.pad_to_square, self.on_error, self.skips = pad_to_square, on_error, (SKIPS if skips is None else skips)
-        self.prompts, self.keep, self.dropped = [], [], 0
+                 on_error: str = "raise", skips: Skips | None = None):
+        super().__init__(image_folder, image_size, on_error, skips)
+        self.records, self.prompts, self.keep, self.dropped = records, [], [], 0
         for i, rec in enumerate(records):
             ids = tokenize_prompt(rec["question"], tok, template, num_image_tokens, has_image=rec.get("image") is not None)
             if max_prompt_len is not None and text_len(ids) > max_prompt_len:
@@ -832,35 +789,28 @@ class PromptDataset(_ServeOrSkip):
 # ----------------------------------------------------------------------------------------------------
 # Batching
 
-def _as_lists(seqs) -> list[list[int]]:
+def _pad(seqs, pad_value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if not len(seqs):
         raise ValueError("cannot pad an empty batch")
-    return [s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in seqs]
-
-
-def right_pad(seqs, pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) values padded on the right with pad_value, and the (B, T) attention mask (1 = real)."""
-    seqs = _as_lists(seqs)
+    seqs = [s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in seqs]
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_value, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for b, s in enumerate(seqs):
-        ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[b, :len(s)] = 1
+        real = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[b, real] = torch.tensor(s, dtype=torch.long)
+        mask[b, real] = 1
     return ids, mask
+
+
+def right_pad(seqs, pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) values padded on the right with pad_value, and the (B, T) attention mask (1 = real)."""
+    return _pad(seqs, pad_value, left=False)
 
 
 def left_pad(seqs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids padded on the left (generation appends on the right), and the (B, T) attention mask."""
-    seqs = _as_lists(seqs)
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        if s:
-            ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[b, T - len(s):] = 1
-    return ids, mask
+    return _pad(seqs, pad_id, left=True)
 
 
 def _stack_images(batch: list[dict], ids: torch.Tensor) -> torch.Tensor | None:
@@ -915,8 +865,6 @@ class ResumableSampler:
         self.rank = rank if rank is not None else (dist.get_rank() if ddp else 0)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
-        if num_items < 0:
-            raise ValueError("num_items must be >= 0")
         self.num_items, self.seed, self.shuffle, self.drop_last = num_items, seed, shuffle, drop_last
         self.epoch, self.position = 0, 0
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its order): drawn once per epoch

@@ -105,10 +105,8 @@ def convert_vqav2(questions: str, annotations: str, image_format: str = COCO_IMA
     if fmt == "sft" and per_image:
         grouped: dict[int, dict] = {}
         for r in recs:
-            g = grouped.get(r["image_id"])
-            if g is None:
-                grouped[r["image_id"]] = r
-            else:  # later questions on the same image: plain turns, the image stays in the first
+            g = grouped.setdefault(r["image_id"], r)
+            if g is not r:  # later questions on the same image: plain turns, the image stays in the first
                 q = r["conversations"][0]["value"].replace(IMAGE_PLACEHOLDER + "\n", "")
                 g["conversations"] += [{"from": "human", "value": q}, r["conversations"][1]]
         recs = list(grouped.values())
@@ -265,25 +263,21 @@ def _histogram(lengths: list[int], bins: int = 10) -> list[str]:
 
 
 def check_dataset(path: str, image_folder: str | None = None, tokenizer: str | Tokenizer | None = None,
-                  kind: str | None = None, template: Template | None = None, num_image_tokens: int = 576,
-                  max_len: int | None = None, check_images: bool = True, out=None) -> dict:
+                  kind: str | None = None, num_image_tokens: int = 576, max_len: int | None = None,
+                  check_images: bool = True, out=None) -> dict:
     """Validate every record of a file: prints counts, problems (record index and reason) and a token
     length histogram; returns the same as a dict. Problems never stop the check."""
     out = out or sys.stdout
-    template = template or Template()
+    template = Template()
     kind = kind or detect_kind(path)
     total = len(read_records(path))
     skips = Skips()
-    reader = {"sft": lambda: read_sft(path, on_error="skip", skips=skips),
-              "preference": lambda: read_preferences(path, on_error="skip", skips=skips),
-              "ppo": lambda: read_ppo_prompts(path, on_error="skip", skips=skips),
-              "mmhal": lambda: read_mmhal(path, on_error="skip", skips=skips)}[kind]
-    recs = reader()
+    reader = {"sft": read_sft, "preference": read_preferences, "ppo": read_ppo_prompts, "mmhal": read_mmhal}[kind]
+    recs = reader(path, on_error="skip", skips=skips)
     problems = list(zip(skips.indices, skips.reasons))
     n_img = n_img_bad = 0
     good = []
     for r in recs:
-        ok = True
         if check_images and kind != "mmhal" and r.get("image") is not None:
             n_img += 1
             p = image_file(image_folder, r["image"])
@@ -292,34 +286,31 @@ def check_dataset(path: str, image_folder: str | None = None, tokenizer: str | T
             except DataError as e:
                 problems.append((r["index"], str(e.at(path, r["index"], p))))
                 n_img_bad += 1
-                ok = False
-        if ok:
-            good.append(r)
+                continue
+        good.append(r)
     problems = [msg for _, msg in sorted(problems, key=lambda x: -1 if x[0] is None else x[0])]
     lengths, too_long, emptied = [], 0, 0
     if tokenizer is not None:
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         for r in good:
-            has_image = r.get("image") is not None or kind == "mmhal"
+            if kind == "sft":
+                seqs = [tokenize_conversation(r["conversations"], tok, template, num_image_tokens)[0]]
+            elif kind == "preference":
+                seqs = [tokenize_conversation(with_response(r["conversations"], r[k]["value"]), tok, template,
+                                              num_image_tokens)[0] for k in ("output_1", "output_2")]
+            else:
+                has_image = r.get("image") is not None or kind == "mmhal"
+                seqs = [tokenize_prompt(r["question"], tok, template, num_image_tokens, has_image=has_image)]
             # the histogram shows the model's sequence length (image = num_image_tokens ids); max_len counts
             # the image as one id, as the training scripts do (text_len)
-            if kind == "sft":
-                ids = tokenize_conversation(r["conversations"], tok, template, num_image_tokens)[0]
-                n, n_text = len(ids), text_len(ids)
-                if max_len is not None and n_text > max_len:
+            lengths.append(max(len(x) for x in seqs))
+            if max_len is not None and max(text_len(x) for x in seqs) > max_len:
+                too_long += 1
+                if kind == "sft":
                     try:
                         tokenize_conversation(r["conversations"], tok, template, num_image_tokens, max_len)
                     except TruncationError:
                         emptied += 1
-            elif kind == "preference":
-                seqs = [tokenize_conversation(with_response(r["conversations"], r[k]["value"]), tok, template,
-                                              num_image_tokens)[0] for k in ("output_1", "output_2")]
-                n, n_text = max(len(x) for x in seqs), max(text_len(x) for x in seqs)
-            else:
-                ids = tokenize_prompt(r["question"], tok, template, num_image_tokens, has_image=has_image)
-                n, n_text = len(ids), text_len(ids)
-            lengths.append(n)
-            too_long += int(max_len is not None and n_text > max_len)
     p = lambda s="": print(s, file=out)  # noqa: E731
     p(f"file: {path}")
     p(f"kind: {kind}")
@@ -327,12 +318,10 @@ def check_dataset(path: str, image_folder: str | None = None, tokenizer: str | T
     if kind == "preference" and good:
         c = Counter(r["preference"] for r in good)
         p(f"preference: 1 -> {c.get(1, 0)}, 2 -> {c.get(2, 0)}")
-    if kind == "ppo" and good:
-        c = Counter(r["answer_type"] for r in good)
-        p("answer types: " + ", ".join(f"{k} {c[k]}" for k in ANSWER_TYPES if c.get(k)))
-    if kind == "mmhal" and good:
-        c = Counter(r["question_type"] for r in good)
-        p("question types: " + ", ".join(f"{k} {c[k]}" for k in MMHAL_TYPES if c.get(k)))
+    if kind in ("ppo", "mmhal") and good:
+        key, types = ("answer_type", ANSWER_TYPES) if kind == "ppo" else ("question_type", MMHAL_TYPES)
+        c = Counter(r[key] for r in good)
+        p(f"{key.replace('_', ' ')}s: " + ", ".join(f"{k} {c[k]}" for k in types if c.get(k)))
     if check_images and kind != "mmhal":
         p(f"images: {n_img} referenced, {n_img - n_img_bad} ok, {n_img_bad} missing or unreadable")
     if problems:
