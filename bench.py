@@ -31,16 +31,18 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 import zlib
 from dataclasses import dataclass, replace
+from functools import partial
+from statistics import median as med
 
 import torch
 
 import common
+import data
 import kernels
 import model
 import ppo
@@ -59,7 +61,6 @@ class BenchConfig:
     new_tokens: int = 64
     train_seq: int = 512         # training sequences: BOS + image + text, text labelled
     iters: int = 3               # timed repeats (after one warm-up)
-    ppo_iters: int = 1
     lora_r: int = 64
 
 
@@ -83,44 +84,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rss_kib(field: str) -> int:
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator peak on GPU; on CPU the process's peak RSS (VmHWM, reset
+    through /proc/self/clear_refs; without that, peak_memory is the lifetime peak)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> int:
+    """Bytes at the peak since reset_peak_memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+        return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
 
 
-class PeakMemory:
-    """Peak memory inside a `with` block, in bytes: CUDA's allocator peak on GPU; on CPU the process's
-    peak RSS (VmHWM, reset on entry through /proc/self/clear_refs; without that, the lifetime peak)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak, self.base = device, 0, 0
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                pass
-            self.base = _rss_kib("VmRSS") * 1024
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self.peak = _rss_kib("VmHWM") * 1024
-
-
-def interleaved(fns: dict, iters: int, device: torch.device, warmup: int = 1) -> tuple[dict, dict]:
+def interleaved(fns: dict, iters: int, device: torch.device, warmup: int = 0) -> tuple[dict, dict]:
     """Run every fn `warmup` times, then `iters` rounds of each in turn. -> (seconds per call,
     peak memory per fn over its timed calls). Interleaving spreads a burst of load from other
     processes over all contenders instead of one."""
@@ -131,18 +116,14 @@ def interleaved(fns: dict, iters: int, device: torch.device, warmup: int = 1) ->
     peaks: dict[str, int] = {k: 0 for k in fns}
     for _ in range(iters):
         for k, f in fns.items():
-            with PeakMemory(device) as pm:
-                sync(device)
-                t0 = time.perf_counter()
-                f()
-                sync(device)
-                times[k].append(time.perf_counter() - t0)
-            peaks[k] = max(peaks[k], pm.peak)
+            sync(device)
+            reset_peak_memory(device)
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+            peaks[k] = max(peaks[k], peak_memory(device))
     return times, peaks
-
-
-def med(xs: list[float]) -> float:
-    return statistics.median(xs)
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -220,18 +201,13 @@ def decode_step_flops(c: ModelConfig, batch: int, context: int) -> float:
     return batch * (2 * c.layers * _llm_layer_params(c) + 2 * c.vocab_size * c.hidden + 4 * c.layers * context * c.hidden)
 
 
-def generation_flops(c: ModelConfig, batch: int, T: int, new: int, images: bool = True) -> float:
-    f = llm_forward_flops(c, batch, T, batch) + (vision_flops(c, batch) if images else 0)
-    return f + sum(decode_step_flops(c, batch, T + i + 1) for i in range(new - 1))
-
-
 def train_flops(c: ModelConfig, batch: int, T: int, labelled: int, images: bool = True) -> float:
     """Forward + backward (x3) of the LLM and projector, the frozen vision tower forward only."""
     llm = 3 * llm_forward_flops(c, batch, T, labelled)
     if not images:
         return llm
-    proj = 3 * 2 * _projector_params(c) * c.num_image_tokens * batch
-    return llm + vision_flops(c, batch) - 2 * _projector_params(c) * c.num_image_tokens * batch + proj
+    # vision_flops holds the projector's forward; its backward is twice that
+    return llm + vision_flops(c, batch) + 2 * 2 * _projector_params(c) * c.num_image_tokens * batch
 
 
 def decode_bytes(m: LLaVA, batch: int, context: int) -> int:
@@ -315,53 +291,52 @@ class Table:
 # ----------------------------------------------------------------------------------------------------
 # Generation
 
-def bench_generation(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, device, compile: bool) -> dict:
+def bench_generation(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, device, compile: bool) -> None:
     c = cfg.model
     ids, images, mask = make_inputs(cfg, cfg.text_tokens - 1, seed=0, device=device)
     hf_ids = to_hf(ids, c.image_token_index)
     B, T, N = cfg.batch, ids.shape[1], cfg.new_tokens
 
-    def ours(n: int, comp: bool):
-        return lambda: m.generate(ids, images, mask, max_new_tokens=n, temperature=0.0, eos_token_id=-1, compile=comp)
+    def ours(comp: bool):
+        return lambda n: m.generate(ids, images, mask, max_new_tokens=n, temperature=0.0, eos_token_id=-1,
+                                    compile=comp)
 
     def theirs(n: int):
         # no EOS: every row runs all n steps, as ours does with eos_token_id=-1
-        return lambda: ref.generate(input_ids=hf_ids, pixel_values=images, attention_mask=mask, max_new_tokens=n,
-                                    min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)[:, T:]
+        return ref.generate(input_ids=hf_ids, pixel_values=images, attention_mask=mask, max_new_tokens=n,
+                            min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)[:, T:]
 
-    compile_s, dec = None, None
+    runs = {"transformers": theirs, "ours eager": ours(False)}   # name -> (new tokens -> tokens)
+    dec = None
     if compile:
+        runs["ours compiled"] = ours(True)
         dec = kernels.static_decoder(m, compile=True)
         t0 = time.perf_counter()
-        ours(N, True)()   # compiles the decode step for this (batch, cache length)
+        runs["ours compiled"](N)   # compiles the decode step for this (batch, cache length)
         compile_s = time.perf_counter() - t0
 
     # tokens: identical across implementations (greedy, same weights)
     with torch.no_grad():
-        want = theirs(N)()
-    got = {"ours eager": ours(N, False)()}
-    if compile:
-        got["ours compiled"] = ours(N, True)()
-    for k, v in got.items():
-        if not torch.equal(v, want):
-            bad = (v != want).nonzero()[0].tolist()
+        want = theirs(N)
+    for k, run in list(runs.items())[1:]:
+        got = run(N)
+        if not torch.equal(got, want):
+            bad = (got != want).nonzero()[0].tolist()
             raise AssertionError(f"{k} greedy tokens differ from transformers at (row, step) {bad}")
 
-    fns = {"transformers": theirs(N), "ours eager": ours(N, False)}
-    if compile:
-        fns["ours compiled"] = ours(N, True)
-    prefill = {"transformers": theirs(1), "ours eager": ours(1, False), "ours compiled": ours(1, True)}
+    fns = {k: partial(run, N) for k, run in runs.items()} | {k + " 1": partial(run, 1) for k, run in runs.items()}
     with torch.no_grad():   # the token check above was the warm-up
-        times, peaks = interleaved({**fns, **{k + " 1": prefill[k] for k in fns}}, cfg.iters, device, warmup=0)
-    flops = generation_flops(c, B, T, N)
+        times, peaks = interleaved(fns, cfg.iters, device)
+    prefill_flops = llm_forward_flops(c, B, T, B) + vision_flops(c, B)
     dflops = sum(decode_step_flops(c, B, T + i + 1) for i in range(N - 1))
+    flops = prefill_flops + dflops
     ref_e2e = med(times["transformers"])
     ref_dec = max(ref_e2e - med(times["transformers 1"]), 1e-9)
-    for k in fns:
+    for k in runs:
         t = med(times[k])
         table.add(f"generate B={B} prompt={T} +{N} greedy", k, t, B * N / t, ref_e2e / t,
                   flops / t / ceil["matmul_flops"], peaks[k], "prefill + decode")
-    for k in fns:
+    for k in runs:
         t_dec = max(med(times[k]) - med(times[k + " 1"]), 1e-9)
         floor = decode_bytes(m, B, T + N // 2) / ceil["copy_bytes_per_s"]
         table.add(f"  decode steps only (x{N - 1})", k, t_dec, B * (N - 1) / t_dec, ref_dec / t_dec,
@@ -371,7 +346,7 @@ def bench_generation(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, 
     # The fastest any implementation could be on this machine: the prefill at the measured matmul peak,
     # each decode step at the slower of its FLOPs at that peak and its bytes at the copy bandwidth. Its
     # ratio to transformers bounds what a speed-up target can ask for here.
-    t_floor = (llm_forward_flops(c, B, T, B) + vision_flops(c, B)) / ceil["matmul_flops"]
+    t_floor = prefill_flops / ceil["matmul_flops"]
     t_floor += sum(max(decode_step_flops(c, B, T + i + 1) / ceil["matmul_flops"],
                        decode_bytes(m, B, T + i + 1) / ceil["copy_bytes_per_s"]) for i in range(N - 1))
     table.add("  hardware ceiling (100% of peak)", "bound", t_floor, B * N / t_floor, ref_e2e / t_floor, None, None,
@@ -380,7 +355,6 @@ def bench_generation(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, 
     if dec is not None:
         note += f"; decode graphs compiled {dec.compiles} (in {compile_s:.0f}s), recompiles across steps {dec.recompiles}"
     table.add("  greedy tokens", "all", note=note)
-    return {"compiled": dec}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -397,27 +371,20 @@ def bench_training(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, de
     labelled = int((labels[:, 1:] != -100).sum())
 
     for mod, vision in ((m, m.vision), (ref, ref.model.vision_tower)):
-        mod.train()
-        for p in mod.parameters():
-            p.requires_grad_(True)
-        for p in vision.parameters():
-            p.requires_grad_(False)    # frozen tower, as LLaVA fine-tunes
-
-    def clear(mod):
-        for p in mod.parameters():
-            p.grad = None
+        mod.train().requires_grad_(True)
+        vision.requires_grad_(False)    # frozen tower, as LLaVA fine-tunes
 
     losses = {}
     sft_loss = sft.SFTLoss(m)
 
     def ours():
-        clear(m)
+        m.zero_grad()
         loss = sft_loss(ids, images, mask, labels) / labelled     # SFTLoss sums the NLL, transformers means it
         loss.backward()
         losses["ours"] = loss.item()
 
     def theirs():
-        clear(ref)
+        ref.zero_grad()
         out = ref(input_ids=hf_ids, pixel_values=images, attention_mask=mask, labels=labels)
         out.loss.backward()
         losses["transformers"] = out.loss.item()
@@ -440,7 +407,7 @@ def bench_training(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, de
     if abs(losses["ours"] - losses["transformers"]) > 1e-3 * max(1.0, abs(losses["transformers"])):
         raise AssertionError(f"training losses differ: {losses}")
     for mod in (m, ref):
-        clear(mod)
+        mod.zero_grad()
         mod.eval()
     flops = train_flops(c, B, T, labelled)
     t_ref = med(times["transformers"])
@@ -458,6 +425,7 @@ class _WordTokenizer:
     """A stand-in for data.Tokenizer (the bench's random model has no sentencepiece model): one id per
     word, so the reward model reads about as many ids as it would of real text."""
     bos_id, eos_id, pad_id = 1, 2, 0
+    decode_response = data.Tokenizer.decode_response   # the real one: cut at EOS, over this decode
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
@@ -465,9 +433,7 @@ class _WordTokenizer:
     def encode(self, text: str) -> list[int]:
         return [3 + zlib.crc32(w.encode()) % (self.vocab_size - 4) for w in text.split()]
 
-    def decode_response(self, ids) -> str:
-        ids = ids.tolist()
-        ids = ids[:ids.index(self.eos_id)] if self.eos_id in ids else ids
+    def decode(self, ids: list[int]) -> str:
         return " ".join(f"w{i}" for i in ids)
 
 
@@ -510,21 +476,14 @@ def bench_ppo(m: LLaVA, cfg: BenchConfig, table: Table, device, compile: bool) -
         ppo.update(models, st["rows"], opt, pcfg, torch.Generator().manual_seed(0))
 
     rollout(), update()                 # warm-up (compiles the LoRA policy's decode step and the sampler)
-    times: dict[str, list[float]] = {"generation": [], "scoring": [], "update": []}
-    peaks = {"rollout": 0, "update": 0}
-    for _ in range(cfg.ppo_iters):      # in order: the update trains on the rollout's rows
-        t, p = interleaved({"rollout": rollout}, 1, device, warmup=0)
-        times["generation"].append(st["times"]["t_generate"])
-        times["scoring"].append(t["rollout"][0] - st["times"]["t_generate"])
-        peaks["rollout"] = max(peaks["rollout"], p["rollout"])
-        t, p = interleaved({"update": update}, 1, device, warmup=0)
-        times["update"] += t["update"]
-        peaks["update"] = max(peaks["update"], p["update"])
+    # one timed step, in order: the update trains on the rollout's rows
+    times, peaks = interleaved({"rollout": rollout, "update": update}, 1, device)
+    t_gen = st["times"]["t_generate"]
+    phases = {"generation": t_gen, "scoring": times["rollout"][0] - t_gen, "update": times["update"][0]}
     m.eval()
     m.set_adapter(None)
-    total = sum(med(v) for v in times.values())
-    for k in times:
-        t = med(times[k])
+    total = sum(phases.values())
+    for k, t in phases.items():
         table.add(f"PPO step: {k}", "ours" + (" compiled" if compile and k != "update" else ""), t,
                   B * N / t if k == "generation" else None, None, None, peaks["update" if k == "update" else "rollout"],
                   f"{100 * t / total:.0f}% of step" + ("; peak of the whole rollout" if k != "update" else
@@ -559,17 +518,11 @@ def gpu_check(args) -> None:
     log(f"matmul {ceil['matmul_flops'] / 1e12:.1f} TFLOP/s, copy {ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s")
 
     # build on meta, materialise on the device in bf16 directly (no fp32 copy of 7B weights)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            m = LLaVA(cfg)
-    finally:
-        torch.set_default_dtype(old)
+    with torch.device("meta"):
+        m = LLaVA(cfg).to(dtype)
     m = m.to_empty(device=device).eval()
     init_weights(m)
-    for p in m.parameters():
-        p.requires_grad_(False)
+    m.requires_grad_(False)
     n_llm = sum(p.numel() for n, p in m.named_parameters() if n.startswith(("llm.", "lm_head.")))
     log(f"model built: {sum(p.numel() for p in m.parameters()) / 1e9:.2f}B params ({n_llm / 1e9:.2f}B LLM), {dtype}")
 
@@ -581,23 +534,23 @@ def gpu_check(args) -> None:
         mask = torch.ones_like(ids)
         # eager, then compiled: CUDA graphs first ("reduce-overhead": batch-1 decode is launch-bound
         # without them); should that fail here, the default mode, so that the table still has a row
-        variants = [("eager", False, None)]
+        variants = [(False, None)]
         if not args.no_compile:
-            variants += [("compiled", True, mode)] + ([("compiled", True, None)] if mode is not None else [])
+            variants += [(True, mode)] + ([(True, None)] if mode is not None else [])
         done_compiled = False
-        for label, comp, md in variants:
+        for comp, md in variants:
             if comp and done_compiled:
                 continue
             if comp:
                 dec = kernels.static_decoder(m, compile=True, mode=md)
             run = lambda n: m.generate(ids, None, mask, max_new_tokens=n, eos_token_id=-1, compile=comp)
-            name = f"ours {label}" + (f" ({md})" if md else "")
+            name = f"ours {'compiled' if comp else 'eager'}" + (f" ({md})" if md else "")
             try:
                 with torch.no_grad():
                     t0 = time.perf_counter()
                     run(new)                    # warm-up; compiles on the first compiled call
                     first = time.perf_counter() - t0
-                    times, peaks = interleaved({"n": lambda: run(new), "1": lambda: run(1)}, 2, device, warmup=0)
+                    times, peaks = interleaved({"n": lambda: run(new), "1": lambda: run(1)}, 2, device)
             except Exception as e:  # noqa: BLE001  (report and go on: the table should still print)
                 table.add(f"decode B={B}", name, note=f"FAILED: {type(e).__name__}: {str(e)[:120]}")
                 log(f"B={B} {name} failed: {e}")
@@ -614,18 +567,17 @@ def gpu_check(args) -> None:
             log(f"decode B={B} {name}: {B / step:.0f} tok/s")
         for dec in kernels._DECODERS.get(m, {}).values():
             dec.release()
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        torch.cuda.empty_cache()
 
     # training step: full fine-tuning of the LLM (fwd + bwd, no optimizer), text only, fused loss
-    for n, p in m.named_parameters():
-        p.requires_grad_(n.startswith(("llm.", "lm_head.")))
+    m.llm.requires_grad_(True)
+    m.lm_head.requires_grad_(True)
     m.train()
     ids = torch.randint(3, top, (train_b, train_t), generator=g).to(device)
     mask = torch.ones_like(ids)
 
     def step():
-        for p in m.parameters():
-            p.grad = None
+        m.zero_grad()
         (sft.SFTLoss(m)(ids, None, mask, ids) / ids[:, 1:].numel()).backward()   # the SFT stage's loss
 
     flops = train_flops(cfg, train_b, train_t, train_b * (train_t - 1), images=False)
@@ -638,7 +590,7 @@ def gpu_check(args) -> None:
                 step()
                 sync(device)
                 first = time.perf_counter() - t0
-                times, peaks = interleaved({"train": step}, 3, device, warmup=0)
+                times, peaks = interleaved({"train": step}, 3, device)
             t = med(times["train"])
             table.add(f"train fwd+bwd B={train_b} T={train_t}", label, t, train_b * train_t / t, None,
                       flops / t / ceil["matmul_flops"], peaks["train"],
@@ -648,8 +600,7 @@ def gpu_check(args) -> None:
         except Exception as e:  # noqa: BLE001
             table.add(f"train fwd+bwd B={train_b} T={train_t}", label, note=f"FAILED: {type(e).__name__}: {str(e)[:120]}")
             log(f"train {label} failed: {e}")
-    for p in m.parameters():
-        p.grad = None
+    m.zero_grad()
     table.add("ceiling", "measured", note=f"matmul {ceil['matmul_flops'] / 1e12:.1f} TFLOP/s ({dtype}), "
                                           f"copy {ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s (read+write)")
     print(_header(device))
@@ -670,8 +621,8 @@ def _header(device: torch.device) -> str:
                 dev = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         except (OSError, StopIteration):
             pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    return (f"device {dev} | threads {torch.get_num_threads()} of {os.cpu_count()} cpus | load avg {load[0]:.2f} | "
+    return (f"device {dev} | threads {torch.get_num_threads()} of {os.cpu_count()} cpus | "
+            f"load avg {os.getloadavg()[0]:.2f} | "
             f"torch {torch.__version__} | transformers {transformers.__version__}")
 
 

@@ -132,6 +132,7 @@ First explain your judgement in a few sentences. Then write a last line of the f
 is one integer from 0 to 6, and do not write "Rating:" anywhere else."""
 
 SLOTS = ("image_content", "question", "gt_answer", "response")  # positional "{}" slots are filled in this order
+NAMED_SLOT = re.compile(r"\{(" + "|".join(SLOTS) + r")\}")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
@@ -197,14 +198,14 @@ def format_comparison(named: list[tuple[str, dict]]) -> str:
     return "\n".join(rows)
 
 
-def plot_per_type(summary: dict, path: str, title: str) -> bool:
+def plot_per_type(summary: dict, path: str, title: str) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed; skipping the per-type plot")
-        return False
+        return
     types = list(summary["per_type"])
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(types), 3.5))
     ax.bar(types, [summary["per_type"][t] for t in types], color="tab:blue")
@@ -217,7 +218,6 @@ def plot_per_type(summary: dict, path: str, title: str) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -263,33 +263,35 @@ def same_items(a: list[dict], b: list[dict]) -> bool:
                                     for x, y in zip(a, b))
 
 
-# Answerer: (records, image paths) -> answers. The real one (below) wraps model.py; tests pass fakes.
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+# Answerer: (records, image paths) -> answers. build_answerer's wraps model.py; tests put fakes in its place.
 Answerer = Callable[[list[dict], list[str]], list[str]]
 
 
-def answer_stage(cfg: EvalConfig, items: list[dict], answers_path: str,
-                 make_answerer: Callable[[EvalConfig], Answerer] | None = None) -> list[dict]:
+def answer_stage(cfg: EvalConfig, items: list[dict], answers_path: str) -> list[dict]:
     """Fill in model_answer for every item, resuming a partial answers file. The answers file (the
     template's format) and its meta file (which model, which items are done) are rewritten atomically
     after each batch, so an interrupted run loses at most one batch."""
     meta_path = answers_path + ".meta.json"
     meta = None
     if os.path.exists(answers_path):
-        with open(answers_path) as f:
-            records = json.load(f)
+        records = read_json(answers_path)
         if not same_items(items, records):
             raise ValueError(f"{answers_path} holds other items than {cfg.template} (limit {cfg.limit}); "
                              "delete it or pass another --answers")
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                meta = json.load(f)
+        meta = read_json(meta_path) if os.path.exists(meta_path) else None
     else:
         records = [dict(r) for r in items]
         if cfg.model_path:  # a fresh run answers everything, whatever the template holds
             for r in records:
                 r["model_answer"] = ""
-    done = set(meta["answered"]) if meta else set()
-    pending = [i for i, r in enumerate(records) if i not in done and not str(r.get("model_answer") or "").strip()]
+    done = set(meta["answered"]) if meta else set()   # the items answered so far, an empty answer too
+    done |= {i for i, r in enumerate(records) if str(r.get("model_answer") or "").strip()}
+    pending = [i for i in range(len(records)) if i not in done]
     if not pending:
         return records
     if not cfg.model_path:
@@ -302,8 +304,7 @@ def answer_stage(cfg: EvalConfig, items: list[dict], answers_path: str,
     # Find every image before loading the model: a missing one should fail in a second, not after an hour.
     base_dir = os.path.dirname(os.path.abspath(cfg.template))
     paths = {i: find_image(records[i], i, cfg.image_folder, base_dir) for i in pending}
-    answerer = (make_answerer or build_answerer)(cfg)
-    done |= {i for i, r in enumerate(records) if str(r.get("model_answer") or "").strip()}
+    answerer = build_answerer(cfg)
     progress = common.Progress(len(records), desc="answering", start=len(records) - len(pending))
     for start in range(0, len(pending), cfg.batch_size):
         idx = pending[start:start + cfg.batch_size]
@@ -321,8 +322,6 @@ def answer_stage(cfg: EvalConfig, items: list[dict], answers_path: str,
     return records
 
 
-
-
 class ModelAnswerer:
     """Greedy answers from a LLaVA model: Vicuna prompt with the image first, pad-to-square images."""
 
@@ -330,29 +329,38 @@ class ModelAnswerer:
         self.m, self.tok, self.template = m, tok, template
         self.max_new_tokens, self.device = max_new_tokens, device
 
-    @torch.no_grad()
     def __call__(self, records: list[dict], image_paths: list[str]) -> list[str]:
-        seqs = [data.tokenize_prompt(r["question"], self.tok, self.template, self.m.num_image_tokens, has_image=True)
-                for r in records]
+        images = torch.stack([data.image_tensor(p, self.m.config.image_size) for p in image_paths])
+        return self.replies([r["question"] for r in records], images)
+
+    @torch.no_grad()
+    def replies(self, prompts: list[str], images: torch.Tensor | None = None) -> list[str]:
+        """One greedy reply per prompt, each one user turn (the image first when there are images)."""
+        seqs = [data.tokenize_prompt(p, self.tok, self.template, self.m.num_image_tokens, has_image=images is not None)
+                for p in prompts]
         ids, mask = data.left_pad(seqs, self.tok.pad_id)
-        size = self.m.config.image_size
-        images = torch.stack([data.image_tensor(p, size) for p in image_paths])
-        dtype = next(self.m.parameters()).dtype
-        new = self.m.generate(ids.to(self.device), images.to(self.device, dtype), attention_mask=mask.to(self.device),
+        if images is not None:
+            images = images.to(self.device, next(self.m.parameters()).dtype)
+        new = self.m.generate(ids.to(self.device), images, attention_mask=mask.to(self.device),
                               max_new_tokens=self.max_new_tokens, temperature=0.0, eos_token_id=self.tok.eos_id)
         return [self.tok.decode_response(row) for row in new]
 
 
-def build_answerer(cfg: EvalConfig) -> Answerer:
+def load_chat_model(path: str, vision_tower: str, tokenizer: str, system: str, cfg: EvalConfig,
+                    adapter: str = "") -> tuple[model.LLaVA, data.Tokenizer, data.Template, torch.device]:
+    """A checkpoint (+ a LoRA adapter) on cfg's device and dtype, its tokenizer and a Vicuna template."""
     device = common.resolve_device(cfg.device)
-    m = model.LLaVA.from_pretrained(cfg.model_path, vision_tower=cfg.vision_tower or None,
-                                    dtype=model.torch_dtype(cfg.dtype, device))
-    if cfg.adapter_path:
-        m.load_adapter(cfg.adapter_path, name="default")
+    m = model.LLaVA.from_pretrained(path, vision_tower=vision_tower or None, dtype=model.torch_dtype(cfg.dtype, device))
+    if adapter:
+        m.load_adapter(adapter, name="default")
         m.set_adapter("default")
-    m.to(device).eval()
-    tok = data.Tokenizer(cfg.tokenizer_path or cfg.model_path)
-    template = data.Template(system=cfg.system or data.VICUNA_V1_SYSTEM)
+    m = m.to(device).eval()
+    return m, data.Tokenizer(tokenizer or path), data.Template(system=system or data.VICUNA_V1_SYSTEM), device
+
+
+def build_answerer(cfg: EvalConfig) -> Answerer:
+    m, tok, template, device = load_chat_model(cfg.model_path, cfg.vision_tower, cfg.tokenizer_path, cfg.system,
+                                               cfg, adapter=cfg.adapter_path)
     return ModelAnswerer(m, tok, template, cfg.max_new_tokens, device)
 
 
@@ -364,7 +372,7 @@ def load_judge_prompt(path: str) -> str:
         return DEFAULT_JUDGE_PROMPT
     with open(path) as f:
         text = f.read()
-    named = set(re.findall(r"\{(" + "|".join(SLOTS) + r")\}", text))
+    named = set(NAMED_SLOT.findall(text))
     positional = text.count("{}")
     if named and named != set(SLOTS):
         raise ValueError(f"{path}: named slots must be all of {['{' + s + '}' for s in SLOTS]}; found {sorted(named)}")
@@ -380,13 +388,10 @@ def fill_prompt(template: str, record: dict) -> str:
     values = {"image_content": ", ".join(contents) if isinstance(contents, list) else str(contents),
               "question": record["question"], "gt_answer": record.get("gt_answer", ""),
               "response": record["model_answer"]}
-    if re.search(r"\{(" + "|".join(SLOTS) + r")\}", template):
-        return re.sub(r"\{(" + "|".join(SLOTS) + r")\}", lambda mt: values[mt.group(1)], template)
+    if NAMED_SLOT.search(template):
+        return NAMED_SLOT.sub(lambda mt: values[mt.group(1)], template)
     parts = template.split("{}")
-    out = parts[0]
-    for slot, part in zip(SLOTS, parts[1:]):
-        out += values[slot] + part
-    return out
+    return parts[0] + "".join(values[slot] + part for slot, part in zip(SLOTS, parts[1:]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -523,25 +528,19 @@ class APIJudge:
             raise error
 
 
-class LocalJudge:
+class LocalJudge(ModelAnswerer):
     """A LLaMA-family chat model as the judge: the prompt as one user turn, greedy, batched."""
 
     def __init__(self, m, tok, template, batch_size: int, max_new_tokens: int, device: torch.device):
-        self.m, self.tok, self.template = m, tok, template
-        self.batch_size, self.max_new_tokens, self.device = batch_size, max_new_tokens, device
+        super().__init__(m, tok, template, max_new_tokens, device)
+        self.batch_size = batch_size
 
-    @torch.no_grad()
     def run(self, prompts: dict[int, str], on_done: Callable[[int, str], None]) -> None:
         order = list(prompts)
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            seqs = [data.tokenize_prompt(prompts[i], self.tok, self.template, self.m.num_image_tokens, has_image=False)
-                    for i in idx]
-            ids, mask = data.left_pad(seqs, self.tok.pad_id)
-            new = self.m.generate(ids.to(self.device), None, attention_mask=mask.to(self.device),
-                                  max_new_tokens=self.max_new_tokens, temperature=0.0, eos_token_id=self.tok.eos_id)
-            for i, row in zip(idx, new.tolist()):
-                on_done(i, self.tok.decode_response(row))
+            for i, reply in zip(idx, self.replies([prompts[i] for i in idx])):
+                on_done(i, reply)
 
 
 def build_judge(cfg: EvalConfig):
@@ -552,20 +551,14 @@ def build_judge(cfg: EvalConfig):
                                      "(named by --api_key_env) is not set")
         return APIJudge(cfg.api_base, cfg.api_model, key, timeout=cfg.api_timeout, max_tries=cfg.api_max_tries,
                         backoff=cfg.api_backoff, concurrency=cfg.api_concurrency, max_tokens=cfg.api_max_tokens)
-    if cfg.judge == "local":
-        if not cfg.judge_model_path:
-            raise common.ConfigError("--judge local needs --judge_model_path")
-        device = common.resolve_device(cfg.device)
-        m = model.LLaVA.from_pretrained(cfg.judge_model_path, vision_tower=cfg.judge_vision_tower or None,
-                                        dtype=model.torch_dtype(cfg.dtype, device)).to(device).eval()
-        tok = data.Tokenizer(cfg.judge_tokenizer or cfg.judge_model_path)
-        template = data.Template(system=cfg.judge_system or data.VICUNA_V1_SYSTEM)
-        return LocalJudge(m, tok, template, cfg.judge_batch_size, cfg.judge_max_new_tokens, device)
-    raise common.ConfigError(f"--judge: expected api, local, rule or none, got {cfg.judge!r}")
+    if not cfg.judge_model_path:   # --judge local (run() has checked the name)
+        raise common.ConfigError("--judge local needs --judge_model_path")
+    m, tok, template, device = load_chat_model(cfg.judge_model_path, cfg.judge_vision_tower, cfg.judge_tokenizer,
+                                               cfg.judge_system, cfg)
+    return LocalJudge(m, tok, template, cfg.judge_batch_size, cfg.judge_max_new_tokens, device)
 
 
-def judge_stage(cfg: EvalConfig, records: list[dict], make_judge: Callable | None = None,
-                rule_judge: RuleJudge | None = None) -> list[str]:
+def judge_stage(cfg: EvalConfig, records: list[dict], rule_judge: RuleJudge | None = None) -> list[str]:
     """One judge reply per record. Cached replies are reused; only the missing ones are asked for,
     and each is cached the moment it arrives. A rule judge is a function, instant: nothing to cache."""
     if cfg.judge == "rule":
@@ -585,7 +578,7 @@ def judge_stage(cfg: EvalConfig, records: list[dict], make_judge: Callable | Non
     todo = {i: p for i, (p, k) in enumerate(zip(prompts, keys)) if cache.get(k) is None}
     if todo:
         print(f"judging {len(todo)} of {len(records)} items with {jid} ({len(records) - len(todo)} cached)")
-        judge = (make_judge or build_judge)(cfg)
+        judge = build_judge(cfg)
         progress = common.Progress(len(records), desc="judging", start=len(records) - len(todo))
 
         def on_done(i: int, reply: str) -> None:
@@ -608,8 +601,7 @@ def out_stem(out: str) -> str:
     return out[:-5] if out.endswith(".json") else out
 
 
-def run(cfg: EvalConfig, make_answerer: Callable | None = None, make_judge: Callable | None = None,
-        rule_judge: RuleJudge | None = None) -> dict | None:
+def run(cfg: EvalConfig, rule_judge: RuleJudge | None = None) -> dict | None:
     if cfg.judge not in ("api", "local", "rule", "none"):
         raise common.ConfigError(f"--judge: expected api, local, rule or none, got {cfg.judge!r}")
     if cfg.judge == "rule" and rule_judge is None:  # before answering: an hour of answers would go unjudged
@@ -618,11 +610,11 @@ def run(cfg: EvalConfig, make_answerer: Callable | None = None, make_judge: Call
     items = data.read_mmhal(cfg.template)
     items = items[:cfg.limit] if cfg.limit > 0 else items
     answers_path = cfg.answers or out_stem(cfg.out) + ".answers.json"
-    records = answer_stage(cfg, items, answers_path, make_answerer)
+    records = answer_stage(cfg, items, answers_path)
     if cfg.judge == "none":
         print(f"answers for {len(records)} items in {answers_path}; no judge (--judge none)")
         return None
-    replies = judge_stage(cfg, records, make_judge, rule_judge)
+    replies = judge_stage(cfg, records, rule_judge)
     jid = judge_id(cfg)
     results = [{**r, "judge": jid, "judge_reply": reply, "rating": parse_rating(reply)} for r, reply in zip(records, replies)]
     summary = summarize(results)
@@ -643,10 +635,7 @@ def run(cfg: EvalConfig, make_answerer: Callable | None = None, make_judge: Call
 
 
 def compare(paths: list[str]) -> str:
-    named = []
-    for p in paths:
-        with open(p) as f:
-            named.append((os.path.basename(out_stem(p)), json.load(f)["summary"]))
+    named = [(os.path.basename(out_stem(p)), read_json(p)["summary"]) for p in paths]
     return format_comparison(named)
 
 
