@@ -449,8 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
                     save_rm(os.path.join(cfg.out_dir, "best"), rm, cfg, rm_template, tok.path,
                             {"step": step, "eval_accuracy": best, "n_eval": len(edata)})
         logger.log(step, metrics)
-        bar.update(1, loss=loss_val, acc=metrics["train_accuracy"], **({"eval_acc": ev["accuracy"]}
-                                                                        if "eval_accuracy" in metrics else {}))
+        shown = {"eval_acc": ev["accuracy"]} if "eval_accuracy" in metrics else {}
+        bar.update(1, loss=loss_val, acc=metrics["train_accuracy"], **shown)
         if ck.after_step(step, best=best):   # saved every save_every steps; a signal or stop_at_step: stop
             common.cleanup_distributed()
             return {"step": step, "stopped": True}
