@@ -303,7 +303,15 @@ def rehearse_rm(cfg, mcfg: M.ModelConfig, ranks: int, dtype: torch.dtype = torch
     import reward_model as RM
     with fake_world(ranks, fake, device) as w:
         m = build_model(mcfg, dtype)
-        rm, params = RM.trainable_rm(m, cfg)
+        m.requires_grad_(False)
+        m.add_adapter("reward", r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                      targets=tuple(cfg.lora_targets.split(",")))
+        for p in m.adapter_parameters("reward"):
+            p.requires_grad_(True)
+        head = M.ScalarHead(m.config.hidden)   # fp32 here: a fake tensor cannot be moved like reward_model.py's
+        m.gradient_checkpointing = cfg.grad_ckpt
+        rm = RM.RewardModel(m, "reward", head).train()
+        params = common.fp32_trainable(m.adapter_parameters("reward") + list(head.parameters()))
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         ids, mask = _ids(2 * cfg.micro_batch, cfg.max_len, mcfg)
         batch = {"ids": ids, "mask": mask, "images": _images(2 * cfg.micro_batch, mcfg),
@@ -313,7 +321,7 @@ def rehearse_rm(cfg, mcfg: M.ModelConfig, ranks: int, dtype: torch.dtype = torch
         loss.backward()
         grads, optim = _optimizer_step(w, "optimizer step", params, opt, cfg.grad_clip, allreduce=True)
         return stage_result(w, ["forward+backward", "optimizer step"],
-                            list(m.parameters()) + list(m.buffers()) + list(rm.head.parameters()), grads, optim)
+                            list(m.parameters()) + list(m.buffers()) + list(head.parameters()), grads, optim)
 
 
 def rehearse_ppo(cfg, mcfg: M.ModelConfig, ranks: int, rm_mcfg: M.ModelConfig | None = None,

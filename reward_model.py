@@ -245,21 +245,6 @@ PRESETS = {
 }
 
 
-def trainable_rm(m: M.LLaVA, cfg: Config) -> tuple[RewardModel, list[torch.nn.Parameter]]:
-    """What training changes on the frozen SFT model: the "reward" LoRA adapter and a scalar head, as fp32
-    masters (common.fp32_trainable). -> (the reward model in train mode, its trainable parameters)."""
-    m.requires_grad_(False)
-    m.add_adapter("reward", r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                  targets=tuple(cfg.lora_targets.split(",")))
-    for p in m.adapter_parameters("reward"):
-        p.requires_grad_(True)
-    w = next(m.parameters())
-    head = M.ScalarHead(m.config.hidden).to(device=w.device, dtype=w.dtype)
-    m.gradient_checkpointing = cfg.grad_ckpt
-    rm = RewardModel(m, "reward", head).train()
-    return rm, common.fp32_trainable(m.adapter_parameters("reward") + list(head.parameters()))
-
-
 class PairData:
     """Preference pairs -> tokenised (ids_1, ids_2, image, preference), facts shuffled per (seed, id, epoch).
     Lengths are checked up front (with the first epoch's facts order): a pair whose prompt + response +
@@ -389,8 +374,17 @@ def main(argv: list[str] | None = None) -> dict:
         eval_records, records = records[:cfg.eval_size], records[cfg.eval_size:]
 
     m = M.load_model(cfg.model_path, cfg.vision_tower, "", 0, cfg.dtype, d.device)
+    m.requires_grad_(False)
     torch.manual_seed(cfg.seed)  # adapter and head init from the seed: the same on every rank
-    rm, params = trainable_rm(m, cfg)
+    m.add_adapter("reward", r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                  targets=tuple(cfg.lora_targets.split(",")))
+    for p in m.adapter_parameters("reward"):
+        p.requires_grad_(True)
+    w = next(m.parameters())
+    head = M.ScalarHead(m.config.hidden).to(device=w.device, dtype=w.dtype)
+    m.gradient_checkpointing = cfg.grad_ckpt
+    rm = RewardModel(m, "reward", head).train()
+    params = common.fp32_trainable(m.adapter_parameters("reward") + list(head.parameters()))
 
     pdata, edata = (PairData(recs, tok, template, rm_template, captions, cfg.facts, cfg.image_folder,
                              m.config.image_size, m.num_image_tokens, cfg.max_len, cfg.seed, cfg.on_error, skips)
