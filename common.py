@@ -3,7 +3,10 @@ atomic files, the Checkpointer (exact resume, SIGTERM), metrics logging and a pr
 purpose; each stage script stays a plain loop."""
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
+import math
 import os
 import random
 import shutil
@@ -32,14 +35,8 @@ class ConfigError(ValueError):
 
 
 def _convert(name: str, raw: str, typ: Any) -> Any:
-    """Turn a command-line string into the field's declared type, or raise naming the key."""
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
-        non_none = [a for a in args if a is not type(None)]
-        if raw.lower() in ("none", "null") and type(None) in args:
-            return None
-        return _convert(name, raw, non_none[0])
+    """A command-line string as the field's type (bool, int, float, str or list of them), else ConfigError
+    naming the key."""
     if typ is bool:
         low = raw.lower()
         if low in ("1", "true", "yes", "on"):
@@ -47,31 +44,24 @@ def _convert(name: str, raw: str, typ: Any) -> Any:
         if low in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"--{name}: expected a boolean (true/false), got {raw!r}")
-    if typ is int:
+    if typ in (int, float):
         try:
-            return int(raw)
+            return typ(raw)
         except ValueError:
-            raise ConfigError(f"--{name}: expected an integer, got {raw!r}") from None
-    if typ is float:
-        try:
-            return float(raw)
-        except ValueError:
-            raise ConfigError(f"--{name}: expected a number, got {raw!r}") from None
+            what = "an integer" if typ is int else "a number"
+            raise ConfigError(f"--{name}: expected {what}, got {raw!r}") from None
     if typ is str:
         return raw
-    if origin in (list, tuple):
-        inner = args[0] if args else str
-        return [_convert(name, x, inner) for x in raw.split(",") if x != ""]
+    if typing.get_origin(typ) is list:
+        return [_convert(name, x, typing.get_args(typ)[0]) for x in raw.split(",") if x != ""]
     raise ConfigError(f"--{name}: unsupported type {typ}")
 
 
 def config_help(cls: type, presets: dict[str, dict] | None = None, prog: str = "") -> str:
     """--help: every key of the config class with its default and the comment beside it in the source
     (the dataclass is the one place a key is documented), then the presets."""
-    import inspect
-    src = inspect.getsource(cls).splitlines()
     notes = {}
-    for line in src:
+    for line in inspect.getsource(cls).splitlines():
         name, sep, rest = line.strip().partition(":")
         if sep and name.isidentifier() and "#" in rest:
             notes[name] = rest.split("#", 1)[1].strip()
@@ -113,7 +103,7 @@ def parse_config(cls: type, argv: list[str] | None = None, presets: dict[str, di
         pairs.append((key.replace("-", "_"), val))
         i += 1
     values: dict[str, Any] = {}
-    for key, val in pairs:
+    for key, val in sorted(pairs, key=lambda kv: kv[0] != "preset"):   # presets first: every flag overrides them
         if key == "preset":
             if not presets:
                 raise ConfigError("this script has no presets")
@@ -122,14 +112,12 @@ def parse_config(cls: type, argv: list[str] | None = None, presets: dict[str, di
             values.update(presets[val])
             if "preset" in names:
                 values["preset"] = val
-    for key, val in pairs:
-        if key == "preset":
-            continue
-        if key not in names:
+        elif key not in names:
             close = [n for n in names if n.startswith(key[:3])]
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             raise ConfigError(f"unknown config key --{key}{hint}")
-        values[key] = _convert(key, val, hints[key])
+        else:
+            values[key] = _convert(key, val, hints[key])
     unknown = set(values) - names
     if unknown:
         raise ConfigError(f"preset sets unknown keys {sorted(unknown)}")
@@ -194,19 +182,17 @@ def process_group_backend(device_type: str, gpu_backend: str = "nccl") -> str:
 def setup_distributed(device: str = "auto") -> Dist:
     """Init the process group when launched by torchrun (even with one process: the GPU smoke test runs
     NCCL at --nproc_per_node=1), or reuse one the caller made (the tests, the rehearsal)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:   # torchrun: one GPU per process
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
-    launched = "TORCHELASTIC_RUN_ID" in os.environ or world > 1
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
     if launched and not dist.is_initialized():
         dist.init_process_group(backend=process_group_backend(dev.type))
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
+    if not dist.is_initialized():
+        return Dist(local_rank=local_rank, device=dev)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=dev)
 
 
 def start_run(cfg) -> Dist:
@@ -230,11 +216,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()  # no rank tears down while another still has collectives in flight
@@ -247,14 +228,12 @@ def cleanup_distributed() -> None:
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:   # a file system that cannot sync a folder: the rename is as durable as it gets
         pass
-    finally:
-        os.close(fd)
 
 
 def atomic_file(path: str, write: Callable[[str], None]) -> None:
@@ -272,10 +251,6 @@ def atomic_file(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_dir(d)
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    atomic_file(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(text: str, path: str) -> None:
@@ -353,7 +328,7 @@ def trainable_state_dict(m: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: _on_host(p).clone() for k, p in m.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state(m: torch.nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
+def load_trainable_state(m: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
     params = dict(m.named_parameters())
     want = {k for k, p in params.items() if p.requires_grad}
     if set(sd) != want:
@@ -375,12 +350,17 @@ def _load_optimizer(opt: torch.optim.Optimizer, sd: dict) -> None:
     opt.load_state_dict({**sd, "state": state})
 
 
+def _checkpoints(out_dir: str) -> list[str]:
+    """The checkpoints in out_dir, oldest step first. Files appear only complete (atomic rename), so the
+    newest one on disk is always whole."""
+    names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    return [os.path.join(out_dir, f) for f in names if f.startswith("ckpt_") and f.endswith(".pt")]
+
+
 def latest_checkpoint(out_dir: str) -> str | None:
-    """The checkpoint of the highest step in out_dir (None if there is none). Files appear only
-    complete (atomic rename), so the newest one on disk is always whole."""
-    names = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt")) \
-        if os.path.isdir(out_dir) else []
-    return os.path.join(out_dir, names[-1]) if names else None
+    """The checkpoint of the highest step in out_dir (None if there is none)."""
+    paths = _checkpoints(out_dir)
+    return paths[-1] if paths else None
 
 
 def load_checkpoint(path: str) -> dict:
@@ -460,8 +440,8 @@ class Checkpointer:
         gens = ck.pop("gen", None)
         if self.generator is not None:
             rank = dist.get_rank() if dist.is_initialized() else 0
-            self.generator.set_state(gens[rank] if isinstance(gens, list) else gens)
-        ck.pop("config", None)
+            self.generator.set_state(gens[rank])
+        ck.pop("config")
         if is_main():
             print(f"resumed from {path} at step {ck['step']}")
         return ck
@@ -481,12 +461,12 @@ class Checkpointer:
             state["gen"] = gens
         path = os.path.join(self.out_dir, f"ckpt_{step:07d}.pt")
         if keep:
-            atomic_torch_save(state, path)
+            atomic_file(path, lambda tmp: torch.save(state, tmp))
             if self.keep_last > 0:
-                names = sorted(f for f in os.listdir(self.out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
-                for old in names[:-self.keep_last]:
-                    os.remove(os.path.join(self.out_dir, old))
-        barrier()
+                for old in _checkpoints(self.out_dir)[:-self.keep_last]:
+                    os.remove(old)
+        if dist.is_initialized():
+            dist.barrier()
         return path
 
     def after_step(self, step: int, **extras) -> bool:
@@ -518,18 +498,15 @@ class MetricsLogger:
         if not self.active:
             return
         os.makedirs(out_dir, exist_ok=True)
-        if backend == "wandb":
-            try:
-                import wandb  # optional
+        try:   # both optional
+            if backend == "wandb":
+                import wandb
                 self._wandb = wandb.init(project="llava-rlhf", name=run_name, config=config)
-            except ImportError:
-                print("wandb is not installed; logging to metrics.jsonl only")
-        elif backend == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # optional
+            elif backend == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
-            except ImportError:
-                print("tensorboard is not installed; logging to metrics.jsonl only")
+        except ImportError:
+            print(f"{backend} is not installed; logging to metrics.jsonl only")
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -574,7 +551,6 @@ class Progress:
 
 def cosine_lr(step: int, total: int, warmup: int, base_lr: float, min_ratio: float = 0.0) -> float:
     """Linear warmup for `warmup` steps, then cosine decay to base_lr * min_ratio at `total`."""
-    import math
     if warmup > 0 and step < warmup:
         return base_lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -582,9 +558,7 @@ def cosine_lr(step: int, total: int, warmup: int, base_lr: float, min_ratio: flo
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model helpers shared by the training stages.
-
-
+# Training helpers: gradients over ranks, precision.
 
 def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum gradients over ranks in one flat buffer. The stages that run several adapters through one
@@ -607,7 +581,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None = None):
     """bf16 autocast on GPU, and wherever the base weights are half precision (dtype: the base's):
     trainable tensors are fp32 masters (fp32_trainable) while the matmuls run at the base's precision.
     A no-op for an fp32 model on CPU."""
-    import contextlib
     if dtype in (torch.bfloat16, torch.float16):
         return torch.autocast(device.type, dtype=dtype)
     if device.type == "cuda":

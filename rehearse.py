@@ -19,6 +19,8 @@ All ranks hold the same amount (the data is split evenly; FSDP shards evenly), s
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sys
 import time
 import weakref
@@ -72,8 +74,6 @@ class MemoryCounter(TorchDispatchMode):
 
     # storages ---------------------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> None:
-        if not isinstance(t, torch.Tensor):
-            return
         if hasattr(t, "_local_tensor"):            # a DTensor (FSDP's shard): count the local part
             t = t._local_tensor
         st = t.untyped_storage()
@@ -170,7 +170,6 @@ class MemoryCounter(TorchDispatchMode):
 @dataclass
 class World:
     ranks: int
-    mode: FakeTensorMode
     counter: MemoryCounter
     mesh: object
     device: torch.device = torch.device("cpu")
@@ -197,7 +196,7 @@ def fake_world(ranks: int, fake: bool = True, device: str = "cpu"):
         mode = FakeTensorMode() if fake else contextlib.nullcontext()
         counter = MemoryCounter()
         with mode, counter, torch.device(device):
-            yield World(ranks, mode, counter, mesh, torch.device(device))
+            yield World(ranks, counter, mesh, torch.device(device))
     finally:
         dist.destroy_process_group()
 
@@ -268,16 +267,15 @@ def rehearse_sft(cfg, mcfg: M.ModelConfig, ranks: int, dtype: torch.dtype = torc
     """sft.py: one optimizer step at micro_batch sequences of max_len text ids (+ the image tokens), as
     sft.main trains (set_trainable, fp32 masters, wrap_model: FSDP/DDP, SFTLoss, clip, AdamW)."""
     import sft
-    dt = dtype
     with fake_world(ranks, fake, device) as w:
-        m = build_model(mcfg, dt)
+        m = build_model(mcfg, dtype)
         sft.set_trainable(m, cfg)
         m.gradient_checkpointing = cfg.grad_ckpt
         m.train()
         common.fp32_trainable([p for p in m.parameters() if p.requires_grad])
         buckets = []
         if cfg.fsdp:
-            train_m, _ = sft.wrap_model(m, cfg, w.dist, dt, mesh=w.mesh)
+            train_m, _ = sft.wrap_model(m, cfg, w.dist, dtype, mesh=w.mesh)
         else:
             # DDP cannot be built on fake tensors (it reads the parameters' data); its gradient buckets are
             # one more copy of the trainable gradients, made here instead and counted as gradients
@@ -289,7 +287,7 @@ def rehearse_sft(cfg, mcfg: M.ModelConfig, ranks: int, dtype: torch.dtype = torc
         ids, mask = _ids(cfg.micro_batch, cfg.max_len, mcfg)
         images = _images(cfg.micro_batch, mcfg)
         w.counter.set_phase("forward+backward")
-        with common.autocast(w.device, dt):
+        with common.autocast(w.device, dtype):
             s = train_m(ids, images, mask, torch.zeros_like(ids))   # every position supervised: the worst case
         s.backward()
         grads, optim = _optimizer_step(w, "optimizer step", params, opt, cfg.grad_clip, allreduce=False)
@@ -303,15 +301,14 @@ def rehearse_rm(cfg, mcfg: M.ModelConfig, ranks: int, dtype: torch.dtype = torch
                  device: str = "cpu") -> dict:
     """reward_model.py: one optimizer step at micro_batch pairs (2 x micro_batch rows) of max_len text ids."""
     import reward_model as RM
-    dt = dtype
     with fake_world(ranks, fake, device) as w:
-        m = build_model(mcfg, dt)
+        m = build_model(mcfg, dtype)
         m.requires_grad_(False)
         m.add_adapter("reward", r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                       targets=tuple(cfg.lora_targets.split(",")))
         for p in m.adapter_parameters("reward"):
             p.requires_grad_(True)
-        head = M.ScalarHead(m.config.hidden)
+        head = M.ScalarHead(m.config.hidden)   # fp32 here: a fake tensor cannot be moved like reward_model.py's
         m.gradient_checkpointing = cfg.grad_ckpt
         rm = RM.RewardModel(m, "reward", head).train()
         params = common.fp32_trainable(m.adapter_parameters("reward") + list(head.parameters()))
@@ -323,9 +320,8 @@ def rehearse_rm(cfg, mcfg: M.ModelConfig, ranks: int, dtype: torch.dtype = torch
         loss, _ = RM.pair_loss(rm, batch, w.device, cfg.center_coef)
         loss.backward()
         grads, optim = _optimizer_step(w, "optimizer step", params, opt, cfg.grad_clip, allreduce=True)
-        res = stage_result(w, ["forward+backward", "optimizer step"],
-                           list(m.parameters()) + list(m.buffers()) + list(head.parameters()), grads, optim)
-    return res
+        return stage_result(w, ["forward+backward", "optimizer step"],
+                            list(m.parameters()) + list(m.buffers()) + list(head.parameters()), grads, optim)
 
 
 def rehearse_ppo(cfg, mcfg: M.ModelConfig, ranks: int, rm_mcfg: M.ModelConfig | None = None,
@@ -340,16 +336,16 @@ def rehearse_ppo(cfg, mcfg: M.ModelConfig, ranks: int, rm_mcfg: M.ModelConfig | 
     low estimate: the tests)."""
     import ppo
     import reward_model as RM
-    dt, B, R = dtype, cfg.micro_batch, cfg.max_new_tokens
+    B, R = cfg.micro_batch, cfg.max_new_tokens
     with fake_world(ranks, fake, device) as w:
-        pb = build_model(mcfg, dt)
+        pb = build_model(mcfg, dtype)
         pb.requires_grad_(False)
         lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets.split(",")))
         pb.add_adapter("policy", **lora)       # the RL-init adapter, trained
         pb.add_adapter("ref", **lora)          # ... and its frozen copy
         vb = pb
         if rm_mcfg is not None:
-            vb = build_model(rm_mcfg, dt)
+            vb = build_model(rm_mcfg, dtype)
             vb.requires_grad_(False)
         vb.add_adapter("reward", **lora)
         vb.add_adapter("value", **lora)        # the critic starts from the RM adapter
@@ -393,9 +389,8 @@ def rehearse_ppo(cfg, mcfg: M.ModelConfig, ranks: int, rm_mcfg: M.ModelConfig | 
         grads, optim = _optimizer_step(w, "update: optimizer step", params, opt, cfg.grad_clip, allreduce=True)
         weights = list(pb.parameters()) + list(pb.buffers()) + list(models.value_head.parameters()) + \
             list(scorer.head.parameters()) + ([] if vb is pb else list(vb.parameters()) + list(vb.buffers()))
-        res = stage_result(w, ["rollout: generate", "rollout: score", "update: forward+backward",
-                               "update: optimizer step"], weights, grads, optim)
-    return res
+        return stage_result(w, ["rollout: generate", "rollout: score", "update: forward+backward",
+                                "update: optimizer step"], weights, grads, optim)
 
 
 def _stop_after(m: M.LLaVA, n: int):
@@ -431,11 +426,9 @@ def run_stage(stage: str, argv: list[str], ranks: int, decode_steps: int | None 
     import ppo
     import reward_model as RM
     import sft
-    if stage not in STAGES:
-        raise common.ConfigError(f"--stage must be one of {', '.join(STAGES)} (or all), got {stage!r}")
     if stage == "sft":
         cfg = common.parse_config(sft.Config, argv, sft.PRESETS)
-        stage = {"pretrain": "pretrain", "sft": "sft", "lora": "rl-init"}.get(cfg.mode, cfg.mode)
+        stage = "rl-init" if cfg.mode == "lora" else cfg.mode
         mcfg = model_config(cfg.model_path, cfg.preset)
         res = rehearse_sft(cfg, mcfg, ranks)
         what = f"micro {cfg.micro_batch} x {cfg.max_len} text ids" + (", FSDP" if cfg.fsdp else ", DDP") + \
@@ -451,16 +444,12 @@ def run_stage(stage: str, argv: list[str], ranks: int, decode_steps: int | None 
         rm_mcfg = model_config(cfg.rm_base_path, "") if cfg.rm_base_path else None
         rm_max_len = RM.Config.max_len
         if cfg.rm_dir:
-            import json
-            import os
             rm_max_len = json.load(open(os.path.join(cfg.rm_dir, "rm_config.json")))["max_len"]
         res = rehearse_ppo(cfg, mcfg, ranks, rm_mcfg, rm_max_len, decode_steps=decode_steps)
         what = (f"micro {cfg.micro_batch}, prompt {cfg.max_prompt_len} + {cfg.max_new_tokens} new"
                 + (f", RM+critic on {rm_mcfg.hidden}x{rm_mcfg.layers} {rm_mcfg.image_size}px" if rm_mcfg else "")
                 + (", ckpt" if cfg.grad_ckpt else ""))
-    res.update(stage=stage, preset=cfg.preset or "-", ranks=ranks, what=what,
-               model=f"{mcfg.hidden}x{mcfg.layers} {mcfg.image_size}px")
-    return res
+    return {**res, "stage": stage, "preset": cfg.preset or "-", "ranks": ranks, "what": what}
 
 
 def format_row(r: dict) -> str:
@@ -470,7 +459,7 @@ def format_row(r: dict) -> str:
     gen = f"; generate {gen['peak']:.1f} with KV {gen['kv_cache']:.1f}" if gen else ""
     return (f"{r['stage']:<9}{r['preset']:<24}{r['ranks']:>4}  {ph['weights']:>7.1f}{ph['gradients']:>7.1f}"
             f"{ph['optimizer']:>7.1f}{ph['activations']:>7.1f}{ph['kv_cache']:>6.1f}{r['peak']:>7.1f}   {fits}   "
-            f"{r['worst_phase']}; {r['what']}{gen} [{r.get('seconds', 0):.0f} s]")
+            f"{r['worst_phase']}; {r['what']}{gen} [{r['seconds']:.0f} s]")
 
 
 HEADER = (f"{'stage':<9}{'preset':<24}{'GPUs':>4}  {'weights':>7}{'grads':>7}{'optim':>7}{'activ':>7}{'kv':>6}"
@@ -485,19 +474,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "--decode_steps K (8; 0: every one of max_new_tokens); any other flag goes to the stage's Config "
               "(see `python STAGE.py --help`); --rm_base_path preset:NAME takes a model preset.")
         return []
-    own = {"stage": "all", "ranks": "8", "decode_steps": "8"}
-    rest, i = [], 0
-    while i < len(argv):
-        key = argv[i][2:].split("=", 1)[0].replace("-", "_") if argv[i].startswith("--") else ""
-        if key in own:
-            if "=" in argv[i]:
-                own[key] = argv[i].split("=", 1)[1]
-            else:
-                own[key] = argv[i + 1] if i + 1 < len(argv) else ""
-                i += 1
+    own = {"stage": "all", "ranks": "8", "decode_steps": "8"}     # rehearse.py's flags; the rest: the stage's
+    rest, args = [], iter(argv)
+    for a in args:
+        key, eq, val = a[2:].partition("=")
+        key = key.replace("-", "_")
+        if a.startswith("--") and key in own:
+            own[key] = val if eq else next(args, "")
         else:
-            rest.append(argv[i])
-        i += 1
+            rest.append(a)
     try:
         ranks, steps = int(own["ranks"]), int(own["decode_steps"])
     except ValueError:
@@ -507,10 +492,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise common.ConfigError(f"--ranks must be >= 1, got {ranks}")
     if own["stage"] != "all" and own["stage"] not in STAGES:
         raise common.ConfigError(f"--stage must be one of {', '.join(STAGES)} (or all), got {own['stage']!r}")
-    jobs = [(s, p, f) for s, p, f in TABLE] if own["stage"] == "all" and not rest else None
-    if jobs is None:
-        stages = STAGES if own["stage"] == "all" else (own["stage"],)
-        jobs = [(s, None, []) for s in stages]
+    if own["stage"] == "all" and not rest:
+        jobs = TABLE
+    else:
+        jobs = [(s, None, []) for s in (STAGES if own["stage"] == "all" else (own["stage"],))]
     print(f"rehearsal: rank 0 of {ranks}, bf16 base, fake tensors (no weights allocated); "
           f"fits = peak <= (GPU GiB - 1.5) x 0.95")
     print(HEADER)

@@ -113,16 +113,12 @@ def _images_tensor(images: list, image_size: int) -> torch.Tensor | None:
     """The images of the items that have one -> (N, 3, S, S): tensors as they are (preprocessed at the
     RM's size), paths and PIL images read and preprocessed here."""
     out = []
-    for im in images:
-        if im is None:
-            continue
-        if isinstance(im, torch.Tensor):
-            if im.shape[-1] != image_size:
-                raise ValueError(f"image tensor of size {tuple(im.shape)}; the reward model expects {image_size} px")
-            out.append(im)
-        else:
-            pil = data.load_image(im) if isinstance(im, str) else im
-            out.append(data.preprocess_image(pil, image_size))
+    for im in (x for x in images if x is not None):
+        if not isinstance(im, torch.Tensor):
+            im = data.preprocess_image(data.load_image(im) if isinstance(im, str) else im, image_size)
+        elif im.shape[-1] != image_size:
+            raise ValueError(f"image tensor of size {tuple(im.shape)}; the reward model expects {image_size} px")
+        out.append(im)
     return torch.stack(out) if out else None
 
 
@@ -160,11 +156,14 @@ class RewardScorer:
         return cls(base, adapter_name, head, tok, **kw)
 
     def encode(self, item: dict, key: str = "") -> list[int]:
+        """The RM's ids of one item; the facts' order is drawn from its id (as in training and PPO), else
+        from `key` (score passes the item's position)."""
+        rid = item.get("id")
         facts = (item.get("facts") or []) if self.facts != "none" else []
         return build_rm_ids(item["conversations"], item["response"],
-                            format_facts(facts, self.seed, key or item.get("id", "")), self.tok, self.template,
+                            format_facts(facts, self.seed, key if rid is None else rid), self.tok, self.template,
                             self.rm_template, self.rm.m.num_image_tokens, self.max_len,
-                            record_id=item["id"] if item.get("id") is not None else (key or None))
+                            record_id=(key or None) if rid is None else rid)
 
     @torch.no_grad()
     def score(self, items: list[dict]) -> list[float]:
@@ -176,8 +175,7 @@ class RewardScorer:
         out: list[float] = []
         for i in range(0, len(items), self.batch_size):
             chunk = items[i:i + self.batch_size]
-            # the facts' order is drawn from the item's id (as in training and PPO), else its position
-            seqs = [self.encode(it, "" if it.get("id") is not None else str(i + j)) for j, it in enumerate(chunk)]
+            seqs = [self.encode(it, str(i + j)) for j, it in enumerate(chunk)]
             ids, mask = data.left_pad(seqs, self.tok.pad_id)                       # (b, T)
             images = _images_tensor([it.get("image") for it in chunk], S)
             out += self.rm(ids.to(dev), None if images is None else images.to(dev), mask.to(dev)).tolist()
@@ -247,17 +245,6 @@ PRESETS = {
 }
 
 
-def pair_items(rec: dict, captions: dict, facts_mode: str) -> tuple[list[dict], list[str]]:
-    """A preference record -> (conversation prefix ending with the last user turn, its facts)."""
-    conv = rec["conversations"]
-    if conv and conv[-1]["from"] == "gpt":
-        conv = conv[:-1]  # the reference answer, when present, is replaced by each candidate
-    facts: list[str] = []
-    if facts_mode != "none":
-        facts = list(rec.get("facts") or captions.get(rec.get("image") or "", []))
-    return conv, facts
-
-
 class PairData:
     """Preference pairs -> tokenised (ids_1, ids_2, image, preference), facts shuffled per (seed, id, epoch).
     Lengths are checked up front (with the first epoch's facts order): a pair whose prompt + response +
@@ -293,7 +280,13 @@ class PairData:
         return len(self.records)
 
     def _ids(self, rec: dict, key) -> list[list[int]]:
-        conv, facts = pair_items(rec, self.captions, self.facts_mode)
+        """The ids of both responses after the prompt (the conversation up to its last user turn)."""
+        conv = rec["conversations"]
+        if conv and conv[-1]["from"] == "gpt":
+            conv = conv[:-1]  # the reference answer, when present, is replaced by each candidate
+        facts = []
+        if self.facts_mode != "none":
+            facts = list(rec.get("facts") or self.captions.get(rec.get("image") or "", []))
         ft = format_facts(facts, self.seed, f"{key}:{self.epoch}")
         return [build_rm_ids(conv, rec[f"output_{k}"]["value"], ft, self.tok, self.template, self.rm_template,
                              self.n_img if rec.get("image") else 0, self.max_len, record_id=str(key)) for k in (1, 2)]
@@ -317,20 +310,15 @@ def collate_pairs(items: list[dict], pad_id: int) -> dict:
             "preference": torch.tensor([it["preference"] for it in items])}
 
 
-def pair_rewards(rm: RewardModel, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r1, r2) of a collated batch, computed at the frozen base's precision (the lm_head never trains
-    here, so its dtype is the base's) over fp32 adapter and head weights."""
+def pair_loss(rm: RewardModel, batch: dict, device, center_coef: float = 1e-3) -> tuple[torch.Tensor, dict]:
+    """The Bradley-Terry loss of one micro-batch of pairs (training and evaluation), the rewards computed
+    at the frozen base's precision (the lm_head never trains here, so its dtype is the base's) over fp32
+    adapter and head weights."""
     images = batch["images"].to(device) if batch["images"] is not None else None
     with common.autocast(device, rm.m.lm_head.weight.dtype):
         r = rm(batch["ids"].to(device), images, batch["mask"].to(device))     # (2B,)
-    B = r.shape[0] // 2
-    return r[:B], r[B:]
-
-
-def pair_loss(rm: RewardModel, batch: dict, device, center_coef: float = 1e-3) -> tuple[torch.Tensor, dict]:
-    """The Bradley-Terry loss of one micro-batch of pairs (training and evaluation)."""
-    r1, r2 = pair_rewards(rm, batch, device)
-    return bradley_terry_loss(r1.float(), r2.float(), batch["preference"].to(device), center_coef)
+    r1, r2 = r.float().chunk(2)
+    return bradley_terry_loss(r1, r2, batch["preference"].to(device), center_coef)
 
 
 def evaluate_pairs(rm: RewardModel, pdata: PairData, indices: list[int], batch: int, pad_id: int, device) -> dict:
@@ -348,8 +336,7 @@ def evaluate_pairs(rm: RewardModel, pdata: PairData, indices: list[int], batch: 
     return {"accuracy": float(stats[0]) / n, "margin": float(stats[1]) / n, "n": int(stats[2])}
 
 
-def save_rm(out: str, m: M.LLaVA, head: M.ScalarHead, cfg: Config, rm_template: str, tok_path: str,
-            extra: dict) -> None:
+def save_rm(out: str, rm: RewardModel, cfg: Config, rm_template: str, tok_path: str, extra: dict) -> None:
     """Adapter (peft layout) + head + rm_config.json, written to a temp folder and renamed."""
     from safetensors.torch import save_file
     meta = {"model_path": os.path.abspath(cfg.model_path), "vision_tower": cfg.vision_tower,
@@ -357,8 +344,8 @@ def save_rm(out: str, m: M.LLaVA, head: M.ScalarHead, cfg: Config, rm_template: 
             "max_len": cfg.max_len, "facts": cfg.facts, **extra}
 
     def fill(tmp: str) -> None:
-        m.save_adapter(tmp, "reward")
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+        rm.m.save_adapter(tmp, "reward")
+        save_file({k: v.detach().cpu().contiguous() for k, v in rm.head.state_dict().items()},
                   os.path.join(tmp, "head.safetensors"))
         json.dump(meta, open(os.path.join(tmp, "rm_config.json"), "w"), indent=2)
     common.write_dir(out, fill)
@@ -399,10 +386,9 @@ def main(argv: list[str] | None = None) -> dict:
     rm = RewardModel(m, "reward", head).train()
     params = common.fp32_trainable(m.adapter_parameters("reward") + list(head.parameters()))
 
-    pdata = PairData(records, tok, template, rm_template, captions, cfg.facts, cfg.image_folder,
-                     m.config.image_size, m.num_image_tokens, cfg.max_len, cfg.seed, cfg.on_error, skips)
-    edata = PairData(eval_records, tok, template, rm_template, captions, cfg.facts, cfg.image_folder,
-                     m.config.image_size, m.num_image_tokens, cfg.max_len, cfg.seed, cfg.on_error, skips)
+    pdata, edata = (PairData(recs, tok, template, rm_template, captions, cfg.facts, cfg.image_folder,
+                             m.config.image_size, m.num_image_tokens, cfg.max_len, cfg.seed, cfg.on_error, skips)
+                    for recs in (records, eval_records))
     eval_idx = list(range(d.rank, len(edata), d.world))
 
     accum = common.accumulation(cfg.global_batch, cfg.micro_batch, d.world)
@@ -423,11 +409,6 @@ def main(argv: list[str] | None = None) -> dict:
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "rm", asdict(cfg))
     bar = common.Progress(total_steps, "reward model", start=step, enabled=cfg.progress)
 
-    def next_batch() -> dict:
-        idx = sampler.take(cfg.micro_batch)
-        pdata.epoch = sampler.epoch  # the facts' order is reshuffled every epoch
-        return collate_pairs([pdata[i] for i in idx], tok.pad_id)
-
     ev = {"accuracy": float("nan")}
     while step < total_steps:
         lr = common.cosine_lr(step, total_steps, warmup, cfg.lr, cfg.min_lr_ratio)
@@ -435,7 +416,9 @@ def main(argv: list[str] | None = None) -> dict:
             g["lr"] = lr
         tot = torch.zeros(3)
         for _ in range(accum):
-            b = next_batch()
+            idx = sampler.take(cfg.micro_batch)
+            pdata.epoch = sampler.epoch  # the facts' order is reshuffled every epoch
+            b = collate_pairs([pdata[i] for i in idx], tok.pad_id)
             loss, st = pair_loss(rm, b, d.device, cfg.center_coef)
             n = len(b["preference"])
             # each micro-batch weighs its share of the global batch; grads are then summed over ranks
@@ -457,18 +440,18 @@ def main(argv: list[str] | None = None) -> dict:
             if ev["accuracy"] > best:
                 best = ev["accuracy"]
                 if common.is_main():
-                    save_rm(os.path.join(cfg.out_dir, "best"), m, head, cfg, rm_template, tok.path,
+                    save_rm(os.path.join(cfg.out_dir, "best"), rm, cfg, rm_template, tok.path,
                             {"step": step, "eval_accuracy": best, "n_eval": len(edata)})
         logger.log(step, metrics)
-        bar.update(1, loss=loss_val, acc=metrics["train_accuracy"], **({"eval_acc": ev["accuracy"]}
-                                                                        if "eval_accuracy" in metrics else {}))
+        shown = {"eval_acc": ev["accuracy"]} if "eval_accuracy" in metrics else {}
+        bar.update(1, loss=loss_val, acc=metrics["train_accuracy"], **shown)
         if ck.after_step(step, best=best):   # saved every save_every steps; a signal or stop_at_step: stop
             common.cleanup_distributed()
             return {"step": step, "stopped": True}
     bar.close()
     ck.finish(step, best=best)
     if common.is_main():
-        save_rm(os.path.join(cfg.out_dir, "final"), m, head, cfg, rm_template, tok.path,
+        save_rm(os.path.join(cfg.out_dir, "final"), rm, cfg, rm_template, tok.path,
                 {"step": step, "eval_accuracy": ev["accuracy"], "n_eval": len(edata)})
         if not os.path.exists(os.path.join(cfg.out_dir, "best")):
             shutil.copytree(os.path.join(cfg.out_dir, "final"), os.path.join(cfg.out_dir, "best"))
