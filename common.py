@@ -8,6 +8,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -288,7 +289,10 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # plain values and tensors only, so that checkpoints load with torch.load(weights_only=True)
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -296,7 +300,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -364,11 +369,40 @@ def latest_checkpoint(out_dir: str) -> str | None:
 
 
 def load_checkpoint(path: str) -> dict:
+    """A checkpoint holds tensors and plain values only, and is read with weights_only=True: resuming
+    from a run folder someone else made must not run whatever code a pickle in it carries."""
     try:
-        # Checkpoints hold RNG states (numpy tuples) and config dicts besides tensors.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RuntimeError(f"refused to load checkpoint {path}: it holds more than tensors and plain values "
+                           f"(a pickled object: written by other code, or tampered with): {e}") from e
     except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
         raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+
+
+def sweep_stale_temps(out_dir: str) -> list[str]:
+    """Remove the temporary files (NAME.tmp.PID) that writes killed mid-way left in out_dir, so they do
+    not pile up; only those whose writer process is gone. -> the paths removed."""
+    gone = []
+    for f in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        head, sep, pid = f.rpartition(".tmp.")
+        if not sep or not head or not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
+            continue
+        path = os.path.join(out_dir, f)
+        if os.path.isfile(path):
+            os.remove(path)
+            gone.append(path)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class StopSignal:
@@ -422,6 +456,9 @@ class Checkpointer:
         self.save_every, self.stop_at_step = cfg.save_every, cfg.stop_at_step
         self.config = asdict(cfg)
         self.model, self.optimizer, self.sampler, self.generator = model, optimizer, sampler, generator
+        if is_main():
+            for p in sweep_stale_temps(self.out_dir):
+                print(f"removed {p}: the temporary file of a checkpoint write that was killed")
         self.stop = StopSignal()
 
     def resume(self) -> dict | None:

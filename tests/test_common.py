@@ -136,3 +136,57 @@ def test_help_lists_every_key_with_its_default_comment_and_the_presets(capsys):
     assert len(lines) == len(dataclasses.fields(sft.Config))          # one line per key, none left out
     assert "  --max_len int = 1280    ids per sample, the image counted as one" in out
     assert "presets (--preset NAME): " in out and "llava-rlhf-7b" in out
+
+
+class _Payload:
+    """A pickle that runs code when loaded: what a tampered or foreign checkpoint can carry."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))       # loading it would create the marker file
+
+
+def test_load_checkpoint_refuses_a_pickled_payload_and_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+    bad = tmp_path / "ckpt_0000001.pt"
+    torch.save({"model": {}, "step": 1, "evil": _Payload(str(marker))}, bad)
+    with pytest.raises(RuntimeError, match="refused to load checkpoint .*ckpt_0000001.pt"):
+        common.load_checkpoint(str(bad))
+    assert not marker.exists()
+    # what the Checkpointer writes loads under weights_only=True (numpy's RNG state kept as a tensor)
+    np.random.seed(3)
+    state = common._rng_state()
+    torch.save({"rng": state}, tmp_path / "ok.pt")
+    want = np.random.rand(4)
+    np.random.seed(99)
+    common._set_rng_state(common.load_checkpoint(str(tmp_path / "ok.pt"))["rng"])
+    assert np.array_equal(np.random.rand(4), want)
+
+
+def test_stale_temp_files_of_killed_writes_are_swept(tmp_path):
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()                 # a pid whose process has exited
+    stale = tmp_path / f"ckpt_0000004.pt.tmp.{dead}"
+    live = tmp_path / f"ckpt_0000006.pt.tmp.{os.getppid()}"          # a running writer's: kept
+    for p in (stale, live):
+        p.write_bytes(b"x" * 100)
+    (tmp_path / "ckpt_0000002.pt").write_bytes(b"y")
+    assert common.sweep_stale_temps(str(tmp_path)) == [str(stale)]
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt_0000002.pt", live.name])
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "a.txt"
+    common.atomic_write_text("old", str(path))
+
+    def full_disk(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write("partial")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="No space left"):
+        common.atomic_file(str(path), full_disk)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["a.txt"]
