@@ -436,7 +436,8 @@ def score_passes(models: Models, rows: list[Row], cfg: Config) -> None:
     logp = M.token_logprobs(forward_response(pb, "policy", b), pb.lm_head.weight, b["resp"], temperature=temp)
     ref_logp = M.token_logprobs(forward_response(pb, models.ref_adapter, b), pb.lm_head.weight, b["resp"],
                                 temperature=temp)                                         # (B, R)
-    values = models.value_head(forward_response(vb, "value", collate(rows, vb))).float()
+    vbatch = b if vb is pb else collate(rows, vb)   # one base: the policy's batch serves the critic too
+    values = models.value_head(forward_response(vb, "value", vbatch)).float()
     for r, lp, rlp, v in zip(rows, logp.cpu(), ref_logp.cpu(), values.cpu()):
         n = len(r.response)
         r.logp, r.ref_logp, r.values = lp[:n], rlp[:n], v[:n]
@@ -527,7 +528,7 @@ def _micro_update(models: Models, rows: list[Row], cfg: Config, n_tok_global: fl
     if ok:
         (pg * w).backward()
     with common.autocast(dev, dt):
-        v = models.value_head(forward_response(vb, "value", collate(rows, vb))).float()
+        v = models.value_head(forward_response(vb, "value", b if vb is pb else collate(rows, vb))).float()
     vf, vst = value_loss(v, b["values"], b["ret"], m, cfg.value_clip)
     ok = ok and _finite(vf)
     if ok:

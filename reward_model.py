@@ -115,7 +115,7 @@ def _images_tensor(images: list, image_size: int) -> torch.Tensor | None:
     out = []
     for im in (x for x in images if x is not None):
         if not isinstance(im, torch.Tensor):
-            im = data.preprocess_image(data.load_image(im) if isinstance(im, str) else im, image_size)
+            im = data.image_tensor(im, image_size) if isinstance(im, str) else data.preprocess_image(im, image_size)
         elif im.shape[-1] != image_size:
             raise ValueError(f"image tensor of size {tuple(im.shape)}; the reward model expects {image_size} px")
         out.append(im)
