@@ -31,8 +31,17 @@ except ImportError:   # a torch built without distributed: nothing is ever shard
 # ----------------------------------------------------------------------------------------------------
 # Config: a dataclass, overridable from the command line as `--key value` or `--key=value`.
 
-class ConfigError(ValueError):
-    pass
+class UserError(ValueError):
+    """An error the person running the script can fix (a bad flag, file, record, model or checkpoint).
+    Its message names the flag, file, record or tensor; run_cli prints it as one line and exits 2."""
+
+
+class ConfigError(UserError):
+    """A bad command-line setting; the message names the flag."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used (corrupt, from another run, missing); the message names the file."""
 
 
 def _convert(name: str, raw: str, typ: Any) -> Any:
@@ -125,12 +134,18 @@ def parse_config(cls: type, argv: list[str] | None = None, presets: dict[str, di
     return cls(**values)
 
 
-def run_cli(main, errors: tuple[type, ...]) -> None:
-    """Run a stage's main(); the expected errors (bad config, bad data) print one line and exit 2."""
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a script's main(); an expected error prints one line and exits 2: a UserError (its message names
+    the flag, file, record or tensor), or an OSError from the file system (a missing or unreadable path,
+    a read-only or full disk: its message names the file). Anything else is a bug: a full traceback."""
     try:
         main()
-    except errors as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from common import UserError
 from model import IMAGE_TOKEN_INDEX  # -200: where the projected patch features are spliced in
 
 IGNORE_INDEX = -100
@@ -44,7 +45,7 @@ ANSWER_TYPES = ("multiple_choice", "yes_no", "general")
 # ----------------------------------------------------------------------------------------------------
 # Errors and skip counting
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad data. The message names the file, the record index and the image when they are known."""
 
     def __init__(self, reason: str, path: str | None = None, index: int | None = None, image: str | None = None):

@@ -764,4 +764,4 @@ def _save_merged_policy(pb: M.LLaVA, out: str, tok: data.Tokenizer) -> None:
 
 
 if __name__ == "__main__":
-    common.run_cli(main, (common.ConfigError, data.DataError))
+    common.run_cli(main)

@@ -510,4 +510,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    common.run_cli(main, (common.ConfigError,))
+    common.run_cli(main)

@@ -497,4 +497,4 @@ def eval_main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_cli(main, (common.ConfigError, data.DataError))
+    common.run_cli(main)

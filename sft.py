@@ -348,4 +348,4 @@ def unsharded_copy(train_m: torch.nn.Module, cfg: M.ModelConfig) -> M.LLaVA | No
 
 
 if __name__ == "__main__":
-    common.run_cli(main, (common.ConfigError, data.DataError))
+    common.run_cli(main)

@@ -1539,4 +1539,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    common.run_cli(main, (common.ConfigError, data.DataError))
+    common.run_cli(main)
