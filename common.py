@@ -4,12 +4,14 @@ purpose; each stage script stays a plain loop."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 import math
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import sys
@@ -163,7 +165,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     """auto: the GPU when torch sees one, else the CPU; otherwise the device named (cpu, cuda, cuda:1)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}, but torch sees no CUDA GPU (a CPU-only build, or no driver)")
     return dev
@@ -370,11 +375,21 @@ def _load_optimizer(opt: torch.optim.Optimizer, sd: dict) -> None:
     opt.load_state_dict({**sd, "state": state})
 
 
+CHECKPOINT_FORMAT = "llava-rlhf-checkpoint/2"   # 2: with a content checksum
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step in a checkpoint's name (ckpt_0000042.pt -> 42), None for any other file."""
+    m = re.fullmatch(r"ckpt_(\d+)\.pt", os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
 def _checkpoints(out_dir: str) -> list[str]:
-    """The checkpoints in out_dir, oldest step first. Files appear only complete (atomic rename), so the
-    newest one on disk is always whole."""
-    names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
-    return [os.path.join(out_dir, f) for f in names if f.startswith("ckpt_") and f.endswith(".pt")]
+    """The checkpoints in out_dir, lowest step first (by the number, not the name). Files appear only
+    complete (atomic rename); whether one is also intact is for load_checkpoint to say."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    found = [(checkpoint_step(f), f) for f in names]
+    return [os.path.join(out_dir, f) for step, f in sorted((s, f) for s, f in found if s is not None)]
 
 
 def latest_checkpoint(out_dir: str) -> str | None:
@@ -383,16 +398,58 @@ def latest_checkpoint(out_dir: str) -> str | None:
     return paths[-1] if paths else None
 
 
+def state_digest(x: Any) -> str:
+    """SHA-256 of a checkpoint's content: every tensor's dtype, shape and bytes and every plain value, in
+    the order they are stored (saving and loading keep it). A flipped bit anywhere in what a resume reads
+    changes it; it does not depend on how torch.save lays the file out."""
+    h = hashlib.sha256()
+
+    def walk(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(v, dict):
+            h.update(f"D{len(v)};".encode())
+            for k, u in v.items():
+                walk(k)
+                walk(u)
+        elif isinstance(v, (list, tuple)):
+            h.update(f"{'L' if isinstance(v, list) else 'U'}{len(v)};".encode())
+            for u in v:
+                walk(u)
+        else:   # str, int, float, bool, None: repr is exact for each
+            h.update(f"V{type(v).__name__}:{v!r};".encode("utf-8", "surrogatepass"))
+
+    walk(x)
+    return h.hexdigest()
+
+
 def load_checkpoint(path: str) -> dict:
-    """A checkpoint holds tensors and plain values only, and is read with weights_only=True: resuming
-    from a run folder someone else made must not run whatever code a pickle in it carries."""
+    """A checkpoint, verified. It holds tensors and plain values only and is read with weights_only=True
+    (resuming from a run folder someone else made must not run whatever code a pickle in it carries), and
+    its content must match the checksum written with it. -> the state, without the format and checksum.
+    CheckpointError names the file and what is wrong with it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise RuntimeError(f"refused to load checkpoint {path}: it holds more than tensors and plain values "
-                           f"(a pickled object: written by other code, or tampered with): {e}") from e
-    except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
-        raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+        why = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), "")
+        raise CheckpointError(f"refused to load checkpoint {path}: it holds more than tensors and plain values "
+                              f"(a pickled object: written by other code, or tampered with). {why}") from e
+    except Exception as e:  # noqa: BLE001 - truncated, garbage, unreadable: name the file whatever went wrong
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or corrupt?): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT or "checksum" not in ck:
+        got = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+        raise CheckpointError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} checkpoint (format {got!r}: "
+                              f"written by another program or an older version of this one)")
+    stored = ck.pop("checksum")
+    ck.pop("format")
+    if (got := state_digest(ck)) != stored:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its content's checksum is {got[:16]}..., "
+                              f"it was written with {stored[:16]}...")
+    return ck
 
 
 def sweep_stale_temps(out_dir: str) -> list[str]:
@@ -447,16 +504,51 @@ class StopSignal:
             signal.signal(sig, old)
 
 
+RESUME_MODES = ("false", "true", "auto")
+# config keys that may change between a run and its resume without changing what it computes
+_RUN_CONTROL = {"resume", "overwrite", "stop_at_step", "save_every", "keep_last", "log_every", "progress", "logger"}
+
+
+def truncate_jsonl(path: str, step: int) -> int:
+    """Keep the records of a JSON-lines log up to `step` (a resumed run re-runs the steps after it, and
+    a kill may have torn the last line), so that a resumed run's log equals an uninterrupted run's.
+    -> the number of lines dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:   # a line torn by a kill mid-write
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)) and rec["step"] <= step:
+            keep.append(line if line.endswith(b"\n") else line + b"\n")
+    if len(keep) != len(lines):
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.writelines(keep)
+        atomic_file(path, write)
+    return len(lines) - len(keep)
+
+
 class Checkpointer:
     """Exact resume for a stage's loop. A checkpoint, out_dir/ckpt_{step:07d}.pt, holds everything that
     decides the rest of the run: the trainable weights of `model`, the optimizer, the sampler's position,
-    every RNG (and `generator`, the rollout sampler of each rank), the step, the stage's extras and the
-    config. The last cfg.keep_last are kept. SIGTERM/SIGINT only set a flag: the loop finishes its step,
-    writes a checkpoint and returns, so a preempted job goes on with --resume true as if never stopped.
-    FSDP-sharded weights and optimizer state are saved whole: the file is the one a single process writes.
+    every RNG (and `generator`, the rollout sampler of each rank), the step, the stage's extras, the config
+    and a checksum of all of it. The last cfg.keep_last are kept (by step). SIGTERM/SIGINT only set a flag:
+    the loop finishes its step, writes a checkpoint and returns, so a preempted job goes on with
+    --resume true as if never stopped. FSDP-sharded weights and optimizer state are saved whole: the file
+    is the one a single process writes.
 
-        ck = common.Checkpointer(cfg, model, opt, sampler)   # cfg: out_dir, keep_last, save_every, stop_at_step
-        if cfg.resume and (state := ck.resume()):
+    cfg.resume: "true" continues from the newest checkpoint that verifies (falling back past corrupt ones,
+    which are set aside as .corrupt) and stops when there is none; "auto" does the same but starts fresh
+    when there is none (a job script that is requeued); "false" starts fresh, and refuses to when out_dir
+    holds checkpoints already, unless cfg.overwrite (then they and the logs are deleted first).
+
+        ck = common.Checkpointer(cfg, model, opt, sampler)   # cfg: out_dir, keep_last, save_every, stop_at_step, resume, overwrite
+        if state := ck.start():                              # None: a fresh start
             step = state["step"]                             # and the extras given to save
         while step < total_steps:
             ...; step += 1
@@ -465,10 +557,16 @@ class Checkpointer:
         ck.finish(step, **extras)
     """
 
+    LOGS = ("metrics.jsonl", "samples.jsonl")   # cut back to the resumed step
+
     def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler,
                  generator: torch.Generator | None = None):
         self.out_dir, self.keep_last = cfg.out_dir, cfg.keep_last
         self.save_every, self.stop_at_step = cfg.save_every, cfg.stop_at_step
+        self.resume_mode = str(getattr(cfg, "resume", "false")).lower()
+        self.overwrite = bool(getattr(cfg, "overwrite", False))
+        if self.resume_mode not in RESUME_MODES:
+            raise ConfigError(f"--resume must be one of {', '.join(RESUME_MODES)}, got {self.resume_mode!r}")
         self.config = asdict(cfg)
         self.model, self.optimizer, self.sampler, self.generator = model, optimizer, sampler, generator
         if is_main():
@@ -476,16 +574,69 @@ class Checkpointer:
                 print(f"removed {p}: the temporary file of a checkpoint write that was killed")
         self.stop = StopSignal()
 
-    def resume(self) -> dict | None:
-        """Load the newest checkpoint of out_dir into the model, optimizer, sampler and RNGs.
-        -> {"step": ..., and the extras given to save}, or None when there is none yet."""
-        path = latest_checkpoint(self.out_dir)
-        if path is None:
-            if is_main():
-                print(f"--resume: no checkpoint in {self.out_dir}; starting fresh")
+    def start(self) -> dict | None:
+        """Begin the run as cfg.resume says (see the class). -> the resumed state, None for a fresh start."""
+        found = _checkpoints(self.out_dir)
+        if self.resume_mode == "false":
+            if found and not self.overwrite:
+                steps = [checkpoint_step(p) for p in found]
+                raise CheckpointError(
+                    f"{self.out_dir} holds checkpoints of an earlier run ({len(found)}, steps {steps[0]}..{steps[-1]}); "
+                    f"continue it with --resume true, or start over with --overwrite true (deletes them)")
+            self._clear(found)
             return None
-        ck = load_checkpoint(path)
-        load_trainable_state(self.model, ck.pop("model"), path)
+        state = self.resume()
+        if state is None:
+            if self.resume_mode == "true":
+                raise CheckpointError(f"--resume true: no checkpoint in {self.out_dir} to resume from "
+                                      f"(--resume auto starts fresh when there is none)")
+            if is_main():
+                print(f"--resume auto: no checkpoint in {self.out_dir}; starting fresh")
+            self._clear([])
+        return state
+
+    def _clear(self, found: list[str]) -> None:
+        """A fresh start: no checkpoint or log line of an earlier run may mix with this one's."""
+        if is_main():
+            for p in found:
+                os.remove(p)
+            for name in self.LOGS:
+                if os.path.exists(log := os.path.join(self.out_dir, name)):
+                    os.remove(log)
+                    print(f"removed {log}: the log of an earlier run")
+            if found:
+                print(f"--overwrite: deleted {len(found)} checkpoints of an earlier run in {self.out_dir}")
+        if dist.is_initialized():
+            dist.barrier()
+
+    def resume(self) -> dict | None:
+        """Load the newest checkpoint of out_dir that verifies into the model, optimizer, sampler and RNGs;
+        a newer one that does not (truncated, corrupt) is renamed NAME.corrupt, saying why.
+        -> {"step": ..., and the extras given to save}, or None when out_dir has no checkpoint.
+        CheckpointError when there are checkpoints but none verifies, or one does not fit this model."""
+        found, bad, ck, path = _checkpoints(self.out_dir), [], None, None
+        for path in reversed(found):
+            try:
+                ck = load_checkpoint(path)
+                break
+            except CheckpointError as e:
+                bad.append((path, e))
+        if not found:
+            return None
+        if ck is None:
+            raise CheckpointError(f"none of the {len(found)} checkpoints in {self.out_dir} can be used:\n"
+                                  + "\n".join(f"  {e}" for _, e in bad))
+        if dist.is_initialized():
+            dist.barrier()   # every rank has read its checkpoint before rank 0 renames any
+        for p, e in bad:
+            if is_main():
+                print(f"warning: {e}\n  set aside as {p}.corrupt; resuming from {os.path.basename(path)} instead",
+                      file=sys.stderr)
+                os.replace(p, p + ".corrupt")
+        try:
+            load_trainable_state(self.model, ck.pop("model"), path)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         _load_optimizer(self.optimizer, ck.pop("optimizer"))
         self.sampler.load_state_dict(ck.pop("sampler"))
         _set_rng_state(ck.pop("rng"))
@@ -493,14 +644,23 @@ class Checkpointer:
         if self.generator is not None:
             rank = dist.get_rank() if dist.is_initialized() else 0
             self.generator.set_state(gens[rank])
-        ck.pop("config")
+        saved = ck.pop("config")
+        changed = {k: (saved.get(k), v) for k, v in self.config.items()
+                   if k not in _RUN_CONTROL and k in saved and saved[k] != v}
         if is_main():
             print(f"resumed from {path} at step {ck['step']}")
+            if changed:
+                print("  note: these settings differ from the checkpoint's run: "
+                      + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+            for name in self.LOGS:
+                if (n := truncate_jsonl(os.path.join(self.out_dir, name), ck["step"])):
+                    print(f"  {name}: dropped {n} lines after step {ck['step']} (they are re-run)")
         return ck
 
     def save(self, step: int, **extras) -> str:
-        """Write the checkpoint of `step`. Every rank calls it (sharded state is gathered, each rank's
-        generator collected); rank 0 writes, the others wait for it. -> the file's path."""
+        """Write the checkpoint of `step` with its checksum. Every rank calls it (sharded state is
+        gathered, each rank's generator collected); rank 0 writes, the others wait for it. Older
+        checkpoints beyond keep_last are then removed, by step. -> the file's path."""
         keep = is_main()
         state = {"model": _on_host({k: p for k, p in self.model.named_parameters() if p.requires_grad}, keep),
                  "optimizer": _on_host(self.optimizer.state_dict(), keep), "step": step,
@@ -513,9 +673,11 @@ class Checkpointer:
             state["gen"] = gens
         path = os.path.join(self.out_dir, f"ckpt_{step:07d}.pt")
         if keep:
+            state = {"format": CHECKPOINT_FORMAT, **state, "checksum": state_digest(state)}
             atomic_file(path, lambda tmp: torch.save(state, tmp))
-            if self.keep_last > 0:
-                for old in _checkpoints(self.out_dir)[:-self.keep_last]:
+            if self.keep_last > 0:   # a checkpoint of a later step (set aside, or of a run resumed earlier) is not counted
+                older = [p for p in _checkpoints(self.out_dir) if checkpoint_step(p) <= step]
+                for old in older[:-self.keep_last]:
                     os.remove(old)
         if dist.is_initialized():
             dist.barrier()
@@ -534,9 +696,13 @@ class Checkpointer:
         return stopping
 
     def finish(self, step: int, **extras) -> str:
-        """The last checkpoint of a run that reached its end; SIGTERM/SIGINT act as usual again."""
+        """The last checkpoint of a run that reached its end. A SIGTERM/SIGINT while it is written only sets
+        the flag (the checkpoint completes); afterwards they act as usual again."""
+        path = self.save(step, **extras)
         self.stop.restore()
-        return self.save(step, **extras)
+        if self.stop.requested and is_main():
+            print(f"a stop signal came during the final checkpoint; {path} is complete")
+        return path
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -253,7 +253,8 @@ class Config:
     device: str = "auto"
     save_every: int = 10
     keep_last: int = 2
-    resume: bool = False
+    resume: str = "false"              # true: continue from the newest good checkpoint (stop if none); auto: also start fresh if none
+    overwrite: bool = False             # a fresh run (resume false) may delete the checkpoints and logs already in out_dir
     stop_at_step: int = 0
     max_bad_steps: int = 3              # stop after this many non-finite steps in a row
     samples_to_log: int = 2
@@ -667,7 +668,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
 
     ck = common.Checkpointer(cfg, _Trainable(models), opt, sampler, generator=gen)
     step, bad = 0, 0
-    if cfg.resume and (state := ck.resume()):
+    if state := ck.start():   # as --resume says: fresh, resumed, or refused
         step, bad, kl_ctl.value = state["step"], state["bad"], state["kl_coef"]
 
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "ppo", asdict(cfg))

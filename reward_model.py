@@ -229,7 +229,8 @@ class Config:
     eval_every: int = 50
     save_every: int = 50
     keep_last: int = 2
-    resume: bool = False
+    resume: str = "false"              # true: continue from the newest good checkpoint (stop if none); auto: also start fresh if none
+    overwrite: bool = False             # a fresh run (resume false) may delete the checkpoints and logs already in out_dir
     stop_at_step: int = 0
     logger: str = "none"
     progress: bool = True
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ck = common.Checkpointer(cfg, rm, opt, sampler)
     step, best = 0, -1.0                  # best: the held-out accuracy of out_dir/best
-    if cfg.resume and (state := ck.resume()):
+    if state := ck.start():   # as --resume says: fresh, resumed, or refused
         step, best = state["step"], state["best"]
     pdata.epoch = sampler.epoch
 

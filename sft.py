@@ -81,7 +81,8 @@ class Config:
     eval_every: int = 200
     save_every: int = 500
     keep_last: int = 2
-    resume: bool = False
+    resume: str = "false"              # true: continue from the newest good checkpoint (stop if none); auto: also start fresh if none
+    overwrite: bool = False             # a fresh run (resume false) may delete the checkpoints and logs already in out_dir
     stop_at_step: int = 0               # write a checkpoint and stop after this step (0: run to the end)
     logger: str = "none"                # none | wandb | tensorboard (JSON lines are always written)
     progress: bool = True
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     # -- checkpoints: resume, save_every, SIGTERM ---------------------------------------------------------
     ck = common.Checkpointer(cfg, m, opt, sampler)   # under FSDP m's parameters are the shards: saved whole
     step = 0
-    if cfg.resume and (state := ck.resume()):
+    if state := ck.start():   # as --resume says: fresh, resumed, or refused
         step = state["step"]
 
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "sft", asdict(cfg))

@@ -1349,7 +1349,7 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
         for s in cfg["seeds"]:
             run = os.path.join(runs, f"sft_seed{s}")
             sft.main(["--preset", "tiny", "--data_path", f"{d}/sft.json", "--image_folder", f"{d}/images",
-                      "--tokenizer", f"{d}/tokenizer.model", "--out_dir", run, "--seed", str(s)] + cfg["sft"])
+                      "--tokenizer", f"{d}/tokenizer.model", "--out_dir", run, "--seed", str(s), "--overwrite", "true"] + cfg["sft"])
             sft_dir = os.path.join(run, "final")
             grounding = grounding_accuracy(d, sft_dir)
             print(f"SFT seed {s}: greedy answers with no false claim on held-out prompts: {grounding:.2f}")
@@ -1366,7 +1366,7 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
               f"{ann['dropped_tie']} ties and {ann['dropped_empty']} pairs with an empty response")
 
     rm_common = ["--preset", "tiny", "--model_path", sft_dir, "--data_path", prefs, "--image_folder", f"{d}/images",
-                 "--captions", f"{d}/captions.json", "--seed", str(seed)] + cfg["rm"]
+                 "--captions", f"{d}/captions.json", "--seed", str(seed), "--overwrite", "true"] + cfg["rm"]
     with stage("reward model (facts)"):
         rm_facts = reward_model.main(rm_common + ["--out_dir", os.path.join(runs, "rm_facts")])
     with stage("reward model (no facts)"):
@@ -1379,7 +1379,7 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
     with stage("ppo"):
         ppo_res = ppo.main(["--preset", "tiny", "--model_path", sft_dir, "--rm_dir", rm_best,
                             "--prompts_path", f"{d}/ppo_prompts.json", "--image_folder", f"{d}/images",
-                            "--captions", f"{d}/captions.json", "--out_dir", ppo_run, "--seed", str(seed)] + cfg["ppo"])
+                            "--captions", f"{d}/captions.json", "--out_dir", ppo_run, "--seed", str(seed), "--overwrite", "true"] + cfg["ppo"])
 
     with stage("evaluation"):
         results = {}

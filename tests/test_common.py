@@ -1,6 +1,7 @@
 """common.py: the Checkpointer (keeps the last K, finds the newest, resumes exactly, stops on SIGTERM) and
 the shared checks of devices, dtypes and batch geometry."""
 import dataclasses
+import json
 import os
 import random
 import signal
@@ -113,6 +114,8 @@ def test_checkpointer_saves_every_k_and_stops_on_sigterm_or_stop_at_step(tmp_pat
 def test_device_dtype_and_batch_geometry():
     cpu = torch.device("cpu")
     assert common.resolve_device("cpu") == cpu
+    with pytest.raises(common.ConfigError, match="--device: expected auto, cpu, cuda or cuda:N, got 'gpu0'"):
+        common.resolve_device("gpu0")
     assert common.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert model.torch_dtype("auto", cpu) is torch.float32
     assert model.torch_dtype("auto", torch.device("cuda")) is torch.bfloat16
@@ -152,7 +155,7 @@ def test_load_checkpoint_refuses_a_pickled_payload_and_runs_nothing(tmp_path):
     marker = tmp_path / "ran"
     bad = tmp_path / "ckpt_0000001.pt"
     torch.save({"model": {}, "step": 1, "evil": _Payload(str(marker))}, bad)
-    with pytest.raises(RuntimeError, match="refused to load checkpoint .*ckpt_0000001.pt"):
+    with pytest.raises(common.CheckpointError, match="refused to load checkpoint .*ckpt_0000001.pt"):
         common.load_checkpoint(str(bad))
     assert not marker.exists()
     # what the Checkpointer writes loads under weights_only=True (numpy's RNG state kept as a tensor)
@@ -161,7 +164,7 @@ def test_load_checkpoint_refuses_a_pickled_payload_and_runs_nothing(tmp_path):
     torch.save({"rng": state}, tmp_path / "ok.pt")
     want = np.random.rand(4)
     np.random.seed(99)
-    common._set_rng_state(common.load_checkpoint(str(tmp_path / "ok.pt"))["rng"])
+    common._set_rng_state(torch.load(tmp_path / "ok.pt", weights_only=True)["rng"])
     assert np.array_equal(np.random.rand(4), want)
 
 
@@ -190,3 +193,139 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         common.atomic_file(str(path), full_disk)
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["a.txt"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trustworthy checkpoints (#22 items 1-4, 6, 8): corruption detected, fallback, resume modes, pruning by
+# step, a signal during the final save, logs cut back to the resumed step.
+
+def _saved_run(out, steps=(2, 4), **cfg) -> list[str]:
+    """Checkpoints at `steps` of a toy run in `out` (keep_last 0: all kept). -> their paths."""
+    model, opt, sampler, gen = _state(0)
+    ck = common.Checkpointer(_Cfg(out_dir=str(out), keep_last=0, **cfg), model, opt, sampler, generator=gen)
+    ck.stop.restore()
+    paths = []
+    for step in range(1, max(steps) + 1):
+        _train_step(model, opt, sampler, gen)
+        if step in steps:
+            paths.append(ck.save(step, best=float(step)))
+    return paths
+
+
+def _resumer(out, resume="true", overwrite=False):
+    @dataclass
+    class Cfg(_Cfg):
+        resume: str = "false"
+        overwrite: bool = False
+    model, opt, sampler, gen = _state(7)
+    ck = common.Checkpointer(Cfg(out_dir=str(out), resume=resume, overwrite=overwrite), model, opt, sampler,
+                             generator=gen)
+    ck.stop.restore()
+    return ck, model
+
+
+def test_a_flipped_bit_or_garbage_inside_a_checkpoint_is_detected(tmp_path):
+    """The content checksum: one flipped bit in a tensor's bytes (a read that torch.load itself accepts)
+    or 4 KB of garbage in the middle of the file -> CheckpointError naming the file."""
+    path = _saved_run(tmp_path, steps=(2,))[0]
+    good = common.load_checkpoint(path)
+    raw = open(path, "rb").read()
+    weight = good["model"]["weight"].numpy().tobytes()
+    at = raw.find(weight)
+    assert at > 0
+    flipped = bytearray(raw)
+    flipped[at + 5] ^= 0x10
+    open(path, "wb").write(bytes(flipped))
+    loaded = torch.load(path, weights_only=True)      # torch reads it without a word: only the checksum sees it
+    assert not torch.equal(loaded["model"]["weight"], good["model"]["weight"])
+    with pytest.raises(common.CheckpointError, match=r"ckpt_0000002.pt is corrupt: its content's checksum"):
+        common.load_checkpoint(path)
+    garbage = bytearray(raw)
+    garbage[len(raw) // 3: len(raw) // 3 + 4096] = np.random.default_rng(0).bytes(4096)
+    open(path, "wb").write(bytes(garbage))
+    with pytest.raises(common.CheckpointError, match=r"ckpt_0000002.pt"):
+        common.load_checkpoint(path)
+    torch.save({"model": {}, "step": 1}, path)     # a torch file of another program (or an older version)
+    with pytest.raises(common.CheckpointError, match="is not a llava-rlhf-checkpoint/2 checkpoint"):
+        common.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "flipped"])
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path, damage, capsys):
+    p2, p4, p6 = _saved_run(tmp_path, steps=(2, 4, 6))
+    raw = open(p6, "rb").read()
+    bad = {"truncated": raw[: len(raw) // 2], "empty": b"", "garbage": b"\x00garbage" * 100,
+           "flipped": raw[:-200] + bytes([raw[-200] ^ 1]) + raw[-199:]}[damage]
+    open(p6, "wb").write(bad)
+    ck, model = _resumer(tmp_path)
+    state = ck.start()
+    assert state["step"] == 4 and state["best"] == 4.0
+    assert torch.equal(model.weight, common.load_checkpoint(p4)["model"]["weight"])
+    err = capsys.readouterr().err
+    assert "ckpt_0000006.pt" in err and "resuming from ckpt_0000004.pt instead" in err
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000002.pt", "ckpt_0000004.pt", "ckpt_0000006.pt.corrupt"]
+    # none usable: stop, listing each file and why
+    for p in (p2, p4):
+        open(p, "wb").write(b"")
+    ck, _ = _resumer(tmp_path)
+    with pytest.raises(common.CheckpointError, match=r"none of the 2 checkpoints .* can be used") as e:
+        ck.start()
+    assert "ckpt_0000002.pt" in str(e.value) and "ckpt_0000004.pt" in str(e.value)
+
+
+def test_resume_modes_and_a_fresh_run_over_another_runs_checkpoints(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(common.CheckpointError, match=r"--resume true: no checkpoint in .*empty"):
+        _resumer(empty, "true")[0].start()
+    assert _resumer(empty, "auto")[0].start() is None
+    assert "starting fresh" in capsys.readouterr().out
+    with pytest.raises(common.ConfigError, match="--resume must be one of false, true, auto, got 'maybe'"):
+        _resumer(empty, "maybe")
+    # a fresh run into a folder holding another run's checkpoints (of higher steps than it will write)
+    _saved_run(tmp_path / "old", steps=(20, 30))
+    (tmp_path / "old" / "metrics.jsonl").write_text('{"step": 20, "loss": 1.0}\n')
+    with pytest.raises(common.CheckpointError, match=r"holds checkpoints of an earlier run \(2, steps 20..30\)"):
+        _resumer(tmp_path / "old", "false")[0].start()
+    assert len(os.listdir(tmp_path / "old")) == 3                        # refused: nothing touched
+    ck, _ = _resumer(tmp_path / "old", "false", overwrite=True)
+    assert ck.start() is None
+    assert os.listdir(tmp_path / "old") == []                            # checkpoints and logs of the old run gone
+    assert _resumer(tmp_path / "old", "auto")[0].start() is None
+
+
+def test_pruning_goes_by_step_and_never_removes_what_it_just_wrote(tmp_path):
+    out = tmp_path / "run"
+    model, opt, sampler, gen = _state(0)
+    ck = common.Checkpointer(_Cfg(out_dir=str(out), keep_last=2), model, opt, sampler, generator=gen)
+    ck.stop.restore()
+    ck.save(10000000)                            # 8 digits: a later step whose name sorts first
+    for step in (8, 9, 10, 11):
+        written = ck.save(step)
+        assert os.path.exists(written)
+    assert sorted(os.listdir(out)) == ["ckpt_0000010.pt", "ckpt_0000011.pt", "ckpt_10000000.pt"]
+    assert [common.checkpoint_step(p) for p in common._checkpoints(str(out))] == [10, 11, 10000000]
+
+
+def test_a_signal_during_the_final_save_does_not_kill_it(tmp_path, monkeypatch, capsys):
+    model, opt, sampler, _ = _state(0)
+    ck = common.Checkpointer(_Cfg(out_dir=str(tmp_path)), model, opt, sampler)
+    real_save = torch.save
+
+    def save_and_get_killed(obj, f):
+        os.kill(os.getpid(), signal.SIGTERM)   # the default action would end the process here
+        real_save(obj, f)
+    monkeypatch.setattr(torch, "save", save_and_get_killed)
+    path = ck.finish(3)
+    assert common.load_checkpoint(path)["step"] == 3
+    assert "a stop signal came during the final checkpoint" in capsys.readouterr().out
+
+
+def test_resume_cuts_the_logs_back_to_the_resumed_step(tmp_path):
+    _saved_run(tmp_path, steps=(2, 4))
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"step": 7, "lo')     # torn by a kill
+    (tmp_path / "samples.jsonl").write_text("".join(lines[:5]))
+    _resumer(tmp_path)[0].start()
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines[:4])
+    assert (tmp_path / "samples.jsonl").read_text() == "".join(lines[:4])
