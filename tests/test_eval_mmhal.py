@@ -59,7 +59,9 @@ def expected_rating(k: int) -> int:
 
 class ScriptedServer:
     """plan: {item: [action, ...]} consumed in order, then "ok". Actions: "ok", an HTTP status (int),
-    "slow" (answers after 3 s, past the client's 1 s timeout), "malformed" (200 with an HTML body), "no_choices" (200, empty list)."""
+    "slow" (answers after 3 s, past the client's 1 s timeout), "malformed" (200 with an HTML body), "no_choices" (200, empty list),
+    ("reply", text) (200, the judge's reply is text), "trickle_head" / "trickle_body" (a good reply whose first 12 bytes of
+    the status line / of the body come one every 0.5 s: each read is quick, the reply takes 6 s)."""
 
     def __init__(self, plan: dict | None = None, delay: float = 0.05):
         self.plan = {k: list(v) for k, v in (plan or {}).items()}
@@ -102,6 +104,19 @@ class ScriptedServer:
                         self._send(200, b"<html><body>502 Bad Gateway</body></html>")
                     elif action == "no_choices":
                         self._send(200, b'{"choices": []}')
+                    elif isinstance(action, tuple):
+                        self._send(200, json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": action[1]}}]}).encode())
+                    elif action in ("trickle_head", "trickle_body"):
+                        reply = f"Fine.\nRating: {expected_rating(k)}"
+                        payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}).encode()
+                        head = (f"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
+                        if action == "trickle_body":
+                            self.wfile.write(head)
+                        rest = payload if action == "trickle_body" else head + payload
+                        for i in range(12):
+                            self.wfile.write(rest[i:i + 1])
+                            time.sleep(0.5)
+                        self.wfile.write(rest[12:])
                     else:
                         reply = f"The answer mentions item {k}; no contradiction.\nRating: {expected_rating(k)}"
                         self._send(200, json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}).encode())
@@ -278,6 +293,55 @@ def test_api_judge_needs_key_variable(tmp_path, monkeypatch):
     with pytest.raises(eval_mmhal.common.ConfigError, match=KEY_ENV):
         eval_mmhal.main(["--template", template, "--out", str(tmp_path / "r.json"), "--judge", "api",
                          "--api_base", "http://127.0.0.1:9/v1", "--api_key_env", KEY_ENV])
+
+
+@pytest.mark.parametrize("where", ["trickle_head", "trickle_body"])
+def test_api_timeout_is_a_deadline_for_the_whole_request(tmp_path, server_factory, where):
+    # Each byte comes well within the 1 s timeout, the reply as a whole takes 6 s: a per-read timeout
+    # never fires, the deadline does; the retry policy then treats it as any timeout.
+    template = write_json(make_items(1), tmp_path / "tpl.json")
+    srv = server_factory({0: [where]})
+    t0 = time.monotonic()
+    with pytest.raises(eval_mmhal.JudgeError, match=r"item 0: .*failed after 1 tries.*within --api_timeout 1 s"):
+        eval_mmhal.main(api_args(tmp_path, template, srv, "--api_max_tries", "1"))
+    assert time.monotonic() - t0 < 3
+    assert srv.count(0) == 1
+
+    srv2 = server_factory({0: [where]})   # with a second try the item gets its judgment
+    t0 = time.monotonic()
+    summary = eval_mmhal.main(api_args(tmp_path, template, srv2, "--api_max_tries", "2"))
+    assert time.monotonic() - t0 < 4
+    assert srv2.count(0) == 2 and summary["average"] == expected_rating(0)
+
+
+def test_unparsable_ratings_are_counted_and_named(tmp_path, server_factory, capsys):
+    # The benchmark scores a reply with no rating or several as 0; so do we, but never silently.
+    template = write_json(make_items(4), tmp_path / "tpl.json")
+    rambling = "The answer looks fine. " * 20 + "I would say five out of six."
+    srv = server_factory({1: [("reply", rambling)], 3: [("reply", "Rating: 2 at first; on reflection Rating: 5")]})
+    summary = eval_mmhal.main(api_args(tmp_path, template, srv))
+    with open(tmp_path / "out" / "res.json") as f:
+        doc = json.load(f)
+    assert [r["rating"] for r in doc["items"]] == [0, 0, 2, 0]   # item 0's "Rating: 0" is a real rating
+    assert summary["unparsable_ratings"] == 2 and summary["unparsable_items"] == [1, 3]
+    assert doc["summary"] == summary == summarize(doc["items"])
+    out = capsys.readouterr()
+    assert "warning: 2 of 4 judge replies" in out.err
+    item1 = next(line for line in out.err.splitlines() if "item 1 " in line)
+    assert "image_id 'img001'" in item1 and "no rating" in item1
+    assert "The answer looks fine." in item1 and "five out of six." in item1 and " ... " in item1   # start and end
+    item3 = next(line for line in out.err.splitlines() if "item 3 " in line)
+    assert "2 ratings (2, 5)" in item3 and "on reflection Rating: 5" in item3
+    assert "item 0 " not in out.err and "item 2 " not in out.err
+    shown = "unparsable ratings    2 (scored 0: items 1, 3)"
+    assert shown in out.out
+    assert shown in (tmp_path / "out" / "res.summary.txt").read_text()
+
+    # Every reply parsed: the count is 0 and there is no warning.
+    summary = eval_mmhal.main(api_args(tmp_path / "clean", template, server_factory()))
+    assert summary["unparsable_ratings"] == 0 and summary["unparsable_items"] == []
+    out = capsys.readouterr()
+    assert "warning" not in out.err and "unparsable ratings    0\n" in out.out
 
 
 def test_resume_after_interrupted_judging(tmp_path, server_factory, capsys):
@@ -612,3 +676,82 @@ def test_real_answering_path_through_model(tmp_path, monkeypatch):
     eval_mmhal.main([a if a != "2" else "1" for a in args], rule_judge=fake_rule_judge)
     with open(tmp_path / "res.json") as f:
         assert [r["model_answer"] for r in json.load(f)["items"]] == answers
+
+
+# ----------------------------------------------------------------------------------------------------
+# User errors: one line naming the flag or file, exit code 2, no traceback.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cli_user_errors_are_one_line(tmp_path):
+    items = make_items(2, answered=False)
+    template = write_json(items, tmp_path / "tpl.json")
+    make_images(tmp_path / "imgs", items)
+    cases = [(["--some_bad_flag", "1"], "--some_bad_flag"),
+             (["--template", str(tmp_path / "nope.json"), "--judge", "none"], "nope.json"),
+             (["--template", template, "--model_path", str(tmp_path / "no_model"), "--image_folder",
+               str(tmp_path / "imgs"), "--out", str(tmp_path / "r.json"), "--judge", "none"], "--model_path")]
+    for argv, named in cases:
+        r = subprocess.run([sys.executable, "eval_mmhal.py", *argv], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
+        assert named in r.stderr
+    assert "no_model" in r.stderr and "no such model folder" in r.stderr
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """What common.run_cli (the script's entry) prints for main(argv): one line, exit code 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        eval_mmhal.common.run_cli(lambda: eval_mmhal.main(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    # the error is the last line, whole (a progress bar may precede it)
+    assert "Traceback" not in err and err.count("error: ") == 1, err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: "), err
+    return last
+
+
+def test_user_errors_name_the_flag_or_file(tmp_path, server_factory, monkeypatch, capsys):
+    monkeypatch.setattr(eval_mmhal, "build_answerer", lambda cfg: pytest.fail("model loaded before the check"))
+    items = make_items(2, answered=False)
+    template = write_json(items, tmp_path / "tpl.json")
+    answered = write_json(make_items(2), tmp_path / "answered.json")
+    make_images(tmp_path / "imgs", items)
+    out = str(tmp_path / "r.json")
+    answer = ["--template", template, "--out", out, "--model_path", str(tmp_path), "--image_folder", str(tmp_path / "imgs")]
+
+    # the answers file and its meta file
+    (tmp_path / "bad.answers.json").write_text("[{")
+    assert "bad.answers.json: invalid JSON" in cli_error(capsys, [*answer, "--answers", str(tmp_path / "bad.answers.json"), "--judge", "none"])
+    other = write_json(make_items(3), tmp_path / "other.answers.json")
+    assert "holds other items" in cli_error(capsys, [*answer, "--answers", other, "--judge", "none"])
+    write_json(make_items(2), tmp_path / "m.answers.json")
+    (tmp_path / "m.answers.json.meta.json").write_text('{"answered": [0,')
+    assert "m.answers.json.meta.json: invalid JSON" in cli_error(
+        capsys, [*answer, "--answers", str(tmp_path / "m.answers.json"), "--judge", "none"])
+    empty = write_json([], tmp_path / "empty.json")
+    assert "empty.json: no items" in cli_error(capsys, ["--template", empty, "--out", out, "--judge", "none"])
+
+    # flags checked before any answering
+    assert "--judge_prompt_file" in cli_error(capsys, [*answer, "--judge", "api", "--judge_prompt_file", str(tmp_path / "nope.txt")])
+    (tmp_path / "three.txt").write_text("{} {} {}")
+    assert "four slots" in cli_error(capsys, [*answer, "--judge", "api", "--judge_prompt_file", str(tmp_path / "three.txt")])
+    assert "--api_base" in cli_error(capsys, [*answer, "--judge", "api", "--api_base", "127.0.0.1:8000/v1"])
+    assert "--batch_size" in cli_error(capsys, [*answer, "--judge", "none", "--batch_size", "0"])
+    monkeypatch.undo()   # the real loader from here on: it checks its folders before loading anything
+    monkeypatch.setenv(KEY_ENV, KEY)
+    assert "--adapter_path" in cli_error(capsys, [*answer, "--judge", "none", "--adapter_path", str(tmp_path / "no_adapter")])
+    err = cli_error(capsys, ["--template", answered, "--out", out, "--judge", "local", "--judge_model_path", str(tmp_path / "no_judge")])
+    assert "--judge_model_path" in err and "no_judge" in err
+
+    # a judge that will not answer: the item and the status, the key nowhere
+    err = cli_error(capsys, api_args(tmp_path, answered, server_factory({0: [401]}), "--api_concurrency", "1"))
+    assert "item 0" in err and "HTTP 401" in err and KEY not in err
+
+    # compare: a missing file, a file that is no result
+    assert "nope.json" in cli_error(capsys, ["compare", str(tmp_path / "nope.json")])
+    assert "tpl.json: not an eval_mmhal.py result file" in cli_error(capsys, ["compare", template])
