@@ -1,0 +1,113 @@
+"""Hard kills: a stage killed with SIGKILL again and again (some kills land while a checkpoint is being
+written), each time restarted with --resume auto, ends bitwise equal to a run that was never stopped:
+the same trainable weights, optimizer state and step, and the same metrics and samples logs.
+
+The suite runs SFT with 3 kills. The fault audit's loop over every stage:
+    KILL_LOOP_STAGES=sft,rm,ppo KILL_LOOP_KILLS=10 python -m pytest -q -s tests/test_kill_loop.py
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+from helpers import ROOT
+
+STAGES = os.environ.get("KILL_LOOP_STAGES", "sft").split(",")
+KILLS = int(os.environ.get("KILL_LOOP_KILLS", "3"))
+TIMING = ("t_generate", "t_score", "t_train", "tokens_per_s")   # wall-clock figures: differ run to run
+
+
+def _stage_argv(stage: str, w, sft_dir, tmp_path) -> list[str]:
+    """The stage's command line (every step checkpointed, so that many kills land in writes)."""
+    if stage == "sft":
+        from test_sft import _args
+        return ["sft.py"] + _args(w, "OUT", max_steps=12, save_every=1, keep_last=2)
+    if stage == "rm":
+        from test_reward_model import _args, _separable_prefs
+        prefs = _separable_prefs(w, tmp_path / "prefs.json")
+        return ["reward_model.py"] + _args(w, "OUT", prefs, max_steps=10, save_every=1, keep_last=2, eval_every=5)
+    from test_ppo import _args
+    return ["ppo.py"] + _args(w, sft_dir, "OUT", max_steps=6, save_every=1, keep_last=2, samples_to_log=2)
+
+
+def _run(argv: list[str], out, extra=()) -> subprocess.Popen:
+    argv = [str(out) if a == "OUT" else a for a in argv]
+    return subprocess.Popen([sys.executable] + argv + ["--resume", "auto"] + list(extra), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_while_writing(p: subprocess.Popen, out, timeout: float) -> bool:
+    """SIGKILL p as soon as a checkpoint's temporary file appears in out (a write in progress).
+    -> False when p ended first."""
+    t_end = time.time() + timeout
+    while p.poll() is None and time.time() < t_end:
+        if os.path.isdir(out) and any(".tmp." in f for f in os.listdir(out)):
+            p.kill()
+            p.wait()
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def _logs(out) -> dict:
+    logs = {}
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        if os.path.exists(os.path.join(out, name)):
+            recs = [json.loads(line) for line in open(os.path.join(out, name))]
+            logs[name] = [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
+    return logs
+
+
+def _final(out) -> dict:
+    return common.load_checkpoint(common.latest_checkpoint(str(out)))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_hard_kills_end_bitwise_equal_to_a_run_never_stopped(stage, tiny_world, tmp_path, request):
+    sft_dir = request.getfixturevalue("tiny_sft") if stage == "ppo" else None
+    argv = _stage_argv(stage, tiny_world, sft_dir, tmp_path)
+    t0 = time.time()
+    ref = _run(argv, tmp_path / "ref")
+    out_ref = ref.communicate()[0]
+    assert ref.returncode == 0, out_ref
+    t_run = time.time() - t0
+
+    out, rng, kills, mid_write, restarts = tmp_path / "killed", random.Random(0), 0, 0, 0
+    while True:
+        restarts += 1
+        assert restarts <= 4 * KILLS + 5, "the run never finished"
+        p = _run(argv, out)
+        if kills < KILLS:
+            if kills % 3 != 2 and _kill_while_writing(p, out, timeout=t_run):    # 2 of 3 kills mid-write
+                kills, mid_write = kills + 1, mid_write + 1
+                continue
+            if p.poll() is None:                                               # the rest at a random time
+                try:
+                    p.wait(timeout=rng.uniform(0.3, 1.0) * t_run)
+                except subprocess.TimeoutExpired:
+                    p.send_signal(signal.SIGKILL)
+                    p.wait()
+                    kills += 1
+                    continue
+        text = p.communicate()[0]
+        if p.returncode == 0:
+            break
+        assert p.returncode == -signal.SIGKILL, text
+
+    print(f"\n{stage}: {kills} kills ({mid_write} while a checkpoint was being written), {restarts} starts")
+    a, b = _final(tmp_path / "ref"), _final(out)
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
+    assert _logs(tmp_path / "ref") == _logs(out)
+    assert not [f for f in os.listdir(out) if ".tmp." in f or f.endswith(".corrupt")]
