@@ -5,10 +5,14 @@ Converting public data sets, mixing and checking files: prepare_data.py.
 Bad data: every reader raises DataError naming the file, the record index (and the image) by default. With
 on_error="skip" the record is skipped, counted in a Skips object (passed in, or the module-level SKIPS) and a
 summary line is printed when the reader finishes. Nothing here ever returns a silently wrong tensor.
+Every text file is read by read_text (UTF-8 or a DataError naming the file and the offending byte); every
+message shows file names through printable (an undecodable name is escaped, never a UnicodeEncodeError).
 """
 from __future__ import annotations
 
+import codecs
 import json
+import math
 import os
 import struct
 import sys
@@ -35,7 +39,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # SPEC §1: the pad colour is round(mean * 255). (The reference code truncates, giving (122, 116, 104).)
 PAD_FILL = tuple(int(round(m * 255)) for m in CLIP_MEAN)  # (123, 117, 104)
-# Refuse images above this many pixels before decoding them (PIL's own default threshold).
+# Refuse images above this many pixels before decoding them (PIL's own default threshold), and images
+# whose square padding (expand2square, max(w, h) ** 2 pixels) would be larger: a 1 x 80,000,000 strip
+# has fewer pixels than this but pads to 6.4e15.
 MAX_IMAGE_PIXELS = 89_478_485
 
 ROLES = ("human", "gpt")
@@ -45,13 +51,25 @@ ANSWER_TYPES = ("multiple_choice", "yes_no", "general")
 # ----------------------------------------------------------------------------------------------------
 # Errors and skip counting
 
+def printable(text: str) -> str:
+    """`text` safe to print or encode as UTF-8: a file name os.listdir / sys.argv could not decode holds
+    surrogate escapes (b"caf\\xe9" -> "caf\\udce9"), shown here as the byte "\\xe9"; any other lone
+    surrogate (a JSON "\\udXXX" escape) as "\\udXXX". Valid text comes back unchanged."""
+    def show(c: str) -> str:
+        o = ord(c)
+        if 0xDC80 <= o <= 0xDCFF:
+            return f"\\x{o - 0xDC00:02x}"
+        return f"\\u{o:04x}" if 0xD800 <= o <= 0xDFFF else c
+    return "".join(map(show, text))
+
+
 class DataError(UserError):
     """Bad data. The message names the file, the record index and the image when they are known."""
 
     def __init__(self, reason: str, path: str | None = None, index: int | None = None, image: str | None = None):
         self.reason, self.path, self.index, self.image = reason, path, index, image
         where = ([str(path)] if path else []) + ([f"record {index}"] if index is not None else [])
-        super().__init__(": ".join(where + [reason]) + (f" (image {image})" if image else ""))
+        super().__init__(printable(": ".join(where + [reason]) + (f" (image {image})" if image else "")))
 
     def at(self, path: str | None, index: int | None, image: str | None = None) -> "DataError":
         """The same error with the file / record / image filled in where they were unknown."""
@@ -323,9 +341,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise DataError(f"cannot convert image mode {mode} to RGB: {e}") from None
 
 
+def check_image_size(w: int, h: int) -> None:
+    """DataError unless a w x h image, and the square it is padded to, fit in MAX_IMAGE_PIXELS."""
+    if w * h > MAX_IMAGE_PIXELS:
+        raise DataError(f"refusing a {w}x{h} image: more than MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS} "
+                        "pixels (decompression bomb?)")
+    side = max(w, h)
+    if side * side > MAX_IMAGE_PIXELS:
+        raise DataError(f"refusing a {w}x{h} image: padded to a {side}x{side} square it has more than "
+                        f"MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS} pixels (longest side at most "
+                        f"{math.isqrt(MAX_IMAGE_PIXELS)}); shrink it")
+
+
 def load_image(path: str) -> Image.Image:
-    """Open, check the size against MAX_IMAGE_PIXELS before decoding, decode fully, apply the EXIF
-    orientation and convert to RGB. DataError naming the path on any failure."""
+    """Open, check the size (and the padded size) against MAX_IMAGE_PIXELS from the header, before
+    decoding, decode fully, apply the EXIF orientation and convert to RGB. DataError naming the path on
+    any failure."""
     if not os.path.isfile(path):
         raise DataError("image file not found", image=path)
     try:
@@ -333,10 +364,7 @@ def load_image(path: str) -> Image.Image:
             # we apply our own limit below; PIL's warning would only be noise
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                w, h = im.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise DataError(f"refusing a {w}x{h} image: more than MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS} "
-                                    "pixels (decompression bomb?)", image=path)
+                check_image_size(*im.size)
                 im.load()
                 try:
                     orientation = im.getexif().get(0x0112, 1)
@@ -375,6 +403,7 @@ def preprocess_image(img: Image.Image, image_size: int, pad_to_square: bool = Tr
     if img.mode != "RGB":
         img = to_rgb(img)
     if pad_to_square:
+        check_image_size(*img.size)  # an image made in memory has not been through load_image
         img = expand2square(img, PAD_FILL)
     S = image_size
     w, h = img.size
@@ -401,13 +430,29 @@ def image_file(image_folder: str | None, image: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Files: JSON lists and JSONL
 
+def read_text(path: str) -> str:
+    """A text file as str: UTF-8, a leading byte-order mark dropped, line ends made "\\n" (as open() in
+    text mode does). The one way data.py and prepare_data.py read text; DataError naming the file when it
+    is missing or not UTF-8."""
+    if not os.path.isfile(path):
+        raise DataError("file not found", path=path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = raw[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = start + e.start
+        line = raw.count(b"\n", 0, at) + 1
+        raise DataError(f"not UTF-8 text (byte 0x{raw[at]:02x} at offset {at}, line {line}); save it as UTF-8",
+                        path=path) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_records(path: str) -> list[tuple[int, Any]]:
     """[(record index, parsed record or DataError)] from a JSON list or a JSONL file. Errors that make
     the whole file unreadable raise DataError; a bad JSONL line becomes that record's error."""
-    if not os.path.isfile(path):
-        raise DataError("file not found", path=path)
-    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
-        text = f.read()
+    text = read_text(path)
     if not path.endswith((".jsonl", ".ndjson")):
         try:
             data = json.loads(text)
@@ -420,7 +465,9 @@ def read_records(path: str) -> list[tuple[int, Any]]:
                 raise DataError(f"expected a JSON list of records, got {type(data).__name__}", path=path)
             return list(enumerate(data))
     out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: str.splitlines would also cut at U+2028 or U+0085 inside a JSON string,
+    # which json.dumps(ensure_ascii=False) writes as they are
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -432,22 +479,31 @@ def read_records(path: str) -> list[tuple[int, Any]]:
 
 def load_json(path: str) -> Any:
     """A whole JSON file; DataError naming the file when it is missing or invalid."""
-    if not os.path.isfile(path):
-        raise DataError("file not found", path=path)
-    with open(path, encoding="utf-8-sig") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON at line {e.lineno}: {e.msg}", path=path) from None
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON at line {e.lineno}: {e.msg}", path=path) from None
+
+
+def record_id(rec: dict) -> str | None:
+    """A record's explicit "id" (a string or an integer) as a string; None when it has none."""
+    rid = rec.get("id")
+    return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
 
 
 def parse_each(path: str, rows: list[tuple[int, Any]], parse_one, on_error: str,
                skips: Skips | None) -> list[tuple[int, dict]]:
     """[(index, parse_one(raw))] for the (index, raw) rows of a file. A DataError gets the file and the
-    index, then raises, or with on_error="skip" is counted and the record left out."""
+    index, then raises, or with on_error="skip" is counted and the record left out.
+    Duplicates: a record with an explicit "id" that parses to exactly an earlier kept record (same id,
+    same content) is an error, so that no run trains twice on one record by accident; under
+    on_error="skip" the later copies are skipped and counted. Records sharing an id but differing are
+    kept: LLaVA's own data gives every record of an image the image's id. Records without an id are not
+    compared."""
     _check_on_error(on_error)
     skips = SKIPS if skips is None else skips
     out, bad = [], 0
+    kept_by_id: dict[str, list[tuple[int, dict]]] = {}
     for index, raw in rows:
         try:
             if isinstance(raw, DataError):
@@ -455,9 +511,18 @@ def parse_each(path: str, rows: list[tuple[int, Any]], parse_one, on_error: str,
             if not isinstance(raw, dict):
                 raise DataError(f"record should be an object, got {type(raw).__name__}")
             try:
-                out.append((index, parse_one(raw)))
+                rec = parse_one(raw)
             except (TypeError, AttributeError, KeyError) as e:  # a shape the checks above did not foresee
                 raise DataError(f"malformed record ({type(e).__name__}: {e})") from None
+            rid = record_id(rec)
+            if rid is not None:
+                same = kept_by_id.setdefault(rid, [])
+                first = next((i for i, r in same if r == rec), None)
+                if first is not None:
+                    raise DataError(f"duplicate of record {first} (id {rid!r}, same content); "
+                                    "delete one copy or give it its own id")
+                same.append((index, rec))
+            out.append((index, rec))
         except DataError as e:
             e = e.at(path, index)
             if on_error == "raise":
@@ -465,7 +530,7 @@ def parse_each(path: str, rows: list[tuple[int, Any]], parse_one, on_error: str,
             skips.add(str(e), index)
             bad += 1
     if bad:
-        print(f"{path}: skipped {bad} of {len(rows)} records (on_error='skip')", file=sys.stderr)
+        print(f"{printable(path)}: skipped {bad} of {len(rows)} records (on_error='skip')", file=sys.stderr)
     return out
 
 
@@ -504,7 +569,9 @@ def _parse_id_image(raw: dict) -> tuple[str | None, str | None]:
 def read_sft(path: str, image_folder: str | None = None, on_error: str = "raise", check_images: bool = False,
              skips: Skips | None = None) -> list[dict]:
     """LLaVA SFT records -> [{"id", "image" (or None), "conversations", "source", "index"}].
-    Conversations are validated and the image placeholder put first in the first user turn."""
+    Conversations are validated and the image placeholder put first in the first user turn. A record
+    repeating an earlier one exactly (same id, same content) is refused, or skipped under on_error="skip";
+    records that only share an id (LLaVA's: the image's id) are kept (parse_each)."""
     def parse(raw: dict) -> dict:
         if "conversations" not in raw:
             raise DataError("missing field 'conversations'")
@@ -522,7 +589,9 @@ def read_preferences(path: str, on_error: str = "raise", skips: Skips | None = N
     `conversations` is the context and ends with the user turn being answered: the file's trailing gpt
     turn (the slot the reference code overwrites with each output) is dropped. Build a scored
     conversation with with_response(rec["conversations"], rec["output_1"]["value"]).
-    output_k stay {"value": str}; preference is 1 or 2 (the better response); hallucination bool or None."""
+    output_k stay {"value": str}; preference is 1 or 2 (the better response); hallucination bool or None.
+    An exact repeat of an earlier pair with the same id is refused (skipped under on_error="skip"), so that
+    no pair trains the reward model twice; pairs that only share an id are kept (parse_each)."""
     def parse(raw: dict) -> dict:
         for key in ("conversations", "output_1", "output_2", "preference"):
             if key not in raw:
@@ -583,7 +652,9 @@ def read_ppo_prompts(path: str, captions: str | dict | None = None, on_error: st
     "source", "index"}]. The question is the first user turn (or the "question" field) with the <image>
     placeholder removed: tokenize_prompt puts it back. Facts: inline "facts", else captions[image]
     (exact key, then the file's base name), else []. Multiple-choice answers are a letter A-D (or
-    "correct_choice_idx" 0-3), yes/no answers "yes"/"no". "length_bonus" is read as length_multiplier."""
+    "correct_choice_idx" 0-3), yes/no answers "yes"/"no". "length_bonus" is read as length_multiplier.
+    An exact repeat of an earlier prompt with the same id is refused (skipped under on_error="skip");
+    prompts that only share an id are kept (parse_each)."""
     cap = load_captions(captions) if captions is not None else None
     no_facts = 0
 
@@ -649,8 +720,8 @@ def read_ppo_prompts(path: str, captions: str | dict | None = None, on_error: st
                 "length_multiplier": lm}
     recs = _parse_file(path, parse, on_error, skips)
     if no_facts:
-        print(f"{path}: {no_facts} prompt(s) have an image missing from the captions map (empty facts)",
-              file=sys.stderr)
+        print(f"{printable(path)}: {no_facts} prompt(s) have an image missing from the captions map "
+              "(empty facts)", file=sys.stderr)
     return recs
 
 
@@ -660,7 +731,9 @@ MMHAL_TYPES = ("attribute", "adversarial", "comparison", "counting", "relation",
 def read_mmhal(path: str, on_error: str = "raise", skips: Skips | None = None) -> list[dict]:
     """MMHal-Bench items (SPEC §6), the one reader of the template (eval_mmhal.py, prepare_data check):
     every field of the file kept and nothing added but model_answer ("" when absent), so the answers file
-    is the template's format again (a tiny-world item keeps its scene); the benchmark's fields checked."""
+    is the template's format again (a tiny-world item keeps its scene); the benchmark's fields checked.
+    The benchmark's items have no "id"; an item that has one and repeats an earlier item exactly is refused
+    (skipped under on_error="skip"), as it would be scored twice (parse_each)."""
     def parse(raw: dict) -> dict:
         for k in ("question_type", "question_topic", "image_id", "image_src", "question", "gt_answer"):
             get_field(raw, k, str)

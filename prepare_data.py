@@ -29,15 +29,18 @@ import numpy as np
 import common
 from data import (ANSWER_TYPES, IMAGE_PLACEHOLDER, MMHAL_TYPES, DataError, Skips, Template, Tokenizer,
                   TruncationError, get_field, image_file, load_captions, load_image, load_json, parse_each,
-                  read_mmhal, read_ppo_prompts, read_preferences, read_records, read_sft, text_len,
-                  tokenize_conversation, tokenize_prompt, with_response)
+                  printable, read_mmhal, read_ppo_prompts, read_preferences, read_records, read_sft, read_text,
+                  record_id, text_len, tokenize_conversation, tokenize_prompt, with_response)
 
 
 def write_records(records: list[dict] | dict, path: str) -> None:
     """Indented JSON, or JSONL (one record a line) when the name ends in .jsonl. Atomic: a crash leaves
     the old file or the new one, never a half."""
     def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
+        # a lone surrogate in a string (an undecodable file name from os.listdir or argv, or a "\udXXX"
+        # escape in the input) has no UTF-8 form: backslashreplace writes it as that same JSON escape,
+        # so the file reads back to the same string
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
             if path.endswith(".jsonl"):
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
             else:
@@ -162,8 +165,6 @@ def read_flickr30k_captions(path: str, split: str | None = None) -> dict[str, li
     """Flickr30k captions as {file name: [captions]} from any of: results_20130124.token
     ("name.jpg#0<TAB>caption"), results.csv ("name.jpg| 0| caption"), Karpathy's dataset_flickr30k.json
     ({"images": [{"filename", "sentences": [{"raw"}], "split"}]}) or a plain {name: [captions]} map."""
-    if not os.path.isfile(path):
-        raise DataError("file not found", path=path)
     caps: dict[str, list[str]] = {}
     if path.endswith(".json"):
         data = load_json(path)
@@ -178,20 +179,18 @@ def read_flickr30k_captions(path: str, split: str | None = None) -> dict[str, li
                     raise (e if isinstance(e, DataError) else DataError(str(e))).at(path, i) from None
             return caps
         return load_captions(data)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip() or line.lower().startswith("image_name"):
-                continue
-            if "\t" in line:
-                key, cap = line.split("\t", 1)
-                name = key.split("#")[0]
-            elif line.count("|") >= 2:
-                name, _, cap = (x.strip() for x in line.split("|", 2))
-            else:
-                raise DataError(f"line {lineno}: expected 'name.jpg#k<TAB>caption' or 'name.jpg| k| caption'", path=path)
-            if cap.strip():
-                caps.setdefault(name.strip(), []).append(cap.strip())
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip() or line.lower().startswith("image_name"):
+            continue
+        if "\t" in line:
+            key, cap = line.split("\t", 1)
+            name = key.split("#")[0]
+        elif line.count("|") >= 2:
+            name, _, cap = (x.strip() for x in line.split("|", 2))
+        else:
+            raise DataError(f"line {lineno}: expected 'name.jpg#k<TAB>caption' or 'name.jpg| k| caption'", path=path)
+        if cap.strip():
+            caps.setdefault(name.strip(), []).append(cap.strip())
     return caps
 
 
@@ -266,11 +265,16 @@ def check_dataset(path: str, image_folder: str | None = None, tokenizer: str | T
                   kind: str | None = None, num_image_tokens: int = 576, max_len: int | None = None,
                   check_images: bool = True, out=None) -> dict:
     """Validate every record of a file: prints counts, problems (record index and reason) and a token
-    length histogram; returns the same as a dict. Problems never stop the check."""
+    length histogram; returns the same as a dict. Problems never stop the check. Ids naming more than one
+    record are listed (count, the first few with their record indices; "repeated_ids" maps each to all its
+    indices): an exact copy of an earlier record is a problem (the readers refuse it), records that only
+    share an id are not (LLaVA's data gives all the records of an image the image's id)."""
     out = out or sys.stdout
     template = Template()
     kind = kind or detect_kind(path)
-    total = len(read_records(path))
+    rows = read_records(path)
+    total = len(rows)
+    repeated = _repeated_ids(rows)
     skips = Skips()
     reader = {"sft": read_sft, "preference": read_preferences, "ppo": read_ppo_prompts, "mmhal": read_mmhal}[kind]
     recs = reader(path, on_error="skip", skips=skips)
@@ -312,7 +316,7 @@ def check_dataset(path: str, image_folder: str | None = None, tokenizer: str | T
                     except TruncationError:
                         emptied += 1
     p = lambda s="": print(s, file=out)  # noqa: E731
-    p(f"file: {path}")
+    p(f"file: {printable(path)}")
     p(f"kind: {kind}")
     p(f"records: {total}  valid: {len(good)}  problems: {len(problems)}")
     if kind == "preference" and good:
@@ -324,6 +328,13 @@ def check_dataset(path: str, image_folder: str | None = None, tokenizer: str | T
         p(f"{key.replace('_', ' ')}s: " + ", ".join(f"{k} {c[k]}" for k in types if c.get(k)))
     if check_images and kind != "mmhal":
         p(f"images: {n_img} referenced, {n_img - n_img_bad} ok, {n_img_bad} missing or unreadable")
+    if repeated:
+        extra = sum(len(ix) - 1 for ix in repeated.values())
+        shown = ", ".join(f"{rid!r} (records {', '.join(map(str, ix[:5]))}"  # repr escapes any surrogate
+                          + (", ...)" if len(ix) > 5 else ")") for rid, ix in list(repeated.items())[:5])
+        p(f"repeated ids: {len(repeated)} id(s) name more than one record ({extra} beyond the first): {shown}"
+          + (", ..." if len(repeated) > 5 else "")
+          + "; exact copies are problems (training refuses them), records that only share an id are kept")
     if problems:
         p("problems:")
         for msg in problems[:50]:
@@ -341,7 +352,17 @@ def check_dataset(path: str, image_folder: str | None = None, tokenizer: str | T
         for line in _histogram(lengths):
             p(line)
     return {"kind": kind, "total": total, "valid": len(good), "problems": problems, "lengths": lengths,
-            "too_long": too_long, "images": n_img, "images_bad": n_img_bad}
+            "too_long": too_long, "images": n_img, "images_bad": n_img_bad, "repeated_ids": repeated}
+
+
+def _repeated_ids(rows: list[tuple[int, object]]) -> dict[str, list[int]]:
+    """{id: [record indices]} for every explicit id that more than one record of the file carries."""
+    by_id: dict[str, list[int]] = {}
+    for index, raw in rows:
+        rid = record_id(raw) if isinstance(raw, dict) else None
+        if rid is not None:
+            by_id.setdefault(rid, []).append(index)
+    return {rid: ix for rid, ix in by_id.items() if len(ix) > 1}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -412,7 +433,7 @@ def _one_of(cfg, key: str, options: tuple[str, ...]) -> None:
 
 def _wrote(recs: list[dict], out: str, skips: Skips) -> int:
     write_records(recs, out)
-    print(f"wrote {len(recs)} records to {out}" + (f"; skipped {skips.count}" if skips.count else ""))
+    print(f"wrote {len(recs)} records to {printable(out)}" + (f"; skipped {skips.count}" if skips.count else ""))
     if skips.count:
         skips.report()
     return 0

@@ -406,6 +406,32 @@ def test_decompression_bomb_refused(tmp_path, monkeypatch):
         data.load_image(small)
 
 
+def test_padded_size_guarded(tmp_path, monkeypatch):
+    # a 1 x 80,000,000 strip has fewer pixels than MAX_IMAGE_PIXELS but pads to a 6.4e15-pixel square:
+    # refused from the PNG header, before any decoding
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(_png_header_only(1, 80_000_000))
+    assert 80_000_000 < data.MAX_IMAGE_PIXELS
+    for read in (data.load_image, lambda p: data.image_tensor(p, 16)):
+        with pytest.raises(DataError) as e:
+            read(str(strip))
+        assert str(e.value) == (f"refusing a 1x80000000 image: padded to a 80000000x80000000 square it has more "
+                                f"than MAX_IMAGE_PIXELS=89478485 pixels (longest side at most 9459); shrink it "
+                                f"(image {strip})")
+    # a real, readable 10000 x 1 image: 10^4 pixels, 10^8 once padded
+    wide = str(tmp_path / "wide.png")
+    Image.new("L", (10_000, 1), 7).save(wide)
+    with pytest.raises(DataError, match="padded to a 10000x10000 square") as e:
+        data.image_tensor(wide, 16)
+    assert wide in str(e.value)
+    with pytest.raises(DataError, match="padded to a 10000x10000 square"):  # an image made in memory too
+        data.preprocess_image(Image.new("RGB", (10_000, 1)), 16)
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)  # the limit is the padded square's pixels
+    assert data.preprocess_image(Image.new("RGB", (10, 1)), 4).shape == (3, 4, 4)
+    with pytest.raises(DataError, match="padded to a 11x11 square"):
+        data.preprocess_image(Image.new("RGB", (11, 1)), 4)
+
+
 def test_missing_corrupt_truncated_images(tmp_path):
     for read in (data.load_image, lambda p: data.image_tensor(p, 16)):
         with pytest.raises(DataError, match="not found") as e:
@@ -539,6 +565,109 @@ def test_file_level_errors(tmp_path):
         data.read_sft(str(tmp_path / "broken.json"))
     with pytest.raises(ValueError, match="on_error"):
         data.read_sft(_write(tmp_path / "ok.json", []), on_error="ignore")
+
+
+def _latin1(path, text):
+    """Write `text` in latin-1 (é -> the single byte 0xE9, not UTF-8); return the path."""
+    with open(path, "wb") as f:
+        f.write(text.encode("latin-1"))
+    return str(path)
+
+
+def test_non_utf8_text_files_name_the_file_and_byte(tmp_path):
+    rec = json.dumps({"id": "1", "conversations": [{"from": "human", "value": "Un café?"},
+                                                   {"from": "gpt", "value": "Oui."}]}, ensure_ascii=False)
+    at = rec.index("é")
+    for name, text, line, off in (("sft.json", "[" + rec + "]", 1, at + 1),
+                                  ("sft.jsonl", json.dumps(GOOD_SFT) + "\n" + rec + "\n", 2,
+                                   len(json.dumps(GOOD_SFT)) + 1 + at)):
+        path = _latin1(tmp_path / name, text)
+        with pytest.raises(DataError) as e:
+            data.read_sft(path)
+        assert str(e.value) == f"{path}: not UTF-8 text (byte 0xe9 at offset {off}, line {line}); save it as UTF-8"
+    # a captions map (and every JSON read by load_json), behind a byte-order mark: the offset counts it
+    caps = tmp_path / "caps.json"
+    caps.write_bytes(b"\xef\xbb\xbf" + '{"a.png": ["A café."]}'.encode("latin-1"))
+    msg = f"{caps}: not UTF-8 text (byte 0xe9 at offset 20, line 1); save it as UTF-8"
+    for read in (data.load_json, data.load_captions,
+                 lambda p: data.read_ppo_prompts(_write(tmp_path / "ppo.json", [GOOD_PPO]), captions=p)):
+        with pytest.raises(DataError) as e:
+            read(str(caps))
+        assert str(e.value) == msg
+    # the same files in UTF-8 (with or without the mark) read as before
+    caps.write_bytes(b"\xef\xbb\xbf" + '{"a.png": ["A café."]}'.encode())
+    assert data.load_captions(str(caps)) == {"a.png": ["A café."]}
+
+
+def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+    # json.dumps(ensure_ascii=False) writes U+2028 / U+0085 as they are; they do not end a JSONL line
+    answer = "Line one.\u2028Line two.\x85Three."
+    p = tmp_path / "s.jsonl"
+    conv = [TEXT_ONLY[0], {"from": "gpt", "value": answer}]
+    p.write_text("".join(json.dumps(dict(GOOD_SFT, id=str(i), conversations=conv), ensure_ascii=False) + "\r\n"
+                         for i in range(2)), encoding="utf-8")
+    out = data.read_sft(str(p))
+    assert [r["conversations"][1]["value"] for r in out] == [answer, answer]
+
+
+def _strict_utf8():
+    """A text stream that fails like a UTF-8 terminal's stdout on anything not valid Unicode text."""
+    import io
+    return io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+
+
+def test_undecodable_file_names_are_printed_escaped(tmp_path):
+    # an image folder holding b"caf\xe9.png" (not UTF-8): os.listdir gives "caf\udce9.png"
+    folder = os.fsencode(tmp_path)
+    fd = os.open(folder + b"/caf\xe9.png", os.O_WRONLY | os.O_CREAT)
+    os.write(fd, b"not an image")
+    os.close(fd)
+    name = [n for n in os.listdir(tmp_path) if n.startswith("caf")][0]
+    assert name == "caf\udce9.png"
+    path = _write(tmp_path / "s.json", [{"id": "0", "image": name, "conversations": SINGLE}])
+    with pytest.raises(DataError) as e:
+        data.read_sft(path, image_folder=str(tmp_path), check_images=True)
+    msg = str(e.value)
+    assert msg.endswith(f"(image {tmp_path}/caf\\xe9.png)") and "cannot read image" in msg
+    print(msg, file=_strict_utf8())  # printable: no UnicodeEncodeError
+    # a data file whose own name is not UTF-8
+    bad_name = os.fsdecode(folder + b"/d\xe9ta.json")
+    with pytest.raises(DataError) as e:
+        data.read_sft(bad_name)
+    assert str(e.value) == f"{tmp_path}/d\\xe9ta.json: file not found"
+    assert data.printable("ok é") == "ok é" and data.printable("\ud800") == "\\ud800"
+
+
+def test_duplicate_records_refused_or_skipped(tmp_path):
+    """An exact copy of an earlier record with the same id is refused (naming the file, the id and both
+    records), or skipped and counted; records that only share an id, or have none, are kept."""
+    mmhal = {"question_type": "counting", "question_topic": "animal", "image_id": "x1",
+             "image_src": "https://example.org/img/abc.jpg", "image_content": ["Cat", "Dog"],
+             "question": "How many?", "gt_answer": "Two.", "model_answer": ""}
+    no_id = {"sft": {"conversations": TEXT_ONLY}, "preference": {k: v for k, v in GOOD_PREF.items() if k != "id"},
+             "ppo": {k: v for k, v in GOOD_PPO.items() if k != "id"}, "mmhal": mmhal}
+    other = {"sft": dict(GOOD_SFT, conversations=[TEXT_ONLY[0], {"from": "gpt", "value": "Hi!"}]),
+             "preference": dict(GOOD_PREF, preference=2), "ppo": dict(GOOD_PPO, answer="no"),
+             "mmhal": dict(mmhal, id="g", gt_answer="Three.")}
+    readers = {"sft": data.read_sft, "preference": data.read_preferences, "ppo": data.read_ppo_prompts,
+               "mmhal": data.read_mmhal}
+    for kind, good in (("sft", GOOD_SFT), ("preference", GOOD_PREF), ("ppo", GOOD_PPO),
+                       ("mmhal", dict(mmhal, id="g"))):
+        # 0: id g; 1: id g, other content (kept); 2: a copy of 0; 3, 4: no id, equal (not compared)
+        path = _write(tmp_path / f"{kind}.json", [good, other[kind], good, no_id[kind], no_id[kind]])
+        with pytest.raises(DataError) as e:
+            readers[kind](path)
+        assert str(e.value) == (f"{path}: record 2: duplicate of record 0 (id 'g', same content); "
+                                "delete one copy or give it its own id")
+        skips = Skips()
+        out = readers[kind](path, on_error="skip", skips=skips)
+        kept = [good, other[kind], no_id[kind], no_id[kind]]
+        assert out == kept if kind == "mmhal" else [r["index"] for r in out] == [0, 1, 3, 4]
+        assert skips.count == 1 and skips.indices == [2] and "duplicate of record 0" in skips.reasons[0]
+    # the same id as an int and as a string is the same id
+    path = _write(tmp_path / "n.json", [dict(GOOD_SFT, id=7), dict(GOOD_SFT, id="7")])
+    with pytest.raises(DataError, match="record 1: duplicate of record 0 .id '7'"):
+        data.read_sft(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -739,7 +868,8 @@ def _bad_file(tmp_path, kind, bad, ext=".json"):
     good = {"sft": GOOD_SFT, "preference": GOOD_PREF, "ppo": GOOD_PPO}[kind]
     _draw(str(tmp_path / "ok.png"))
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    return _write(tmp_path / f"{kind}{ext}", [good, bad, good])
+    # the good record twice, under two ids: an exact copy would be refused as a duplicate
+    return _write(tmp_path / f"{kind}{ext}", [good, bad, dict(good, id="g2")])
 
 
 def _reader(kind, tmp_path):
@@ -773,7 +903,7 @@ def test_bad_input_skipped_and_counted(case, tmp_path, capsys):
 
 def test_bad_jsonl_line(tmp_path):
     p = tmp_path / "x.jsonl"
-    p.write_text(json.dumps(GOOD_SFT) + "\n{not json\n" + json.dumps(GOOD_SFT) + "\n")
+    p.write_text(json.dumps(GOOD_SFT) + "\n{not json\n" + json.dumps(dict(GOOD_SFT, id="g2")) + "\n")
     with pytest.raises(DataError, match=r"record 1: invalid JSON on line 2"):
         data.read_sft(str(p))
     skips = Skips()

@@ -10,8 +10,10 @@ import pytest
 import data
 import prepare_data
 from data import DataError, Skips, Tokenizer, tokenize_conversation, tokenize_prompt
-from test_data import (GOOD_PREF, MULTI, N_IMG, ROOT, SINGLE, TEXT_ONLY, T, _draw, _long_conv,  # noqa: F401
-                       _write, tok, tok_dir)
+from PIL import Image
+
+from test_data import (GOOD_PREF, MULTI, N_IMG, ROOT, SINGLE, TEXT_ONLY, T, _draw, _latin1, _long_conv,  # noqa: F401
+                       _strict_utf8, _write, tok, tok_dir)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -108,6 +110,51 @@ def test_convert_flickr30k(tmp_path):
     assert data.load_captions(caps)["100.jpg"][0] == "100 caption number 0 ."  # the reward model's facts file
 
 
+def test_non_utf8_inputs_name_the_file_and_byte(tmp_path, capsys):
+    text = "1.jpg#0\tA dog.\n2.jpg#0\tA café.\n"
+    token = _latin1(tmp_path / "results.token", text)
+    msg = f"{token}: not UTF-8 text (byte 0xe9 at offset {text.index('é')}, line 2); save it as UTF-8"
+    with pytest.raises(DataError) as e:
+        prepare_data.read_flickr30k_captions(token)
+    assert str(e.value) == msg
+    aok = _latin1(tmp_path / "aok.json", '[{"question": "Café?"}]')
+    with pytest.raises(DataError, match="aok.json: not UTF-8 text .byte 0xe9 at offset 18, line 1"):
+        prepare_data.convert_aokvqa(aok)
+    # the command line: one line naming the file, exit code 2
+    assert prepare_data.main(["convert", "flickr30k", "--input", token, "--out", str(tmp_path / "f.json")]) == 2
+    assert capsys.readouterr().err == f"error: {msg}\n"
+    assert prepare_data.main(["check", "--file", _latin1(tmp_path / "s.json", '[{"id": "é"}]')]) == 2
+    assert "s.json: not UTF-8 text (byte 0xe9 at offset 9, line 1)" in capsys.readouterr().err
+
+
+def test_undecodable_names_in_check_and_written_files(tmp_path):
+    # an image b"caf\xe9.png" and a data file b"d\xe9ta.json": names os.listdir / sys.argv give surrogate-escaped
+    folder = os.fsencode(tmp_path)
+    for name, payload in ((b"caf\xe9.png", b"not an image"),
+                          (b"d\xe9ta.json", b'[{"id": "0", "image": "caf\\udce9.png", "conversations": '
+                                            + json.dumps(SINGLE).encode() + b"}]")):
+        fd = os.open(folder + b"/" + name, os.O_WRONLY | os.O_CREAT)
+        os.write(fd, payload)
+        os.close(fd)
+    path = os.fsdecode(folder + b"/d\xe9ta.json")
+    out = _strict_utf8()
+    res = prepare_data.check_dataset(path, str(tmp_path), out=out)  # a UTF-8 stdout: no UnicodeEncodeError
+    out.flush()
+    report = out.buffer.getvalue().decode()
+    shown = f"{tmp_path}/d\\xe9ta.json"
+    assert report.startswith(f"file: {shown}\n") and res["images_bad"] == 1
+    assert res["problems"] == [f"{shown}: record 0: cannot read image: cannot identify image file "
+                               f"'{tmp_path}/caf\\udce9.png' (image {tmp_path}/caf\\xe9.png)"]
+    assert f"  {res['problems'][0]}\n" in report
+    # json-dumping such a name (here given by --image_format) writes the JSON escape: it reads back the same
+    recs = [{"id": "0", "image": "caf\udce9.png", "conversations": SINGLE}]
+    for ext in (".json", ".jsonl"):
+        prepare_data.write_records(recs, str(tmp_path / f"w{ext}"))
+        back = data.read_sft(str(tmp_path / f"w{ext}"), image_folder=str(tmp_path))
+        assert back[0]["image"] == "caf\udce9.png"
+        assert os.path.isfile(data.image_file(str(tmp_path), back[0]["image"]))  # the file on disk
+
+
 def test_mix(tmp_path):
     a = _write(tmp_path / "a.json", [{"id": f"a{i}", "conversations": TEXT_ONLY} for i in range(6)])
     b = _write(tmp_path / "b.jsonl", [{"id": f"b{i}", "image": "x.png", "conversations": SINGLE} for i in range(4)])
@@ -153,6 +200,41 @@ def test_check_command(tok_dir, tmp_path, capsys):
     assert prepare_data.main(["check", "--file", pref, "--tokenizer", tok_dir]) == 0
     out = capsys.readouterr().out
     assert "kind: preference" in out and "preference: 1 -> 1, 2 -> 1" in out
+
+
+def test_check_reports_images_too_large_once_padded(tmp_path, capsys):
+    Image.new("L", (10_000, 1), 9).save(tmp_path / "wide.png")  # 10^4 pixels, 10^8 padded to a square
+    _draw(str(tmp_path / "ok.png"))
+    path = _write(tmp_path / "s.json", [{"id": "0", "image": "wide.png", "conversations": SINGLE},
+                                        {"id": "1", "image": "ok.png", "conversations": SINGLE}])
+    assert prepare_data.main(["check", "--file", path, "--image_folder", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "images: 2 referenced, 1 ok, 1 missing or unreadable" in out
+    assert (f"  {path}: record 0: refusing a 10000x1 image: padded to a 10000x10000 square it has more than "
+            f"MAX_IMAGE_PIXELS=89478485 pixels (longest side at most 9459); shrink it (image {tmp_path}/wide.png)\n"
+            in out)
+
+
+def test_check_reports_repeated_ids(tmp_path, capsys):
+    a = {"id": "a", "conversations": TEXT_ONLY}
+    a2 = {"id": "a", "conversations": [TEXT_ONLY[0], {"from": "gpt", "value": "Hi!"}]}  # the same id, other text
+    no_id = {"conversations": TEXT_ONLY}
+    recs = [a, a2, {"id": 5, "conversations": TEXT_ONLY}, a, no_id, no_id, {"id": "5", "conversations": TEXT_ONLY}]
+    path = _write(tmp_path / "s.json", recs)
+    assert prepare_data.main(["check", "--file", path]) == 1
+    out = capsys.readouterr().out
+    assert ("repeated ids: 2 id(s) name more than one record (3 beyond the first): 'a' (records 0, 1, 3), "
+            "'5' (records 2, 6); exact copies are problems (training refuses them), records that only share "
+            "an id are kept\n") in out
+    assert "records: 7  valid: 5  problems: 2" in out
+    res = prepare_data.check_dataset(path, out=open(os.devnull, "w"))
+    assert res["repeated_ids"] == {"a": [0, 1, 3], "5": [2, 6]}
+    assert res["problems"] == [
+        f"{path}: record 3: duplicate of record 0 (id 'a', same content); delete one copy or give it its own id",
+        f"{path}: record 6: duplicate of record 2 (id '5', same content); delete one copy or give it its own id"]
+    # no repeated id: no line, an empty map
+    res = prepare_data.check_dataset(_write(tmp_path / "u.json", [a, no_id, no_id]), out=open(os.devnull, "w"))
+    assert res["repeated_ids"] == {} and res["problems"] == []
 
 
 @pytest.mark.parametrize("n_img", [256, 576])
