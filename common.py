@@ -136,19 +136,25 @@ def parse_config(cls: type, argv: list[str] | None = None, presets: dict[str, di
     return cls(**values)
 
 
+def error_line(e: BaseException) -> str:
+    """The one line a person sees for an expected error (a UserError or an OSError, which names its file)."""
+    if isinstance(e, OSError) and not isinstance(e, UserError):
+        return f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}"
+    return f"error: {e}"
+
+
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run a script's main(); an expected error prints one line and exits 2: a UserError (its message names
-    the flag, file, record or tensor), or an OSError from the file system (a missing or unreadable path,
-    a read-only or full disk: its message names the file). Anything else is a bug: a full traceback."""
+    """Run a script's main() and exit with its return code when it gives one. An expected error prints one
+    line and exits 2: a UserError (its message names the flag, file, record or tensor), or an OSError from
+    the file system (a missing or unreadable path, a read-only or full disk: it names the file). Anything
+    else is a bug: a full traceback."""
     try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        code = main()
+    except (UserError, OSError) as e:
+        print(error_line(e), file=sys.stderr)
         sys.exit(2)
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
+    if isinstance(code, int) and not isinstance(code, bool):
+        sys.exit(code)
 
 
 def print_config(cfg) -> None:

@@ -500,8 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return run(common.parse_config(cls, rest))
-    except ValueError as e:  # ConfigError and DataError are ValueErrors: a bad option or bad data
-        print(f"error: {e}", file=sys.stderr)
+    except (common.UserError, OSError) as e:  # a bad option, bad data, an unreadable or unwritable path
+        print(common.error_line(e), file=sys.stderr)
         return 2
 
 

@@ -329,3 +329,18 @@ def test_resume_cuts_the_logs_back_to_the_resumed_step(tmp_path):
     _resumer(tmp_path)[0].start()
     assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines[:4])
     assert (tmp_path / "samples.jsonl").read_text() == "".join(lines[:4])
+
+
+def test_run_cli_prints_expected_errors_as_one_line_and_lets_bugs_through(tmp_path, capsys):
+    def exits(main) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as e:
+            common.run_cli(main)
+        return e.value.code, capsys.readouterr().err
+    missing = str(tmp_path / "nowhere" / "x.json")
+    assert exits(lambda: open(missing)) == (2, f"error: {missing}: No such file or directory\n")
+    assert exits(lambda: (_ for _ in ()).throw(common.CheckpointError("ckpt_0000002.pt is corrupt"))) == \
+        (2, "error: ckpt_0000002.pt is corrupt\n")
+    assert exits(lambda: 1) == (1, "")                   # a main's return code is the exit code
+    common.run_cli(lambda: {"step": 3})                  # a stage's result: exit normally
+    with pytest.raises(KeyError):                        # a bug is not an expected error: its traceback shows
+        common.run_cli(lambda: {}["x"])
