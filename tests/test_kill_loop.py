@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -48,11 +49,30 @@ def _kill_while_writing(p: subprocess.Popen, out, timeout: float) -> bool:
     -> False when p ended first."""
     t_end = time.time() + timeout
     while p.poll() is None and time.time() < t_end:
-        if os.path.isdir(out) and any(".tmp." in f for f in os.listdir(out)):
+        if os.path.isdir(out) and any(f.startswith("ckpt_") and ".tmp." in f for f in os.listdir(out)):
             p.kill()
             p.wait()
             return True
         time.sleep(0.002)
+    return False
+
+
+def _kill_while_training(p: subprocess.Popen, out, rng: random.Random, timeout: float) -> bool:
+    """SIGKILL p at a random moment once it is training (its first new checkpoint has appeared): between
+    steps, inside one, or in a log write. -> False when p ended first."""
+    before = set(os.listdir(out)) if os.path.isdir(out) else set()
+    t_end = time.time() + timeout
+    while p.poll() is None and time.time() < t_end:
+        now = set(os.listdir(out)) if os.path.isdir(out) else set()
+        if any(f.startswith("ckpt_") and f.endswith(".pt") for f in now - before):
+            try:
+                p.wait(timeout=rng.uniform(0.0, 0.6))
+                return False
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                return True
+        time.sleep(0.005)
     return False
 
 
@@ -85,17 +105,10 @@ def test_hard_kills_end_bitwise_equal_to_a_run_never_stopped(stage, tiny_world, 
         assert restarts <= 4 * KILLS + 5, "the run never finished"
         p = _run(argv, out)
         if kills < KILLS:
-            if kills % 3 and _kill_while_writing(p, out, timeout=t_run):         # 2 of 3 kills mid-write
-                kills, mid_write = kills + 1, mid_write + 1
+            kill = _kill_while_writing if kills % 3 else partial(_kill_while_training, rng=rng)   # 2 of 3 mid-write
+            if kill(p, out, timeout=t_run):
+                kills, mid_write = kills + 1, mid_write + (kills % 3 != 0)
                 continue
-            if p.poll() is None:                                               # the 1st of 3 at a random time
-                try:
-                    p.wait(timeout=rng.uniform(0.3, 0.9) * t_run)
-                except subprocess.TimeoutExpired:
-                    p.send_signal(signal.SIGKILL)
-                    p.wait()
-                    kills += 1
-                    continue
         text = p.communicate()[0]
         if p.returncode == 0:
             break
