@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch._subclasses.fake_tensor import FakeTensor
 
+import common
 import kernels
 import weights
 
@@ -452,10 +452,9 @@ def causal_or_padded_mask(key_valid: torch.Tensor) -> torch.Tensor | None:
     return None if unpadded else attention_mask_4d(key_valid)
 
 
-def has_values(t: torch.Tensor) -> bool:
-    """False for a tensor without data: a fake tensor (rehearse.py runs the stages at full size under
-    FakeTensorMode) or a meta one. The few checks that read a tensor's values skip themselves then."""
-    return not (t.is_meta or isinstance(t, FakeTensor))
+# False for a tensor without data (fake: rehearse.py; or meta): the checks that read values skip it.
+# weights.py's, where loading checks that every weight is finite.
+has_values = weights.has_values
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -768,27 +767,48 @@ class LLaVA(nn.Module):
         weights.save_adapter(out_dir, self.adapter_state_dict(name), self.adapters[name])
 
     def load_adapter(self, path: str, name: str = "default", trainable: bool = False) -> None:
-        """Load a peft-layout adapter folder (any key prefix ending in `layers.N.<block>.<proj>`)."""
-        meta, sd = weights.read_adapter(path)
+        """Load a peft-layout adapter folder (any key prefix ending in `layers.N.<block>.<proj>`). Every
+        tensor is checked against this model first: a folder that does not fit raises ModelError naming
+        its file and tensor, and the model is left as it was."""
+        meta, sd, where = weights.read_adapter(path)
+        self._check_adapter(path, meta, sd, where)
         self.add_adapter(name, **meta)
-        mods = {p: mod for p, mod in self.lora_layers() if name in mod.lora_A}
-        extra = sorted({k.rsplit(".", 1)[0] for k in sd} - set(mods))
+        for p, mod in self.lora_layers():
+            if name in mod.lora_A:
+                for which, param in (("A", mod.lora_A[name]), ("B", mod.lora_B[name])):
+                    with torch.no_grad():
+                        param.copy_(sd[f"{p}.lora_{which}"].to(param.dtype))
+                    param.requires_grad_(trainable)
+
+    def _check_adapter(self, path: str, meta: dict, sd: dict[str, torch.Tensor], where: dict[str, str]) -> None:
+        """ModelError unless the adapter read from `path` (weights.read_adapter) has a tensor of the right
+        shape for each targeted layer projection of this model, and no other."""
+        n = self.config.layers
+        layer_of = {k: int(k.split(".")[2]) for k in sd}             # llm.layers.N.<block>.<proj>.lora_X
+        deep = sorted((layer_of[k], k) for k in sd if layer_of[k] >= n)
+        if deep:
+            layer, k = deep[0]
+            raise weights.ModelError(f"{where[k]} is for layer {layer}, but the base model has {n} layers "
+                                     f"(0-{n - 1}): an adapter of a deeper model")
+        mods = {p: mod for p, mod in self.lora_layers() if p.rsplit(".", 1)[-1] in meta["targets"]}
+        extra = sorted(k for k in sd if k.rsplit(".", 1)[0] not in mods)   # e.g. self_attn.gate_proj
         if extra:
-            raise ValueError(f"{path}: adapter tensors for {extra[:4]} have no place in the model")
-        missing = [p for p in mods if f"{p}.lora_A" not in sd and f"{p}.lora_B" not in sd]
+            k = extra[0]
+            raise weights.ModelError(f"{where[k]} ({k.rsplit('.', 1)[0]}) has no place in the model: it adapts "
+                                     f"{', '.join(LORA_TARGETS)} of self_attn / mlp")
+        missing = [p for p in mods if f"{p}.lora_A" not in sd or f"{p}.lora_B" not in sd]
         if missing:
-            raise ValueError(f"{path}: adapter has no tensors for {missing[:4]}{'...' if len(missing) > 4 else ''}")
+            top = max(layer_of.values())
+            short = f"; the adapter's layers stop at {top}, the base model has {n}" if top < n - 1 else ""
+            raise weights.ModelError(f"{path}: adapter has no tensors for {missing[:4]}"
+                                     f"{'...' if len(missing) > 4 else ''} (each needs lora_A and lora_B){short}")
+        r = meta["r"]
         for p, mod in mods.items():
-            for which, param in (("A", mod.lora_A[name]), ("B", mod.lora_B[name])):
-                t = sd.get(f"{p}.lora_{which}")
-                if t is None:
-                    raise ValueError(f"{path}: missing lora_{which} for {p}")
-                if tuple(t.shape) != tuple(param.shape):
-                    raise ValueError(f"{path}: adapter tensor {p}.lora_{which} has shape {tuple(t.shape)}, "
-                                     f"model expects {tuple(param.shape)}")
-                with torch.no_grad():
-                    param.copy_(t.to(param.dtype))
-                param.requires_grad_(trainable)
+            for which, want in (("A", (r, mod.in_features)), ("B", (mod.out_features, r))):
+                k = f"{p}.lora_{which}"
+                if tuple(sd[k].shape) != want:
+                    raise weights.ModelError(f"{where[k]}: adapter tensor {k} has shape {tuple(sd[k].shape)}, "
+                                             f"model expects {want} (rank {r})")
 
     # -- checkpoint I/O (the layouts are weights.py's) ------------------------------------------------
     @classmethod
@@ -808,7 +828,7 @@ class LLaVA(nn.Module):
             weights.init_fresh(m, "projector.", dtype, device)
         missing = [k for k, v in list(m.named_parameters()) + list(m.named_buffers()) if v.is_meta]
         if missing:
-            raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
+            raise weights.ModelError(f"{path}: checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
         return m
 
     def save_pretrained(self, out_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -836,7 +856,7 @@ def torch_dtype(name: str, device: torch.device | str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, got {name!r}")
+        raise common.ConfigError(f"--dtype must be auto, fp32, bf16 or fp16, got {name!r}")
     return DTYPES[name]
 
 
@@ -849,10 +869,12 @@ def load_model(model_path: str = "", vision_tower: str = "", preset: str = "", v
     if model_path:
         return LLaVA.from_pretrained(model_path, vision_tower=vision_tower or None, dtype=dt, device=dev)
     if preset:
+        if preset not in PRESETS:
+            raise common.ConfigError(f"--model_preset: unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
         overrides = {"vocab_size": vocab_size} if vocab_size else {}
         torch.manual_seed(seed)
         return LLaVA(ModelConfig.preset(preset, **overrides)).to(device=dev, dtype=dt)
-    raise ValueError("give --model_path (a local checkpoint folder) or --model_preset")
+    raise common.ConfigError("give --model_path (a local checkpoint folder) or --model_preset")
 
 
 def count_params(m: nn.Module, trainable_only: bool = False) -> int:

@@ -23,8 +23,27 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor
 
-from common import atomic_file
+from common import UserError, atomic_file
+
+
+class ModelError(UserError):
+    """A model or adapter folder that cannot be used; the message names the folder/file and the tensor."""
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """False for a tensor without data: a fake tensor (rehearse.py runs the stages at full size under
+    FakeTensorMode) or a meta one. The few checks that read a tensor's values skip themselves then."""
+    return not (t.is_meta or isinstance(t, FakeTensor))
+
+
+def check_finite(t: torch.Tensor, where: str) -> None:
+    """ModelError unless every value of a floating tensor is finite. `where`: "FILE: tensor 'KEY'".
+    One pass over the tensor; the counts are taken only when something is wrong."""
+    if not (t.is_floating_point() and has_values(t)) or bool(torch.isfinite(t).all()):
+        return
+    raise ModelError(f"{where} holds {int(torch.isnan(t).sum())} NaN / {int(torch.isinf(t).sum())} inf values")
 
 # ----------------------------------------------------------------------------------------------------
 # Key-mapping tables: rows (our prefix, the layout's prefix)
@@ -113,13 +132,17 @@ def from_layout(sd: dict[str, torch.Tensor], rows: Table) -> dict[str, torch.Ten
 # config.json of each layout -> ModelConfig fields
 
 def read_json(path: str) -> dict:
+    """A JSON object from a model or adapter folder (config.json, an index), else ModelError naming it."""
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise ModelError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def clip_fields(vc: dict) -> dict:
@@ -141,19 +164,34 @@ def llama_fields(tc: dict) -> dict:
 
 
 def clip_config(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise ModelError(f"vision tower folder {path} does not exist")
     c = read_json(os.path.join(path, "config.json"))
     if c.get("model_type") == "clip":
+        if not isinstance(c.get("vision_config"), dict):
+            raise ModelError(f"{path}/config.json: a CLIPModel config without a vision_config")
         c = c["vision_config"]
     elif c.get("model_type") not in ("clip_vision_model", None):
-        raise ValueError(f"{path}: expected a CLIP model folder, config.json has model_type {c.get('model_type')!r}")
+        raise ModelError(f"{path}: expected a CLIP model folder, config.json has model_type {c.get('model_type')!r}")
     return c
 
 
 def config_from_folder(path: str, config_cls: type, vision_tower: str | None = None, **overrides):
     """-> (config_cls instance, layout, folder to take the vision tower from or None)."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder {path} does not exist")
+        raise ModelError(f"model folder {path} does not exist")
     c = read_json(os.path.join(path, "config.json"))
+    try:
+        cfg, layout, vt_path = _parse_config(c, path, config_cls, vision_tower)
+    except UserError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        # a field of the wrong type or value, or sizes that do not fit together (ModelConfig's checks)
+        raise ModelError(f"{path}/config.json: {type(e).__name__}: {e}") from None
+    return replace(cfg, **overrides), layout, vt_path
+
+
+def _parse_config(c: dict, path: str, config_cls: type, vision_tower: str | None):
     mt = c.get("model_type")
     vt_path = None
     if "llava_rlhf_config" in c:   # written by save_llava: every field exactly
@@ -163,7 +201,7 @@ def config_from_folder(path: str, config_cls: type, vision_tower: str | None = N
     elif mt == "llava" and "text_config" in c and "vision_config" in c:
         act = c.get("projector_hidden_act", "gelu")
         if act != "gelu":
-            raise ValueError(f"{path}: projector_hidden_act {act!r} is not supported (LLaVA uses gelu)")
+            raise ModelError(f"{path}: projector_hidden_act {act!r} is not supported (LLaVA uses gelu)")
         cfg = config_cls(**clip_fields(c["vision_config"]), **llama_fields(c["text_config"]),
                          projector="mlp2x_gelu", vision_feature_layer=c.get("vision_feature_layer", -2),
                          vision_keep_cls=c.get("vision_feature_select_strategy", "default") == "full",
@@ -173,13 +211,13 @@ def config_from_folder(path: str, config_cls: type, vision_tower: str | None = N
         # the original LLaVA repo: a LLaMA config plus mm_* fields; vision weights usually not saved
         vt = vision_tower or c.get("mm_vision_tower")
         if vt is None:
-            raise ValueError(f"{path}: original-LLaVA config names no mm_vision_tower; pass vision_tower=<local CLIP folder>")
+            raise ModelError(f"{path}: original-LLaVA config names no mm_vision_tower; pass vision_tower=<local CLIP folder>")
         if not os.path.isdir(vt):
-            raise FileNotFoundError(f"{path}: the vision tower {vt!r} is not a local folder; pass "
-                                    f"vision_tower=<local CLIP folder> (nothing is downloaded)")
+            raise ModelError(f"{path}: the vision tower {vt!r} is not a local folder; pass "
+                             f"vision_tower=<local CLIP folder> (nothing is downloaded)")
         ptype = c.get("mm_projector_type", "linear")
         if ptype not in ("linear", "mlp2x_gelu"):
-            raise ValueError(f"{path}: mm_projector_type {ptype!r} is not supported")
+            raise ModelError(f"{path}: mm_projector_type {ptype!r} is not supported")
         cfg = config_cls(**clip_fields(clip_config(vt)), **llama_fields(c), projector=ptype,
                          vision_feature_layer=c.get("mm_vision_select_layer", -2),
                          vision_keep_cls=c.get("mm_vision_select_feature", "patch") == "cls_patch")
@@ -192,10 +230,10 @@ def config_from_folder(path: str, config_cls: type, vision_tower: str | None = N
             cfg = config_cls(**clip_fields(clip_config(vision_tower)), **llama_fields(c))
             layout, vt_path = "llama", vision_tower
     else:
-        raise ValueError(f"{path}: unsupported model_type {mt!r} (expected llava, llava_llama or llama)")
+        raise ModelError(f"{path}: unsupported model_type {mt!r} (expected llava, llava_llama or llama)")
     if vision_tower is not None and layout == "llava":
         vt_path = vision_tower  # replace the saved tower with the named one
-    return replace(cfg, **overrides), layout, vt_path
+    return cfg, layout, vt_path
 
 
 def llava_config_json(cfg, image_token_index: int, vocab_size: int, dtype: torch.dtype) -> dict:
@@ -233,15 +271,23 @@ def llava_config_json(cfg, image_token_index: int, vocab_size: int, dtype: torch
 # Weight files: safetensors (sharded with an index, or one file) or torch .bin
 
 def weight_files(path: str, prefer=("model.safetensors", "pytorch_model.bin")) -> list[str]:
+    if not os.path.isdir(path):
+        raise ModelError(f"model folder {path} does not exist")
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         ip = os.path.join(path, index)
         if os.path.exists(ip):
-            files = sorted(set(read_json(ip)["weight_map"].values()))
-            return [os.path.join(path, f) for f in files]
+            wmap = read_json(ip).get("weight_map")
+            if not isinstance(wmap, dict) or not wmap:
+                raise ModelError(f"{ip}: no weight_map (the index of the weight shards)")
+            files = [os.path.join(path, f) for f in sorted(set(map(str, wmap.values())))]
+            for f in files:
+                if not os.path.exists(f):
+                    raise ModelError(f"{f} not found (a shard named in {ip})")
+            return files
     for name in prefer:
         if os.path.exists(os.path.join(path, name)):
             return [os.path.join(path, name)]
-    raise FileNotFoundError(f"{path}: no weights found (looked for {', '.join(prefer)} and their .index.json)")
+    raise ModelError(f"{path}: no weights found (looked for {', '.join(prefer)} and their .index.json)")
 
 
 def iter_tensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -252,22 +298,24 @@ def iter_tensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
             f = safe_open(file, framework="pt")
             keys = list(f.keys())
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"cannot read {file} (truncated or corrupt safetensors file?): {e}") from None
+            raise ModelError(f"cannot read {file} (truncated or corrupt safetensors file?): {e}") from None
         for k in keys:
             try:
-                yield k, f.get_tensor(k)
+                t = f.get_tensor(k)
             except Exception as e:  # noqa: BLE001
-                raise ValueError(f"cannot read tensor {k!r} from {file}: {e}") from None
+                raise ModelError(f"cannot read tensor {k!r} from {file}: {e}") from None
+            yield k, t
     else:
         try:
             sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"cannot read {file} (truncated or not a weights file?): {e}") from None
-        yield from sd.items()
-
-
-def read_weights(path: str, prefer) -> dict[str, torch.Tensor]:
-    return {k: v for f in weight_files(path, prefer) for k, v in iter_tensors(f)}
+            raise ModelError(f"cannot read {file} (truncated or not a weights file?): {e}") from None
+        if not isinstance(sd, dict):
+            raise ModelError(f"{file}: expected a dict of tensors, got {type(sd).__name__}")
+        for k, t in sd.items():
+            if not isinstance(t, torch.Tensor):
+                raise ModelError(f"{file}: entry {k!r} is a {type(t).__name__}, not a tensor")
+            yield k, t
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -314,8 +362,8 @@ def _set_tensor(m: nn.Module, key: str, t: torch.Tensor) -> None:
 
 def load_folder_into(m: nn.Module, path: str, layout: str, dtype: torch.dtype | None, device,
                      skip_prefixes: tuple[str, ...] = ()) -> torch.dtype | None:
-    """Assign every tensor of a checkpoint folder into `m` (built on meta), checking names and shapes.
-    -> the dtype the model now has: `dtype`, or the checkpoint's when None."""
+    """Assign every tensor of a checkpoint folder into `m` (built on meta), checking names, shapes and
+    that every value is finite. -> the dtype the model now has: `dtype`, or the checkpoint's when None."""
     params = dict(m.named_parameters())
     cfg = m.config
     rows = table(layout, cfg.projector)
@@ -326,23 +374,26 @@ def load_folder_into(m: nn.Module, path: str, layout: str, dtype: torch.dtype | 
             if ours is None or ours.startswith(skip_prefixes):
                 continue
             if ours not in params:
-                raise ValueError(f"{file}: unexpected tensor {k!r} (shape {tuple(t.shape)}) has no place in the model")
+                raise ModelError(f"{file}: unexpected tensor {k!r} (shape {tuple(t.shape)}) has no place in the model")
             want = params[ours]
             shape = tuple(t.shape)
             if (ours in ("llm.embed_tokens.weight", "lm_head.weight") and shape[0] > want.shape[0]
                     and cfg.image_token_index is not None and cfg.image_token_index == shape[0] - 1):
                 t, shape = t[:want.shape[0]], tuple(want.shape)   # the image rows added by save_llava
             if shape != tuple(want.shape):
-                raise ValueError(f"{file}: tensor {k!r} has shape {shape}, the model expects {tuple(want.shape)} "
+                raise ModelError(f"{file}: tensor {k!r} has shape {shape}, the model expects {tuple(want.shape)} "
                                  f"for {ours}")
             if not t.is_floating_point():
-                raise ValueError(f"{file}: tensor {k!r} has dtype {t.dtype}; expected a floating-point tensor")
+                raise ModelError(f"{file}: tensor {k!r} has dtype {t.dtype}; expected a floating-point tensor")
             if dtype is None:
                 dtype = t.dtype  # one dtype for the whole model: the checkpoint's, unless asked otherwise
-            _set_tensor(m, ours, t.to(device=device, dtype=dtype))
+            # checked where it lands (on a GPU: a GPU pass): a NaN weight would only show as NaN losses
+            stored, t = t.dtype, t.to(device=device, dtype=dtype)
+            check_finite(t, f"{file}: tensor {k!r}" + (f" (as {dtype}, stored as {stored})" if dtype != stored else ""))
+            _set_tensor(m, ours, t)
             seen.add(ours)
     if not seen:
-        raise ValueError(f"{path}: no tensors matched the {layout} layout")
+        raise ModelError(f"{path}: no tensors matched the {layout} layout")
     return dtype
 
 
@@ -412,23 +463,42 @@ def save_adapter(out_dir: str, sd: dict[str, torch.Tensor], meta: dict) -> None:
     _write_json(os.path.join(out_dir, "adapter_config.json"), cfg)
 
 
-def read_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A peft adapter folder -> (add_adapter's r/alpha/dropout/targets, tensors under our adapter keys)."""
+def read_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """A peft adapter folder -> (add_adapter's r/alpha/dropout/targets, tensors under our adapter keys,
+    where each came from: our key -> "FILE: tensor 'KEY'" for the messages of the checks on load)."""
     cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isdir(path):
+        raise ModelError(f"adapter folder {path} does not exist")
     if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found: not a peft adapter folder")
+        raise ModelError(f"{cfg_path} not found: not a peft adapter folder")
     acfg = read_json(cfg_path)
-    sd = {}
-    for k, v in read_weights(path, prefer=("adapter_model.safetensors", "adapter_model.bin")).items():
-        m = _PEFT_KEY.search(k)
-        if m is None:
-            if "lora_" in k:
-                raise ValueError(f"{path}: adapter tensor {k!r} does not name a LLaMA layer projection")
-            continue  # e.g. modules_to_save of other heads
-        sd[f"llm.layers.{m[1]}.{m[2]}.{m[3]}.lora_{m[4]}"] = v
+    sd: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
+    for file in weight_files(path, prefer=("adapter_model.safetensors", "adapter_model.bin")):
+        for k, v in iter_tensors(file):
+            m = _PEFT_KEY.search(k)
+            if m is None:
+                if "lora_" in k:
+                    raise ModelError(f"{file}: adapter tensor {k!r} does not name a LLaMA layer projection")
+                continue  # e.g. modules_to_save of other heads
+            ours = f"llm.layers.{m[1]}.{m[2]}.{m[3]}.lora_{m[4]}"
+            if ours in sd:   # e.g. two adapter names in one file: which one is meant is not ours to guess
+                raise ModelError(f"{file}: tensor {k!r} is {ours}, and so is {where[ours]}")
+            if not v.is_floating_point():
+                raise ModelError(f"{file}: tensor {k!r} has dtype {v.dtype}; expected a floating-point tensor")
+            check_finite(v, f"{file}: tensor {k!r}")
+            sd[ours], where[ours] = v, f"{file}: tensor {k!r}"
     if not sd:
-        raise ValueError(f"{path}: no LoRA tensors found")
-    r = int(acfg.get("r", next(v for k, v in sd.items() if k.endswith("lora_A")).shape[0]))
-    targets = sorted({k.split(".")[-2] for k in sd})
-    return dict(r=r, alpha=float(acfg.get("lora_alpha", r)), dropout=float(acfg.get("lora_dropout", 0.0)),
-                targets=targets), sd
+        raise ModelError(f"{path}: no LoRA tensors found")
+    a = next((v for k, v in sd.items() if k.endswith("lora_A")), None)
+    if "r" not in acfg and a is None:
+        raise ModelError(f"{cfg_path}: no r, and no lora_A tensor to read the rank from")
+    try:
+        r = int(acfg["r"]) if "r" in acfg else a.shape[0]
+        meta = dict(r=r, alpha=float(acfg.get("lora_alpha", r)), dropout=float(acfg.get("lora_dropout", 0.0)),
+                    targets=sorted({k.split(".")[-2] for k in sd}))
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{cfg_path}: r, lora_alpha and lora_dropout must be numbers: {e}") from None
+    if r <= 0:
+        raise ModelError(f"{cfg_path}: r is {r}; a LoRA rank is at least 1")
+    return meta, sd, where

@@ -1,16 +1,20 @@
 """model.py against transformers (the reference) on tiny random configs, plus LoRA, log-probs and I/O."""
 import json
 import os
+import re
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import model
 import weights
 from model import IMAGE_TOKEN_INDEX, LLaVA, ModelConfig
-from helpers import hf_clip_config, hf_llama_config, hf_llava, save, to_hf_ids, _randomize
+from helpers import ROOT, hf_clip_config, hf_llama_config, hf_llava, save, to_hf_ids, _randomize
 
 TOL = 1e-4
 
@@ -186,7 +190,7 @@ def _reference_logits(llama, clip, proj, projector, ids, mask, x):
 def test_original_llava_layout_and_save_roundtrip(tmp_path, projector):
     from transformers import LlavaForConditionalGeneration
     d, llama, clip, proj = _orig_llava_folder(tmp_path, projector)
-    with pytest.raises(FileNotFoundError, match="not a local folder"):
+    with pytest.raises(weights.ModelError, match="not a local folder"):
         LLaVA.from_pretrained(str(d))   # the config names a hub id: we never download
     m = LLaVA.from_pretrained(str(d), vision_tower=str(tmp_path / "clip")).eval()
     assert m.config.projector == projector
@@ -417,6 +421,8 @@ def test_scalar_head_reads_last_real_token():
 
 # --------------------------------------------------------------------------------------------------
 def test_bad_checkpoints(tmp_path):
+    """Every way a model folder can be wrong is one ModelError (a common.UserError: one line, exit 2)
+    naming the folder or file, and the tensor."""
     from safetensors.torch import save_file, load_file
     m = _tiny()
     good = tmp_path / "good"
@@ -436,22 +442,133 @@ def test_bad_checkpoints(tmp_path):
 
     k = "language_model.model.layers.1.mlp.up_proj.weight"
     missing = {a: b for a, b in sd.items() if a != k}
-    with pytest.raises(ValueError, match="lacks 1 tensors.*llm.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(weights.ModelError, match="lacks 1 tensors.*llm.layers.1.mlp.up_proj.weight"):
         LLaVA.from_pretrained(variant("missing", missing))
     shaped = dict(sd, **{k: torch.zeros(5, 5)})
-    with pytest.raises(ValueError, match=r"up_proj.weight' has shape \(5, 5\), the model expects \(352, 128\)"):
+    with pytest.raises(weights.ModelError, match=r"up_proj.weight' has shape \(5, 5\), the model expects \(352, 128\)"):
         LLaVA.from_pretrained(variant("shape", shaped))
     extra = dict(sd, **{"language_model.model.layers.9.mlp.up_proj.weight": torch.zeros(2)})
-    with pytest.raises(ValueError, match="unexpected tensor 'language_model.model.layers.9"):
+    with pytest.raises(weights.ModelError, match="unexpected tensor 'language_model.model.layers.9"):
         LLaVA.from_pretrained(variant("extra", extra))
     wrong_dtype = dict(sd, **{k: torch.zeros(352, 128, dtype=torch.int32)})
-    with pytest.raises(ValueError, match="dtype torch.int32"):
+    with pytest.raises(weights.ModelError, match="dtype torch.int32"):
         LLaVA.from_pretrained(variant("dtype", wrong_dtype))
     raw = (good / "model.safetensors").read_bytes()
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(weights.ModelError, match="truncated or corrupt"):
         LLaVA.from_pretrained(variant("trunc", raw=raw[: len(raw) // 2]))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(weights.ModelError, match="does not exist"):
         LLaVA.from_pretrained(str(tmp_path / "nowhere"))
+    # the folder's config.json
+    (tmp_path / "noconfig").mkdir()
+    with pytest.raises(weights.ModelError, match=r"noconfig/config.json not found"):
+        LLaVA.from_pretrained(str(tmp_path / "noconfig"))
+    bad = variant("badjson", sd)
+    open(os.path.join(bad, "config.json"), "w").write(cfg[:40])
+    with pytest.raises(weights.ModelError, match=r"badjson/config.json is not valid JSON"):
+        LLaVA.from_pretrained(bad)
+    c = json.loads(cfg)
+    for name, conf, msg in (("gpt2", {"model_type": "gpt2"}, "gpt2: unsupported model_type 'gpt2'"),
+                            ("heads", dict(c, llava_rlhf_config=dict(c["llava_rlhf_config"], heads=5)),
+                             r"heads/config.json: ValueError: hidden 128, heads 5, kv_heads 4 do not divide"),
+                            ("types", dict(c, llava_rlhf_config=dict(c["llava_rlhf_config"], hidden="128")),
+                             r"types/config.json: TypeError")):
+        d = variant(name, sd)
+        json.dump(conf, open(os.path.join(d, "config.json"), "w"))
+        with pytest.raises(weights.ModelError, match=msg):
+            LLaVA.from_pretrained(d)
+    # weight files: none, an index naming a shard that is not there, a .bin that holds no tensors
+    d = variant("noweights", sd)
+    os.remove(os.path.join(d, "model.safetensors"))
+    with pytest.raises(weights.ModelError, match=r"noweights: no weights found"):
+        LLaVA.from_pretrained(d)
+    json.dump({"weight_map": {k: "model-00001-of-00002.safetensors"}}, open(os.path.join(d, "model.safetensors.index.json"), "w"))
+    with pytest.raises(weights.ModelError, match=r"noweights/model-00001-of-00002.safetensors not found \(a shard named in"):
+        LLaVA.from_pretrained(d)
+    os.remove(os.path.join(d, "model.safetensors.index.json"))
+    torch.save([1, 2], os.path.join(d, "pytorch_model.bin"))
+    with pytest.raises(weights.ModelError, match=r"pytorch_model.bin: expected a dict of tensors, got list"):
+        LLaVA.from_pretrained(d)
+    # a vision tower folder that is not there
+    with pytest.raises(weights.ModelError, match=r"nowhere_clip"):
+        LLaVA.from_pretrained(str(good), vision_tower=str(tmp_path / "nowhere_clip"))
+
+
+def test_nonfinite_weights_name_the_file_and_tensor(tmp_path):
+    """NaN or inf in a checkpoint would only show, much later, as NaN losses: loading refuses it, naming
+    the file and the first bad tensor; a value a narrower dtype cannot hold counts too."""
+    from safetensors.torch import save_file, load_file
+    d = save(hf_llava(), str(tmp_path / "hf"))
+    f = os.path.join(d, "model.safetensors")
+    sd = load_file(f)
+    k = next(k for k in sorted(sd) if k.endswith("layers.0.self_attn.q_proj.weight") and "vision" not in k)
+    clean = sd[k].clone()
+    sd[k][1, :3] = float("nan")
+    save_file(sd, f)
+    with pytest.raises(weights.ModelError, match=rf"^{re.escape(f)}: tensor '{k}' holds 3 NaN / 0 inf values$"):
+        LLaVA.from_pretrained(d)
+    sd[k] = clean.clone()
+    sd[k][0, 0], sd[k][2, 5] = float("inf"), float("-inf")
+    save_file(sd, f)
+    with pytest.raises(weights.ModelError, match=rf"tensor '{k}' holds 0 NaN / 2 inf values"):
+        LLaVA.from_pretrained(d)
+    sd[k] = clean.clone()
+    sd[k][0, 0] = 1e6                           # finite in fp32, past fp16's largest (65504)
+    save_file(sd, f)
+    assert LLaVA.from_pretrained(d).llm.layers[0].self_attn.q_proj.weight[0, 0] == 1e6
+    with pytest.raises(weights.ModelError, match=rf"tensor '{k}' \(as torch.float16, stored as torch.float32\) "
+                                                 r"holds 0 NaN / 1 inf values"):
+        LLaVA.from_pretrained(d, dtype=torch.float16)
+
+
+def test_finite_check_skips_tensors_without_values():
+    """The rehearsal's fake tensors and meta tensors hold no values: the check passes them unread."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    weights.check_finite(torch.empty(4, 4, device="meta"), "meta")
+    with FakeTensorMode():
+        fake = torch.full((4, 4), float("nan"))
+        weights.check_finite(fake, "fake")
+    assert not model.has_values(fake)
+    weights.check_finite(torch.arange(4), "integers")   # not floating point: nothing to check
+    with pytest.raises(weights.ModelError, match="^real holds 1 NaN / 0 inf values$"):
+        weights.check_finite(torch.tensor([0.0, float("nan")]), "real")
+
+
+def test_stage_flags_for_the_model_are_config_errors():
+    with pytest.raises(common.ConfigError, match=r"--dtype must be auto, fp32, bf16 or fp16, got 'fp8'"):
+        model.torch_dtype("fp8", "cpu")
+    with pytest.raises(common.ConfigError, match="--model_path .* or --model_preset"):
+        model.load_model()
+    with pytest.raises(common.ConfigError, match=r"--model_preset: unknown model preset 'huge'"):
+        model.load_model(preset="huge")
+
+
+@pytest.mark.parametrize("case", ["missing", "bad_json", "nan"])
+def test_stage_with_a_bad_model_folder_exits_2(tiny_world, tmp_path, case):
+    """sft.py on a model folder that cannot be used: exit 2 and one line naming the folder or file; no
+    traceback. (A NaN checkpoint would train, or an unreadable config.json end in a traceback, before.)"""
+    import shutil
+    from safetensors.torch import save_file, load_file
+    d = tmp_path / "model"
+    if case != "missing":
+        shutil.copytree(tiny_world["model"], d)
+    if case == "bad_json":
+        (d / "config.json").write_text("{")
+    if case == "nan":
+        sd = load_file(str(d / "model.safetensors"))
+        sd["language_model.model.norm.weight"][0] = float("nan")
+        save_file(sd, str(d / "model.safetensors"))
+    w = tiny_world
+    args = {"model_path": d, "tokenizer": w["tokenizer"], "data_path": w["data"] / "sft.json",
+            "image_folder": w["data"] / "images", "out_dir": tmp_path / "run", "max_steps": 1, "progress": "false"}
+    r = subprocess.run([sys.executable, "sft.py"] + sum(([f"--{k}", str(v)] for k, v in args.items()), []),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    want = {"missing": f"model folder {d} does not exist", "bad_json": f"{d}/config.json is not valid JSON",
+            "nan": f"{d}/model.safetensors: tensor 'language_model.model.norm.weight' holds 1 NaN / 0 inf values"}
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[-1].startswith(f"error: {want[case]}"), r.stderr[-3000:]
+    assert sum(line.startswith("error:") for line in lines) == 1
+
 
 
 def test_bf16_load(tmp_path):

@@ -2,6 +2,7 @@
 save with ours -> transformers loads every tensor (nothing missing, nothing unexpected) and its
 submodules hold our values; transformers saves -> ours loads the same values back."""
 import json
+import re
 
 import pytest
 import torch
@@ -178,13 +179,14 @@ def test_peft_keys_name_the_llama_modules(tmp_path):
     m2.load_adapter(str(tmp_path / "ad"), "b")
     _assert_same(m2.adapter_state_dict("b"), m.adapter_state_dict("a"))
     assert m2.adapters["b"] == {"r": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["down_proj", "q_proj", "v_proj"]}
-    # an adapter for 4 layers does not fit 2, nor one for 2 layers fit 4
-    with pytest.raises(ValueError, match=r"adapter tensors for \['llm.layers.2.mlp.down_proj'.* have no place"):
+    # an adapter for 4 layers does not fit 2, nor one for 2 layers fit 4 (test_adapter_of_another_depth)
+    with pytest.raises(weights.ModelError, match=r"tensor 'base_model.model.model.layers.2.mlp.down_proj.lora_A."
+                                                 r"weight' is for layer 2, but the base model has 2 layers"):
         _random_llava(layers=2).load_adapter(str(tmp_path / "ad"), "c")
     small = _random_llava(layers=2)
     small.add_adapter("s", r=4, alpha=8)
     small.save_adapter(str(tmp_path / "small"), "s")
-    with pytest.raises(ValueError, match=r"adapter has no tensors for \['llm.layers.2.self_attn.q_proj'"):
+    with pytest.raises(weights.ModelError, match=r"adapter has no tensors for \['llm.layers.2.self_attn.q_proj'"):
         m2.load_adapter(str(tmp_path / "small"), "d")
 
 
@@ -205,3 +207,128 @@ def test_peft_table_roundtrip(tmp_path):
     pm.save_pretrained(str(tmp_path / "ad2"))
     _assert_same(load_file(str(tmp_path / "ad2" / "adapter_model.safetensors")),
                  load_file(str(tmp_path / "ad" / "adapter_model.safetensors")))
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapter folders that do not fit the base: one ModelError naming the file and the tensor (#22 item 13)
+
+def _adapter(tmp_path, name: str, layers: int = 4, r: int = 4) -> str:
+    """Our adapter format (save_adapter) of a random adapter on a `layers`-layer tiny model."""
+    m = _random_llava(layers=layers)
+    m.add_adapter("a", r=r, alpha=8)
+    with torch.no_grad():
+        for p in m.adapter_parameters("a"):
+            p.normal_(0, 0.1)
+    m.save_adapter(str(tmp_path / name), "a")
+    return str(tmp_path / name)
+
+
+def _peft_layout(src: str, dst) -> str:
+    """The same adapter as peft saves one made on transformers' LlavaForConditionalGeneration (5.x module
+    names) with the adapter name in each key, and peft's adapter_config.json fields."""
+    sd = load_file(f"{src}/adapter_model.safetensors")
+    dst.mkdir()
+    save_file({k.replace("base_model.model.model.layers.", "base_model.model.model.language_model.layers.")
+                .replace(".weight", ".default.weight"): v for k, v in sd.items()}, str(dst / "adapter_model.safetensors"))
+    c = json.load(open(f"{src}/adapter_config.json"))
+    c.update(base_model_name_or_path="llava-hf/llava-1.5-7b-hf", peft_version="0.13.0", rank_pattern={},
+             alpha_pattern={}, use_rslora=False, use_dora=False, modules_to_save=None)
+    json.dump(c, open(dst / "adapter_config.json", "w"))
+    return str(dst)
+
+
+def _no_adapter_left(m: LLaVA) -> bool:
+    """A refused adapter leaves nothing behind: no entry, no LoRA parameters."""
+    return not m.adapters and not any(".lora_" in k for k, _ in m.named_parameters())
+
+
+@pytest.mark.parametrize("layout", ["ours", "peft"])
+def test_adapter_of_another_depth(tmp_path, layout):
+    deep, shallow = _adapter(tmp_path, "deep", layers=4), _adapter(tmp_path, "shallow", layers=2)
+    if layout == "peft":
+        deep, shallow = _peft_layout(deep, tmp_path / "deep_peft"), _peft_layout(shallow, tmp_path / "shallow_peft")
+        key = "base_model.model.model.language_model.layers.2.mlp.down_proj.lora_A.default.weight"
+    else:
+        key = "base_model.model.model.layers.2.mlp.down_proj.lora_A.weight"
+    base2 = _random_llava(layers=2)
+    base2.load_adapter(shallow, "fits")                       # each folder loads onto its own depth
+    _random_llava(layers=4).load_adapter(deep, "fits")
+    # more layers than the base: the file, the first tensor past the base's last layer, the base's depth
+    base2 = _random_llava(layers=2)
+    with pytest.raises(weights.ModelError, match=rf"^{re.escape(deep)}/adapter_model.safetensors: tensor '{key}' is for "
+                                                 rf"layer 2, but the base model has 2 layers \(0-1\)"):
+        base2.load_adapter(deep, "x")
+    assert _no_adapter_left(base2)
+    # fewer: the first projection without tensors and how deep the adapter goes
+    base4 = _random_llava(layers=4)
+    with pytest.raises(weights.ModelError, match=rf"^{re.escape(shallow)}: adapter has no tensors for \['llm.layers.2.self_attn."
+                                                 r"q_proj'.*the adapter's layers stop at 1, the base model has 4"):
+        base4.load_adapter(shallow, "x")
+    assert _no_adapter_left(base4)
+
+
+def test_adapter_of_another_rank_or_width_names_the_tensor(tmp_path):
+    ad = _adapter(tmp_path, "ad", layers=2)
+    c = json.load(open(f"{ad}/adapter_config.json"))
+    json.dump(dict(c, r=8), open(f"{ad}/adapter_config.json", "w"))   # the config says 8, the tensors hold 4
+    with pytest.raises(weights.ModelError, match=r"adapter_model.safetensors: tensor 'base_model.model.model.layers.0."
+                                                 r"self_attn.q_proj.lora_A.weight': .* has shape \(4, 128\), model "
+                                                 r"expects \(8, 128\) \(rank 8\)"):
+        _random_llava(layers=2).load_adapter(ad, "x")
+    json.dump(c, open(f"{ad}/adapter_config.json", "w"))
+    narrow = _random_llava(layers=2, intermediate=100)
+    with pytest.raises(weights.ModelError, match=r"tensor 'base_model.model.model.layers.0.mlp.gate_proj.lora_B."
+                                                 r"weight': .* has shape \(352, 4\), model expects \(100, 4\)"):
+        narrow.load_adapter(ad, "x")
+    assert _no_adapter_left(narrow)
+
+
+def test_bad_adapter_folders(tmp_path):
+    m = _random_llava(layers=2)
+    with pytest.raises(weights.ModelError, match="adapter folder .*nowhere does not exist"):
+        m.load_adapter(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(weights.ModelError, match=r"empty/adapter_config.json not found: not a peft adapter folder"):
+        m.load_adapter(str(tmp_path / "empty"))
+    ad = _adapter(tmp_path, "ad", layers=2)
+    (tmp_path / "ad" / "adapter_config.json").write_text('{"r": 4,')
+    with pytest.raises(weights.ModelError, match="adapter_config.json is not valid JSON"):
+        m.load_adapter(ad)
+    (tmp_path / "ad" / "adapter_config.json").write_text('{"r": "four"}')
+    with pytest.raises(weights.ModelError, match="adapter_config.json: r, lora_alpha and lora_dropout must be numbers"):
+        m.load_adapter(ad)
+    (tmp_path / "ad" / "adapter_config.json").write_text('{"r": 4}')
+    raw = (tmp_path / "ad" / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "ad" / "adapter_model.safetensors").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(weights.ModelError, match="adapter_model.safetensors .*truncated or corrupt"):
+        m.load_adapter(ad)
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 128),
+               "base_model.model.model.layers.0.self_attn.gate_proj.lora_A.weight": torch.zeros(4, 128)},
+              str(tmp_path / "ad" / "adapter_model.safetensors"))
+    with pytest.raises(weights.ModelError, match=r"tensor '.*layers.0.self_attn.gate_proj.lora_A.weight' "
+                                                 r"\(llm.layers.0.self_attn.gate_proj\) has no place in the model"):
+        m.load_adapter(ad)
+    q = "base_model.model.model.layers.0.self_attn.q_proj.lora_A"
+    save_file({f"{q}.weight": torch.zeros(4, 128, dtype=torch.int8)}, str(tmp_path / "ad" / "adapter_model.safetensors"))
+    with pytest.raises(weights.ModelError, match=rf"tensor '{q}.weight' has dtype torch.int8; expected a floating"):
+        m.load_adapter(ad)
+    save_file({f"{q}.default.weight": torch.zeros(4, 128), f"{q}.other.weight": torch.zeros(4, 128)},
+              str(tmp_path / "ad" / "adapter_model.safetensors"))   # two adapters' tensors in one file
+    with pytest.raises(weights.ModelError, match=rf"tensor '{q}.other.weight' is llm.layers.0.self_attn.q_proj.lora_A, "
+                                                 rf"and so is .*tensor '{q}.default.weight'"):
+        m.load_adapter(ad)
+    assert _no_adapter_left(m)
+
+
+def test_nan_adapter_names_the_tensor(tmp_path):
+    ad = _adapter(tmp_path, "ad", layers=2)
+    f = f"{ad}/adapter_model.safetensors"
+    sd = load_file(f)
+    k = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    sd[k][0, :2] = float("nan")
+    sd[k][3, 1] = float("-inf")
+    save_file(sd, f)
+    m = _random_llava(layers=2)
+    with pytest.raises(weights.ModelError, match=rf"^{re.escape(f)}: tensor '{k}' holds 2 NaN / 1 inf values$"):
+        m.load_adapter(ad)
+    assert _no_adapter_left(m)
