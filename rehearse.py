@@ -215,7 +215,9 @@ def model_config(model_path: str, stage_preset: str) -> M.ModelConfig:
     """`preset:NAME` (a model preset), config.json of a local folder, else the model preset named like the
     stage preset."""
     if model_path.startswith("preset:"):
-        return M.ModelConfig.preset(model_path[len("preset:"):])
+        if (name := model_path[len("preset:"):]) not in M.PRESETS:
+            raise common.ConfigError(f"--model_path {model_path}: no model preset {name!r}; choose from {sorted(M.PRESETS)}")
+        return M.ModelConfig.preset(name)
     if model_path:
         return M.config_from_folder(model_path)[0]
     name = next((p for p in sorted(M.PRESETS, key=len, reverse=True) if stage_preset.startswith(p)), None)

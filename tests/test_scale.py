@@ -272,3 +272,9 @@ def test_rehearsal_ppo_at_paper_shapes(preset, rm_base):
     bases = 2 * (_params(mcfg) + (_params(rm_mcfg) if rm_mcfg else 0)) / 2 ** 30
     assert bases < r["phases"]["update: optimizer step"]["weights"] < bases * 1.25
     assert r["peak"] < _fits_80gb(), r
+
+
+def test_rehearsal_names_an_unknown_model_preset():
+    import rehearse
+    with pytest.raises(common.ConfigError, match="--model_path preset:llava-9b: no model preset 'llava-9b'"):
+        rehearse.model_config("preset:llava-9b", "")
