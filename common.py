@@ -822,3 +822,99 @@ def fp32_trainable(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]
             if p.dtype != torch.float32:
                 p.data = p.data.float()
     return params
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config validation: every flag checked before anything loads, so that a mistake costs seconds, not a
+# model load, and is one line naming the flag and the value given.
+
+def _bad(name: str, value: Any, want: str) -> ConfigError:
+    return ConfigError(f"--{name} must be {want}, got {value!r}")
+
+
+def _check_out(name: str, path: str, folder: bool) -> None:
+    """`path` (a folder to write in, or a file to write) can be written: an existing one is of the right
+    kind and writable, a missing one has a writable nearest existing parent folder to be made in."""
+    if folder and os.path.isfile(path):
+        raise ConfigError(f"--{name} {path}: is a file, not a folder")
+    if not folder and os.path.isdir(path):
+        raise ConfigError(f"--{name} {path}: is a folder, not a file")
+    if os.path.exists(path):
+        if not os.access(path if folder else os.path.dirname(os.path.abspath(path)), os.W_OK | os.X_OK):
+            raise ConfigError(f"--{name} {path}: not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--{name} {path}: cannot be created, {parent} is not a writable folder")
+
+
+def _check_device(name: str, value: str) -> None:
+    try:
+        dev = resolve_device(value)
+    except RuntimeError:   # torch.device's own message names neither the flag nor the choices
+        raise ConfigError(f"--{name} {value!r}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--{name} {value}, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+
+
+def check_config(cfg, required: tuple[str, ...] = (), positive: tuple[str, ...] = (), nonneg: tuple[str, ...] = (),
+                 fractions: tuple[str, ...] = (), choices: dict[str, tuple] | None = None,
+                 files: tuple[str, ...] = (), dirs: tuple[str, ...] = (), out_dirs: tuple[str, ...] = (),
+                 out_files: tuple[str, ...] = (), device: str = "") -> None:
+    """ConfigError naming the first bad flag of `cfg` (a config dataclass) and its value. Every float
+    field must be finite; then, by field name: required (a non-empty string), positive (an int >= 1, a
+    float > 0), nonneg (>= 0), fractions (in [0, 1]), choices ({field: allowed values}), files / dirs
+    (an existing file / folder, when given: empty means not given), out_dirs / out_files (writable, see
+    _check_out; when given) and device (a device torch has, common.resolve_device)."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise _bad(f.name, v, "a finite number")
+    for name in required:
+        if not getattr(cfg, name):
+            raise ConfigError(f"--{name} is required")
+    for name in positive:
+        v = getattr(cfg, name)
+        if not v > 0:
+            raise _bad(name, v, ">= 1" if isinstance(v, int) else "> 0")
+    for name in nonneg:
+        if not getattr(cfg, name) >= 0:
+            raise _bad(name, getattr(cfg, name), ">= 0")
+    for name in fractions:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise _bad(name, getattr(cfg, name), "between 0 and 1")
+    for name, allowed in (choices or {}).items():
+        if getattr(cfg, name) not in allowed:
+            raise _bad(name, getattr(cfg, name), "one of " + ", ".join(repr(a) for a in allowed))
+    for name in files:
+        v = getattr(cfg, name)
+        if v and not os.path.isfile(v):
+            raise ConfigError(f"--{name} {v}: " + ("is a folder, not a file" if os.path.isdir(v) else "no such file"))
+    for name in dirs:
+        v = getattr(cfg, name)
+        if v and not os.path.isdir(v):
+            raise ConfigError(f"--{name} {v}: " + ("is a file, not a folder" if os.path.isfile(v) else "no such folder"))
+    for name in out_dirs:
+        if getattr(cfg, name):
+            _check_out(name, getattr(cfg, name), folder=True)
+    for name in out_files:
+        if getattr(cfg, name):
+            _check_out(name, getattr(cfg, name), folder=False)
+    if device:
+        _check_device(device, getattr(cfg, device))
+
+
+def check_tokenizer(cfg) -> None:
+    """--tokenizer, else --model_path (where the stages read it by default): a sentencepiece file, or a
+    folder holding tokenizer.model."""
+    path, name = (cfg.tokenizer, "tokenizer") if cfg.tokenizer else (cfg.model_path, "model_path")
+    if not path:
+        raise ConfigError("--tokenizer is required (a tokenizer.model, or a folder holding one)")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "tokenizer.model")):
+            raise ConfigError(f"--{name} {path}: no tokenizer.model in the folder"
+                              + (" (give --tokenizer)" if name == "model_path" else ""))
+    elif not os.path.isfile(path):
+        raise ConfigError(f"--{name} {path}: no such file or folder")

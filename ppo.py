@@ -600,9 +600,8 @@ def check_rm_budget(cfg: Config, records: list[dict]) -> int:
     order for this seed and id) plus max_new_tokens response ids, the image counted as one.
     -> the longest input before the response. (The RM re-encodes the decoded response text: for normal text
     that is at most the generated ids; byte-level garbage can re-encode longer and still stops the run.)"""
+    RM.check_rm_dir(cfg.rm_dir)
     path = os.path.join(cfg.rm_dir, "rm_config.json")
-    if not os.path.isfile(path):
-        raise common.ConfigError(f"--rm_dir {cfg.rm_dir}: no rm_config.json (not a reward_model.py output folder)")
     meta = json.load(open(path))
     tok, rm_tok = data.Tokenizer(cfg.tokenizer or cfg.model_path), data.Tokenizer(meta["tokenizer"])
     if cfg.rm_base_path and rm_tok.sp.serialized_model_proto() != tok.sp.serialized_model_proto():
@@ -629,19 +628,46 @@ def check_rm_budget(cfg: Config, records: list[dict]) -> int:
     return worst
 
 
+def validate(cfg: Config) -> None:
+    """Every flag checked before anything loads or is written: ConfigError naming the flag and its value."""
+    common.check_config(
+        cfg, required=("prompts_path", "model_path"),
+        positive=("max_prompt_len", "lora_r", "lora_alpha", "rollout_batch", "step_batch", "micro_batch", "ppo_epochs",
+                  "max_new_tokens", "length_budget", "kl_target", "kl_horizon", "reward_scale", "clip", "value_clip",
+                  "lr", "grad_clip", "epochs", "max_bad_steps"),
+        # temperature 0 samples greedily (logprob_temperature, model.sample_next); 0 turns off reward_clip,
+        # save_every, stop_at_step; keep_last 0 keeps every checkpoint
+        nonneg=("temperature", "kl_coef", "reward_clip", "vf_coef", "warmup_steps", "max_steps", "save_every",
+                "keep_last", "stop_at_step", "samples_to_log"),
+        fractions=("top_p", "gamma", "lam", "min_lr_ratio"),
+        choices={"kl_estimator": ("k1", "k3"), "on_error": ("raise", "skip"), "dtype": ("auto", *M.DTYPES),
+                 "logger": ("none", "wandb", "tensorboard")},
+        files=("prompts_path", "captions"),
+        dirs=("image_folder", "model_path", "vision_tower", "policy_adapter", "rm_dir", "rm_base_path"),
+        out_dirs=("out_dir",), device="device")
+    if cfg.rollout_batch % cfg.step_batch:
+        raise common.ConfigError(f"--rollout_batch {cfg.rollout_batch} must be a multiple of --step_batch {cfg.step_batch}")
+    if not cfg.lora_targets.strip(","):
+        raise common.ConfigError(f"--lora_targets names no module, got {cfg.lora_targets!r}")
+    if cfg.toy_reward:
+        toy_reward_fn(cfg.toy_reward)
+    if cfg.rm_dir:
+        RM.check_rm_dir(cfg.rm_dir)
+    common.check_tokenizer(cfg)
+
+
 def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> dict:
     """reward_fn(records, texts, resp_ids, resp_mask) -> (B,) replaces the reward model (tests, toy tasks)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = common.parse_config(Config, argv, PRESETS)
+    validate(cfg)
     if cfg.toy_reward and reward_fn is None:
         reward_fn = toy_reward_fn(cfg.toy_reward)
+    if not cfg.rm_dir and reward_fn is None:
+        raise common.ConfigError("give --rm_dir (a trained reward model) or --toy_reward contains:WORD")
     d = common.start_run(cfg)
     for name, total in (("rollout_batch", cfg.rollout_batch), ("step_batch", cfg.step_batch)):
         common.accumulation(total, cfg.micro_batch, d.world, name)
-    if cfg.rollout_batch % cfg.step_batch:
-        raise common.ConfigError(f"--rollout_batch {cfg.rollout_batch} must be a multiple of --step_batch {cfg.step_batch}")
-    if not cfg.rm_dir and reward_fn is None:
-        raise common.ConfigError("give --rm_dir (a trained reward model) or --toy_reward contains:WORD")
     skips = data.Skips()
     records = data.read_ppo_prompts(cfg.prompts_path, captions=cfg.captions or None, on_error=cfg.on_error,
                                     skips=skips)
@@ -654,7 +680,8 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     template = data.Template(system=cfg.system)
     pb = models.policy_base
     # prompts with the image as one id (collate expands it per base), images at the policy's size
-    prompts = data.PromptDataset(records, tok, template, cfg.image_folder, pb.config.image_size, 1, cfg.max_prompt_len)
+    prompts = data.PromptDataset(records, tok, template, cfg.image_folder, pb.config.image_size, 1, cfg.max_prompt_len,
+                                 on_error=cfg.on_error, skips=skips)   # a bad image: raise, or the next prompt
     per_rank = cfg.rollout_batch // d.world
     steps_per_epoch = len(prompts) // cfg.rollout_batch
     if steps_per_epoch == 0:
@@ -674,6 +701,8 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "ppo", asdict(cfg))
     bar = common.Progress(total_steps, "ppo", start=step, enabled=cfg.progress)
     history = []
+    if step >= total_steps and common.is_main():
+        print(f"already at step {step} of {total_steps}: nothing left to train; writing the final policy")
     while step < total_steps:
         # -- rollout ------------------------------------------------------------------------------------
         for mod in (pb, models.value_base):

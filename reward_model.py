@@ -246,20 +246,21 @@ PRESETS = {
 }
 
 
-class PairData:
+class PairData(data._ServeOrSkip):
     """Preference pairs -> tokenised (ids_1, ids_2, image, preference), facts shuffled per (seed, id, epoch).
     Lengths are checked up front (with the first epoch's facts order): a pair whose prompt + response +
     rating request exceeds max_len (the image counted as one id; a response is never cut) raises DataError
-    naming the record, or with on_error="skip" is dropped and counted in `skipped` and the Skips."""
+    naming the record, or with on_error="skip" is dropped and counted in `skipped` and the Skips. An image
+    that cannot be read raises DataError naming the file, record and image when the pair is served, or with
+    on_error="skip" is counted and the next pair served instead (as SFTDataset does: batch shapes stay)."""
 
     def __init__(self, records, tok, template, rm_template, captions, facts_mode, image_folder, image_size,
                  n_img, max_len, seed, on_error: str = "raise", skips: data.Skips | None = None):
-        data._check_on_error(on_error)
+        super().__init__(image_folder, image_size, on_error, skips)
         self.tok, self.template, self.rm_template = tok, template, rm_template
-        self.captions, self.facts_mode, self.image_folder = captions, facts_mode, image_folder
-        self.image_size, self.n_img, self.max_len, self.seed = image_size, n_img, max_len, seed
+        self.captions, self.facts_mode = captions, facts_mode
+        self.n_img, self.max_len, self.seed = n_img, max_len, seed
         self.epoch = 0
-        skips = data.SKIPS if skips is None else skips
         self.records, self.keys, self.skipped = [], [], 0
         for i, rec in enumerate(records):
             try:
@@ -268,7 +269,7 @@ class PairData:
                 e = e.at(rec.get("source"), rec.get("index", i))
                 if on_error == "raise":
                     raise e from None
-                skips.add(str(e), rec.get("index", i))
+                self.skips.add(str(e), rec.get("index", i))
                 self.skipped += 1
                 continue
             self.records.append(rec)
@@ -292,13 +293,9 @@ class PairData:
         return [build_rm_ids(conv, rec[f"output_{k}"]["value"], ft, self.tok, self.template, self.rm_template,
                              self.n_img if rec.get("image") else 0, self.max_len, record_id=str(key)) for k in (1, 2)]
 
-    def __getitem__(self, i: int) -> dict:
+    def _item(self, i: int) -> dict:
         rec = self.records[i]
-        ids = self._ids(rec, self.keys[i])
-        image = None
-        if rec.get("image"):
-            image = data.image_tensor(os.path.join(self.image_folder, rec["image"]), self.image_size)
-        return {"ids": ids, "image": image, "preference": int(rec["preference"])}
+        return {"ids": self._ids(rec, self.keys[i]), "image": self._image(rec), "preference": int(rec["preference"])}
 
 
 def collate_pairs(items: list[dict], pad_id: int) -> dict:
@@ -348,8 +345,28 @@ def save_rm(out: str, rm: RewardModel, cfg: Config, rm_template: str, tok_path: 
         rm.m.save_adapter(tmp, "reward")
         save_file({k: v.detach().cpu().contiguous() for k, v in rm.head.state_dict().items()},
                   os.path.join(tmp, "head.safetensors"))
-        json.dump(meta, open(os.path.join(tmp, "rm_config.json"), "w"), indent=2)
+        with open(os.path.join(tmp, "rm_config.json"), "w") as f:
+            json.dump(meta, f, indent=2, allow_nan=False)   # NaN is not JSON: a value never measured is null
     common.write_dir(out, fill)
+
+
+def validate(cfg: Config) -> None:
+    """Every flag checked before anything loads or is written: ConfigError naming the flag and its value."""
+    common.check_config(
+        cfg, required=("data_path", "model_path"),
+        positive=("max_len", "lora_r", "lora_alpha", "lr", "epochs", "global_batch", "micro_batch", "log_every",
+                  "eval_every"),
+        # 0 turns off: save_every, stop_at_step, grad_clip; keep_last 0 keeps every checkpoint
+        nonneg=("eval_size", "weight_decay", "max_steps", "grad_clip", "center_coef", "save_every", "keep_last",
+                "stop_at_step"),
+        fractions=("warmup_ratio", "min_lr_ratio", "lora_dropout"),
+        choices={"facts": ("captions", "none"), "on_error": ("raise", "skip"), "dtype": ("auto", *M.DTYPES),
+                 "logger": ("none", "wandb", "tensorboard")},
+        files=("data_path", "eval_data_path", "captions", "template_file"),
+        dirs=("image_folder", "model_path", "vision_tower"), out_dirs=("out_dir",), device="device")
+    if not cfg.lora_targets.strip(","):
+        raise common.ConfigError(f"--lora_targets names no module, got {cfg.lora_targets!r}")
+    common.check_tokenizer(cfg)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -357,9 +374,9 @@ def main(argv: list[str] | None = None) -> dict:
     if argv[:1] == ["eval"]:
         return eval_main(argv[1:])
     cfg = common.parse_config(Config, argv, PRESETS)
-    if cfg.facts not in ("captions", "none"):
-        raise common.ConfigError(f"--facts must be captions or none, got {cfg.facts!r}")
+    validate(cfg)
     d = common.start_run(cfg)
+    accum = common.accumulation(cfg.global_batch, cfg.micro_batch, d.world)   # the geometry, before any load
 
     tok = data.Tokenizer(cfg.tokenizer or cfg.model_path)
     template = data.Template(system=cfg.system)
@@ -392,7 +409,6 @@ def main(argv: list[str] | None = None) -> dict:
                     for recs in (records, eval_records))
     eval_idx = list(range(d.rank, len(edata), d.world))
 
-    accum = common.accumulation(cfg.global_batch, cfg.micro_batch, d.world)
     steps_per_epoch = len(pdata) // cfg.global_batch
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.data_path}: {len(pdata)} pairs is fewer than one global batch ({cfg.global_batch})")
@@ -410,7 +426,9 @@ def main(argv: list[str] | None = None) -> dict:
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "rm", asdict(cfg))
     bar = common.Progress(total_steps, "reward model", start=step, enabled=cfg.progress)
 
-    ev = {"accuracy": float("nan")}
+    ev = None                              # the last held-out evaluation in this process
+    if step >= total_steps and common.is_main():
+        print(f"already at step {step} of {total_steps}: nothing left to train; writing the final model")
     while step < total_steps:
         lr = common.cosine_lr(step, total_steps, warmup, cfg.lr, cfg.min_lr_ratio)
         for g in opt.param_groups:
@@ -435,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
         opt.zero_grad(set_to_none=True)
         step += 1
         metrics = {"loss": loss_val, "train_accuracy": float(tot[1] / tot[2]), "lr": lr, "grad_norm": float(gnorm)}
-        if len(eval_idx) and (step % cfg.eval_every == 0 or step == total_steps):
+        if len(edata) and (step % cfg.eval_every == 0 or step == total_steps):   # all ranks (a collective)
             ev = evaluate_pairs(rm, edata, eval_idx, cfg.micro_batch, tok.pad_id, d.device)
             metrics.update(eval_accuracy=ev["accuracy"], eval_margin=ev["margin"])
             if ev["accuracy"] > best:
@@ -451,14 +469,18 @@ def main(argv: list[str] | None = None) -> dict:
             return {"step": step, "stopped": True}
     bar.close()
     ck.finish(step, best=best)
+    if ev is None and len(edata):   # no step ran here (a resume at the last step): the final model measured once
+        ev = evaluate_pairs(rm, edata, eval_idx, cfg.micro_batch, tok.pad_id, d.device)
+    final_acc = ev["accuracy"] if ev is not None else None   # None (JSON null): no held-out pairs
     if common.is_main():
         save_rm(os.path.join(cfg.out_dir, "final"), rm, cfg, rm_template, tok.path,
-                {"step": step, "eval_accuracy": ev["accuracy"], "n_eval": len(edata)})
+                {"step": step, "eval_accuracy": final_acc, "n_eval": len(edata)})
         if not os.path.exists(os.path.join(cfg.out_dir, "best")):
             shutil.copytree(os.path.join(cfg.out_dir, "final"), os.path.join(cfg.out_dir, "best"))
-        print(f"done: {step} steps; best held-out accuracy {best:.3f}; skipped records: {skips.count}")
+        acc = f"best held-out accuracy {best:.3f}" if len(edata) else "no held-out pairs"
+        print(f"done: {step} steps; {acc}; skipped records: {skips.count}")
     common.cleanup_distributed()
-    return {"step": step, "best_accuracy": best, "final_accuracy": ev["accuracy"], "stopped": False}
+    return {"step": step, "best_accuracy": best, "final_accuracy": final_acc, "stopped": False}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -476,8 +498,22 @@ class EvalConfig:
     out: str = ""                       # optional JSON file for the table
 
 
+def check_rm_dir(rm_dir: str) -> None:
+    """ConfigError unless --rm_dir is a folder reward_model.py wrote (it holds rm_config.json)."""
+    if not os.path.isfile(os.path.join(rm_dir, "rm_config.json")):
+        raise common.ConfigError(f"--rm_dir {rm_dir}: no rm_config.json (not a reward_model.py output folder)")
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    """The eval command's flags, checked before the reward model loads."""
+    common.check_config(cfg, required=("rm_dir", "data_path"), positive=("batch",), files=("data_path", "captions"),
+                        dirs=("rm_dir", "image_folder"), out_files=("out",), device="device")
+    check_rm_dir(cfg.rm_dir)
+
+
 def eval_main(argv: list[str]) -> dict:
     cfg = common.parse_config(EvalConfig, argv)
+    validate_eval(cfg)
     dev = common.resolve_device(cfg.device)
     scorer = RewardScorer.load(cfg.rm_dir, device=dev)
     m = scorer.rm.m

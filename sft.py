@@ -207,10 +207,36 @@ def evaluate(train_m, loader_batches, device, dtype: torch.dtype) -> float:
     return float(tot / n.clamp(min=1))
 
 
+def validate(cfg: Config) -> None:
+    """Every flag checked before anything loads or is written: ConfigError naming the flag and its value."""
+    common.check_config(
+        cfg, required=("data_path",),
+        positive=("max_len", "lora_r", "lora_alpha", "lr", "epochs", "global_batch", "micro_batch", "log_every"),
+        # 0 turns off: eval_every, save_every, stop_at_step, grad_clip; keep_last 0 keeps every checkpoint
+        nonneg=("eval_size", "weight_decay", "max_steps", "grad_clip", "eval_every", "save_every", "keep_last",
+                "stop_at_step"),
+        fractions=("min_lr_ratio", "warmup_ratio", "lora_dropout", "beta1", "beta2"),
+        choices={"mode": ("pretrain", "sft", "lora"), "on_error": ("raise", "skip"),
+                 "dtype": ("auto", *M.DTYPES), "logger": ("none", "wandb", "tensorboard"),
+                 "model_preset": ("", *M.PRESETS)},
+        files=("data_path", "eval_data_path"), dirs=("image_folder", "model_path", "vision_tower"),
+        out_dirs=("out_dir",), device="device")
+    for name in ("beta1", "beta2"):   # AdamW's betas are in [0, 1)
+        if getattr(cfg, name) >= 1:
+            raise common.ConfigError(f"--{name} must be < 1, got {getattr(cfg, name)!r}")
+    if not cfg.model_path and not cfg.model_preset:
+        raise common.ConfigError("--model_path is required (a local checkpoint folder), or --model_preset")
+    if not cfg.lora_targets.strip(","):
+        raise common.ConfigError(f"--lora_targets names no module, got {cfg.lora_targets!r}")
+    common.check_tokenizer(cfg)
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = common.parse_config(Config, argv, PRESETS)
+    validate(cfg)
     d = common.start_run(cfg)
+    accum = common.accumulation(cfg.global_batch, cfg.micro_batch, d.world)   # the geometry, before any load
 
     # -- data -----------------------------------------------------------------------------------------
     tok = data.Tokenizer(cfg.tokenizer or cfg.model_path)
@@ -244,7 +270,6 @@ def main(argv: list[str] | None = None) -> dict:
                               m.num_image_tokens, cfg.max_len, on_error=cfg.on_error, skips=skips)
 
     # -- batch geometry ----------------------------------------------------------------------------------
-    accum = common.accumulation(cfg.global_batch, cfg.micro_batch, d.world)
     sampler = data.ResumableSampler(len(ds), rank=d.rank, world_size=d.world, seed=cfg.seed, shuffle=True,
                                     drop_last=True)
     steps_per_epoch = len(ds) // cfg.global_batch
@@ -274,7 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
     def next_batch() -> dict:
         return data.collate_right([ds[i] for i in sampler.take(cfg.micro_batch)], tok.pad_id)
 
-    last_eval = float("nan")
+    loss_val = last_eval = None   # None: not measured in this process (a resume at the last step)
+    if step >= total_steps and common.is_main():
+        print(f"already at step {step} of {total_steps}: nothing left to train; writing the final model")
     t_last, tokens_seen = time.time(), 0
     while step < total_steps:
         lr = common.cosine_lr(step, total_steps, warmup, cfg.lr, cfg.min_lr_ratio)
@@ -328,8 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
             m.save_adapter(os.path.join(cfg.out_dir, "final_adapter"), "default")
         else:
             common.save_model_dir(m.to(compute_dtype), final, tok.path)   # one dtype again, the base's
-        print(f"done: {step} steps, final train loss {loss_val:.4f}, eval loss {last_eval:.4f}; "
-              f"skipped records: {skips.count}")
+        losses = "".join(f", {what} {v:.4f}" for what, v in (("final train loss", loss_val), ("eval loss", last_eval))
+                         if v is not None)
+        print(f"done: {step} steps{losses}; skipped records: {skips.count}")
         if skips.count:
             skips.report()
     common.cleanup_distributed()
