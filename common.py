@@ -539,6 +539,22 @@ def truncate_jsonl(path: str, step: int) -> int:
     return len(lines) - len(keep)
 
 
+def check_resume(out_dir: str, resume: str, overwrite: bool = False) -> list[str]:
+    """--resume and --overwrite against the checkpoints out_dir holds (see Checkpointer): the stages call it
+    before any model loads, the Checkpointer again when it starts. -> those checkpoints."""
+    if str(resume).lower() not in RESUME_MODES:
+        raise ConfigError(f"--resume must be one of {', '.join(RESUME_MODES)}, got {resume!r}")
+    found = _checkpoints(out_dir)
+    if str(resume).lower() == "false" and found and not overwrite:
+        steps = [checkpoint_step(p) for p in found]
+        raise CheckpointError(f"{out_dir} holds checkpoints of an earlier run ({len(found)}, steps {steps[0]}..{steps[-1]}); "
+                              f"continue it with --resume true, or start over with --overwrite true (deletes them)")
+    if str(resume).lower() == "true" and not found:
+        raise CheckpointError(f"--resume true: no checkpoint in {out_dir} to resume from "
+                              f"(--resume auto starts fresh when there is none)")
+    return found
+
+
 class Checkpointer:
     """Exact resume for a stage's loop. A checkpoint, out_dir/ckpt_{step:07d}.pt, holds everything that
     decides the rest of the run: the trainable weights of `model`, the optimizer, the sampler's position,
@@ -582,20 +598,12 @@ class Checkpointer:
 
     def start(self) -> dict | None:
         """Begin the run as cfg.resume says (see the class). -> the resumed state, None for a fresh start."""
-        found = _checkpoints(self.out_dir)
+        found = check_resume(self.out_dir, self.resume_mode, self.overwrite)
         if self.resume_mode == "false":
-            if found and not self.overwrite:
-                steps = [checkpoint_step(p) for p in found]
-                raise CheckpointError(
-                    f"{self.out_dir} holds checkpoints of an earlier run ({len(found)}, steps {steps[0]}..{steps[-1]}); "
-                    f"continue it with --resume true, or start over with --overwrite true (deletes them)")
             self._clear(found)
             return None
         state = self.resume()
         if state is None:
-            if self.resume_mode == "true":
-                raise CheckpointError(f"--resume true: no checkpoint in {self.out_dir} to resume from "
-                                      f"(--resume auto starts fresh when there is none)")
             if is_main():
                 print(f"--resume auto: no checkpoint in {self.out_dir}; starting fresh")
             self._clear([])
@@ -714,6 +722,14 @@ class Checkpointer:
 # ----------------------------------------------------------------------------------------------------
 # Logging: JSON lines on rank 0, optional wandb/tensorboard, and a progress bar without dependencies.
 
+def _json_number(v: Any) -> Any:
+    """A metric as JSON takes it: numbers as floats, and an undefined one (NaN, inf: e.g. the explained
+    variance of constant returns) as null, since NaN is not JSON and would break every reader."""
+    if isinstance(v, (int, float, np.floating)) and not isinstance(v, bool):
+        return float(v) if math.isfinite(v) else None
+    return v
+
+
 class MetricsLogger:
     def __init__(self, out_dir: str, backend: str = "none", run_name: str = "run", config: dict | None = None):
         self.active = is_main()
@@ -735,10 +751,9 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> None:
         if not self.active:
             return
-        rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
-                                for k, v in metrics.items()}}
+        rec = {"step": step, **{k: _json_number(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps(rec, allow_nan=False) + "\n")
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
         if self._tb is not None:
@@ -851,10 +866,7 @@ def _check_out(name: str, path: str, folder: bool) -> None:
 
 
 def _check_device(name: str, value: str) -> None:
-    try:
-        dev = resolve_device(value)
-    except RuntimeError:   # torch.device's own message names neither the flag nor the choices
-        raise ConfigError(f"--{name} {value!r}: not a device (auto, cpu, cuda or cuda:N)") from None
+    dev = resolve_device(value)
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(f"--{name} {value}, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
 
@@ -904,6 +916,8 @@ def check_config(cfg, required: tuple[str, ...] = (), positive: tuple[str, ...] 
             _check_out(name, getattr(cfg, name), folder=False)
     if device:
         _check_device(device, getattr(cfg, device))
+    if hasattr(cfg, "resume") and hasattr(cfg, "out_dir"):   # a run that checkpoints: refused now, not after a load
+        check_resume(cfg.out_dir, cfg.resume, getattr(cfg, "overwrite", False))
 
 
 def check_tokenizer(cfg) -> None:

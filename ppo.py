@@ -685,7 +685,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     per_rank = cfg.rollout_batch // d.world
     steps_per_epoch = len(prompts) // cfg.rollout_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.prompts_path}: {len(prompts)} usable prompts is fewer than one rollout batch ({cfg.rollout_batch})")
+        raise data.DataError(f"{len(prompts)} usable prompts is fewer than one rollout batch ({cfg.rollout_batch})", cfg.prompts_path)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     params = models.trainable()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

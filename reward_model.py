@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import common
 import data
 import model as M
+from weights import ModelError, check_finite
 
 # The rating request appended after the candidate's "</s>". Written in this project's own words; any
 # text with one "{facts}" slot can replace it (--template_file), e.g. the prompt a released RM was
@@ -140,7 +141,11 @@ class RewardScorer:
         (PPO keeps policy, reference, value and reward adapters on one). The facts mode the RM was trained
         with (rm_config.json "facts": captions | none) is kept; a keyword given here wins over any saved value."""
         from safetensors.torch import load_file
-        meta = json.load(open(os.path.join(rm_dir, "rm_config.json")))
+        meta_path = os.path.join(rm_dir, "rm_config.json")
+        meta = data.load_json(meta_path)
+        lacks = [k for k in ("model_path", "tokenizer", "system", "rm_template", "max_len") if k not in meta]
+        if not isinstance(meta, dict) or lacks:
+            raise ModelError(f"{meta_path}: not a reward model's config (lacks {lacks or 'everything'})")
         if base is None:
             base = M.LLaVA.from_pretrained(meta["model_path"], vision_tower=meta.get("vision_tower") or None,
                                            dtype=dtype, device=device)
@@ -148,7 +153,15 @@ class RewardScorer:
         base.load_adapter(rm_dir, adapter_name)
         w = next(base.parameters())
         head = M.ScalarHead(base.config.hidden).to(device=w.device, dtype=w.dtype)
-        head.load_state_dict(load_file(os.path.join(rm_dir, "head.safetensors")))
+        head_path = os.path.join(rm_dir, "head.safetensors")
+        try:
+            sd = load_file(head_path)
+            head.load_state_dict(sd)
+        except Exception as e:  # noqa: BLE001 - missing, corrupt, or of another width: name the file
+            raise ModelError(f"{head_path}: not the scalar head of a {base.config.hidden}-wide model "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        for k, t in sd.items():
+            check_finite(t, f"{head_path}: tensor {k!r}")
         head.requires_grad_(False)
         tok = data.Tokenizer(meta["tokenizer"])
         kw = {"system": meta["system"], "rm_template": meta["rm_template"], "max_len": meta["max_len"],
@@ -411,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     steps_per_epoch = len(pdata) // cfg.global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.data_path}: {len(pdata)} pairs is fewer than one global batch ({cfg.global_batch})")
+        raise data.DataError(f"{len(pdata)} pairs is fewer than one global batch ({cfg.global_batch})", cfg.data_path)
     total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
     warmup = int(cfg.warmup_ratio * total_steps)
     sampler = data.ResumableSampler(len(pdata), rank=d.rank, world_size=d.world, seed=cfg.seed)

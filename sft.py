@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     m = M.load_model(cfg.model_path, cfg.vision_tower, cfg.model_preset, tok.vocab_size, cfg.dtype,
                      d.device, cfg.seed)
     if m.config.vocab_size < tok.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {m.config.vocab_size}")
+        raise common.ConfigError(f"--tokenizer {tok.path}: it has {tok.vocab_size} tokens but the model's vocabulary is {m.config.vocab_size}")
     compute_dtype = next(m.parameters()).dtype   # the loaded weights' (autocast); what trains is kept in fp32
     set_trainable(m, cfg)
     m.gradient_checkpointing = cfg.grad_ckpt
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     drop_last=True)
     steps_per_epoch = len(ds) // cfg.global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.data_path}: {len(ds)} usable records is fewer than one global batch ({cfg.global_batch})")
+        raise data.DataError(f"{len(ds)} usable records is fewer than one global batch ({cfg.global_batch})", cfg.data_path)
     total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
     warmup = int(cfg.warmup_ratio * total_steps)
 

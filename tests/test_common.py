@@ -344,3 +344,11 @@ def test_run_cli_prints_expected_errors_as_one_line_and_lets_bugs_through(tmp_pa
     common.run_cli(lambda: {"step": 3})                  # a stage's result: exit normally
     with pytest.raises(KeyError):                        # a bug is not an expected error: its traceback shows
         common.run_cli(lambda: {}["x"])
+
+
+def test_metrics_log_is_valid_json_even_for_undefined_values(tmp_path):
+    log = common.MetricsLogger(str(tmp_path))
+    log.log(1, {"loss": 0.5, "value_explained_var": float("nan"), "kl": np.float32("inf"), "n": 3, "tag": "a"})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {line}")) == \
+        {"step": 1, "loss": 0.5, "value_explained_var": None, "kl": None, "n": 3.0, "tag": "a"}

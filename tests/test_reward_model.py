@@ -255,3 +255,36 @@ def test_scorer_load_keeps_the_trained_facts_mode(tiny_world, paper_model, tmp_p
     assert plain.score(items) == plain.score(with_facts)
     forced = RM.RewardScorer.load(best, facts="captions")     # an explicit keyword still wins
     assert forced.facts == "captions" and forced.score(with_facts) != forced.score(items)
+
+
+def test_scorer_load_names_a_bad_head_or_config(tiny_world, tmp_path):
+    """A reward-model folder with a head of another width, a NaN head, or a config lacking fields:
+    a ModelError naming the file, not a raw RuntimeError / KeyError."""
+    import shutil
+    from safetensors.torch import save_file
+    from weights import ModelError
+    prefs = _separable_prefs(tiny_world, tmp_path / "prefs.json", n=16)
+    RM.main(_args(tiny_world, tmp_path / "rm", prefs, max_steps=1, eval_size=8))
+    good = tmp_path / "rm" / "final"
+    for name, change in (("wide", lambda d: save_file({"proj.weight": torch.zeros(1, 64), "proj.bias": torch.zeros(1)},
+                                                          str(d / "head.safetensors"))),
+                         ("nan", None), ("config", None)):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        if name == "wide":
+            change(d)
+            want = r"head.safetensors: not the scalar head of a 32-wide model"
+        elif name == "nan":
+            from safetensors.torch import load_file
+            sd = load_file(str(d / "head.safetensors"))
+            k = sorted(sd)[0]
+            sd[k] = torch.full_like(sd[k], float("nan"))
+            save_file(sd, str(d / "head.safetensors"))
+            want = rf"head.safetensors: tensor '{k}' holds \d+ NaN / 0 inf values"
+        else:
+            meta = json.load(open(d / "rm_config.json"))
+            del meta["rm_template"]
+            json.dump(meta, open(d / "rm_config.json", "w"))
+            want = r"rm_config.json: not a reward model's config \(lacks \['rm_template'\]\)"
+        with pytest.raises(ModelError, match=want):
+            RM.RewardScorer.load(str(d))

@@ -84,8 +84,9 @@ COMMON = [("micro_batch", 0, "must be >= 1, got 0"), ("max_steps", -5, "must be 
           ("tokenizer", "<empty>", ": no tokenizer.model in the folder"),
           ("vision_tower", "<missing>", ": no such folder"),
           pytest.param("device", "cuda", " cuda, but torch sees no CUDA GPU", marks=NO_CUDA),
-          ("device", "bogus", " 'bogus': not a device"), ("out_dir", "<a_file>", ": is a file, not a folder"),
-          ("out_dir", "<a_file>/sub", "cannot be created, .*a_file is not a writable folder")]
+          ("device", "bogus", ": expected auto, cpu, cuda or cuda:N, got 'bogus'"), ("out_dir", "<a_file>", ": is a file, not a folder"),
+          ("out_dir", "<a_file>/sub", "cannot be created, .*a_file is not a writable folder"),
+          ("resume", "maybe", " must be one of false, true, auto, got 'maybe'")]
 TABLES = {
     "sft": COMMON + [
         ("global_batch", -1, "must be >= 1"),        ("data_path", "", "is required"), ("data_path", "<missing>", ": no such file"),
@@ -105,7 +106,7 @@ TABLES = {
         ("batch", 0, "must be >= 1"), ("rm_dir", "", "is required"), ("rm_dir", "<missing>", ": no such folder"),
         ("rm_dir", "<empty>", ": no rm_config.json"), ("data_path", "<missing>", ": no such file"),
         ("captions", "<missing>", ": no such file"), ("image_folder", "<missing>", ": no such folder"),
-        ("out", "<images>", ": is a folder, not a file"), ("device", "bogus", " 'bogus': not a device")],
+        ("out", "<images>", ": is a folder, not a file"), ("device", "bogus", ": expected auto, cpu, cuda or cuda:N, got 'bogus'")],
     "ppo": COMMON + [
         ("prompts_path", "", "is required"), ("prompts_path", "<missing>", ": no such file"),
         ("max_new_tokens", 0, "must be >= 1, got 0"), ("temperature", -1, "must be >= 0, got -1.0"),
@@ -143,6 +144,17 @@ def test_bad_flag_is_refused_before_any_load(stage, flag, value, says, inputs, n
     assert str(e.value).startswith(f"--{flag}"), str(e.value)
     assert re.search(says, str(e.value)), str(e.value)
     assert not inputs["out"].exists()       # before start_run too: nothing written
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+def test_checkpoints_in_out_dir_against_resume_are_checked_before_any_load(stage, inputs, no_load):
+    """A fresh run over another run's checkpoints, and --resume true with none, stop before the model loads."""
+    inputs["out"].mkdir()
+    with pytest.raises(common.CheckpointError, match=r"--resume true: no checkpoint in .* to resume from"):
+        _main(stage)(_argv(stage, inputs, resume="true"))
+    (inputs["out"] / "ckpt_0000040.pt").write_bytes(b"an earlier run's")
+    with pytest.raises(common.CheckpointError, match=r"holds checkpoints of an earlier run \(1, steps 40..40\)"):
+        _main(stage)(_argv(stage, inputs))
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "rm_eval", "ppo"])
