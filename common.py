@@ -797,6 +797,93 @@ def cosine_lr(step: int, total: int, warmup: int, base_lr: float, min_ratio: flo
 
 
 # ----------------------------------------------------------------------------------------------------
+# Divergence: stop a run whose training has gone wrong, before it saves and its rotation removes the
+# good checkpoints.
+
+class DivergenceError(UserError, FloatingPointError):
+    """Training diverged (a non-finite, dead or exploded loss, KL, entropy or gradient): the run stopped
+    without saving. A FloatingPointError too, what the stages raised for a non-finite loss before."""
+
+
+class Divergence:
+    """Watches the per-step signals of a training loop and raises DivergenceError when they show that
+    training diverged. check(step, **signals) is called once the signals of the weights after `step`
+    updates are known and before those weights are updated again or saved; a signal given as None is
+    not checked. Every rank must see the same values (all-reduced), so that all ranks stop together.
+    Rules:
+      non-finite  any signal NaN or inf (always on);
+      dead        grad_norm exactly 0: no trainable tensor gets a gradient any more;
+      jump        any other signal more than max(K * MAD, max(|median|, 1)) above the median of its last
+                  WINDOW values (from the second value on): a healthy loss does not double in a step, and
+                  noise, warm-up and a drifting KL stay within K median absolute deviations. The gradient
+                  norm has no jump rule: a healthy run's spikes tenfold, and clipping absorbs them;
+      uniform     a signal named in `ceiling` (a language model's loss, or its samples' -log p) within
+                  UNIFORM_TOL of its ceiling ln V, the value of uniform predictions, once it had been below
+                  (1 - CLEAR) ln V: the model forgot everything and predicts nothing.
+    enabled=False keeps only the non-finite rule. The checkpoint of the weights that diverged (ckpt of
+    `step`, written before their signals were known) is renamed *.diverged so that --resume continues from
+    the one before; the message names that one."""
+
+    WINDOW, K = 20, 10.0
+    UNIFORM_TOL, CLEAR = 0.03, 0.1
+
+    def __init__(self, out_dir: str, enabled: bool = True, ceiling: dict[str, float] | None = None):
+        self.out_dir, self.enabled, self.ceiling = out_dir, enabled, ceiling or {}
+        self.history: dict[str, list[float]] = {}
+        self.lowest: dict[str, float] = {}
+
+    def check(self, step: int, **signals: float | None) -> None:
+        for name, value in signals.items():
+            if value is None:
+                continue
+            value = float(value)
+            why = self._rule_broken(name, value)
+            if why:
+                self._stop(step, f"{name} {value:.4g} {why}")
+            recent = self.history.setdefault(name, [])
+            recent.append(value)
+            del recent[:-self.WINDOW]
+            self.lowest[name] = min(value, self.lowest.get(name, value))
+
+    def _rule_broken(self, name: str, value: float) -> str:
+        """Why `value` shows divergence, or '' when it does not."""
+        if not math.isfinite(value):
+            return "is not finite"
+        if not self.enabled:
+            return ""
+        if name == "grad_norm":
+            return "is exactly 0: no trainable tensor gets a gradient any more (a dead run)" if value == 0 else ""
+        recent = self.history.get(name, [])
+        if recent:
+            med = float(np.median(recent))
+            mad = float(np.median(np.abs(np.array(recent) - med)))
+            limit = med + max(self.K * mad, max(abs(med), 1.0))
+            if value > limit:
+                lo, hi = min(recent), max(recent)
+                seen = f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
+                return (f"is far above its recent range {seen} (the last {len(recent)} steps: median {med:.4g}, "
+                        f"limit {limit:.4g})")
+        top = self.ceiling.get(name)
+        if top is not None and value >= (1 - self.UNIFORM_TOL) * top \
+                and self.lowest.get(name, top) < (1 - self.CLEAR) * top:
+            return (f"is at ln V = {top:.4g}, the value of uniform predictions over the vocabulary, after it "
+                    f"had been {self.lowest[name]:.4g}")
+        return ""
+
+    def _stop(self, step: int, what: str) -> None:
+        bad = os.path.join(self.out_dir, f"ckpt_{step:07d}.pt")
+        note = ""
+        if is_main() and os.path.exists(bad):   # written at the end of the step whose update diverged
+            os.replace(bad, bad + ".diverged")
+            note = f"{bad} holds these weights and was renamed {os.path.basename(bad)}.diverged; "
+        good = [p for p in _checkpoints(self.out_dir) if checkpoint_step(p) < step]
+        where = (f"the last good checkpoint is {good[-1]}: continue from it with --resume true and a lower --lr"
+                 if good else f"there is no checkpoint from before it in {self.out_dir}: start again with a lower --lr")
+        raise DivergenceError(f"training diverged after step {step}: {what}. Stopping without saving; {note}{where} "
+                              f"(--divergence_check false turns this check off)")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Training helpers: gradients over ranks, precision.
 
 def allreduce_grads(params: list[torch.nn.Parameter]) -> None:

@@ -23,6 +23,7 @@ Peak memory per GPU of one rollout + update at full size, before paying for GPUs
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -253,10 +254,11 @@ class Config:
     device: str = "auto"
     save_every: int = 10
     keep_last: int = 2
-    resume: str = "false"              # true: continue from the newest good checkpoint (stop if none); auto: also start fresh if none
+    resume: str = "false"               # true: continue from the newest good checkpoint (stop if none); auto: also start fresh if none
     overwrite: bool = False             # a fresh run (resume false) may delete the checkpoints and logs already in out_dir
     stop_at_step: int = 0
     max_bad_steps: int = 3              # stop after this many non-finite steps in a row
+    divergence_check: bool = True       # stop when KL/entropy/grad-norm leave their recent range (common.Divergence)
     samples_to_log: int = 2
     logger: str = "none"
     progress: bool = True
@@ -563,8 +565,10 @@ def update(models: Models, rows: list[Row], opt: torch.optim.Optimizer, cfg: Con
             ok = common.all_reduce_sum(torch.tensor(0.0 if ok else 1.0)).item() == 0
             if ok:
                 common.allreduce_grads(params)
-                ok = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                ok = bool(torch.isfinite(gnorm))
             if ok:
+                stats["grad_norm"] = max(stats.get("grad_norm", 0.0), float(gnorm))   # the largest of the step
                 opt.step()
             opt.zero_grad(set_to_none=True)
             skipped = skipped or not ok
@@ -703,6 +707,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     history = []
     if step >= total_steps and common.is_main():
         print(f"already at step {step} of {total_steps}: nothing left to train; writing the final policy")
+    watch = common.Divergence(cfg.out_dir, cfg.divergence_check, ceiling={"nll": math.log(pb.config.vocab_size)})
     while step < total_steps:
         # -- rollout ------------------------------------------------------------------------------------
         for mod in (pb, models.value_base):
@@ -712,6 +717,11 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
                                   reward_fn)
         t0 = time.time()
         seq_kl = advantages(rows, cfg, kl_ctl.value)
+        # the rollout's KL to the reference and -log p of the policy's own samples (ln V: uniform) per token,
+        # before this policy is updated or saved
+        kl_nll_n = common.all_reduce_sum(torch.tensor([float(seq_kl.sum()), -float(sum(r.logp.sum() for r in rows)),
+                                                       float(sum(len(r.response) for r in rows))], dtype=torch.float64))
+        watch.check(step, kl_per_token=float(kl_nll_n[0] / kl_nll_n[2]), nll=float(kl_nll_n[1] / kl_nll_n[2]))
 
         # -- update ---------------------------------------------------------------------------------------
         for mod in (pb, models.value_base):
@@ -722,14 +732,16 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
         stats_acc, skipped = update(models, rows, opt, cfg, torch.Generator().manual_seed(cfg.seed * 7919 + step),
                                     d.world)
         t_train = time.time() - t0
+        watch.check(step, grad_norm=stats_acc.get("grad_norm"))   # before this step's checkpoint
         step += 1
         bad = bad + 1 if skipped else 0
         if skipped and common.is_main():
             print(f"warning: non-finite loss or gradient at PPO step {step}: update skipped ({bad} in a row)",
                   file=sys.stderr)
         if bad >= cfg.max_bad_steps:
-            raise FloatingPointError(f"{bad} PPO steps in a row had non-finite losses; stopping "
-                                     f"(last good checkpoint in {cfg.out_dir})")
+            raise common.DivergenceError(f"{bad} PPO steps in a row had non-finite losses or gradients (their updates "
+                                         f"skipped); stopping at step {step}; last checkpoint: "
+                                         f"{common.latest_checkpoint(cfg.out_dir) or 'none'}")
 
         # -- stats ----------------------------------------------------------------------------------------
         def mean(x) -> float:  # over all ranks' rows
@@ -744,10 +756,11 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
                    "entropy": stats_acc.get("entropy_sum", 0.0) / max(1.0, stats_acc.get("tokens", 1.0)),
                    "clipfrac": stats_acc.get("clipfrac", 0.0) / n_micro,
                    "approx_kl": stats_acc.get("approx_kl", 0.0) / n_micro,
+                   "pg_loss": stats_acc.get("pg_loss", 0.0) / n_micro, "vf_loss": stats_acc.get("vf_loss", 0.0) / n_micro,
                    "value_explained_var": explained_variance(per_token(rows, "values"), per_token(rows, "ret"), mask),
                    "response_length": mean(mask.sum(-1)), "eos_rate": mean([r.has_eos for r in rows]),
                    "t_generate": times["t_generate"], "t_score": times["t_score"], "t_train": t_train,
-                   "skipped": float(skipped), "lr": lr}
+                   "grad_norm": stats_acc.get("grad_norm", float("nan")), "skipped": float(skipped), "lr": lr}
         if cfg.adaptive_kl:
             kl_ctl.update(metrics["kl"], cfg.rollout_batch)
         logger.log(step, metrics)

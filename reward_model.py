@@ -242,7 +242,8 @@ class Config:
     eval_every: int = 50
     save_every: int = 50
     keep_last: int = 2
-    resume: str = "false"              # true: continue from the newest good checkpoint (stop if none); auto: also start fresh if none
+    divergence_check: bool = True       # stop when loss/grad-norm leave their recent range (common.Divergence)
+    resume: str = "false"               # true: continue from the newest good checkpoint (stop if none); auto: also start fresh if none
     overwrite: bool = False             # a fresh run (resume false) may delete the checkpoints and logs already in out_dir
     stop_at_step: int = 0
     logger: str = "none"
@@ -439,6 +440,8 @@ def main(argv: list[str] | None = None) -> dict:
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "rm", asdict(cfg))
     bar = common.Progress(total_steps, "reward model", start=step, enabled=cfg.progress)
 
+    ev = {"accuracy": float("nan")}
+    watch = common.Divergence(cfg.out_dir, cfg.divergence_check)
     ev = None                              # the last held-out evaluation in this process
     if step >= total_steps and common.is_main():
         print(f"already at step {step} of {total_steps}: nothing left to train; writing the final model")
@@ -458,10 +461,10 @@ def main(argv: list[str] | None = None) -> dict:
             tot += torch.tensor([float(loss.detach()) * n, float(st["correct"].sum()), n])
         tot = common.all_reduce_sum(tot)
         loss_val = float(tot[0] / tot[2])
-        if not math.isfinite(loss_val):
-            raise FloatingPointError(f"non-finite reward-model loss at step {step}")
         common.allreduce_grads(params)
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+        # before the update: diverged weights are not trained on (their checkpoint, if written, is set aside)
+        watch.check(step, loss=loss_val, grad_norm=float(gnorm) if cfg.grad_clip > 0 else None)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1

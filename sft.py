@@ -81,7 +81,8 @@ class Config:
     eval_every: int = 200
     save_every: int = 500
     keep_last: int = 2
-    resume: str = "false"              # true: continue from the newest good checkpoint (stop if none); auto: also start fresh if none
+    divergence_check: bool = True       # stop when loss/grad-norm leave their recent range (common.Divergence)
+    resume: str = "false"               # true: continue from the newest good checkpoint (stop if none); auto: also start fresh if none
     overwrite: bool = False             # a fresh run (resume false) may delete the checkpoints and logs already in out_dir
     stop_at_step: int = 0               # write a checkpoint and stop after this step (0: run to the end)
     logger: str = "none"                # none | wandb | tensorboard (JSON lines are always written)
@@ -303,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     if step >= total_steps and common.is_main():
         print(f"already at step {step} of {total_steps}: nothing left to train; writing the final model")
     t_last, tokens_seen = time.time(), 0
+    watch = common.Divergence(cfg.out_dir, cfg.divergence_check, ceiling={"loss": math.log(m.config.vocab_size)})
     while step < total_steps:
         lr = common.cosine_lr(step, total_steps, warmup, cfg.lr, cfg.min_lr_ratio)
         for g in opt.param_groups:
@@ -323,9 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
             loss_sum += float(s.detach())
             tokens_seen += int(batch["attention_mask"].sum())
         loss_val = float(common.all_reduce_sum(torch.tensor(loss_sum))) / max(n_global, 1.0)
-        if not math.isfinite(loss_val):
-            raise FloatingPointError(f"non-finite training loss {loss_val} at step {step}; last checkpoint in {cfg.out_dir}")
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+        # before the update: diverged weights are not trained on (their checkpoint, if written, is set aside)
+        watch.check(step, loss=loss_val, grad_norm=float(gnorm) if cfg.grad_clip > 0 else None)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
