@@ -812,7 +812,7 @@ class Divergence:
     not checked. Every rank must see the same values (all-reduced), so that all ranks stop together.
     Rules:
       non-finite  any signal NaN or inf (always on);
-      dead        grad_norm exactly 0: no trainable tensor gets a gradient any more;
+      dead        grad_norm exactly 0 after it was not: no trainable tensor gets a gradient any more;
       jump        any other signal more than max(K * MAD, max(|median|, 1)) above the median of its last
                   WINDOW values (from the second value on): a healthy loss does not double in a step, and
                   noise, warm-up and a drifting KL stay within K median absolute deviations. The gradient
@@ -831,6 +831,15 @@ class Divergence:
         self.out_dir, self.enabled, self.ceiling = out_dir, enabled, ceiling or {}
         self.history: dict[str, list[float]] = {}
         self.lowest: dict[str, float] = {}
+
+    def state_dict(self) -> dict:
+        """The recent values, saved in each checkpoint: a resumed run judges its next steps as the
+        uninterrupted run does."""
+        return {"history": {k: list(v) for k, v in self.history.items()}, "lowest": dict(self.lowest)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.history = {k: list(v) for k, v in sd["history"].items()}
+        self.lowest = dict(sd["lowest"])
 
     def check(self, step: int, **signals: float | None) -> None:
         for name, value in signals.items():
@@ -851,9 +860,10 @@ class Divergence:
             return "is not finite"
         if not self.enabled:
             return ""
-        if name == "grad_norm":
-            return "is exactly 0: no trainable tensor gets a gradient any more (a dead run)" if value == 0 else ""
         recent = self.history.get(name, [])
+        if name == "grad_norm":   # 0 from the start is a run with nothing to learn yet (all rewards 0), not a death
+            dead = value == 0 and any(v > 0 for v in recent)
+            return "is exactly 0 after it was not: no trainable tensor gets a gradient any more (a dead run)" if dead else ""
         if recent:
             med = float(np.median(recent))
             mad = float(np.median(np.abs(np.array(recent) - med)))

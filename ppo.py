@@ -708,6 +708,8 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     if step >= total_steps and common.is_main():
         print(f"already at step {step} of {total_steps}: nothing left to train; writing the final policy")
     watch = common.Divergence(cfg.out_dir, cfg.divergence_check, ceiling={"nll": math.log(pb.config.vocab_size)})
+    if state:
+        watch.load_state_dict(state["divergence"])
     while step < total_steps:
         # -- rollout ------------------------------------------------------------------------------------
         for mod in (pb, models.value_base):
@@ -772,11 +774,11 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
                                         "question": r.record["question"], "response": r.text, "reward": r.score,
                                         "rm_score": r.rm_score}) + "\n")
         bar.update(1, reward=metrics["reward"], kl=metrics["kl"], len=metrics["response_length"])
-        if ck.after_step(step, kl_coef=kl_ctl.value, bad=bad):   # saved; a signal or stop_at_step: stop
+        if ck.after_step(step, kl_coef=kl_ctl.value, bad=bad, divergence=watch.state_dict()):   # saved; a signal or stop_at_step: stop
             common.cleanup_distributed()
             return {"step": step, "stopped": True, "history": history}
     bar.close()
-    ck.finish(step, kl_coef=kl_ctl.value, bad=bad)
+    ck.finish(step, kl_coef=kl_ctl.value, bad=bad, divergence=watch.state_dict())
     if common.is_main():
         pb.save_adapter(os.path.join(cfg.out_dir, "policy_adapter"), "policy")
         # the policy merged into the base: what eval_mmhal.py and serving tools load directly

@@ -442,6 +442,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     ev = {"accuracy": float("nan")}
     watch = common.Divergence(cfg.out_dir, cfg.divergence_check)
+    if state:
+        watch.load_state_dict(state["divergence"])
     ev = None                              # the last held-out evaluation in this process
     if step >= total_steps and common.is_main():
         print(f"already at step {step} of {total_steps}: nothing left to train; writing the final model")
@@ -480,11 +482,11 @@ def main(argv: list[str] | None = None) -> dict:
         logger.log(step, metrics)
         shown = {"eval_acc": ev["accuracy"]} if "eval_accuracy" in metrics else {}
         bar.update(1, loss=loss_val, acc=metrics["train_accuracy"], **shown)
-        if ck.after_step(step, best=best):   # saved every save_every steps; a signal or stop_at_step: stop
+        if ck.after_step(step, best=best, divergence=watch.state_dict()):   # saved every save_every steps; a signal or stop_at_step: stop
             common.cleanup_distributed()
             return {"step": step, "stopped": True}
     bar.close()
-    ck.finish(step, best=best)
+    ck.finish(step, best=best, divergence=watch.state_dict())
     if ev is None and len(edata):   # no step ran here (a resume at the last step): the final model measured once
         ev = evaluate_pairs(rm, edata, eval_idx, cfg.micro_batch, tok.pad_id, d.device)
     final_acc = ev["accuracy"] if ev is not None else None   # None (JSON null): no held-out pairs

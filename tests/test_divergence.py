@@ -68,9 +68,26 @@ def test_a_jump_trips_at_its_step(tmp_path):
 def test_a_zero_gradient_trips(tmp_path):
     w = _watch(tmp_path)
     w.check(0, loss=3.0, grad_norm=0.4)
-    with pytest.raises(common.DivergenceError, match="grad_norm 0 is exactly 0: .*a dead run"):
+    with pytest.raises(common.DivergenceError, match="grad_norm 0 is exactly 0 after it was not: .*a dead run"):
         w.check(1, loss=3.0, grad_norm=0.0)
+    quiet = _watch(tmp_path)          # nothing to learn from the start (PPO with all rewards 0): not a death
+    for step in range(3):
+        quiet.check(step, grad_norm=0.0)
 
+
+
+def test_a_resumed_watch_judges_as_the_uninterrupted_one(tmp_path):
+    """The recent values travel in the checkpoint (plain lists: weights_only loads them): after a resume
+    the same jump trips at the same step; a watch that had forgotten them would let it through."""
+    w = _watch(tmp_path)
+    for step in range(6):
+        w.check(step, loss=2.0 + 0.01 * step)
+    torch.save({"divergence": w.state_dict()}, tmp_path / "sd.pt")
+    resumed = _watch(tmp_path)
+    resumed.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True)["divergence"])
+    with pytest.raises(common.DivergenceError, match="after step 6: loss 5 is far above its recent range"):
+        resumed.check(6, loss=5.0)
+    _watch(tmp_path).check(6, loss=5.0)          # no history: the first value is never a jump
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_non_finite_trips_even_when_the_check_is_off(tmp_path, enabled):
