@@ -638,8 +638,8 @@ class Checkpointer:
         if not found:
             return None
         if ck is None:
-            raise CheckpointError(f"none of the {len(found)} checkpoints in {self.out_dir} can be used:\n"
-                                  + "\n".join(f"  {e}" for _, e in bad))
+            raise CheckpointError(f"none of the {len(found)} checkpoints in {self.out_dir} can be used: "
+                                  + "; ".join(str(e) for _, e in bad))
         if dist.is_initialized():
             dist.barrier()   # every rank has read its checkpoint before rank 0 renames any
         for p, e in bad:
