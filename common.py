@@ -412,10 +412,10 @@ def state_digest(x: Any) -> str:
 
     def walk(v: Any) -> None:
         if isinstance(v, torch.Tensor):
-            t = v.detach().cpu().contiguous()
+            t = v.detach().cpu()
             h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
-            if t.numel():
-                h.update(t.reshape(-1).view(torch.uint8).numpy())
+            if t.numel():   # a copy: .numpy() marks the storage it sees unresizable, and FSDP resizes its own
+                h.update(t.reshape(-1).clone().view(torch.uint8).numpy())
         elif isinstance(v, dict):
             h.update(f"D{len(v)};".encode())
             for k, u in v.items():

@@ -563,7 +563,7 @@ def test_stage_with_a_bad_model_folder_exits_2(tiny_world, tmp_path, case):
     r = subprocess.run([sys.executable, "sft.py"] + sum(([f"--{k}", str(v)] for k, v in args.items()), []),
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    want = {"missing": f"model folder {d} does not exist", "bad_json": f"{d}/config.json is not valid JSON",
+    want = {"missing": f"--model_path {d}: no such folder", "bad_json": f"{d}/config.json is not valid JSON",
             "nan": f"{d}/model.safetensors: tensor 'language_model.model.norm.weight' holds 1 NaN / 0 inf values"}
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert lines[-1].startswith(f"error: {want[case]}"), r.stderr[-3000:]
