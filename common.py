@@ -177,6 +177,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}, but torch sees no CUDA GPU (a CPU-only build, or no driver)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     return dev
 
 
@@ -539,17 +541,24 @@ def truncate_jsonl(path: str, step: int) -> int:
     return len(lines) - len(keep)
 
 
+def resume_mode(resume: str | bool) -> str:
+    """--resume as one of RESUME_MODES (a bool from an older config reads as "true" / "false")."""
+    mode = str(resume).lower()
+    if mode not in RESUME_MODES:
+        raise ConfigError(f"--resume must be one of {', '.join(RESUME_MODES)}, got {resume!r}")
+    return mode
+
+
 def check_resume(out_dir: str, resume: str, overwrite: bool = False) -> list[str]:
     """--resume and --overwrite against the checkpoints out_dir holds (see Checkpointer): the stages call it
     before any model loads, the Checkpointer again when it starts. -> those checkpoints."""
-    if str(resume).lower() not in RESUME_MODES:
-        raise ConfigError(f"--resume must be one of {', '.join(RESUME_MODES)}, got {resume!r}")
+    mode = resume_mode(resume)
     found = _checkpoints(out_dir)
-    if str(resume).lower() == "false" and found and not overwrite:
+    if mode == "false" and found and not overwrite:
         steps = [checkpoint_step(p) for p in found]
         raise CheckpointError(f"{out_dir} holds checkpoints of an earlier run ({len(found)}, steps {steps[0]}..{steps[-1]}); "
                               f"continue it with --resume true, or start over with --overwrite true (deletes them)")
-    if str(resume).lower() == "true" and not found:
+    if mode == "true" and not found:
         raise CheckpointError(f"--resume true: no checkpoint in {out_dir} to resume from "
                               f"(--resume auto starts fresh when there is none)")
     return found
@@ -558,8 +567,8 @@ def check_resume(out_dir: str, resume: str, overwrite: bool = False) -> list[str
 class Checkpointer:
     """Exact resume for a stage's loop. A checkpoint, out_dir/ckpt_{step:07d}.pt, holds everything that
     decides the rest of the run: the trainable weights of `model`, the optimizer, the sampler's position,
-    every RNG (and `generator`, the rollout sampler of each rank), the step, the stage's extras, the config
-    and a checksum of all of it. The last cfg.keep_last are kept (by step). SIGTERM/SIGINT only set a flag:
+    every RNG (and `generator`, the rollout sampler of each rank), the recent values of `watch` (the
+    run's Divergence), the step, the stage's extras, the config and a checksum of all of it. The last cfg.keep_last are kept (by step). SIGTERM/SIGINT only set a flag:
     the loop finishes its step, writes a checkpoint and returns, so a preempted job goes on with
     --resume true as if never stopped. FSDP-sharded weights and optimizer state are saved whole: the file
     is the one a single process writes.
@@ -582,15 +591,14 @@ class Checkpointer:
     LOGS = ("metrics.jsonl", "samples.jsonl")   # cut back to the resumed step
 
     def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, watch: "Divergence | None" = None):
         self.out_dir, self.keep_last = cfg.out_dir, cfg.keep_last
         self.save_every, self.stop_at_step = cfg.save_every, cfg.stop_at_step
-        self.resume_mode = str(getattr(cfg, "resume", "false")).lower()
+        self.resume_mode = resume_mode(getattr(cfg, "resume", "false"))
         self.overwrite = bool(getattr(cfg, "overwrite", False))
-        if self.resume_mode not in RESUME_MODES:
-            raise ConfigError(f"--resume must be one of {', '.join(RESUME_MODES)}, got {self.resume_mode!r}")
         self.config = asdict(cfg)
         self.model, self.optimizer, self.sampler, self.generator = model, optimizer, sampler, generator
+        self.watch = watch
         if is_main():
             for p in sweep_stale_temps(self.out_dir):
                 print(f"removed {p}: the temporary file of a checkpoint write that was killed")
@@ -629,14 +637,14 @@ class Checkpointer:
         -> {"step": ..., and the extras given to save}, or None when out_dir has no checkpoint.
         CheckpointError when there are checkpoints but none verifies, or one does not fit this model."""
         found, bad, ck, path = _checkpoints(self.out_dir), [], None, None
+        if not found:
+            return None
         for path in reversed(found):
             try:
                 ck = load_checkpoint(path)
                 break
             except CheckpointError as e:
                 bad.append((path, e))
-        if not found:
-            return None
         if ck is None:
             raise CheckpointError(f"none of the {len(found)} checkpoints in {self.out_dir} can be used: "
                                   + "; ".join(str(e) for _, e in bad))
@@ -658,6 +666,8 @@ class Checkpointer:
         if self.generator is not None:
             rank = dist.get_rank() if dist.is_initialized() else 0
             self.generator.set_state(gens[rank])
+        if self.watch is not None:
+            self.watch.load_state_dict(ck.pop("divergence"))
         saved = ck.pop("config")
         changed = {k: (saved.get(k), v) for k, v in self.config.items()
                    if k not in _RUN_CONTROL and k in saved and saved[k] != v}
@@ -685,6 +695,8 @@ class Checkpointer:
                 gens = [None] * dist.get_world_size()
                 dist.all_gather_object(gens, self.generator.get_state().cpu())
             state["gen"] = gens
+        if self.watch is not None:
+            state["divergence"] = self.watch.state_dict()
         path = os.path.join(self.out_dir, f"ckpt_{step:07d}.pt")
         if keep:
             state = {"format": CHECKPOINT_FORMAT, **state, "checksum": state_digest(state)}
@@ -962,12 +974,6 @@ def _check_out(name: str, path: str, folder: bool) -> None:
         raise ConfigError(f"--{name} {path}: cannot be created, {parent} is not a writable folder")
 
 
-def _check_device(name: str, value: str) -> None:
-    dev = resolve_device(value)
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"--{name} {value}, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
-
-
 def check_config(cfg, required: tuple[str, ...] = (), positive: tuple[str, ...] = (), nonneg: tuple[str, ...] = (),
                  fractions: tuple[str, ...] = (), choices: dict[str, tuple] | None = None,
                  files: tuple[str, ...] = (), dirs: tuple[str, ...] = (), out_dirs: tuple[str, ...] = (),
@@ -1012,7 +1018,7 @@ def check_config(cfg, required: tuple[str, ...] = (), positive: tuple[str, ...] 
         if getattr(cfg, name):
             _check_out(name, getattr(cfg, name), folder=False)
     if device:
-        _check_device(device, getattr(cfg, device))
+        resolve_device(getattr(cfg, device))
     if hasattr(cfg, "resume") and hasattr(cfg, "out_dir"):   # a run that checkpoints: refused now, not after a load
         check_resume(cfg.out_dir, cfg.resume, getattr(cfg, "overwrite", False))
 

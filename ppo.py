@@ -605,8 +605,7 @@ def check_rm_budget(cfg: Config, records: list[dict]) -> int:
     -> the longest input before the response. (The RM re-encodes the decoded response text: for normal text
     that is at most the generated ids; byte-level garbage can re-encode longer and still stops the run.)"""
     RM.check_rm_dir(cfg.rm_dir)
-    path = os.path.join(cfg.rm_dir, "rm_config.json")
-    meta = json.load(open(path))
+    meta = RM.read_rm_config(cfg.rm_dir)
     tok, rm_tok = data.Tokenizer(cfg.tokenizer or cfg.model_path), data.Tokenizer(meta["tokenizer"])
     if cfg.rm_base_path and rm_tok.sp.serialized_model_proto() != tok.sp.serialized_model_proto():
         return 0  # build_models refuses a second base with another tokenizer
@@ -625,7 +624,7 @@ def check_rm_budget(cfg: Config, records: list[dict]) -> int:
             worst, worst_id = data.text_len(ids), rec["id"]
     if worst + cfg.max_new_tokens > meta["max_len"]:
         raise common.ConfigError(
-            f"the reward model's max_len {meta['max_len']} ({path}; the image counted as one id) is too small: "
+            f"the reward model's max_len {meta['max_len']} ({os.path.join(cfg.rm_dir, 'rm_config.json')}; the image counted as one id) is too small: "
             f"prompt {worst_id!r} of {cfg.prompts_path} with its facts and the rating request is {worst} ids, "
             f"+ --max_new_tokens {cfg.max_new_tokens} = {worst + cfg.max_new_tokens}, and the RM never cuts a "
             f"response; lower --max_new_tokens or --max_prompt_len, or use an RM trained with a larger max_len")
@@ -697,7 +696,8 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000 + d.rank)   # rollout sampling
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
-    ck = common.Checkpointer(cfg, _Trainable(models), opt, sampler, generator=gen)
+    watch = common.Divergence(cfg.out_dir, cfg.divergence_check, ceiling={"nll": math.log(pb.config.vocab_size)})
+    ck = common.Checkpointer(cfg, _Trainable(models), opt, sampler, generator=gen, watch=watch)
     step, bad = 0, 0
     if state := ck.start():   # as --resume says: fresh, resumed, or refused
         step, bad, kl_ctl.value = state["step"], state["bad"], state["kl_coef"]
@@ -707,9 +707,6 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     history = []
     if step >= total_steps and common.is_main():
         print(f"already at step {step} of {total_steps}: nothing left to train; writing the final policy")
-    watch = common.Divergence(cfg.out_dir, cfg.divergence_check, ceiling={"nll": math.log(pb.config.vocab_size)})
-    if state:
-        watch.load_state_dict(state["divergence"])
     while step < total_steps:
         # -- rollout ------------------------------------------------------------------------------------
         for mod in (pb, models.value_base):
@@ -774,11 +771,11 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
                                         "question": r.record["question"], "response": r.text, "reward": r.score,
                                         "rm_score": r.rm_score}) + "\n")
         bar.update(1, reward=metrics["reward"], kl=metrics["kl"], len=metrics["response_length"])
-        if ck.after_step(step, kl_coef=kl_ctl.value, bad=bad, divergence=watch.state_dict()):   # saved; a signal or stop_at_step: stop
+        if ck.after_step(step, kl_coef=kl_ctl.value, bad=bad):   # saved; a signal or stop_at_step: stop
             common.cleanup_distributed()
             return {"step": step, "stopped": True, "history": history}
     bar.close()
-    ck.finish(step, kl_coef=kl_ctl.value, bad=bad, divergence=watch.state_dict())
+    ck.finish(step, kl_coef=kl_ctl.value, bad=bad)
     if common.is_main():
         pb.save_adapter(os.path.join(cfg.out_dir, "policy_adapter"), "policy")
         # the policy merged into the base: what eval_mmhal.py and serving tools load directly

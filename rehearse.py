@@ -19,8 +19,6 @@ All ranks hold the same amount (the data is split evenly; FSDP shards evenly), s
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import sys
 import time
 import weakref
@@ -446,7 +444,7 @@ def run_stage(stage: str, argv: list[str], ranks: int, decode_steps: int | None 
         rm_mcfg = model_config(cfg.rm_base_path, "") if cfg.rm_base_path else None
         rm_max_len = RM.Config.max_len
         if cfg.rm_dir:
-            rm_max_len = json.load(open(os.path.join(cfg.rm_dir, "rm_config.json")))["max_len"]
+            rm_max_len = RM.read_rm_config(cfg.rm_dir)["max_len"]
         res = rehearse_ppo(cfg, mcfg, ranks, rm_mcfg, rm_max_len, decode_steps=decode_steps)
         what = (f"micro {cfg.micro_batch}, prompt {cfg.max_prompt_len} + {cfg.max_new_tokens} new"
                 + (f", RM+critic on {rm_mcfg.hidden}x{rm_mcfg.layers} {rm_mcfg.image_size}px" if rm_mcfg else "")

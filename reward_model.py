@@ -141,11 +141,7 @@ class RewardScorer:
         (PPO keeps policy, reference, value and reward adapters on one). The facts mode the RM was trained
         with (rm_config.json "facts": captions | none) is kept; a keyword given here wins over any saved value."""
         from safetensors.torch import load_file
-        meta_path = os.path.join(rm_dir, "rm_config.json")
-        meta = data.load_json(meta_path)
-        lacks = [k for k in ("model_path", "tokenizer", "system", "rm_template", "max_len") if k not in meta]
-        if not isinstance(meta, dict) or lacks:
-            raise ModelError(f"{meta_path}: not a reward model's config (lacks {lacks or 'everything'})")
+        meta = read_rm_config(rm_dir)
         if base is None:
             base = M.LLaVA.from_pretrained(meta["model_path"], vision_tower=meta.get("vision_tower") or None,
                                            dtype=dtype, device=device)
@@ -431,7 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
     sampler = data.ResumableSampler(len(pdata), rank=d.rank, world_size=d.world, seed=cfg.seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    ck = common.Checkpointer(cfg, rm, opt, sampler)
+    watch = common.Divergence(cfg.out_dir, cfg.divergence_check)
+    ck = common.Checkpointer(cfg, rm, opt, sampler, watch=watch)
     step, best = 0, -1.0                  # best: the held-out accuracy of out_dir/best
     if state := ck.start():   # as --resume says: fresh, resumed, or refused
         step, best = state["step"], state["best"]
@@ -440,10 +437,6 @@ def main(argv: list[str] | None = None) -> dict:
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "rm", asdict(cfg))
     bar = common.Progress(total_steps, "reward model", start=step, enabled=cfg.progress)
 
-    ev = {"accuracy": float("nan")}
-    watch = common.Divergence(cfg.out_dir, cfg.divergence_check)
-    if state:
-        watch.load_state_dict(state["divergence"])
     ev = None                              # the last held-out evaluation in this process
     if step >= total_steps and common.is_main():
         print(f"already at step {step} of {total_steps}: nothing left to train; writing the final model")
@@ -482,11 +475,11 @@ def main(argv: list[str] | None = None) -> dict:
         logger.log(step, metrics)
         shown = {"eval_acc": ev["accuracy"]} if "eval_accuracy" in metrics else {}
         bar.update(1, loss=loss_val, acc=metrics["train_accuracy"], **shown)
-        if ck.after_step(step, best=best, divergence=watch.state_dict()):   # saved every save_every steps; a signal or stop_at_step: stop
+        if ck.after_step(step, best=best):   # saved every save_every steps; a signal or stop_at_step: stop
             common.cleanup_distributed()
             return {"step": step, "stopped": True}
     bar.close()
-    ck.finish(step, best=best, divergence=watch.state_dict())
+    ck.finish(step, best=best)
     if ev is None and len(edata):   # no step ran here (a resume at the last step): the final model measured once
         ev = evaluate_pairs(rm, edata, eval_idx, cfg.micro_batch, tok.pad_id, d.device)
     final_acc = ev["accuracy"] if ev is not None else None   # None (JSON null): no held-out pairs
@@ -514,6 +507,18 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"
     out: str = ""                       # optional JSON file for the table
+
+
+def read_rm_config(rm_dir: str) -> dict:
+    """rm_dir/rm_config.json, what save_rm wrote: ModelError naming the file when it lacks a field the
+    reward model is rebuilt from."""
+    path = os.path.join(rm_dir, "rm_config.json")
+    meta = data.load_json(path)
+    lacks = [k for k in ("model_path", "tokenizer", "system", "rm_template", "max_len") if k not in meta] \
+        if isinstance(meta, dict) else None
+    if lacks is None or lacks:
+        raise ModelError(f"{path}: not a reward model's config (lacks {lacks or 'everything'})")
+    return meta
 
 
 def check_rm_dir(rm_dir: str) -> None:

@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
                             foreach=True)
 
     # -- checkpoints: resume, save_every, SIGTERM ---------------------------------------------------------
-    ck = common.Checkpointer(cfg, m, opt, sampler)   # under FSDP m's parameters are the shards: saved whole
+    watch = common.Divergence(cfg.out_dir, cfg.divergence_check, ceiling={"loss": math.log(m.config.vocab_size)})
+    ck = common.Checkpointer(cfg, m, opt, sampler, watch=watch)   # under FSDP m's parameters are the shards: saved whole
     step = 0
     if state := ck.start():   # as --resume says: fresh, resumed, or refused
         step = state["step"]
@@ -304,9 +305,6 @@ def main(argv: list[str] | None = None) -> dict:
     if step >= total_steps and common.is_main():
         print(f"already at step {step} of {total_steps}: nothing left to train; writing the final model")
     t_last, tokens_seen = time.time(), 0
-    watch = common.Divergence(cfg.out_dir, cfg.divergence_check, ceiling={"loss": math.log(m.config.vocab_size)})
-    if state:
-        watch.load_state_dict(state["divergence"])
     while step < total_steps:
         lr = common.cosine_lr(step, total_steps, warmup, cfg.lr, cfg.min_lr_ratio)
         for g in opt.param_groups:
@@ -344,13 +342,13 @@ def main(argv: list[str] | None = None) -> dict:
             t_last, tokens_seen = time.time(), 0
             logger.log(step, metrics)
         bar.update(1, loss=loss_val, lr=lr, **({"eval": last_eval} if "eval_loss" in metrics else {}))
-        if ck.after_step(step, divergence=watch.state_dict()):   # saved every save_every steps; a signal or stop_at_step: saved, stop
+        if ck.after_step(step):   # saved every save_every steps; a signal or stop_at_step: saved, stop
             common.cleanup_distributed()
             return {"step": step, "loss": loss_val, "stopped": True}
     bar.close()
 
     # -- final model -------------------------------------------------------------------------------------
-    ck.finish(step, divergence=watch.state_dict())
+    ck.finish(step)
     final = os.path.join(cfg.out_dir, "final")
     if cfg.fsdp and dist.is_initialized():
         m = unsharded_copy(train_m, m.config)   # collective; rank 0 gets a plain model, others None
