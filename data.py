@@ -34,11 +34,17 @@ IMAGE_PLACEHOLDER = "<image>"
 EOS_TEXT = "</s>"
 VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                     "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+# LLaVA's "llava_v1" conversation mode: the same format, the system sentence says "human" (SPEC §9: the
+# official MMHal-Bench answers were generated with it).
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+CONV_MODES = {"vicuna_v1": VICUNA_V1_SYSTEM, "llava_v1": LLAVA_V1_SYSTEM}
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# SPEC §1: the pad colour is round(mean * 255). (The reference code truncates, giving (122, 116, 104).)
-PAD_FILL = tuple(int(round(m * 255)) for m in CLIP_MEAN)  # (123, 117, 104)
+# SPEC §1: the pad colour is int(mean * 255), truncated, as LLaVA's expand2square call computes it and
+# every released checkpoint was trained with.
+PAD_FILL = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104)
 # Refuse images above this many pixels before decoding them (PIL's own default threshold), and images
 # whose square padding (expand2square, max(w, h) ** 2 pixels) would be larger: a 1 x 80,000,000 strip
 # has fewer pixels than this but pads to 6.4e15.
