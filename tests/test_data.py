@@ -360,7 +360,8 @@ def test_preprocess_matches_clip_image_processor(kind, tmp_path, clip):
     assert img.mode == "RGB" and np.array_equal(np.asarray(img), rgb)
     for S in (24, 224):
         proc = clip(S)
-        fill = tuple(int(round(m * 255)) for m in proc.image_mean)
+        fill = tuple(int(m * 255) for m in proc.image_mean)   # LLaVA's expand2square call: truncated
+        assert fill == (122, 116, 104)
         ref = proc(Image.fromarray(_pad_square(rgb, fill)), return_tensors="np")["pixel_values"][0]
         ours = data.preprocess_image(img, S)
         assert ours.dtype == torch.float32 and tuple(ours.shape) == (3, S, S)
