@@ -800,6 +800,12 @@ class Progress:
             sys.stderr.write("\n")
 
 
+def constant_lr(step: int, warmup: int, base_lr: float) -> float:
+    """transformers' constant schedule with warm-up (the official RM's): factor step / warmup while
+    step < warmup (0 at the first step), then 1."""
+    return base_lr * step / warmup if step < warmup else base_lr
+
+
 def cosine_lr(step: int, total: int, warmup: int, base_lr: float, min_ratio: float = 0.0) -> float:
     """Linear warmup for `warmup` steps, then cosine decay to base_lr * min_ratio at `total`."""
     if warmup > 0 and step < warmup:

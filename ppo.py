@@ -446,9 +446,10 @@ def score_passes(models: Models, rows: list[Row], cfg: Config) -> None:
         r.logp, r.ref_logp, r.values = lp[:n], rlp[:n], v[:n]
 
 
-def rewards(models: Models, rows: list[Row], cfg: Config, reward_fn: Callable | None = None) -> None:
+def rewards(models: Models, rows: list[Row], cfg: Config, reward_fn: Callable | None = None, step: int = 0) -> None:
     """Each row's sequence reward, into the rows: the reward model's score of the response with the
-    record's facts and the image at the RM's size (or reward_fn's), plus the symbolic terms."""
+    record's facts (in this step's order for the prompt) and the image at the RM's size (or reward_fn's),
+    plus the symbolic terms."""
     recs, texts = [r.record for r in rows], [r.text for r in rows]
     if reward_fn is not None:
         rm = torch.as_tensor(reward_fn(recs, texts, per_token(rows, "response"), per_token(rows, "mask")),
@@ -458,7 +459,7 @@ def rewards(models: Models, rows: list[Row], cfg: Config, reward_fn: Callable | 
         items = [{"id": str(rec["id"]), "image": r.images.get(S), "response": r.text, "facts": rec.get("facts") or [],
                   "conversations": [{"from": "human", "value": ("<image>\n" if r.images else "") + rec["question"]}]}
                  for r, rec in zip(rows, recs)]
-        rm = torch.tensor(models.scorer.score(items), dtype=torch.float32)
+        rm = torch.tensor(models.scorer.score(items, use=step), dtype=torch.float32)
     sym = symbolic_rewards(texts, [r.has_eos for r in rows], [len(r.response) for r in rows], recs,
                            cfg.no_eos_penalty, cfg.length_penalty, cfg.length_budget, cfg.correct_scale,
                            cfg.mc_reward, cfg.yesno_reward)
@@ -470,9 +471,10 @@ def rewards(models: Models, rows: list[Row], cfg: Config, reward_fn: Callable | 
 
 
 def rollout(models: Models, tok: data.Tokenizer, items: list[dict], records: list[dict], cfg: Config,
-            gen: torch.Generator, reward_fn: Callable | None = None) -> tuple[list[Row], dict[str, float]]:
+            gen: torch.Generator, reward_fn: Callable | None = None, step: int = 0) -> tuple[list[Row], dict[str, float]]:
     """Sample a response to each prompt (PromptDataset items) and everything the update needs of it,
-    micro_batch prompts at a time. -> (rows, seconds spent generating and scoring)."""
+    micro_batch prompts at a time; `step` (the PPO step) draws the facts' order the RM sees.
+    -> (rows, seconds spent generating and scoring)."""
     sizes = {models.policy_base.config.image_size, models.value_base.config.image_size}
     rows, t = [], {"t_generate": 0.0, "t_score": 0.0}
     for i in range(0, len(items), cfg.micro_batch):
@@ -481,7 +483,7 @@ def rollout(models: Models, tok: data.Tokenizer, items: list[dict], records: lis
         sample(models.policy_base, tok, part, cfg, gen)
         t1 = time.time()
         score_passes(models, part, cfg)
-        rewards(models, part, cfg, reward_fn)
+        rewards(models, part, cfg, reward_fn, step)
         t["t_generate"] += t1 - t0
         t["t_score"] += time.time() - t1
         rows += part
@@ -595,13 +597,18 @@ def toy_reward_fn(spec: str) -> Callable:
     return lambda recs, texts, resp, mask: torch.tensor([float(word.lower() in t.lower()) for t in texts])
 
 
+FACTS_ORDER_SLACK = 8
+
+
 def check_rm_budget(cfg: Config, records: list[dict]) -> int:
     """Before any model loads: refuse (ConfigError) a run whose reward-model inputs can exceed the RM's
     max_len, since reward_model.build_rm_ids never cuts a response and would stop the run mid-way. For
     every prompt of `records` (read_ppo_prompts) that PromptDataset keeps (max_prompt_len, the image
     counted as one id), the RM input as
     rollout() builds it (the RM's tokenizer, system sentence, rating request, facts mode and the facts'
-    order for this seed and id) plus max_new_tokens response ids, the image counted as one.
+    order for this seed and id at step 0) plus max_new_tokens response ids, the image counted as one,
+    plus FACTS_ORDER_SLACK ids: another order of the same facts can encode a few ids longer where the last
+    fact meets the text after it.
     -> the longest input before the response. (The RM re-encodes the decoded response text: for normal text
     that is at most the generated ids; byte-level garbage can re-encode longer and still stops the run.)"""
     RM.check_rm_dir(cfg.rm_dir)
@@ -609,19 +616,22 @@ def check_rm_budget(cfg: Config, records: list[dict]) -> int:
     tok, rm_tok = data.Tokenizer(cfg.tokenizer or cfg.model_path), data.Tokenizer(meta["tokenizer"])
     if cfg.rm_base_path and rm_tok.sp.serialized_model_proto() != tok.sp.serialized_model_proto():
         return 0  # build_models refuses a second base with another tokenizer
-    template, rm_template = data.Template(system=cfg.system), data.Template(system=meta["system"])
+    template = data.Template(system=cfg.system)
+    kw = RM.rm_settings(meta)
+    rm_template, request, order = data.Template(system=kw["system"]), kw["request"], kw["facts_order"]
     worst, worst_id = 0, None
     for rec in records:
         has_image = rec.get("image") is not None
         prompt = data.tokenize_prompt(rec["question"], tok, template, 1, has_image=has_image)
         if data.text_len(prompt) > cfg.max_prompt_len:
             continue                                         # PromptDataset drops it
-        facts = (rec.get("facts") or []) if meta.get("facts", "captions") != "none" else []
+        facts = (rec.get("facts") or []) if kw["facts"] != "none" else []
+        facts = RM.facts_order(facts, cfg.seed, RM.rm_key(str(rec["id"]), order, 0), order)
         conv = [{"from": "human", "value": ("<image>\n" if has_image else "") + rec["question"]}]
-        ids = RM.build_rm_ids(conv, "", RM.format_facts(facts, cfg.seed, str(rec["id"])), rm_tok, rm_template,
-                              meta["rm_template"], 1, 1 << 30)
-        if data.text_len(ids) > worst:
-            worst, worst_id = data.text_len(ids), rec["id"]
+        ids = RM.build_rm_ids(conv, "", request.fill(facts), rm_tok, rm_template, 1, 1 << 30)
+        n = data.text_len(ids) + (FACTS_ORDER_SLACK if len(facts) > 1 and order != "none" else 0)
+        if n > worst:
+            worst, worst_id = n, rec["id"]
     if worst + cfg.max_new_tokens > meta["max_len"]:
         raise common.ConfigError(
             f"the reward model's max_len {meta['max_len']} ({os.path.join(cfg.rm_dir, 'rm_config.json')}; the image counted as one id) is too small: "
@@ -713,7 +723,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
             mod.eval()
         with kernels.packed_cpu_linear(cfg.compile and d.device.type == "cpu"):   # generation and scoring
             rows, times = rollout(models, tok, [prompts[j] for j in sampler.take(per_rank)], records, cfg, gen,
-                                  reward_fn)
+                                  reward_fn, step)
         t0 = time.time()
         seq_kl = advantages(rows, cfg, kl_ctl.value)
         # the rollout's KL to the reference and -log p of the policy's own samples (ln V: uniform) per token,

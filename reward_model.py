@@ -12,6 +12,11 @@ Train (7B, 8 GPUs; --facts none gives the paper's plain RM baseline):
 Evaluate accuracy with and without facts:
     python reward_model.py eval --rm_dir runs/rm/best --data_path prefs_heldout.json \
         --image_folder tiny_out/images --captions tiny_out/captions.json
+The exact text and ids the RM reads for record K of a file (with a trained RM's settings, or with the
+official prompt files: --request_file fact_rlhf_reward_prompt.txt --facts_intro_file facts_sentence.txt):
+    python reward_model.py render --data_path prefs.json --index 0 --rm_dir runs/rm/best --captions caps.json
+    python reward_model.py render --data_path prefs.json --index 0 --tokenizer vicuna-7b-v1.5 \
+        --request_file my_prompt.txt --facts_intro_file my_facts_sentence.txt --captions caps.json
 Peak memory per GPU of one step at full size, before paying for GPUs (no weights, CPU, seconds):
     python rehearse.py --stage rm --preset llava-rlhf-13b --ranks 8
 Score from Python (ppo.py does this):
@@ -37,51 +42,117 @@ import data
 import model as M
 from weights import ModelError, check_finite
 
-# The rating request appended after the candidate's "</s>". Written in this project's own words; any
-# text with one "{facts}" slot can replace it (--template_file), e.g. the prompt a released RM was
-# trained with. The reward is read at the hidden state of its last token.
-DEFAULT_TEMPLATE = (
+# ----------------------------------------------------------------------------------------------------
+# The rating request (SPEC §4, §9): the text after the candidate's "</s>", where the reward is read.
+#
+# Its format follows the official loader's rules, so that a user's copy of the prompt file a released RM
+# was trained with, and of its facts sentence, gives the model byte-identical input:
+#   1. the request file is read as one space + its text stripped of surrounding whitespace;
+#   2. when the text holds a "{factual_prompt}" slot, the whole text is filled by Python's str.format
+#      (so "{{" and "}}" write single braces, and any other "{name}" is an error); without the slot the
+#      text is used literally, braces and all;
+#   3. the slot receives the facts sentence (a file read byte for byte: it should end with a newline),
+#      then one "  - FACT\n" line per fact, in an order drawn per use (facts_order); no facts: nothing;
+#   4. the model reads: the conversation with the candidate as the last assistant turn, its "</s>", then
+#      the filled request; the score is read at the request's last token.
+# `python reward_model.py render` prints that text and its ids for a record. This project's own wording
+# is the default; the official texts are never shipped: pass them as files.
+FACTS_SLOT = "{factual_prompt}"
+DEFAULT_REQUEST = (
     "USER: Now judge your previous answer. Consider four qualities.\n"
     "1. Accurate: every statement must be true of the image; nothing may be invented or contradict what "
-    "is shown.{facts}\n"
+    "is shown. {factual_prompt}\n"
     "2. Helpful: it answers what was asked and gives useful detail.\n"
     "3. Natural: it reads as fluent, plain language.\n"
     "4. Concise: it says what is needed and no more.\n"
     "A good answer is accurate, helpful, natural and concise. "
     "ASSISTANT: Judged by these qualities, the quality score of my last response is"
 )
-FACTS_INTRO = " To be accurate, the answer must agree with these captions of the image:"
+DEFAULT_FACTS_INTRO = "To be accurate, the answer must agree with these captions of the image:\n"
+FACTS_ORDERS = ("use", "epoch", "none")   # a fresh order per use (the official) | per epoch | as given
 
 
-def format_facts(facts: list[str], seed: int | None = None, key: str = "") -> str:
-    """The facts slot: an intro sentence then one `  - caption` line each, in an order shuffled from
-    (seed, key) so the RM cannot learn a position; empty when there are no facts."""
-    if not facts:
-        return ""
+@dataclass(frozen=True)
+class RatingRequest:
+    """text: the request as read (rule 1); facts_intro: the facts sentence, exact bytes."""
+    text: str
+    facts_intro: str = DEFAULT_FACTS_INTRO
+
+    def __post_init__(self):
+        if self.has_slot:
+            try:
+                self.text.format(factual_prompt="")
+            except (KeyError, IndexError, ValueError) as e:   # a stray "{x}" or "{": str.format refuses it
+                raise common.ConfigError(f"the rating request cannot be filled by str.format "
+                                         f"({type(e).__name__}: {e}); write a literal brace as {{{{ or }}}}") from None
+
+    @classmethod
+    def read(cls, request_file: str = "", facts_intro_file: str = "") -> "RatingRequest":
+        """Rule 1 on request_file (default: DEFAULT_REQUEST); the facts sentence read byte for byte."""
+        text = data.read_text(request_file) if request_file else DEFAULT_REQUEST
+        intro = DEFAULT_FACTS_INTRO
+        if facts_intro_file:
+            with open(facts_intro_file, "rb") as f:
+                raw = f.read()
+            try:
+                intro = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise data.DataError(f"not UTF-8 at byte {e.start}", path=facts_intro_file) from None
+        try:
+            return cls(" " + text.strip(), intro)
+        except common.ConfigError as e:
+            raise common.ConfigError(f"{request_file or 'DEFAULT_REQUEST'}: {e}") from None
+
+    @property
+    def has_slot(self) -> bool:
+        return FACTS_SLOT in self.text
+
+    def fill(self, facts: list[str]) -> str:
+        """Rules 2 and 3: the request with these facts (already in their order)."""
+        if not self.has_slot:
+            return self.text
+        block = self.facts_intro + "".join(f"  - {f}\n" for f in facts) if facts else ""
+        return self.text.format(factual_prompt=block)
+
+
+def facts_order(facts: list[str], seed: int, key: str, order: str = "use") -> list[str]:
+    """The facts in the order one use shows them: shuffled from (seed, key) unless order == "none". The
+    caller's key names the use (record id, step, response: rm_key), so a resumed run draws the same
+    orders as an uninterrupted one; the RM cannot learn a position."""
     facts = list(facts)
-    if seed is not None:
+    if order != "none" and len(facts) > 1:
         h = int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:16], 16)
         random.Random(h).shuffle(facts)
-    return FACTS_INTRO + "".join(f"\n  - {f}" for f in facts)
+    return facts
 
 
-def build_rm_ids(conversations: list[dict], response: str, facts_text: str, tok: data.Tokenizer,
-                 template: data.Template, rm_template: str, num_image_tokens: int, max_len: int,
+def rm_key(record_id: str, order: str, use: int | str, epoch: int = 0, response: int = 0) -> str:
+    """The shuffle key of one use: order "use" -> a fresh order per (id, use, response): the official
+    code reshuffles for every text it builds, each response of a pair included; "epoch" -> per (id,
+    epoch), both responses alike (this project's earlier behaviour); "none" -> unused."""
+    return f"{record_id}:{use}:{response}" if order == "use" else f"{record_id}:{epoch}"
+
+
+def rm_text(conversations: list[dict], response: str, request: str, template: data.Template) -> str:
+    """Rule 4: "SYSTEM USER: <image>\\nQ ASSISTANT: RESPONSE</s>" + the filled request. `conversations`
+    ends with the user turn the response answers."""
+    return template.render(data.with_response(conversations, response)) + request
+
+
+def build_rm_ids(conversations: list[dict], response: str, request: str, tok: data.Tokenizer,
+                 template: data.Template, num_image_tokens: int, max_len: int,
                  record_id: str | None = None) -> list[int]:
-    """BOS + "SYSTEM USER: <image>\\nQ ASSISTANT:" + response + </s> + rating request with facts.
-    `conversations` ends with the user turn the response answers. max_len counts the image as ONE id
-    (data.text_len; SPEC §9: the official RM's limit is 2048 text ids). Nothing is ever cut: when the whole
-    does not fit, DataError names the record (record_id) and the lengths."""
-    prefix = data.encode_text(template.render(conversations, add_generation_prompt=True), tok, num_image_tokens)
-    resp = tok.encode(response)
-    tail = [tok.eos_id] + data.encode_text(rm_template.format(facts=facts_text), tok, num_image_tokens, bos=False)
-    ids = prefix + resp + tail
+    """BOS + rm_text encoded as LLaVA encodes a prompt (data.encode_text: "</s>" -> EOS, "<image>" ->
+    num_image_tokens image ids, the pieces between encoded on their own); the score is read at the last id.
+    max_len counts the image as ONE id (data.text_len; SPEC §9: the official RM's limit is 2048 text ids).
+    Nothing is ever cut: when the whole does not fit, DataError names the record and the lengths."""
+    ids = data.encode_text(rm_text(conversations, response, request, template), tok, num_image_tokens)
     n = data.text_len(ids)
     if n > max_len:
         who = f"id {record_id!r}: " if record_id is not None else ""
-        raise data.DataError(f"{who}the reward-model input is {n} ids (prompt {data.text_len(prefix)} + response "
-                             f"{len(resp)} + </s> and rating request {len(tail)}, the image counted as one), more "
-                             f"than max_len {max_len}; the response is never cut")
+        n_req = len(data.encode_text(request, tok, 0, bos=False))
+        raise data.DataError(f"{who}the reward-model input is {n} ids (the rating request {n_req} of them, the "
+                             f"image counted as one), more than max_len {max_len}; the response is never cut")
     return ids
 
 
@@ -127,19 +198,20 @@ class RewardScorer:
     """Score (image, conversation, response, facts) items with a trained RM: batched, left padded, no_grad."""
 
     def __init__(self, m: M.LLaVA, adapter: str, head: M.ScalarHead, tok: data.Tokenizer,
-                 system: str = data.VICUNA_V1_SYSTEM, rm_template: str = DEFAULT_TEMPLATE, max_len: int = 2048,
-                 facts: str = "captions", seed: int = 0, batch_size: int = 8):
+                 system: str = data.VICUNA_V1_SYSTEM, request: RatingRequest = RatingRequest(DEFAULT_REQUEST),
+                 max_len: int = 2048, facts: str = "captions", facts_order: str = "use", seed: int = 0,
+                 batch_size: int = 8):
         self.rm = RewardModel(m, adapter, head)
-        self.tok, self.template, self.rm_template = tok, data.Template(system=system), rm_template
-        self.max_len, self.facts, self.seed, self.batch_size = max_len, facts, seed, batch_size
+        self.tok, self.template, self.request = tok, data.Template(system=system), request
+        self.max_len, self.facts, self.order, self.seed, self.batch_size = max_len, facts, facts_order, seed, batch_size
 
     @classmethod
     def load(cls, rm_dir: str, base: M.LLaVA | None = None, adapter_name: str = "reward", device="cpu",
              dtype: torch.dtype | None = None, **kw) -> "RewardScorer":
         """rm_dir holds adapter_model.safetensors + adapter_config.json (peft layout), head.safetensors and
-        rm_config.json (base model folder, tokenizer, template). `base`: reuse an already-loaded base
-        (PPO keeps policy, reference, value and reward adapters on one). The facts mode the RM was trained
-        with (rm_config.json "facts": captions | none) is kept; a keyword given here wins over any saved value."""
+        rm_config.json (base model folder, tokenizer, template, rating request). `base`: reuse an
+        already-loaded base (PPO keeps policy, reference, value and reward adapters on one). The facts
+        mode and order the RM was trained with are kept; a keyword given here wins over any saved value."""
         from safetensors.torch import load_file
         meta = read_rm_config(rm_dir)
         if base is None:
@@ -160,31 +232,30 @@ class RewardScorer:
             check_finite(t, f"{head_path}: tensor {k!r}")
         head.requires_grad_(False)
         tok = data.Tokenizer(meta["tokenizer"])
-        kw = {"system": meta["system"], "rm_template": meta["rm_template"], "max_len": meta["max_len"],
-              "facts": meta.get("facts", "captions"), **kw}
+        kw = {**rm_settings(meta), **kw}
         return cls(base, adapter_name, head, tok, **kw)
 
-    def encode(self, item: dict, key: str = "") -> list[int]:
-        """The RM's ids of one item; the facts' order is drawn from its id (as in training and PPO), else
-        from `key` (score passes the item's position)."""
+    def encode(self, item: dict, key: str = "", use: int | str = 0) -> list[int]:
+        """The RM's ids of one item: its facts in the order of this use (item id, else `key`, and `use`)."""
         rid = item.get("id")
+        rid = key if rid is None else str(rid)
         facts = (item.get("facts") or []) if self.facts != "none" else []
-        return build_rm_ids(item["conversations"], item["response"],
-                            format_facts(facts, self.seed, key if rid is None else rid), self.tok, self.template,
-                            self.rm_template, self.rm.m.num_image_tokens, self.max_len,
-                            record_id=(key or None) if rid is None else rid)
+        facts = facts_order(facts, self.seed, rm_key(rid, self.order, use), self.order)
+        return build_rm_ids(item["conversations"], item["response"], self.request.fill(facts), self.tok,
+                            self.template, self.rm.m.num_image_tokens, self.max_len, record_id=rid or None)
 
     @torch.no_grad()
-    def score(self, items: list[dict]) -> list[float]:
+    def score(self, items: list[dict], use: int | str = 0) -> list[float]:
         """items: {"image": a path, PIL image or preprocessed (3, S, S) tensor at the RM's size (what PPO
         passes: read once per rollout) or None, "conversations": turns ending with the user's, "response":
-        str, "facts": list[str], "id"} -> one float each, batch_size items per forward."""
+        str, "facts": list[str], "id"} -> one float each, batch_size items per forward. `use` names this
+        scoring in the facts' shuffle (PPO passes its step)."""
         m, S = self.rm.m, self.rm.m.config.image_size
         dev, was = next(m.parameters()).device, m.active_adapter
         out: list[float] = []
         for i in range(0, len(items), self.batch_size):
             chunk = items[i:i + self.batch_size]
-            seqs = [self.encode(it, str(i + j)) for j, it in enumerate(chunk)]
+            seqs = [self.encode(it, str(i + j), use) for j, it in enumerate(chunk)]
             ids, mask = data.left_pad(seqs, self.tok.pad_id)                       # (b, T)
             images = _images_tensor([it.get("image") for it in chunk], S)
             out += self.rm(ids.to(dev), None if images is None else images.to(dev), mask.to(dev)).tolist()
@@ -202,10 +273,14 @@ class Config:
     data_path: str = ""                 # preference records (SPEC §3), .json or .jsonl
     eval_data_path: str = ""            # held-out preferences; empty: hold out eval_size from data_path
     eval_size: int = 500
+    split: str = "random"               # random: a seeded permutation, as the official (torch random_split) | first: the first eval_size
+    split_seed: int = 42                # the official split's seed
     image_folder: str = ""
     captions: str = ""                  # JSON map image file -> list of captions (the facts)
     facts: str = "captions"             # captions (inline facts win when a record has them) | none
-    template_file: str = ""             # rating request with a {facts} slot (default: DEFAULT_TEMPLATE)
+    facts_order: str = "use"            # use: reshuffled for every text built, as the official | epoch | none (as given)
+    request_file: str = ""              # the rating request, read as " " + text.strip(), "{factual_prompt}" slot (default: ours)
+    facts_intro_file: str = ""          # the sentence before the fact lines, read byte for byte (default: ours)
     tokenizer: str = ""                 # default: model_path
     system: str = data.VICUNA_V1_SYSTEM
     max_len: int = 2048                 # prompt + response + rating request, the image counted as one id (SPEC §9)
@@ -220,7 +295,8 @@ class Config:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     # optimisation
     lr: float = 2e-5
-    warmup_ratio: float = 0.03
+    lr_schedule: str = "constant"       # constant after warm-up (the official RM) | cosine (decay to min_lr_ratio)
+    warmup_ratio: float = 0.03          # constant: ceil(ratio x steps) warm-up steps from 0, as transformers; cosine: int(...)
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     epochs: float = 1.0
@@ -247,7 +323,9 @@ class Config:
 
 
 PRESETS = {
-    "tiny": dict(lr=1e-3, lora_r=16, lora_alpha=32.0, global_batch=32, micro_batch=16, epochs=2.0, eval_size=200,
+    # the tiny world keeps the cosine decay and its file-order split (the generated file is already in
+    # random order): its numbers were measured so
+    "tiny": dict(lr_schedule="cosine", split="first", lr=1e-3, lora_r=16, lora_alpha=32.0, global_batch=32, micro_batch=16, epochs=2.0, eval_size=200,
                  eval_every=20, save_every=40, max_len=385, grad_clip=1.0),
     "llava-rlhf-7b": dict(lr=2e-5, global_batch=32, micro_batch=4, grad_clip=0.3, epochs=1.0, eval_every=25,
                           grad_ckpt=True, max_len=2048),
@@ -257,24 +335,25 @@ PRESETS = {
 
 
 class PairData(data._ServeOrSkip):
-    """Preference pairs -> tokenised (ids_1, ids_2, image, preference), facts shuffled per (seed, id, epoch).
-    Lengths are checked up front (with the first epoch's facts order): a pair whose prompt + response +
+    """Preference pairs -> tokenised (ids_1, ids_2, image, preference), the facts in the order of each use
+    (facts_order, keyed by id, `use` = the training step the loop sets, response, or `epoch`).
+    Lengths are checked up front (with use 0's facts order): a pair whose prompt + response +
     rating request exceeds max_len (the image counted as one id; a response is never cut) raises DataError
     naming the record, or with on_error="skip" is dropped and counted in `skipped` and the Skips. An image
     that cannot be read raises DataError naming the file, record and image when the pair is served, or with
     on_error="skip" is counted and the next pair served instead (as SFTDataset does: batch shapes stay)."""
 
-    def __init__(self, records, tok, template, rm_template, captions, facts_mode, image_folder, image_size,
-                 n_img, max_len, seed, on_error: str = "raise", skips: data.Skips | None = None):
+    def __init__(self, records, tok, template, request: RatingRequest, captions, facts_mode, order: str, image_folder,
+                 image_size, n_img, max_len, seed, on_error: str = "raise", skips: data.Skips | None = None):
         super().__init__(image_folder, image_size, on_error, skips)
-        self.tok, self.template, self.rm_template = tok, template, rm_template
-        self.captions, self.facts_mode = captions, facts_mode
+        self.tok, self.template, self.request = tok, template, request
+        self.captions, self.facts_mode, self.order = captions, facts_mode, order
         self.n_img, self.max_len, self.seed = n_img, max_len, seed
-        self.epoch = 0
+        self.epoch, self.use = 0, 0
         self.records, self.keys, self.skipped = [], [], 0
         for i, rec in enumerate(records):
             try:
-                self._ids(rec, rec.get("id", i))
+                self._ids(rec, pair_key(rec, i))
             except data.DataError as e:
                 e = e.at(rec.get("source"), rec.get("index", i))
                 if on_error == "raise":
@@ -283,7 +362,7 @@ class PairData(data._ServeOrSkip):
                 self.skipped += 1
                 continue
             self.records.append(rec)
-            self.keys.append(rec.get("id", i))
+            self.keys.append(pair_key(rec, i))
         if self.skipped:
             print(f"PairData: skipped {self.skipped} of {len(records)} pairs longer than max_len {max_len} "
                   f"(the image counted as one id)", file=sys.stderr)
@@ -296,16 +375,32 @@ class PairData(data._ServeOrSkip):
         conv = rec["conversations"]
         if conv and conv[-1]["from"] == "gpt":
             conv = conv[:-1]  # the reference answer, when present, is replaced by each candidate
-        facts = []
-        if self.facts_mode != "none":
-            facts = list(rec.get("facts") or self.captions.get(rec.get("image") or "", []))
-        ft = format_facts(facts, self.seed, f"{key}:{self.epoch}")
-        return [build_rm_ids(conv, rec[f"output_{k}"]["value"], ft, self.tok, self.template, self.rm_template,
-                             self.n_img if rec.get("image") else 0, self.max_len, record_id=str(key)) for k in (1, 2)]
+        facts = record_facts(rec, self.captions, self.facts_mode)
+        out = []
+        for k in (1, 2):
+            order = facts_order(facts, self.seed, rm_key(str(key), self.order, self.use, self.epoch, k), self.order)
+            out.append(build_rm_ids(conv, rec[f"output_{k}"]["value"], self.request.fill(order), self.tok,
+                                    self.template, self.n_img if rec.get("image") else 0, self.max_len,
+                                    record_id=str(key)))
+        return out
 
     def _item(self, i: int) -> dict:
         rec = self.records[i]
         return {"ids": self._ids(rec, self.keys[i]), "image": self._image(rec), "preference": int(rec["preference"])}
+
+
+def pair_key(rec: dict, i: int = 0) -> str:
+    """A pair's name in the facts' shuffle: its id, else its position in its file (what render shows)."""
+    if rec.get("id") is not None:
+        return str(rec["id"])
+    return f"#{rec.get('index', i)}"
+
+
+def record_facts(rec: dict, captions: dict, mode: str) -> list[str]:
+    """The facts a pair is shown: its own "facts", else the captions of its image; none under mode "none"."""
+    if mode == "none":
+        return []
+    return list(rec.get("facts") or captions.get(rec.get("image") or "", []))
 
 
 def collate_pairs(items: list[dict], pad_id: int) -> dict:
@@ -344,12 +439,15 @@ def evaluate_pairs(rm: RewardModel, pdata: PairData, indices: list[int], batch: 
     return {"accuracy": float(stats[0]) / n, "margin": float(stats[1]) / n, "n": int(stats[2])}
 
 
-def save_rm(out: str, rm: RewardModel, cfg: Config, rm_template: str, tok_path: str, extra: dict) -> None:
-    """Adapter (peft layout) + head + rm_config.json, written to a temp folder and renamed."""
+def save_rm(out: str, rm: RewardModel, cfg: Config, request: RatingRequest, tok_path: str, extra: dict) -> None:
+    """Adapter (peft layout) + head + rm_config.json, written to a temp folder and renamed. The rating
+    request is saved as read (rule 1 applied), so a scorer rebuilds the exact training input."""
     from safetensors.torch import save_file
     meta = {"model_path": os.path.abspath(cfg.model_path), "vision_tower": cfg.vision_tower,
-            "tokenizer": os.path.abspath(tok_path), "system": cfg.system, "rm_template": rm_template,
-            "max_len": cfg.max_len, "facts": cfg.facts, **extra}
+            "tokenizer": os.path.abspath(tok_path), "system": cfg.system, "rm_request": request.text,
+            "facts_intro": request.facts_intro, "max_len": cfg.max_len, "facts": cfg.facts,
+            "facts_order": cfg.facts_order, "seed": cfg.seed, "split": cfg.split, "split_seed": cfg.split_seed,
+            **extra}
 
     def fill(tmp: str) -> None:
         rm.m.save_adapter(tmp, "reward")
@@ -371,18 +469,37 @@ def validate(cfg: Config) -> None:
                 "stop_at_step"),
         fractions=("warmup_ratio", "min_lr_ratio", "lora_dropout"),
         choices={"facts": ("captions", "none"), "on_error": ("raise", "skip"), "dtype": ("auto", *M.DTYPES),
-                 "logger": ("none", "wandb", "tensorboard")},
-        files=("data_path", "eval_data_path", "captions", "template_file"),
+                 "logger": ("none", "wandb", "tensorboard"), "facts_order": FACTS_ORDERS,
+                 "lr_schedule": ("constant", "cosine"), "split": ("random", "first")},
+        files=("data_path", "eval_data_path", "captions", "request_file", "facts_intro_file"),
         dirs=("image_folder", "model_path", "vision_tower"), out_dirs=("out_dir",), device="device")
     if not cfg.lora_targets.strip(","):
         raise common.ConfigError(f"--lora_targets names no module, got {cfg.lora_targets!r}")
     common.check_tokenizer(cfg)
+    request = RatingRequest.read(cfg.request_file, cfg.facts_intro_file)
+    if cfg.facts != "none" and not request.has_slot:
+        raise common.ConfigError(f"--request_file {cfg.request_file}: no {FACTS_SLOT} slot, so the facts "
+                                 f"(--facts {cfg.facts}) would never be shown; add the slot or pass --facts none")
+
+
+def heldout_split(n: int, eval_size: int, split: str = "random", seed: int = 42) -> tuple[list[int], list[int]]:
+    """(training, held-out) record indices. "random" is the official split: torch.utils.data.random_split
+    of the n records into [n - eval_size, eval_size] under a generator seeded with `seed`, i.e. one
+    torch.randperm(n) whose last eval_size entries are held out; "first": the first eval_size in file order."""
+    if eval_size >= n:
+        raise data.DataError(f"--eval_size {eval_size} holds out every one of the {n} pairs; nothing is left to train on")
+    if split == "first":
+        return list(range(eval_size, n)), list(range(eval_size))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return perm[:n - eval_size], perm[n - eval_size:]
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["eval"]:
         return eval_main(argv[1:])
+    if argv[:1] == ["render"]:
+        return render_main(argv[1:])
     cfg = common.parse_config(Config, argv, PRESETS)
     validate(cfg)
     d = common.start_run(cfg)
@@ -390,16 +507,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     tok = data.Tokenizer(cfg.tokenizer or cfg.model_path)
     template = data.Template(system=cfg.system)
-    rm_template = open(cfg.template_file).read() if cfg.template_file else DEFAULT_TEMPLATE
-    if rm_template.count("{facts}") != 1:
-        raise common.ConfigError(f"the reward template must contain one {{facts}} slot ({cfg.template_file or 'default'})")
+    request = RatingRequest.read(cfg.request_file, cfg.facts_intro_file)
     captions = data.load_captions(cfg.captions)
     skips = data.Skips()
     records = data.read_preferences(cfg.data_path, on_error=cfg.on_error, skips=skips)
     if cfg.eval_data_path:
         eval_records = data.read_preferences(cfg.eval_data_path, on_error=cfg.on_error, skips=skips)
     else:
-        eval_records, records = records[:cfg.eval_size], records[cfg.eval_size:]
+        train_idx, eval_idx = heldout_split(len(records), cfg.eval_size, cfg.split, cfg.split_seed)
+        eval_records, records = [records[i] for i in eval_idx], [records[i] for i in train_idx]
 
     m = M.load_model(cfg.model_path, cfg.vision_tower, "", 0, cfg.dtype, d.device)
     m.requires_grad_(False)
@@ -414,16 +530,17 @@ def main(argv: list[str] | None = None) -> dict:
     rm = RewardModel(m, "reward", head).train()
     params = common.fp32_trainable(m.adapter_parameters("reward") + list(head.parameters()))
 
-    pdata, edata = (PairData(recs, tok, template, rm_template, captions, cfg.facts, cfg.image_folder,
+    pdata, edata = (PairData(recs, tok, template, request, captions, cfg.facts, cfg.facts_order, cfg.image_folder,
                              m.config.image_size, m.num_image_tokens, cfg.max_len, cfg.seed, cfg.on_error, skips)
                     for recs in (records, eval_records))
+    edata.use = "eval"   # held-out pairs are shown one fixed order, so evaluations compare
     eval_idx = list(range(d.rank, len(edata), d.world))
 
     steps_per_epoch = len(pdata) // cfg.global_batch
     if steps_per_epoch == 0:
         raise data.DataError(f"{len(pdata)} pairs is fewer than one global batch ({cfg.global_batch})", cfg.data_path)
     total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
-    warmup = int(cfg.warmup_ratio * total_steps)
+    warmup = (math.ceil if cfg.lr_schedule == "constant" else int)(cfg.warmup_ratio * total_steps)
     sampler = data.ResumableSampler(len(pdata), rank=d.rank, world_size=d.world, seed=cfg.seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -441,13 +558,15 @@ def main(argv: list[str] | None = None) -> dict:
     if step >= total_steps and common.is_main():
         print(f"already at step {step} of {total_steps}: nothing left to train; writing the final model")
     while step < total_steps:
-        lr = common.cosine_lr(step, total_steps, warmup, cfg.lr, cfg.min_lr_ratio)
+        lr = (common.constant_lr(step, warmup, cfg.lr) if cfg.lr_schedule == "constant"
+              else common.cosine_lr(step, total_steps, warmup, cfg.lr, cfg.min_lr_ratio))
+        pdata.use = step   # the facts' order of every pair served for this step
         for g in opt.param_groups:
             g["lr"] = lr
         tot = torch.zeros(3)
         for _ in range(accum):
             idx = sampler.take(cfg.micro_batch)
-            pdata.epoch = sampler.epoch  # the facts' order is reshuffled every epoch
+            pdata.epoch = sampler.epoch  # --facts_order epoch: reshuffled every epoch
             b = collate_pairs([pdata[i] for i in idx], tok.pad_id)
             loss, st = pair_loss(rm, b, d.device, cfg.center_coef)
             n = len(b["preference"])
@@ -470,7 +589,7 @@ def main(argv: list[str] | None = None) -> dict:
             if ev["accuracy"] > best:
                 best = ev["accuracy"]
                 if common.is_main():
-                    save_rm(os.path.join(cfg.out_dir, "best"), rm, cfg, rm_template, tok.path,
+                    save_rm(os.path.join(cfg.out_dir, "best"), rm, cfg, request, tok.path,
                             {"step": step, "eval_accuracy": best, "n_eval": len(edata)})
         logger.log(step, metrics)
         shown = {"eval_acc": ev["accuracy"]} if "eval_accuracy" in metrics else {}
@@ -484,7 +603,7 @@ def main(argv: list[str] | None = None) -> dict:
         ev = evaluate_pairs(rm, edata, eval_idx, cfg.micro_batch, tok.pad_id, d.device)
     final_acc = ev["accuracy"] if ev is not None else None   # None (JSON null): no held-out pairs
     if common.is_main():
-        save_rm(os.path.join(cfg.out_dir, "final"), rm, cfg, rm_template, tok.path,
+        save_rm(os.path.join(cfg.out_dir, "final"), rm, cfg, request, tok.path,
                 {"step": step, "eval_accuracy": final_acc, "n_eval": len(edata)})
         if not os.path.exists(os.path.join(cfg.out_dir, "best")):
             shutil.copytree(os.path.join(cfg.out_dir, "final"), os.path.join(cfg.out_dir, "best"))
@@ -504,7 +623,6 @@ class EvalConfig:
     image_folder: str = ""
     captions: str = ""
     batch: int = 8
-    seed: int = 0
     device: str = "auto"
     out: str = ""                       # optional JSON file for the table
 
@@ -514,11 +632,25 @@ def read_rm_config(rm_dir: str) -> dict:
     reward model is rebuilt from."""
     path = os.path.join(rm_dir, "rm_config.json")
     meta = data.load_json(path)
-    lacks = [k for k in ("model_path", "tokenizer", "system", "rm_template", "max_len") if k not in meta] \
+    if isinstance(meta, dict) and "rm_template" in meta and "rm_request" not in meta:
+        raise ModelError(f"{path}: written by an earlier reward_model.py (a {{facts}} template, another fact line "
+                         f"format); its input cannot be rebuilt exactly: retrain the reward model")
+    lacks = [k for k in ("model_path", "tokenizer", "system", "rm_request", "facts_intro", "max_len") if k not in meta] \
         if isinstance(meta, dict) else None
     if lacks is None or lacks:
         raise ModelError(f"{path}: not a reward model's config (lacks {lacks or 'everything'})")
     return meta
+
+
+def rm_settings(meta: dict) -> dict:
+    """rm_config.json -> the RewardScorer keywords that rebuild the training input."""
+    try:
+        request = RatingRequest(meta["rm_request"], meta["facts_intro"])
+    except common.ConfigError as e:
+        raise ModelError(f"rm_config.json: {e}") from None
+    return {"system": meta["system"], "request": request, "max_len": meta["max_len"],
+            "facts": meta.get("facts", "captions"), "facts_order": meta.get("facts_order", "use"),
+            "seed": meta.get("seed", 0)}
 
 
 def check_rm_dir(rm_dir: str) -> None:
@@ -544,8 +676,9 @@ def eval_main(argv: list[str]) -> dict:
     records = data.read_preferences(cfg.data_path)
     rows = {}
     for mode in ("captions", "none"):
-        pd = PairData(records, scorer.tok, scorer.template, scorer.rm_template, captions, mode, cfg.image_folder,
-                      m.config.image_size, m.num_image_tokens, scorer.max_len, cfg.seed)
+        pd = PairData(records, scorer.tok, scorer.template, scorer.request, captions, mode, scorer.order,
+                      cfg.image_folder, m.config.image_size, m.num_image_tokens, scorer.max_len, scorer.seed)
+        pd.use = "eval"   # the order training's held-out evaluation showed
         rows[mode] = evaluate_pairs(scorer.rm, pd, list(range(len(pd))), cfg.batch, scorer.tok.pad_id, dev)
     print(f"reward model {cfg.rm_dir} on {cfg.data_path} ({len(records)} pairs)")
     print(f"{'facts':<10}{'accuracy':>10}{'margin':>10}")
@@ -553,6 +686,89 @@ def eval_main(argv: list[str]) -> dict:
         print(f"{'with' if mode == 'captions' else 'without':<10}{r['accuracy']:>10.3f}{r['margin']:>10.3f}")
     if cfg.out:
         common.atomic_write_text(json.dumps(rows, indent=2), cfg.out)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Render command: the exact text and ids the reward model reads for a record (the tool that ends
+# prompt mix-ups: diff it against what a released RM was trained on).
+
+@dataclass
+class RenderConfig:
+    data_path: str = ""                 # preference records (.json / .jsonl)
+    index: int = 0                      # the record's position in the file, from 0
+    rm_dir: str = ""                    # a trained RM: its tokenizer, system sentence, rating request, facts mode and order
+    tokenizer: str = ""                 # without --rm_dir: a folder holding tokenizer.model, or the file
+    system: str = data.VICUNA_V1_SYSTEM
+    request_file: str = ""              # without --rm_dir: the rating request (default: ours)
+    facts_intro_file: str = ""          # without --rm_dir: the sentence before the fact lines (default: ours)
+    facts: str = "captions"             # without --rm_dir: captions | none
+    facts_order: str = "use"            # without --rm_dir: use | epoch | none
+    seed: int = 0                       # without --rm_dir: the training seed (the shuffle's)
+    captions: str = ""                  # image -> captions map
+    use: str = "0"                      # whose facts order: a training step (facts_order use), or eval (held-out pairs)
+    epoch: int = 0                      # the epoch, for facts_order epoch
+    json: bool = False                  # one JSON object instead of text
+
+
+def render_record(rec: dict, tok: data.Tokenizer, template: data.Template, request: RatingRequest,
+                  captions: dict, facts_mode: str, order: str, seed: int, use: int | str, epoch: int = 0) -> list[dict]:
+    """What PairData builds for one pair, per response: the text, its ids with the image as ONE id -200
+    (as LLaVA's tokenizer_image_token writes it), and the read position (the last id)."""
+    facts = record_facts(rec, captions, facts_mode)
+    has_image = rec.get("image") is not None
+    out = []
+    for k in (1, 2):
+        shown = facts_order(facts, seed, rm_key(pair_key(rec), order, use, epoch, k), order)
+        text = rm_text(rec["conversations"], rec[f"output_{k}"]["value"], request.fill(shown), template)
+        ids = data.encode_text(text, tok, 1 if has_image else 0)
+        out.append({"response": k, "text": text, "ids": ids, "read_at": len(ids) - 1,
+                    "read_id": ids[-1], "read_piece": tok.sp.id_to_piece(ids[-1]), "facts": shown})
+    return out
+
+
+def render_main(argv: list[str]) -> list[dict]:
+    cfg = common.parse_config(RenderConfig, argv)
+    common.check_config(cfg, required=("data_path",), nonneg=("index", "epoch"),
+                        choices={"facts": ("captions", "none"), "facts_order": FACTS_ORDERS},
+                        files=("data_path", "captions", "request_file", "facts_intro_file"), dirs=("rm_dir",))
+    if cfg.rm_dir:
+        check_rm_dir(cfg.rm_dir)
+        given = [f"--{k}" for k in ("tokenizer", "request_file", "facts_intro_file")
+                 if getattr(cfg, k)] + [f"--{k}" for k in ("system", "facts", "facts_order", "seed")
+                                          if getattr(cfg, k) != getattr(RenderConfig, k)]
+        if given:
+            raise common.ConfigError(f"--rm_dir decides {', '.join(given)} (its rm_config.json); drop them")
+        meta = read_rm_config(cfg.rm_dir)
+        kw = rm_settings(meta)
+        tok = data.Tokenizer(meta["tokenizer"])
+        system, request, facts_mode, order, seed = kw["system"], kw["request"], kw["facts"], kw["facts_order"], kw["seed"]
+    else:
+        if not cfg.tokenizer:
+            raise common.ConfigError("--tokenizer is required without --rm_dir")
+        tok = data.Tokenizer(cfg.tokenizer)
+        request = RatingRequest.read(cfg.request_file, cfg.facts_intro_file)
+        system, facts_mode, order, seed = cfg.system, cfg.facts, cfg.facts_order, cfg.seed
+    records = data.read_preferences(cfg.data_path)
+    rec = next((r for r in records if r["index"] == cfg.index), None)
+    if rec is None:
+        raise common.ConfigError(f"--index {cfg.index}: {cfg.data_path} has {len(records)} records (0 to {len(records) - 1})")
+    use = cfg.use if cfg.use == "eval" else int(cfg.use)
+    rows = render_record(rec, tok, data.Template(system=system), request, data.load_captions(cfg.captions),
+                         facts_mode, order, seed, use, cfg.epoch)
+    if cfg.json:
+        print(json.dumps({"index": cfg.index, "id": rec["id"], "responses": rows}, ensure_ascii=False))
+        return rows
+    print(f"record {cfg.index} (id {rec['id']!r}) of {cfg.data_path}: preference {rec['preference']}, "
+          f"image {rec.get('image')!r}, {len(rows[0]['facts'])} facts ({facts_mode}, order {order}, use {use})")
+    for r in rows:
+        print(f"=== output_{r['response']}: {len(r['ids'])} ids, the image as one id -200; the score is read at "
+              f"position {r['read_at']} (id {r['read_id']}, piece {r['read_piece']!r})")
+        print("--- text (between the lines, exactly; repr below) ---")
+        print(r["text"])
+        print("---")
+        print(repr(r["text"]))
+        print("ids:", r["ids"])
     return rows
 
 

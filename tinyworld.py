@@ -1077,8 +1077,8 @@ _GENERIC_TEXT = [
 
 
 def _rating_prompt_lines() -> list[str]:
-    """The reward model's rating request (reward_model.DEFAULT_TEMPLATE), so that it encodes to whole words."""
-    text = reward_model.DEFAULT_TEMPLATE.replace("{facts}", reward_model.FACTS_INTRO)
+    """The reward model's rating request (reward_model.DEFAULT_REQUEST), so that it encodes to whole words."""
+    text = reward_model.RatingRequest.read().fill([]) + " " + reward_model.DEFAULT_FACTS_INTRO
     return [ln for ln in text.split("\n") if ln.strip()]
 
 
@@ -1286,9 +1286,12 @@ def false_claim_rate(data_dir: str, model_dir: str) -> dict:
 
 
 def facts_diagnostic(rm_dir: str, prefs_path: str, data_dir: str, n: int, work_dir: str) -> dict:
-    """Does the Fact-RM read the facts? Held-out accuracy (the first n pairs, the RM's eval split) with the
+    """Does the Fact-RM read the facts? Held-out accuracy (the RM's eval split of n pairs) with the
     right captions, with another image's captions, and with no facts block, by reward_model.py eval."""
-    heldout = data.load_json(prefs_path)[:n]
+    meta = data.load_json(os.path.join(rm_dir, "rm_config.json"))
+    prefs = data.load_json(prefs_path)
+    _, idx = reward_model.heldout_split(len(prefs), n, meta["split"], meta["split_seed"])
+    heldout = [prefs[i] for i in idx]
     caps = data.load_json(os.path.join(data_dir, "captions.json"))
     keys = sorted(caps)
     wrong = {k: caps[o] for k, o in zip(keys, keys[1:] + keys[:1])}   # every image gets its neighbour's captions

@@ -196,7 +196,9 @@ def test_with_fact_rm(tiny_world, tiny_sft, tmp_path):
     items = [{"id": s["id"], "image": str(tiny_world["data"] / "images" / s["image"]), "response": s["response"],
               "conversations": [{"from": "human", "value": "<image>\n" + s["question"]}], "facts": caps[s["image"]]}
              for s in samples]
-    want = RM.RewardScorer.load(str(rm_dir)).score(items)
+    # the facts' order the RM saw is the rollout's step's (logged as the step it led to)
+    scorer = RM.RewardScorer.load(str(rm_dir), seed=0)
+    want = [scorer.score([it], use=s["step"] - 1)[0] for it, s in zip(items, samples)]
     assert len(samples) == 12 and len({round(x, 4) for x in want}) > 1
     assert max(abs(s["rm_score"] - w) for s, w in zip(samples, want)) < 1e-4
 
@@ -340,13 +342,13 @@ def test_second_base_for_reward_and_value(tiny_world, tiny_sft, tmp_path):
     ck = common.load_checkpoint(common.latest_checkpoint(str(tmp_path / "ppo")))["model"]
     assert any("value" in k for k in ck)
     caps = json.load(open(tiny_world["data"] / "captions.json"))
-    scorer = RM.RewardScorer.load(str(rm_dir))
+    scorer = RM.RewardScorer.load(str(rm_dir), seed=0)
     samples = [json.loads(l) for l in open(tmp_path / "ppo" / "samples.jsonl")]
     assert len(samples) == 12 and all(s["image"] for s in samples)
     items = [{"id": s["id"], "image": str(tiny_world["data"] / "images" / s["image"]), "response": s["response"],
               "conversations": [{"from": "human", "value": "<image>\n" + s["question"]}], "facts": caps[s["image"]]}
              for s in samples]
-    want = scorer.score(items)
+    want = [scorer.score([it], use=s["step"] - 1)[0] for it, s in zip(items, samples)]   # the rollout step's facts order
     got = [s["rm_score"] for s in samples]
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, (got, want)
     assert len({round(x, 4) for x in want}) > 1
@@ -630,7 +632,8 @@ def test_rm_budget_refused_before_models_load(tiny_world, tmp_path):
     rm_dir = tmp_path / "rm"
     rm_dir.mkdir()
     meta = {"model_path": str(tmp_path / "nowhere"), "vision_tower": "", "tokenizer": str(tiny_world["tokenizer"]),
-            "system": data.VICUNA_V1_SYSTEM, "rm_template": RM.DEFAULT_TEMPLATE, "max_len": 2048, "facts": "captions"}
+            "system": data.VICUNA_V1_SYSTEM, "rm_request": RM.RatingRequest.read().text,
+            "facts_intro": RM.DEFAULT_FACTS_INTRO, "max_len": 2048, "facts": "captions", "facts_order": "none"}
 
     def run(max_len, facts="captions"):
         json.dump(dict(meta, max_len=max_len, facts=facts), open(rm_dir / "rm_config.json", "w"))

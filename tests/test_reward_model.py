@@ -50,7 +50,7 @@ def test_score_read_at_last_real_token_any_padding(tiny_world):
     rm = RM.RewardModel(m, "reward", head)
     tok = data.Tokenizer(str(tiny_world["tokenizer"]))
     conv = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}]
-    seqs = [RM.build_rm_ids(conv, resp, RM.format_facts(["a red circle"]), tok, data.Template(), RM.DEFAULT_TEMPLATE,
+    seqs = [RM.build_rm_ids(conv, resp, RM.RatingRequest.read().fill(["a red circle"]), tok, data.Template(),
                             m.num_image_tokens, 512) for resp in ("The circle is red.", "Red.", "It is a big blue circle on sand.")]
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -66,19 +66,22 @@ def test_score_read_at_last_real_token_any_padding(tiny_world):
 
 def test_facts_insertion(tiny_world):
     facts = [f"caption number {i}" for i in range(6)]
-    texts = {RM.format_facts(facts, seed=s, key="x") for s in range(8)}
+    req = RM.RatingRequest.read()
+    texts = {req.fill(RM.facts_order(facts, s, "x")) for s in range(8)}
     assert len(texts) > 1                                  # the order varies with the seed
     for t in texts:
-        assert all(f"\n  - {f}" in t for f in facts)       # every fact, one line each
-    assert RM.format_facts(facts, seed=3, key="x") == RM.format_facts(facts, seed=3, key="x")
-    assert RM.format_facts([], seed=0) == ""
+        assert all(f"  - {f}\n" in t for f in facts)       # every fact, one line each
+        assert RM.DEFAULT_FACTS_INTRO + "  - caption number" in t
+    assert RM.facts_order(facts, 3, "x") == RM.facts_order(facts, 3, "x")
+    assert RM.facts_order(facts, 3, "x", "none") == facts
+    assert req.fill([]) == req.text.replace(RM.FACTS_SLOT, "")   # no facts: an empty slot
     # through the data path: captions map -> prompt text; --facts none leaves the slot empty
     tok = data.Tokenizer(str(tiny_world["tokenizer"]))
     rec = {"id": "p", "image": None, "conversations": [{"from": "human", "value": "Describe it."}],
            "output_1": {"value": "A red circle."}, "output_2": {"value": "A blue square."}, "preference": 1}
     for mode, expect in (("captions", True), ("none", False)):
         pd = RM.PairData([dict(rec, facts=["the circle is red", "the sky is grey"])], tok, data.Template(),
-                         RM.DEFAULT_TEMPLATE, {}, mode, "", 32, 4, 512, seed=0)
+                         RM.RatingRequest.read(), {}, mode, "use", "", 32, 4, 512, seed=0)
         text = tok.decode(pd[0]["ids"][0])
         assert ("the circle is red" in text and "the sky is grey" in text) == expect
         assert ("captions of the image" in text) == expect
@@ -95,7 +98,8 @@ def test_inline_facts_from_the_file_win_over_captions(tiny_world, tmp_path):
     caps = {"a.png": ["the sky is grey"]}
     from PIL import Image
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "a.png")
-    pd = RM.PairData(recs, tok, data.Template(), RM.DEFAULT_TEMPLATE, caps, "captions", str(tmp_path), 32, 4, 512, seed=0)
+    pd = RM.PairData(recs, tok, data.Template(), RM.RatingRequest.read(), caps, "captions", "use", str(tmp_path), 32, 4, 512,
+                     seed=0)
     texts = [tok.decode([t for t in pd[i]["ids"][0] if t >= 0]) for i in range(2)]
     assert "the circle is red" in texts[0] and "the sky is grey" not in texts[0]
     assert "the sky is grey" in texts[1] and "the circle is red" not in texts[1]
@@ -199,17 +203,17 @@ def test_rm_never_cuts_the_response_at_576_image_tokens(tiny_world):
     conv = [{"from": "human", "value": "<image>\nDescribe the image in detail."}]
     resp = _response_of(tok, 900)
     resp_ids = tok.encode(resp)
-    facts = RM.format_facts(["a red circle", "a blue square"])
+    facts = RM.RatingRequest.read().fill(["a red circle", "a blue square"])
 
     def contains(ids, sub):
         return any(ids[i:i + len(sub)] == sub for i in range(len(ids) - len(sub) + 1))
 
-    ids = RM.build_rm_ids(conv, resp, facts, tok, data.Template(), RM.DEFAULT_TEMPLATE, 576, 2048)
+    ids = RM.build_rm_ids(conv, resp, facts, tok, data.Template(), 576, 2048)
     n = data.text_len(ids)
     assert contains(ids, resp_ids) and ids.count(M.IMAGE_TOKEN_INDEX) == 576 and len(ids) == n + 575
-    assert RM.build_rm_ids(conv, resp, facts, tok, data.Template(), RM.DEFAULT_TEMPLATE, 576, n) == ids  # exact fit
-    with pytest.raises(data.DataError, match=r"id 'long'.*response 900.*max_len %d" % (n - 1)):
-        RM.build_rm_ids(conv, resp, facts, tok, data.Template(), RM.DEFAULT_TEMPLATE, 576, n - 1, record_id="long")
+    assert RM.build_rm_ids(conv, resp, facts, tok, data.Template(), 576, n) == ids  # exact fit
+    with pytest.raises(data.DataError, match=r"id 'long'.*is %d ids.*max_len %d.*never cut" % (n, n - 1)):
+        RM.build_rm_ids(conv, resp, facts, tok, data.Template(), 576, n - 1, record_id="long")
     # the scorer's default max_len is the official 2048, the image of a 336 px / patch 14 tower counted as one
     m = _wide_image_model(tiny_world, 336)
     assert m.num_image_tokens == 576
@@ -228,12 +232,12 @@ def test_too_long_pairs_go_through_on_error(tiny_world, tmp_path):
     tok = data.Tokenizer(str(tiny_world["tokenizer"]))
     prefs[7]["output_2"]["value"] = _response_of(tok, 600)
     json.dump(prefs, open(tmp_path / "long.json", "w"))
-    with pytest.raises(data.DataError, match=r"long.json: record 7: id 's7'.*response 600.*max_len 512"):
+    with pytest.raises(data.DataError, match=r"long.json: record 7: id 's7'.*max_len 512.*never cut"):
         RM.main(_args(tiny_world, tmp_path / "x", tmp_path / "long.json"))
     recs = data.read_preferences(str(tmp_path / "long.json"))
     skips = data.Skips()
-    pd = RM.PairData(recs, tok, data.Template(), RM.DEFAULT_TEMPLATE, {}, "captions", str(tiny_world["data"] / "images"),
-                     32, 4, 512, 0, on_error="skip", skips=skips)
+    pd = RM.PairData(recs, tok, data.Template(), RM.RatingRequest.read(), {}, "captions", "use",
+                     str(tiny_world["data"] / "images"), 32, 4, 512, 0, on_error="skip", skips=skips)
     assert len(pd) == 59 and pd.skipped == 1 and skips.count == 1 and skips.indices == [7]
     assert [r["id"] for r in pd.records] == [r["id"] for r in recs if r["id"] != "s7"]
     assert all(len(pd[i]["ids"]) == 2 for i in range(3))
@@ -283,8 +287,8 @@ def test_scorer_load_names_a_bad_head_or_config(tiny_world, tmp_path):
             want = rf"head.safetensors: tensor '{k}' holds \d+ NaN / 0 inf values"
         else:
             meta = json.load(open(d / "rm_config.json"))
-            del meta["rm_template"]
+            del meta["rm_request"]
             json.dump(meta, open(d / "rm_config.json", "w"))
-            want = r"rm_config.json: not a reward model's config \(lacks \['rm_template'\]\)"
+            want = r"rm_config.json: not a reward model's config \(lacks \['rm_request'\]\)"
         with pytest.raises(ModelError, match=want):
             RM.RewardScorer.load(str(d))

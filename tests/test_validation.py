@@ -99,7 +99,7 @@ TABLES = {
     "rm": COMMON + [
         ("global_batch", 0, "must be >= 1"),        ("data_path", "", "is required"), ("data_path", "<missing>", ": no such file"),
         ("eval_data_path", "<missing>", ": no such file"), ("captions", "<missing>", ": no such file"),
-        ("template_file", "<missing>", ": no such file"), ("facts", "some", "must be one of 'captions', 'none'"),
+        ("request_file", "<missing>", ": no such file"), ("facts_intro_file", "<missing>", ": no such file"), ("facts", "some", "must be one of 'captions', 'none'"),
         ("eval_every", 0, "must be >= 1"), ("center_coef", -1, "must be >= 0"), ("max_len", 0, "must be >= 1"),
         ("min_lr_ratio", -0.5, "must be between 0 and 1")],
     "rm_eval": [
