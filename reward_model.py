@@ -363,6 +363,10 @@ class PairData(data._ServeOrSkip):
                 continue
             self.records.append(rec)
             self.keys.append(pair_key(rec, i))
+        no_facts = sum(1 for r in self.records if r.get("image") and not record_facts(r, captions, facts_mode))
+        if facts_mode != "none" and no_facts:
+            print(f"PairData: {no_facts} of {len(self.records)} pairs have an image with no facts (no inline "
+                  f"'facts', not in the captions map): they are shown an empty facts slot", file=sys.stderr)
         if self.skipped:
             print(f"PairData: skipped {self.skipped} of {len(records)} pairs longer than max_len {max_len} "
                   f"(the image counted as one id)", file=sys.stderr)
