@@ -14,10 +14,11 @@ adapter) and judge with any OpenAI-compatible chat-completions endpoint:
     python eval_mmhal.py --model_path SFT_DIR --adapter_path PPO_DIR/policy_adapter --image_folder IMGS \
         --out results/rlhf.json --judge api --api_model gpt-4-0613
 
-    # numbers comparable with published ones: the benchmark's own judge text (four {} slots, in the order
-    # image contents, question, human answer, response; or the named slots {image_content} {question}
-    # {gt_answer} {response})
-    python eval_mmhal.py ... --judge api --judge_prompt_file official_prompt.txt
+    # the official protocol (numbers comparable with the paper's): answers as Eval/eval_scripts/eval_mmhal.sh
+    # makes them (llava_v1 system sentence, the bare question, greedy, up to 1024 new tokens, one item at a
+    # time), the official judge text filled and sent exactly as Eval/eval_gpt_mmhal.py does ("Protocols" below)
+    python eval_mmhal.py ... --conv_mode llava_v1 --batch_size 1 --judge api --api_model gpt-4-0314 \
+        --judge_protocol official --judge_prompt_file official_prompt.txt
 
     # a local LLaMA-family judge loaded through model.py
     python eval_mmhal.py ... --judge local --judge_model_path JUDGE_DIR --judge_tokenizer JUDGE_DIR
@@ -31,8 +32,51 @@ adapter) and judge with any OpenAI-compatible chat-completions endpoint:
     python eval_mmhal.py --model_path DIR --image_folder IMGS --out results/rlhf.json --judge none
     python eval_mmhal.py --out results/rlhf.json --judge api ...
 
-    # compare several result files
-    python eval_mmhal.py compare results/sft.json results/rlhf.json
+    # compare several result files (refused when they were answered or judged differently, see below)
+    python eval_mmhal.py compare results/sft.json results/rlhf.json [--allow_mismatch]
+
+Answering. --conv_mode picks the conversation's system sentence from data.CONV_MODES: vicuna_v1 (the
+default, what our SFT stage trains with) or llava_v1 (LLaVA's, which the official answers were generated
+with, SPEC §9). A non-empty --system is an explicit sentence and wins over --conv_mode's. Answers are
+greedy, up to --max_new_tokens. What produced the answers (model_path, adapter_path, conv_mode, the system
+sentence actually used, max_new_tokens, decoding) is kept in the answers meta file; a resumed or rerun
+answering with other settings is refused, and the result file records them under settings.answer.
+
+Protocols (--judge_protocol), i.e. how the judge prompt file is read and filled and what is sent:
+  project (default)  our DEFAULT_JUDGE_PROMPT, or a --judge_prompt_file with the named slots
+                     {image_content} {question} {gt_answer} {response}, each filled in one pass (every other
+                     brace is literal text). The API request: model, one user message, temperature 0.0,
+                     max_tokens --api_max_tokens.
+  official           --judge_prompt_file holds the official template: the value of the `template` string in
+                     the official Eval/eval_gpt_mmhal.py, i.e. the text between its opening and closing
+                     triple quotes, worked examples included, byte for byte (it starts with its first word
+                     and ends with a newline after the last slot; the file is read as UTF-8, nothing stripped).
+                     It is a Python str.format string with four bare {} fields, filled as the official
+                     script does: template.format(", ".join(image_content), question, gt_answer,
+                     model_answer); literal braces are written {{ and }}, braces inside the filled values
+                     stay as they are. The API request is exactly the official script's: {"model": --api_model,
+                     "messages": [{"role": "user", "content": <filled prompt>}], "temperature": 0.0}, no
+                     system message, no max_tokens. --judge api (or none: answers only). The official judge was
+                     gpt-4-0314. A template whose sha256 is not the official one's (OFFICIAL_TEMPLATE_SHA256)
+                     gets a warning: a paste that lost the final newline shows up there. To write the file
+                     from a copy of the official script without pasting (these lines unindented; nothing of
+                     the script is run):
+                       python - eval_gpt_mmhal.py official_prompt.txt <<'EOF'
+                       import ast, sys
+                       tree = ast.parse(open(sys.argv[1], encoding="utf-8").read())
+                       text = next(n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                                   and getattr(n.targets[0], "id", "") == "template")
+                       open(sys.argv[2], "w", encoding="utf-8").write(text)
+                       EOF
+The result file records under settings.judge: kind, model (api_model, the local judge's path, or the rule
+function), protocol, the prompt file and the sha256 of its text, temperature, max_tokens, the local
+judge's system sentence.
+
+`compare` refuses (one line naming the setting and both values) results whose answer settings (conv_mode,
+system, max_new_tokens, decoding) or judge settings (kind, model, protocol, prompt_sha256, temperature,
+max_tokens, system) differ, or that do not record them (result files written before they were, or answers
+made without our meta file): those are "unknown". --allow_mismatch compares anyway, with one warning per
+difference.
 
 A judge that keeps failing (HTTP 429/5xx, timeouts, malformed bodies, after --api_max_tries) stops the run
 with an error naming the item; it is never scored 0, which would count an outage as a hallucination.
@@ -53,6 +97,7 @@ import json
 import os
 import random
 import re
+import string
 import sys
 import time
 import urllib.error
@@ -81,7 +126,8 @@ class EvalConfig:
     vision_tower: str = ""             # CLIP tower for original-layout checkpoints that only name it
     adapter_path: str = ""             # peft-layout LoRA adapter applied on the base (e.g. the PPO policy)
     tokenizer_path: str = ""           # default: model_path
-    system: str = ""                   # conversation system sentence; default data.VICUNA_V1_SYSTEM
+    conv_mode: str = "vicuna_v1"       # vicuna_v1 | llava_v1 (the official answers'): the system sentence of data.CONV_MODES
+    system: str = ""                   # an explicit system sentence; non-empty, it wins over --conv_mode's
     image_folder: str = ""             # images as <image_id>.<ext> or the file name of image_src
     batch_size: int = 8
     max_new_tokens: int = 1024         # answers stop at EOS; this only bounds runaway generations
@@ -89,7 +135,8 @@ class EvalConfig:
     dtype: str = "auto"                # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
     # --- judging
     judge: str = "api"                 # api | local | rule (a judge function passed to main) | none (answers only)
-    judge_prompt_file: str = ""        # the benchmark's official judge text (four slots); default: ours
+    judge_protocol: str = "project"    # project | official (the official script's prompt filling and request; see above)
+    judge_prompt_file: str = ""        # project: named slots, default ours; official: the official template text
     judge_cache: str = ""              # default: judge_cache.jsonl beside --out
     api_base: str = "https://api.openai.com/v1"  # any OpenAI-compatible server; /chat/completions is appended
     api_model: str = "gpt-4-0613"
@@ -109,7 +156,7 @@ class EvalConfig:
 
 
 # Our own judge prompt, written from the benchmark's rubric (SPEC §6). For numbers comparable with
-# published ones pass the official text with --judge_prompt_file instead.
+# published ones pass the official text with --judge_protocol official --judge_prompt_file instead.
 DEFAULT_JUDGE_PROMPT = """\
 You are grading an AI assistant's answer to a question about an image. You cannot see the image. Instead \
 you are given the objects the image contains, the question, and an answer written by a person who looked \
@@ -134,8 +181,16 @@ Assistant's answer: {response}
 First explain your judgement in a few sentences. Then write a last line of the form "Rating: N", where N \
 is one integer from 0 to 6, and do not write "Rating:" anywhere else."""
 
-SLOTS = ("image_content", "question", "gt_answer", "response")  # positional "{}" slots are filled in this order
+SLOTS = ("image_content", "question", "gt_answer", "response")  # a judgment's four fields, in the official slot order
 NAMED_SLOT = re.compile(r"\{(" + "|".join(SLOTS) + r")\}")
+PROTOCOLS = ("project", "official")
+# sha256 of the official judge template (the `template` string of Eval/eval_gpt_mmhal.py, llava-rlhf/LLaVA-RLHF
+# commit 830a083, 6631 characters): a hash, so the text itself stays out of this project.
+OFFICIAL_TEMPLATE_SHA256 = "2c73d8c50f1740d000fae62cfeed103c2f7a5bcfa904b27e6e09900e7ce600cc"
+JUDGE_TEMPERATURE = 0.0   # every judge: the official script's temperature=0.0 (a local judge decodes greedily)
+# The settings compare() requires to be equal: what changes answers or ratings (not which model answered).
+COMPARED = {"answer": ("conv_mode", "system", "max_new_tokens", "decoding"),
+            "judge": ("kind", "model", "protocol", "prompt_sha256", "temperature", "max_tokens", "system")}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
@@ -291,10 +346,26 @@ def find_image(record: dict, index: int, image_folder: str, base_dir: str = "") 
     raise FileNotFoundError(f"{what}: image not found; tried {candidates}")
 
 
+def answer_system(cfg: EvalConfig) -> str:
+    """The system sentence the answers are made with: an explicit --system, else --conv_mode's."""
+    return cfg.system or data.CONV_MODES[cfg.conv_mode]
+
+
 def answers_meta(cfg: EvalConfig) -> dict:
-    """What produced the answers; a resumed run must not mix answers from two models."""
-    return {"model_path": cfg.model_path, "adapter_path": cfg.adapter_path, "system": cfg.system,
-            "max_new_tokens": cfg.max_new_tokens}
+    """What produces the answers (kept beside them, recorded in the result): a resumed run must not mix
+    answers made two ways, and compare() must not set side by side results answered differently."""
+    return {"model_path": cfg.model_path, "adapter_path": cfg.adapter_path, "conv_mode": cfg.conv_mode,
+            "system": answer_system(cfg), "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy"}
+
+
+def check_answers_meta(cfg: EvalConfig, meta: dict, answers_path: str) -> None:
+    """The answers file was made as this run would make it, setting by setting; else one line naming the
+    first setting that differs (a meta file written before a setting was recorded does not match)."""
+    for key, value in answers_meta(cfg).items():
+        if meta.get(key) != value or key not in meta:
+            got = repr(meta[key]) if key in meta else "no recorded value"
+            raise common.ConfigError(f"{answers_path} was started with {key} {got}, this run has "
+                                     f"{value!r}; delete it (and its .meta.json) or pass another --answers")
 
 
 def same_items(a: list[dict], b: list[dict]) -> bool:
@@ -318,10 +389,11 @@ def read_answers_meta(path: str) -> dict | None:
 Answerer = Callable[[list[dict], list[str]], list[str]]
 
 
-def answer_stage(cfg: EvalConfig, items: list[dict], answers_path: str) -> list[dict]:
+def answer_stage(cfg: EvalConfig, items: list[dict], answers_path: str) -> tuple[list[dict], dict | None]:
     """Fill in model_answer for every item, resuming a partial answers file. The answers file (the
     template's format) and its meta file (which model, which items are done) are rewritten atomically
-    after each batch, so an interrupted run loses at most one batch."""
+    after each batch, so an interrupted run loses at most one batch. -> (records, the answer settings
+    that made them: answers_meta's keys, None when no meta file says, e.g. answers given in the template)."""
     meta_path = answers_path + ".meta.json"
     meta = None
     if os.path.exists(answers_path):
@@ -338,15 +410,15 @@ def answer_stage(cfg: EvalConfig, items: list[dict], answers_path: str) -> list[
     done = set(meta["answered"]) if meta else set()   # the items answered so far, an empty answer too
     done |= {i for i, r in enumerate(records) if str(r.get("model_answer") or "").strip()}
     pending = [i for i in range(len(records)) if i not in done]
+    if meta and cfg.model_path:   # answers made otherwise than asked for are never judged as if they were not
+        check_answers_meta(cfg, meta, answers_path)
+    settings = {k: meta.get(k) for k in answers_meta(cfg)} if meta else None
     if not pending:
-        return records
+        return records, settings
     if not cfg.model_path:
         source = answers_path if os.path.exists(answers_path) else cfg.template
         raise common.ConfigError(f"{len(pending)} of {len(records)} items in {source} have no model_answer "
                                  f"(first: item {pending[0]}); pass --model_path to answer them")
-    if meta and {k: meta.get(k) for k in answers_meta(cfg)} != answers_meta(cfg):
-        raise common.ConfigError(f"{answers_path} was started by {meta.get('model_path')!r} (adapter "
-                                 f"{meta.get('adapter_path')!r}) or other settings; delete it or pass another --answers")
     # Find every image before loading the model: a missing one should fail in a second, not after an hour.
     base_dir = os.path.dirname(os.path.abspath(cfg.template))
     paths = {i: find_image(records[i], i, cfg.image_folder, base_dir) for i in pending}
@@ -365,7 +437,7 @@ def answer_stage(cfg: EvalConfig, items: list[dict], answers_path: str) -> list[
         common.atomic_write_text(json.dumps({**answers_meta(cfg), "answered": sorted(done)}, indent=2), meta_path)
         progress.update(len(idx))
     progress.close()
-    return records
+    return records, answers_meta(cfg)
 
 
 class ModelAnswerer:
@@ -411,42 +483,63 @@ def load_chat_model(path: str, vision_tower: str, tokenizer: str, system: str, c
 
 
 def build_answerer(cfg: EvalConfig) -> Answerer:
-    m, tok, template, device = load_chat_model(cfg.model_path, cfg.vision_tower, cfg.tokenizer_path, cfg.system,
-                                               cfg, adapter=cfg.adapter_path)
+    m, tok, template, device = load_chat_model(cfg.model_path, cfg.vision_tower, cfg.tokenizer_path,
+                                               answer_system(cfg), cfg, adapter=cfg.adapter_path)
     return ModelAnswerer(m, tok, template, cfg.max_new_tokens, device)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Judge prompt.
 
-def load_judge_prompt(path: str) -> str:
+def load_judge_prompt(path: str, protocol: str = "project") -> str:
+    """The judge prompt template: ours, or the file's text exactly (UTF-8; line ends read as "\n", as Python
+    reads the official script's source; nothing stripped), checked for its protocol's slots."""
     if not path:
+        if protocol == "official":
+            raise common.ConfigError("--judge_protocol official needs --judge_prompt_file: the official template "
+                                     "text (not shipped here; see the module docstring for how to write it)")
         return DEFAULT_JUDGE_PROMPT
     if not os.path.isfile(path):
         raise common.ConfigError(f"--judge_prompt_file {path}: no such file")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         text = f.read()
+    if protocol == "official":
+        check_official_template(text, path)
+        return text
     named = set(NAMED_SLOT.findall(text))
-    positional = text.count("{}")
-    if named and named != set(SLOTS):
-        raise common.ConfigError(f"--judge_prompt_file {path}: named slots must be all of "
-                                 f"{['{' + s + '}' for s in SLOTS]}; found {sorted(named)}")
-    if not named and positional != 4:
-        raise common.ConfigError(f"--judge_prompt_file {path}: the judge prompt needs four slots (image contents, "
-                                 f"question, human answer, response) as {{}} or by name; found {positional} {{}}")
+    if named != set(SLOTS):
+        hint = (" (four {} are the official template's slots: pass --judge_protocol official)"
+                if not named and text.count("{}") == 4 else "")
+        raise common.ConfigError(f"--judge_prompt_file {path}: a project-protocol judge prompt needs the four named "
+                                 f"slots {' '.join('{' + s + '}' for s in SLOTS)}; found {sorted(named)}{hint}")
     return text
 
 
-def fill_prompt(template: str, record: dict) -> str:
-    """One pass over the template, so braces inside an answer are never taken for slots."""
-    contents = record.get("image_content", [])
-    values = {"image_content": ", ".join(contents) if isinstance(contents, list) else str(contents),
-              "question": record["question"], "gt_answer": record.get("gt_answer", ""),
+def check_official_template(text: str, path: str) -> None:
+    """The official script fills its template with str.format and four positional values: the file must be
+    such a format string, with four bare {} fields and braces elsewhere doubled ({{ }})."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
+    except ValueError as e:   # a lone { or }
+        raise common.ConfigError(f"--judge_prompt_file {path}: not a str.format template ({e}); under "
+                                 "--judge_protocol official literal braces are written {{ and }}") from None
+    if len(fields) != 4 or any(f != ("", "", None) for f in fields):
+        shown = ["{" + n + (f"!{c}" if c else "") + (f":{sp}" if sp else "") + "}" for n, sp, c in fields]
+        raise common.ConfigError(f"--judge_prompt_file {path}: the official template has four bare {{}} fields "
+                                 f"(image contents, question, human answer, response); found {len(fields)}: "
+                                 f"{' '.join(shown)}")
+
+
+def fill_prompt(template: str, record: dict, protocol: str = "project") -> str:
+    """The judge's one user message for a record. official: the official script's str.format call, with the
+    object list joined by ", "; project: one pass over the named slots, so braces inside an answer are never
+    taken for slots. str.format never reads braces inside the values either."""
+    contents = ", ".join(record["image_content"])   # read_mmhal checked: a list of strings
+    if protocol == "official":
+        return template.format(contents, record["question"], record["gt_answer"], record["model_answer"])
+    values = {"image_content": contents, "question": record["question"], "gt_answer": record["gt_answer"],
               "response": record["model_answer"]}
-    if NAMED_SLOT.search(template):
-        return NAMED_SLOT.sub(lambda mt: values[mt.group(1)], template)
-    parts = template.split("{}")
-    return parts[0] + "".join(values[slot] + part for slot, part in zip(SLOTS, parts[1:]))
+    return NAMED_SLOT.sub(lambda mt: values[mt.group(1)], template)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -487,8 +580,8 @@ class JudgeCache:
 
 def judge_id(cfg: EvalConfig) -> str:
     """Names the judge in the cache key: the same prompt to another judge model is another judgment."""
-    if cfg.judge == "api":
-        return f"api:{cfg.api_model}"
+    if cfg.judge == "api":   # the official request (no max_tokens) is another judgment: its own cache key
+        return f"api:{cfg.api_model}" + (":official" if cfg.judge_protocol == "official" else "")
     if cfg.judge == "local":
         return f"local:{os.path.realpath(cfg.judge_model_path)}"
     return cfg.judge
@@ -587,14 +680,24 @@ def http_error_detail(e: urllib.error.HTTPError) -> str:
         return f"(body unreadable: {type(err).__name__}: {err})"
 
 
+def request_body(model: str, prompt: str, max_tokens: int | None) -> dict:
+    """The chat-completions request: the official script's openai.ChatCompletion.create(model=...,
+    messages=[one user message], temperature=0.0) body, plus max_tokens unless it is None."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": JUDGE_TEMPERATURE}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    return body
+
+
 class APIJudge:
-    """OpenAI-compatible chat completions over urllib: temperature 0, a thread pool of requests in
-    flight, retries with exponential backoff on 429/5xx/timeouts/malformed bodies. Other HTTP errors
-    (401, 400, ...) fail at once: retrying a bad key or request only wastes time. `timeout` is a
-    deadline for each whole request (connect, send, the full reply), not for each socket read."""
+    """OpenAI-compatible chat completions over urllib: one user message at temperature 0.0, a thread pool
+    of requests in flight, retries with exponential backoff on 429/5xx/timeouts/malformed bodies. Other
+    HTTP errors (401, 400, ...) fail at once: retrying a bad key or request only wastes time. `timeout` is
+    a deadline for each whole request (connect, send, the full reply), not for each socket read.
+    max_tokens None sends none (the official script's request)."""
 
     def __init__(self, base: str, model: str, key: str, timeout: float = 120.0, max_tries: int = 6,
-                 backoff: float = 2.0, concurrency: int = 4, max_tokens: int = 1024):
+                 backoff: float = 2.0, concurrency: int = 4, max_tokens: int | None = 1024):
         self.url = base.rstrip("/") + "/chat/completions"
         self.model, self._key = model, key
         self.timeout, self.max_tries, self.backoff = timeout, max(1, max_tries), backoff
@@ -606,8 +709,7 @@ class APIJudge:
         return text.replace(self._key, "***") if self._key else text
 
     def complete(self, prompt: str) -> str:
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "temperature": 0, "max_tokens": self.max_tokens}).encode()
+        body = json.dumps(request_body(self.model, prompt, self.max_tokens)).encode()
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self._key}"}
         last, retry_after = "", None
         for attempt in range(self.max_tries):
@@ -687,6 +789,24 @@ class LocalJudge(ModelAnswerer):
                 on_done(i, reply)
 
 
+def api_max_tokens(cfg: EvalConfig) -> int | None:
+    return None if cfg.judge_protocol == "official" else cfg.api_max_tokens
+
+
+def judge_settings(cfg: EvalConfig, prompt_text: str, rule_judge: RuleJudge | None) -> dict:
+    """How the ratings were made, as the result file records it (compare() checks COMPARED["judge"])."""
+    if cfg.judge == "rule":
+        return {"kind": "rule", "model": getattr(rule_judge, "__qualname__", repr(rule_judge)), "protocol": None,
+                "prompt_file": None, "prompt_sha256": None, "temperature": None, "max_tokens": None, "system": None}
+    api = cfg.judge == "api"
+    return {"kind": cfg.judge, "model": cfg.api_model if api else os.path.realpath(cfg.judge_model_path),
+            "api_base": cfg.api_base if api else None, "protocol": cfg.judge_protocol,
+            "prompt_file": cfg.judge_prompt_file or None,
+            "prompt_sha256": hashlib.sha256(prompt_text.encode()).hexdigest(),
+            "temperature": JUDGE_TEMPERATURE, "max_tokens": api_max_tokens(cfg) if api else cfg.judge_max_new_tokens,
+            "system": None if api else (cfg.judge_system or data.VICUNA_V1_SYSTEM)}
+
+
 def build_judge(cfg: EvalConfig):
     if cfg.judge == "api":
         key = os.environ.get(cfg.api_key_env)
@@ -694,7 +814,7 @@ def build_judge(cfg: EvalConfig):
             raise common.ConfigError(f"--judge api: the environment variable {cfg.api_key_env} "
                                      "(named by --api_key_env) is not set")
         return APIJudge(cfg.api_base, cfg.api_model, key, timeout=cfg.api_timeout, max_tries=cfg.api_max_tries,
-                        backoff=cfg.api_backoff, concurrency=cfg.api_concurrency, max_tokens=cfg.api_max_tokens)
+                        backoff=cfg.api_backoff, concurrency=cfg.api_concurrency, max_tokens=api_max_tokens(cfg))
     if not cfg.judge_model_path:   # --judge local (run() has checked the name)
         raise common.ConfigError("--judge local needs --judge_model_path")
     m, tok, template, device = load_chat_model(cfg.judge_model_path, cfg.judge_vision_tower, cfg.judge_tokenizer,
@@ -714,10 +834,10 @@ def judge_stage(cfg: EvalConfig, records: list[dict], rule_judge: RuleJudge | No
                                    f"{parse_rating(reply)}: {reply!r}")
             replies.append(reply)
         return replies
-    template = load_judge_prompt(cfg.judge_prompt_file)
+    template = load_judge_prompt(cfg.judge_prompt_file, cfg.judge_protocol)
     jid = judge_id(cfg)
     cache = JudgeCache(cfg.judge_cache or os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "judge_cache.jsonl"))
-    prompts = [fill_prompt(template, r) for r in records]
+    prompts = [fill_prompt(template, r, cfg.judge_protocol) for r in records]
     keys = [JudgeCache.key(jid, p) for p in prompts]
     todo = {i: p for i, (p, k) in enumerate(zip(prompts, keys)) if cache.get(k) is None}
     if todo:
@@ -752,11 +872,22 @@ def check_config(cfg: EvalConfig, rule_judge: RuleJudge | None) -> None:
     if cfg.judge == "rule" and rule_judge is None:
         raise common.ConfigError("--judge rule needs a rule judge function; the tiny world's is run by "
                                  "`python tinyworld.py eval ...`")
+    if cfg.conv_mode not in data.CONV_MODES:
+        raise common.ConfigError(f"--conv_mode: expected one of {', '.join(data.CONV_MODES)}, got {cfg.conv_mode!r}")
+    if cfg.judge_protocol not in PROTOCOLS:
+        raise common.ConfigError(f"--judge_protocol: expected project or official, got {cfg.judge_protocol!r}")
+    if cfg.judge_protocol == "official" and cfg.judge in ("local", "rule"):
+        raise common.ConfigError(f"--judge_protocol official is the official script's API request: it needs --judge api, "
+                                 f"got --judge {cfg.judge} (a local judge takes the project protocol's named slots)")
     for name in ("batch_size", "max_new_tokens", "judge_batch_size", "judge_max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise common.ConfigError(f"--{name}: expected at least 1, got {getattr(cfg, name)}")
     if cfg.judge in ("api", "local"):
-        load_judge_prompt(cfg.judge_prompt_file)
+        text = load_judge_prompt(cfg.judge_prompt_file, cfg.judge_protocol)
+        if cfg.judge_protocol == "official" and hashlib.sha256(text.encode()).hexdigest() != OFFICIAL_TEMPLATE_SHA256:
+            print(f"warning: --judge_prompt_file {cfg.judge_prompt_file} is not the official template byte for byte "
+                  f"(sha256 differs from {OFFICIAL_TEMPLATE_SHA256[:12]}...); numbers judged with it compare only "
+                  "with results judged with the same file", file=sys.stderr)
     if cfg.judge == "api":
         url = urllib.parse.urlsplit(cfg.api_base)
         if url.scheme not in ("http", "https") or not url.netloc:
@@ -772,10 +903,13 @@ def run(cfg: EvalConfig, rule_judge: RuleJudge | None = None) -> dict | None:
         raise data.DataError("no items", path=cfg.template)
     items = items[:cfg.limit] if cfg.limit > 0 else items
     answers_path = cfg.answers or out_stem(cfg.out) + ".answers.json"
-    records = answer_stage(cfg, items, answers_path)
+    records, answer_settings = answer_stage(cfg, items, answers_path)
     if cfg.judge == "none":
         print(f"answers for {len(records)} items in {answers_path}; no judge (--judge none)")
         return None
+    if answer_settings is None:
+        print(f"note: no answers meta file beside {answers_path}: the answer settings are unknown, and compare "
+              "refuses this result without --allow_mismatch", file=sys.stderr)
     replies = judge_stage(cfg, records, rule_judge)
     jid = judge_id(cfg)
     results = [{**r, "judge": jid, "judge_reply": reply, "rating": parse_rating(reply)} for r, reply in zip(records, replies)]
@@ -785,9 +919,9 @@ def run(cfg: EvalConfig, rule_judge: RuleJudge | None = None) -> dict | None:
         (f", prompt {os.path.basename(cfg.judge_prompt_file)}" if cfg.judge_prompt_file else "") + ")"
     table = format_summary(summary, title)
     print(table)
-    prompt_text = load_judge_prompt(cfg.judge_prompt_file) if cfg.judge in ("api", "local") else ""
+    prompt_text = load_judge_prompt(cfg.judge_prompt_file, cfg.judge_protocol) if cfg.judge in ("api", "local") else ""
     doc = {"summary": summary, "judge": jid,
-           "judge_prompt_sha256": hashlib.sha256(prompt_text.encode()).hexdigest() if prompt_text else None,
+           "settings": {"answer": answer_settings, "judge": judge_settings(cfg, prompt_text, rule_judge)},
            "config": asdict(cfg),  # holds the key's variable name only, never the key
            "items": results}
     common.atomic_write_text(json.dumps(doc, indent=2, ensure_ascii=False), cfg.out)
@@ -797,26 +931,73 @@ def run(cfg: EvalConfig, rule_judge: RuleJudge | None = None) -> dict | None:
     return summary
 
 
-def read_summary(path: str) -> dict:
+def read_result(path: str) -> dict:
     doc = data.load_json(path)
     summary = doc.get("summary") if isinstance(doc, dict) else None
     if not (isinstance(summary, dict) and all(k in summary for k in ("average", "hallucination_rate", "per_type"))):
         raise data.DataError("not an eval_mmhal.py result file (no summary with average, hallucination_rate "
                              "and per_type)", path=path)
-    return summary
+    return doc
 
 
-def compare(paths: list[str]) -> str:
-    return format_comparison([(os.path.basename(out_stem(p)), read_summary(p)) for p in paths])
+UNKNOWN = "unknown (not recorded)"
+
+
+def recorded_settings(doc: dict) -> dict[str, dict | None]:
+    """{"answer": {...} | None, "judge": {...} | None}: the compared settings a result file records; None
+    for a section it does not record at all, UNKNOWN for a setting missing from a recorded section."""
+    settings = doc.get("settings") if isinstance(doc.get("settings"), dict) else {}
+    out: dict[str, dict | None] = {}
+    for section, keys in COMPARED.items():
+        rec = settings.get(section)
+        out[section] = {k: rec.get(k, UNKNOWN) for k in keys} if isinstance(rec, dict) else None
+    return out
+
+
+def setting_mismatches(named: list[tuple[str, dict]]) -> list[str]:
+    """One line per compared setting in which a result differs from the first, or that one of them does
+    not record (unknown); [] when all are comparable."""
+    why = {"answer": "answer settings (written before they were recorded, or its answers were made without "
+                     "eval_mmhal.py's meta file)", "judge": "judge settings (written before they were recorded)"}
+    recorded = [(path, recorded_settings(doc)) for path, doc in named]
+    (first, ref), problems = recorded[0], []
+    for section, keys in COMPARED.items():
+        missing = [path for path, rec in recorded if rec[section] is None]
+        problems += [f"{path} records no {why[section]}: they are unknown" for path in missing]
+        if missing:
+            continue
+        for path, rec in recorded[1:]:
+            for k in keys:
+                a, b = ref[section][k], rec[section][k]
+                unknown = [p for p, v in ((first, a), (path, b)) if v == UNKNOWN]
+                if unknown:
+                    problems.append(f"{section} {k} is unknown (not recorded) in {' and '.join(unknown)}")
+                elif a != b:
+                    problems.append(f"{section} {k} differs: {path} has {b!r}, {first} has {a!r}")
+    return list(dict.fromkeys(problems))   # an unknown in the first file is said once
+
+
+def compare(paths: list[str], allow_mismatch: bool = False) -> str:
+    """The comparison table of result files; refused (ConfigError naming the setting and both values) when
+    they were answered or judged differently, or do not record how, unless allow_mismatch (then warned)."""
+    named = [(p, read_result(p)) for p in paths]
+    problems = setting_mismatches(named) if len(named) > 1 else []   # one file is compared with nothing
+    if problems and not allow_mismatch:
+        raise common.ConfigError(f"compare: {problems[0]}; results answered or judged differently are not "
+                                 "comparable (--allow_mismatch compares them anyway)")
+    for line in problems:
+        print(f"warning: compare: {line}", file=sys.stderr)
+    return format_comparison([(os.path.basename(out_stem(p)), doc["summary"]) for p, doc in named])
 
 
 def main(argv: list[str] | None = None, rule_judge: RuleJudge | None = None) -> dict | str | None:
     """The command line; `rule_judge` is what --judge rule rates with (tinyworld.py eval passes its own)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
-        if len(argv) < 2:
-            raise common.ConfigError("usage: python eval_mmhal.py compare RESULT.json [RESULT.json ...]")
-        table = compare(argv[1:])
+        paths = [a for a in argv[1:] if a != "--allow_mismatch"]
+        if not paths or any(p.startswith("--") for p in paths):
+            raise common.ConfigError("usage: python eval_mmhal.py compare RESULT.json [RESULT.json ...] [--allow_mismatch]")
+        table = compare(paths, allow_mismatch="--allow_mismatch" in argv[1:])
         print(table)
         return table
     cfg = common.parse_config(EvalConfig, argv)

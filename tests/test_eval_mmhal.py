@@ -385,25 +385,29 @@ def test_cache_survives_a_torn_line(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Judge prompt.
 
-def test_judge_prompt_default_official_slots_and_braces(tmp_path):
+def test_judge_prompt_default_named_slots_and_braces(tmp_path):
     rec = {"image_content": ["Fire hydrant", "Car"], "question": "Q?", "gt_answer": "GT.", "model_answer": "A {gt_answer} {}"}
     default = eval_mmhal.fill_prompt(eval_mmhal.load_judge_prompt(""), rec)
     assert "Fire hydrant, Car" in default and "Q?" in default and "GT." in default
     assert "A {gt_answer} {}" in default  # braces inside an answer are left alone
     assert "rating" in default.lower()
 
-    official = tmp_path / "official.txt"
-    official.write_text("Contents: {}\nQuestion: {}\nStandard answer: {}\nResponse: {}\nRate it.")
-    text = eval_mmhal.fill_prompt(eval_mmhal.load_judge_prompt(str(official)), rec)
+    named = tmp_path / "named.txt"
+    named.write_text("{response} | {gt_answer} {{x}} | {question} | {image_content}")
+    assert eval_mmhal.fill_prompt(eval_mmhal.load_judge_prompt(str(named)), rec) == \
+        "A {gt_answer} {} | GT. {{x}} | Q? | Fire hydrant, Car"   # the project's other braces are literal
+
+    # Four bare {} are the official template's slots: the project protocol refuses them and says which flag fills them.
+    positional = tmp_path / "positional.txt"
+    positional.write_text("Contents: {}\nQuestion: {}\nStandard answer: {}\nResponse: {}\nRate it.")
+    with pytest.raises(eval_mmhal.common.ConfigError, match="pass --judge_protocol official"):
+        eval_mmhal.load_judge_prompt(str(positional))
+    text = eval_mmhal.fill_prompt(eval_mmhal.load_judge_prompt(str(positional), "official"), rec, "official")
     assert text == "Contents: Fire hydrant, Car\nQuestion: Q?\nStandard answer: GT.\nResponse: A {gt_answer} {}\nRate it."
 
-    named = tmp_path / "named.txt"
-    named.write_text("{response} | {gt_answer} | {question} | {image_content}")
-    assert eval_mmhal.fill_prompt(eval_mmhal.load_judge_prompt(str(named)), rec) == "A {gt_answer} {} | GT. | Q? | Fire hydrant, Car"
-
     bad = tmp_path / "bad.txt"
-    bad.write_text("only {} {} {}")
-    with pytest.raises(ValueError, match="four slots"):
+    bad.write_text("only {question} {response}")
+    with pytest.raises(eval_mmhal.common.ConfigError, match="four named slots"):
         eval_mmhal.load_judge_prompt(str(bad))
 
 
@@ -495,7 +499,7 @@ def test_resume_after_interrupted_answering(tmp_path, monkeypatch):
     write_json(partial, answers_path)
     write_json(partial_meta, str(answers_path) + ".meta.json")
     monkeypatch.setattr(eval_mmhal, "build_answerer", lambda cfg: FakeAnswerer())
-    with pytest.raises(eval_mmhal.common.ConfigError, match="started by"):
+    with pytest.raises(eval_mmhal.common.ConfigError, match="started with model_path 'some/model', this run has 'other/model'"):
         eval_mmhal.main([a if a != "some/model" else "other/model" for a in args])
 
 
@@ -559,7 +563,12 @@ def test_compare_and_plot(tmp_path, capsys):
     except ImportError:
         assert not png.exists()
     capsys.readouterr()
-    table = eval_mmhal.main(["compare", *outs])
+    # The answers came in the template, not from a run of ours: how they were made is unknown (compare's
+    # refusal is tested in test_mmhal_official.py); compared anyway, with a warning per file.
+    table = eval_mmhal.main(["compare", *outs, "--allow_mismatch"])
+    printed = capsys.readouterr()
+    assert table in printed.out
+    assert all(f"warning: compare: {out} records no answer settings" in printed.err for out in outs)
     lines = table.splitlines()
     assert lines[0].split()[:4] == ["result", "avg", "halluc", "attribute"]
     for name, out in zip(("sft", "rlhf"), outs):
@@ -567,7 +576,6 @@ def test_compare_and_plot(tmp_path, capsys):
             s = json.load(f)["summary"]
         row = next(line for line in lines if line.startswith(name + " "))
         assert f"{s['average']:.2f}" in row and f"{s['hallucination_rate']:.2f}" in row
-    assert table in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -739,7 +747,20 @@ def test_user_errors_name_the_flag_or_file(tmp_path, server_factory, monkeypatch
     # flags checked before any answering
     assert "--judge_prompt_file" in cli_error(capsys, [*answer, "--judge", "api", "--judge_prompt_file", str(tmp_path / "nope.txt")])
     (tmp_path / "three.txt").write_text("{} {} {}")
-    assert "four slots" in cli_error(capsys, [*answer, "--judge", "api", "--judge_prompt_file", str(tmp_path / "three.txt")])
+    assert "four named slots" in cli_error(capsys, [*answer, "--judge", "api", "--judge_prompt_file", str(tmp_path / "three.txt")])
+    err = cli_error(capsys, [*answer, "--judge", "api", "--judge_protocol", "official", "--judge_prompt_file", str(tmp_path / "three.txt")])
+    assert "three.txt" in err and "four bare {} fields" in err and "found 3" in err
+    (tmp_path / "lone.txt").write_text("{} {} {} {} and a lone } brace")
+    err = cli_error(capsys, [*answer, "--judge", "api", "--judge_protocol", "official", "--judge_prompt_file", str(tmp_path / "lone.txt")])
+    assert "lone.txt" in err and "{{ and }}" in err
+    (tmp_path / "named_official.txt").write_text("{image_content} {question} {gt_answer} {response}")
+    err = cli_error(capsys, [*answer, "--judge", "api", "--judge_protocol", "official", "--judge_prompt_file", str(tmp_path / "named_official.txt")])
+    assert "four bare {} fields" in err and "{image_content}" in err
+    assert "needs --judge_prompt_file" in cli_error(capsys, [*answer, "--judge", "api", "--judge_protocol", "official"])
+    assert "needs --judge api" in cli_error(capsys, [*answer, "--judge", "local", "--judge_protocol", "official",
+                                                     "--judge_prompt_file", str(tmp_path / "lone.txt")])
+    assert "--judge_protocol" in cli_error(capsys, [*answer, "--judge", "api", "--judge_protocol", "paper"])
+    assert "--conv_mode" in cli_error(capsys, [*answer, "--judge", "none", "--conv_mode", "llava_v0"])
     assert "--api_base" in cli_error(capsys, [*answer, "--judge", "api", "--api_base", "127.0.0.1:8000/v1"])
     assert "--batch_size" in cli_error(capsys, [*answer, "--judge", "none", "--batch_size", "0"])
     monkeypatch.undo()   # the real loader from here on: it checks its folders before loading anything
