@@ -561,6 +561,16 @@ def get_field(rec: dict, key: str, types: type | tuple, required: bool = True, d
     return v
 
 
+def _unwrap(conversations: Any) -> Any:
+    """The turns of a conversation stored as [[turn, ...]] (a list holding one list), which the official
+    loaders accept and unwrap (data_utils_sft / data_utils_rm); any other value is returned as it is."""
+    if isinstance(conversations, list) and conversations and isinstance(conversations[-1], list):
+        if len(conversations) != 1:
+            raise DataError("'conversations' should be a list of turns (or one list of turns inside a list)")
+        return conversations[0]
+    return conversations
+
+
 def _parse_id_image(raw: dict) -> tuple[str | None, str | None]:
     rid = get_field(raw, "id", (str, int), required=False)
     image = get_field(raw, "image", str, required=False)
@@ -574,8 +584,10 @@ def _parse_id_image(raw: dict) -> tuple[str | None, str | None]:
 
 def read_sft(path: str, image_folder: str | None = None, on_error: str = "raise", check_images: bool = False,
              skips: Skips | None = None) -> list[dict]:
-    """LLaVA SFT records -> [{"id", "image" (or None), "conversations", "source", "index"}].
-    Conversations are validated and the image placeholder put first in the first user turn. A record
+    """LLaVA SFT records -> [{"id", "image" (or None), "conversations", "source", "index"}]: the SFT mix, the
+    released RL-init file (llava_reward10k-aokvqa5k.json) and prepare_data's outputs. Other fields are ignored.
+    Conversations are validated and the image placeholder put first in the first user turn; a conversation
+    wrapped in a one-element list is unwrapped, as the official loaders do (_unwrap). A record
     repeating an earlier one exactly (same id, same content) is refused, or skipped under on_error="skip";
     records that only share an id (LLaVA's: the image's id) are kept (parse_each)."""
     def parse(raw: dict) -> dict:
@@ -584,18 +596,21 @@ def read_sft(path: str, image_folder: str | None = None, on_error: str = "raise"
         rid, image = _parse_id_image(raw)
         if check_images and image is not None:
             load_image(image_file(image_folder, image))
-        conv = normalize_conversation(raw["conversations"], has_image=image is not None, last="gpt")
+        conv = normalize_conversation(_unwrap(raw["conversations"]), has_image=image is not None, last="gpt")
         return {"id": rid, "image": image, "conversations": conv}
     return _parse_file(path, parse, on_error, skips)
 
 
 def read_preferences(path: str, on_error: str = "raise", skips: Skips | None = None) -> list[dict]:
-    """Human preference pairs (SPEC §3) -> [{"id", "image", "conversations", "output_1", "output_2",
-    "preference", "hallucination", "source", "index"}, plus "facts" (list of str) when the record has them].
-    `conversations` is the context and ends with the user turn being answered: the file's trailing gpt
-    turn (the slot the reference code overwrites with each output) is dropped. Build a scored
-    conversation with with_response(rec["conversations"], rec["output_1"]["value"]).
-    output_k stay {"value": str}; preference is 1 or 2 (the better response); hallucination bool or None.
+    """Human preference pairs (SPEC §3; the released llava_7b_v1_preference.json) -> [{"id", "image",
+    "conversations", "output_1", "output_2", "preference", "hallucination", "source", "index"}, plus "facts"
+    (list of str) when the record has them]. `conversations` is the context and ends with the user turn being
+    answered: the file's trailing gpt turn (the slot the official loader overwrites with each output) is
+    dropped; a conversation wrapped in a one-element list is unwrapped as the official loader does. Build a
+    scored conversation with with_response(rec["conversations"], rec["output_1"]["value"]).
+    output_k become {"value": str} (other keys of the object, e.g. "from", are dropped); preference is 1 or 2
+    (the better response); hallucination a boolean (true/false or 1/0) or None. Fields the reader does not
+    know are ignored.
     An exact repeat of an earlier pair with the same id is refused (skipped under on_error="skip"), so that
     no pair trains the reward model twice; pairs that only share an id are kept (parse_each)."""
     def parse(raw: dict) -> dict:
@@ -603,7 +618,7 @@ def read_preferences(path: str, on_error: str = "raise", skips: Skips | None = N
             if key not in raw:
                 raise DataError(f"missing field '{key}'")
         rid, image = _parse_id_image(raw)
-        conv = raw["conversations"]
+        conv = _unwrap(raw["conversations"])
         if isinstance(conv, list) and len(conv) >= 2 and isinstance(conv[-1], dict) and conv[-1].get("from") == "gpt":
             conv = conv[:-1]
         conv = normalize_conversation(conv, has_image=image is not None, last="human")
@@ -633,7 +648,10 @@ def read_preferences(path: str, on_error: str = "raise", skips: Skips | None = N
 
 
 def load_captions(captions: str | dict | None) -> dict[str, list[str]]:
-    """An image -> [caption, ...] map from a JSON file or a dict, validated; no file ("" or None): {}."""
+    """An image -> [caption, ...] map from a JSON file or a dict, validated; no file ("" or None): {}.
+    The released image_to_caption.json is such a map: COCO file names ("000000123456.jpg") to their human
+    captions, and "aok_" + file name ("aok_000000123456.jpg") to the facts of the image's A-OKVQA
+    questions (facts_key)."""
     if not captions:
         return {}
     src = captions if isinstance(captions, str) else "captions"
@@ -651,21 +669,103 @@ _ANSWER_TYPE_ALIASES = {"multiple_choice": "multiple_choice", "multiple-choice":
                         "mc": "multiple_choice", "yes_no": "yes_no", "yes-no": "yes_no", "yes/no": "yes_no",
                         "general": "general"}
 
+# The released PPO file's "caption_type" (the official AnswerType enum, RLHF/data_utils/constants.py): what
+# a prompt's correct answer is, as our (answer_type, answer). The official trainer also reads it to choose
+# the facts entry (facts_key) and the correctness bonus.
+CAPTION_TYPES: dict[int, tuple[str, str | None]] = {
+    1: ("general", None), 2: ("multiple_choice", "A"), 3: ("multiple_choice", "B"), 4: ("multiple_choice", "C"),
+    5: ("multiple_choice", "D"), 6: ("yes_no", "no"), 7: ("yes_no", "yes")}
+
+
+def caption_type(answer_type: str, answer: str | None) -> int:
+    """The caption_type (1-7) of a prompt with this answer_type and answer (inverse of CAPTION_TYPES)."""
+    if answer_type == "general":
+        return 1
+    for ct, pair in CAPTION_TYPES.items():
+        if pair == (answer_type, answer):
+            return ct
+    raise DataError(f"no caption_type for answer_type {answer_type!r} with answer {answer!r}")
+
+
+def facts_key(image: str, answer_type: str) -> str:
+    """The image_to_caption.json key of a PPO prompt's facts, by the official trainer's rule: the image
+    file's number zero-padded to 12 digits + ".jpg" (COCO's train2017 names), prefixed "aok_" for
+    multiple-choice prompts (A-OKVQA, whose facts are the questions' own, not the image's captions). The
+    official code takes the number as int(name.split(".")[0]) and crashes on any other name; here such a
+    name keys its facts by the file's base name (prefixed alike)."""
+    name = os.path.basename(image)
+    try:
+        name = str(int(name.split(".")[0])).zfill(12) + ".jpg"
+    except ValueError:
+        pass
+    return ("aok_" if answer_type == "multiple_choice" else "") + name
+
+
+def _prompt_answer(raw: dict) -> tuple[str, str | None]:
+    """(answer_type, answer) of a PPO prompt record, from "caption_type" (the released file) and / or
+    "answer_type" with "answer" or "correct_choice_idx" (our own files); DataError when they disagree."""
+    ct = get_field(raw, "caption_type", int, required=False)
+    if ct is not None and ct not in CAPTION_TYPES:
+        raise DataError(f"unknown 'caption_type' {ct}; expected 1-7 (1 general, 2-5 multiple choice answered "
+                        "A-D, 6 yes/no answered no, 7 yes/no answered yes)")
+    at_raw = get_field(raw, "answer_type", str, required=False)
+    if at_raw is not None and at_raw.lower() not in _ANSWER_TYPE_ALIASES:
+        raise DataError(f"'answer_type' must be one of {ANSWER_TYPES}, got {at_raw!r}")
+    at = _ANSWER_TYPE_ALIASES[at_raw.lower()] if at_raw is not None else None
+    ct_at, ct_ans = CAPTION_TYPES[ct] if ct is not None else (None, None)
+    if ct is not None:
+        if at is not None and at != ct_at:
+            raise DataError(f"'caption_type' {ct} ({ct_at}) disagrees with 'answer_type' {at_raw!r}")
+        at = ct_at
+    at = at or "general"
+    ans = get_field(raw, "answer", str, required=False)
+    if at == "multiple_choice":
+        if ans is None and raw.get("correct_choice_idx") is not None:
+            idx = get_field(raw, "correct_choice_idx", int)
+            if not 0 <= idx < 4:
+                raise DataError(f"'correct_choice_idx' must be 0-3, got {idx}")
+            ans = "ABCD"[idx]
+        if ans is None and ct is None:
+            raise DataError("a multiple_choice prompt needs 'answer' (the correct letter)")
+        if ans is not None:
+            ans = ans.strip().rstrip(".").upper()
+            if ans not in ("A", "B", "C", "D"):
+                raise DataError(f"multiple_choice 'answer' must be a letter A-D, got {raw.get('answer')!r}")
+    elif at == "yes_no":
+        if ans is None and ct is None:
+            raise DataError("a yes_no prompt needs 'answer' ('yes' or 'no')")
+        if ans is not None:
+            ans = ans.strip().rstrip(".").lower()
+            if ans not in ("yes", "no"):
+                raise DataError(f"yes_no 'answer' must be 'yes' or 'no', got {raw.get('answer')!r}")
+    if ct_ans is not None:
+        if ans is not None and ans != ct_ans:
+            raise DataError(f"'caption_type' {ct} (answer {ct_ans}) disagrees with the answer {ans!r}")
+        ans = ct_ans
+    return at, ans
+
 
 def read_ppo_prompts(path: str, captions: str | dict | None = None, on_error: str = "raise",
                      skips: Skips | None = None) -> list[dict]:
     """PPO prompts -> [{"id", "image", "question", "facts", "answer_type", "answer", "length_multiplier",
-    "source", "index"}]. The question is the first user turn (or the "question" field) with the <image>
-    placeholder removed: tokenize_prompt puts it back. Facts: inline "facts", else captions[image]
-    (exact key, then the file's base name), else []. Multiple-choice answers are a letter A-D (or
-    "correct_choice_idx" 0-3), yes/no answers "yes"/"no". "length_bonus" is read as length_multiplier.
+    "source", "index"}]. Reads the released llava_ppo50k-aokvqa12k-vqa10k.json as it is ("conversations",
+    "caption_type", "length_bonus") and our own files ("question", "answer_type", "answer", "facts").
+    The question is the first user turn (or the "question" field) with the <image> placeholder removed:
+    tokenize_prompt puts it back; the official loader, too, keeps only the first exchange.
+    Answer: "caption_type" 1-7 (CAPTION_TYPES), or "answer_type" with "answer" (multiple choice: a letter
+    A-D or "correct_choice_idx" 0-3; yes/no: "yes"/"no"); both given must agree (_prompt_answer).
+    "length_bonus" (or "length_multiplier"), default 1.0, is the length term's multiplier.
+    Facts: inline "facts", else captions[facts_key(image, answer_type)] (the official trainer's key: the
+    "aok_" entry for a multiple-choice prompt), else captions[image], else captions[base name of image],
+    else []; prompts whose image has no entry, and released-shape (caption_type) multiple-choice prompts
+    that fall back from their "aok_" entry to the image's captions, are counted in one line on stderr.
     An exact repeat of an earlier prompt with the same id is refused (skipped under on_error="skip");
     prompts that only share an id are kept (parse_each)."""
     cap = load_captions(captions) if captions is not None else None
-    no_facts = 0
+    no_facts = no_aok = 0
 
     def parse(raw: dict) -> dict:
-        nonlocal no_facts
+        nonlocal no_facts, no_aok
         rid, image = _parse_id_image(raw)
         if "question" in raw:
             q = get_field(raw, "question", str)
@@ -687,36 +787,18 @@ def read_ppo_prompts(path: str, captions: str | dict | None = None, on_error: st
         q = q.replace(IMAGE_PLACEHOLDER, "").strip()
         if not q:
             raise DataError("empty question")
-        at = get_field(raw, "answer_type", str, required=False, default="general")
-        if at.lower() not in _ANSWER_TYPE_ALIASES:
-            raise DataError(f"'answer_type' must be one of {ANSWER_TYPES}, got {at!r}")
-        at = _ANSWER_TYPE_ALIASES[at.lower()]
-        ans = get_field(raw, "answer", str, required=False)
-        if at == "multiple_choice":
-            if ans is None and raw.get("correct_choice_idx") is not None:
-                idx = get_field(raw, "correct_choice_idx", int)
-                if not 0 <= idx < 4:
-                    raise DataError(f"'correct_choice_idx' must be 0-3, got {idx}")
-                ans = "ABCD"[idx]
-            if ans is None:
-                raise DataError("a multiple_choice prompt needs 'answer' (the correct letter)")
-            ans = ans.strip().rstrip(".").upper()
-            if ans not in ("A", "B", "C", "D"):
-                raise DataError(f"multiple_choice 'answer' must be a letter A-D, got {raw.get('answer')!r}")
-        elif at == "yes_no":
-            if ans is None:
-                raise DataError("a yes_no prompt needs 'answer' ('yes' or 'no')")
-            ans = ans.strip().rstrip(".").lower()
-            if ans not in ("yes", "no"):
-                raise DataError(f"yes_no 'answer' must be 'yes' or 'no', got {raw.get('answer')!r}")
+        at, ans = _prompt_answer(raw)
         facts = get_field(raw, "facts", list, required=False)
         if facts is not None:
             if not all(isinstance(x, str) for x in facts):
                 raise DataError("'facts' should be a list of strings")
         elif cap is not None and image is not None:
-            facts = cap.get(image, cap.get(os.path.basename(image)))
+            key = facts_key(image, at)
+            facts = next((cap[k] for k in (key, image, os.path.basename(image)) if k in cap), None)
             if facts is None:
                 no_facts += 1
+            elif at == "multiple_choice" and key not in cap and raw.get("caption_type") is not None:
+                no_aok += 1  # the official trainer would stop here (KeyError); say that we did not
         facts = list(facts or [])
         key = "length_multiplier" if "length_multiplier" in raw else "length_bonus"
         lm = float(get_field(raw, key, (int, float), required=False, default=1.0))
@@ -728,6 +810,9 @@ def read_ppo_prompts(path: str, captions: str | dict | None = None, on_error: st
     if no_facts:
         print(f"{printable(path)}: {no_facts} prompt(s) have an image missing from the captions map "
               "(empty facts)", file=sys.stderr)
+    if no_aok:
+        print(f"{printable(path)}: {no_aok} multiple-choice prompt(s) have no 'aok_' facts entry; their image's "
+              "captions are used", file=sys.stderr)
     return recs
 
 

@@ -1,13 +1,20 @@
 r"""Preparing data for LLaVA-RLHF: convert the public human-written sets (VQA-v2, A-OKVQA, Flickr30k) to SFT
-conversations (or PPO prompts), mix SFT files into one shuffled set, and check a file before training.
+conversations (or PPO prompts), mix SFT files into one shuffled set, build the paper's RL-init mix and a
+disjoint SFT / preference / PPO split of an instruction file, and check a file before training. Outputs
+are in the shapes of the released LLaVA-RLHF files (SPEC §9): COCO images by their train2017 file name.
 
     python prepare_data.py convert vqav2 --questions v2_OpenEnded_mscoco_train2014_questions.json \
-        --annotations v2_mscoco_train2014_annotations.json --out vqav2_sft.json [--per_image] [--format ppo]
+        --annotations v2_mscoco_train2014_annotations.json --out vqav2_sft.json [--per_image false] \
+        [--format ppo [--yes_no_only false]]
     python prepare_data.py convert aokvqa --input aokvqa_v1p0_train.json --out aokvqa_sft.json \
-        [--style rationale_first] [--format ppo]
+        [--style letter_first|rationale_first] [--format ppo [--facts_out aok_facts.json]]
     python prepare_data.py convert flickr30k --input results_20130124.token --out flickr_sft.json \
         [--captions_out flickr_captions.json] [--seed 0]
     python prepare_data.py mix --inputs a.json,b.json --out mix.json --seed 0 [--counts 1000,500]
+    python prepare_data.py rlinit --preferences llava_7b_v1_preference.json --aokvqa aokvqa_v1p0_train.json \
+        --aokvqa_count 5000 --out rlinit.json [--seed 0]
+    python prepare_data.py split --input llava_instruct_150k.json --out_sft sft.json \
+        --out_preference pref_prompts.json --out_ppo ppo_prompts.json [--preference 10000] [--ppo 50000] [--sft -1]
     python prepare_data.py check --file sft_mix.json --image_folder images --tokenizer /ckpt/vicuna-7b-v1.5 \
         [--kind sft|preference|ppo|mmhal] [--max_len 1280]
 
@@ -27,8 +34,9 @@ from typing import Callable
 import numpy as np
 
 import common
-from data import (ANSWER_TYPES, IMAGE_PLACEHOLDER, MMHAL_TYPES, DataError, Skips, Template, Tokenizer,
-                  TruncationError, get_field, image_file, load_captions, load_image, load_json, parse_each,
+from data import (ANSWER_TYPES, CAPTION_TYPES, IMAGE_PLACEHOLDER, MMHAL_TYPES, DataError, Skips, Template,
+                  Tokenizer, TruncationError, caption_type, facts_key, get_field, image_file, load_captions,
+                  load_image, load_json, parse_each,
                   printable, read_mmhal, read_ppo_prompts, read_preferences, read_records, read_sft, read_text,
                   record_id, text_len, tokenize_conversation, tokenize_prompt, with_response)
 
@@ -53,6 +61,7 @@ def write_records(records: list[dict] | dict, path: str) -> None:
 
 VQA_INSTRUCTION = "Answer the question using a single word or phrase."
 MC_INSTRUCTION = "Answer with the letter of the correct option, then explain why."
+COT_INSTRUCTION = "Think it through step by step, then give the letter of the correct option."
 CAPTION_INSTRUCTIONS = (
     "Describe this image briefly.",
     "Write a short caption for this picture.",
@@ -63,7 +72,10 @@ CAPTION_INSTRUCTIONS = (
     "Caption this image.",
     "Briefly describe the scene shown here.",
 )
-COCO_IMAGE = "coco/train2017/{image_id:012d}.jpg"
+# COCO train2017's file name, as every released LLaVA / LLaVA-RLHF file names its images (with
+# image_folder = the train2017 folder); VQA-v2's train2014 images have the same ids
+COCO_IMAGE = "{image_id:012d}.jpg"
+AOKVQA_STYLES = ("letter_first", "rationale_first")
 
 
 def _convert_each(path: str, items: list, convert_one, on_error: str, skips: Skips | None) -> list[dict]:
@@ -77,12 +89,19 @@ def _nonempty(rec: dict, key: str) -> str:
     return v.strip()
 
 
-def convert_vqav2(questions: str, annotations: str, image_format: str = COCO_IMAGE, per_image: bool = False,
-                  fmt: str = "sft", instruction: str = VQA_INSTRUCTION, on_error: str = "raise",
-                  skips: Skips | None = None) -> list[dict]:
-    """VQA-v2 -> short-answer conversations (the answer is multiple_choice_answer). per_image groups the
-    questions about one image into one multi-turn conversation. fmt="ppo" writes PPO prompts (yes/no
-    answers get answer_type yes_no)."""
+def _exchange(question: str, answer: str) -> list[dict]:
+    return [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"}, {"from": "gpt", "value": answer}]
+
+
+def convert_vqav2(questions: str, annotations: str, image_format: str = COCO_IMAGE, per_image: bool = True,
+                  fmt: str = "sft", instruction: str = VQA_INSTRUCTION, yes_no_only: bool = True,
+                  on_error: str = "raise", skips: Skips | None = None) -> list[dict]:
+    """VQA-v2 -> short-answer conversations (the answer is multiple_choice_answer). per_image (the default,
+    as the paper's SFT data) makes one multi-turn conversation of the questions about one image, in file
+    order, with the id of its first question; per_image=False one conversation per question.
+    fmt="ppo" writes PPO prompts in the released file's shape (one exchange per question, "caption_type"
+    6 / 7 for a yes/no question answered no / yes, 1 otherwise); yes_no_only (the default, as the paper's
+    10k PPO questions) keeps only the yes/no questions."""
     qdata, adata = load_json(questions), load_json(annotations)
     if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
         raise DataError("expected {'questions': [...]}", path=questions)
@@ -96,15 +115,15 @@ def convert_vqav2(questions: str, annotations: str, image_format: str = COCO_IMA
         if qid not in answers:
             raise DataError(f"question_id {qid} has no annotation in {annotations}")
         answer = _nonempty(answers[qid], "multiple_choice_answer")
-        image = image_format.format(image_id=image_id)
+        rec = {"id": f"vqav2_{qid}", "image": image_format.format(image_id=image_id), "image_id": image_id,
+               "conversations": _exchange(f"{question}\n{instruction}", answer)}
         if fmt == "ppo":
-            at = "yes_no" if answer.lower() in ("yes", "no") else "general"
-            return {"id": f"vqav2_{qid}", "image": image, "question": f"{question}\n{instruction}",
-                    "answer_type": at, "answer": answer.lower() if at == "yes_no" else answer}
-        return {"id": f"vqav2_{qid}", "image": image, "image_id": image_id,
-                "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}\n{instruction}"},
-                                  {"from": "gpt", "value": answer}]}
+            yes_no = answer.lower() in ("yes", "no")
+            rec["caption_type"] = caption_type("yes_no", answer.lower()) if yes_no else caption_type("general", None)
+        return rec
     recs = _convert_each(questions, qdata["questions"], one, on_error, skips)
+    if fmt == "ppo" and yes_no_only:
+        recs = [r for r in recs if r["caption_type"] != 1]
     if fmt == "sft" and per_image:
         grouped: dict[int, dict] = {}
         for r in recs:
@@ -118,16 +137,26 @@ def convert_vqav2(questions: str, annotations: str, image_format: str = COCO_IMA
     return recs
 
 
-def convert_aokvqa(path: str, image_format: str = COCO_IMAGE, style: str = "letter_first", fmt: str = "sft",
+def aokvqa_facts(choices: list[str], k: int, rationales: list[str]) -> list[str]:
+    """An A-OKVQA question's own facts for the reward model: its correct answer, then its rationales."""
+    return [f"The answer is {choices[k].strip()}."] + rationales
+
+
+def convert_aokvqa(path: str, image_format: str = COCO_IMAGE, style: str = "", fmt: str = "sft",
                    on_error: str = "raise", skips: Skips | None = None) -> list[dict]:
     """A-OKVQA -> multiple choice (options lettered A-D) answered with the first rationale.
-    style="letter_first": "B. choice\\nrationale"; "rationale_first" (chain of thought):
-    "rationale So the correct option is B." fmt="ppo" writes PPO prompts with the correct letter and the
-    item's own facts (the correct answer and the rationales)."""
+    style="letter_first" (the default for fmt="sft"): "B. choice\nrationale", asked with MC_INSTRUCTION;
+    "rationale_first", the chain-of-thought form of the paper's RL-init and PPO data (the default for
+    fmt="ppo"): "rationale So the correct option is B.", asked with COT_INSTRUCTION. Both end forms are the
+    ones the official correctness bonus recognises (a response starting "B." or holding "correct option
+    is B."). fmt="ppo" writes PPO prompts in the released file's shape ("caption_type" 2-5 for the letter
+    A-D) with the question's own facts inline (aokvqa_facts; facts_map writes them keyed for a captions
+    file). A question without a rationale is an error for fmt="sft" and written without one for "ppo"."""
     items = load_json(path)
     if not isinstance(items, list):
         raise DataError("expected a JSON list of A-OKVQA records", path=path)
-    if style not in ("letter_first", "rationale_first"):
+    style = style or ("rationale_first" if fmt == "ppo" else "letter_first")
+    if style not in AOKVQA_STYLES:
         raise ValueError(f"unknown style {style!r}")
 
     def one(r: dict) -> dict:
@@ -141,24 +170,36 @@ def convert_aokvqa(path: str, image_format: str = COCO_IMAGE, style: str = "lett
             raise DataError(f"'correct_choice_idx' {k} is out of range for {len(choices)} choices")
         rationales = [x.strip() for x in get_field(r, "rationales", list, required=False, default=[])
                       if isinstance(x, str) and x.strip()]
+        if not rationales and fmt == "sft":
+            raise DataError("no rationale to answer with")
         letter = "ABCD"[k]
         options = "\n".join(f"{'ABCD'[i]}. {c.strip()}" for i, c in enumerate(choices))
-        prompt = f"{question}\n{options}\n{MC_INSTRUCTION}"
-        image = image_format.format(image_id=image_id)
-        if fmt == "ppo":
-            facts = [f"The answer is {choices[k].strip()}."] + rationales
-            return {"id": f"aokvqa_{qid}", "image": image, "question": prompt, "answer_type": "multiple_choice",
-                    "answer": letter, "facts": facts}
+        instruction = MC_INSTRUCTION if style == "letter_first" else COT_INSTRUCTION
         if not rationales:
-            raise DataError("no rationale to answer with")
-        if style == "letter_first":
+            answer = f"{letter}. {choices[k].strip()}"
+        elif style == "letter_first":
             answer = f"{letter}. {choices[k].strip()}\n{rationales[0]}"
         else:
             answer = f"{rationales[0]} So the correct option is {letter}."
-        return {"id": f"aokvqa_{qid}", "image": image,
-                "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{prompt}"},
-                                  {"from": "gpt", "value": answer}]}
+        rec = {"id": f"aokvqa_{qid}", "image": image_format.format(image_id=image_id),
+               "conversations": _exchange(f"{question}\n{options}\n{instruction}", answer)}
+        if fmt == "ppo":
+            rec.update(caption_type=caption_type("multiple_choice", letter), facts=aokvqa_facts(choices, k, rationales))
+        return rec
     return _convert_each(path, items, one, on_error, skips)
+
+
+def facts_map(prompts: list[dict]) -> dict[str, list[str]]:
+    """{facts_key: facts} for PPO prompts carrying inline facts, keyed as the official trainer looks them up
+    in image_to_caption.json ("aok_000000123456.jpg" for an A-OKVQA prompt); the facts of several questions
+    on one image are merged in order, each once."""
+    out: dict[str, list[str]] = {}
+    for p in prompts:
+        if p.get("facts") and p.get("image"):
+            at = CAPTION_TYPES[p["caption_type"]][0] if "caption_type" in p else p.get("answer_type", "general")
+            facts = out.setdefault(facts_key(p["image"], at), [])
+            facts += [f for f in p["facts"] if f not in facts]
+    return out
 
 
 def read_flickr30k_captions(path: str, split: str | None = None) -> dict[str, list[str]]:
@@ -236,6 +277,120 @@ def mix_sft(inputs: list[str], seed: int = 0, counts: list[int] | None = None, o
     return out
 
 
+def _sft_record(rid: str, image: str | None, conversations: list[dict]) -> dict:
+    return {"id": rid, **({"image": image} if image is not None else {}), "conversations": conversations}
+
+
+def unique_ids(records: list[dict]) -> int:
+    """Give every record its own id, in place and in order: a repeat of an earlier id (LLaVA gives all the
+    records of an image the image's id) becomes "<id>_2", "<id>_3", ... (skipping any id a record already
+    has). Returns how many were renamed."""
+    taken = {r["id"] for r in records}
+    used: set[str] = set()
+    renamed = 0
+    for r in records:
+        rid = r["id"]
+        if rid in used:
+            k = 2
+            while f"{rid}_{k}" in taken or f"{rid}_{k}" in used:
+                k += 1
+            r["id"], renamed = f"{rid}_{k}", renamed + 1
+        used.add(r["id"])
+    return renamed
+
+
+def build_rlinit(preferences: str, aokvqa: str | None = None, aokvqa_count: int | None = None, seed: int = 0,
+                 image_format: str = COCO_IMAGE) -> list[dict]:
+    """The RL-init mix (SPEC §3, the released llava_reward10k-aokvqa5k.json): every preference prompt
+    answered with its preferred response (output_{preference}) as an SFT conversation, plus aokvqa_count
+    A-OKVQA questions (None: all) drawn from the A-OKVQA file in chain-of-thought form (convert_aokvqa
+    style "rationale_first"); shuffled with one seeded RNG, every id made unique (unique_ids)."""
+    rng = random.Random(seed)
+    out = [_sft_record(r["id"], r["image"], r["conversations"] + [
+        {"from": "gpt", "value": r[f"output_{r['preference']}"]["value"]}]) for r in read_preferences(preferences)]
+    if aokvqa:
+        cot = convert_aokvqa(aokvqa, image_format, style="rationale_first")
+        if aokvqa_count is not None:
+            if not 0 <= aokvqa_count <= len(cot):
+                raise DataError(f"asked for {aokvqa_count} A-OKVQA records but it has {len(cot)}", path=aokvqa)
+            cot = rng.sample(cot, aokvqa_count)
+        out += cot
+    elif aokvqa_count:
+        raise DataError("an A-OKVQA count without an A-OKVQA file")
+    renamed = unique_ids(out)
+    n_pref = len(out) - (len(cot) if aokvqa else 0)
+    print(f"rlinit: {n_pref} preference prompts + {len(out) - n_pref} A-OKVQA (chain of thought)"
+          + (f"; {renamed} repeated id(s) renamed <id>_k" if renamed else ""), file=sys.stderr)
+    rng.shuffle(out)
+    return out
+
+
+SPLIT_PARTS = ("preference", "ppo", "sft")  # the order parts are filled: the held-out prompts first
+
+
+def split_counts(spec: dict[str, float], total: int) -> dict[str, int | None]:
+    """Record counts of the split's parts from counts (whole numbers) or fractions of `total` (0 < x < 1,
+    rounded down); -1 for "sft": every record left (None). Refuses negative or fractional counts and a sum
+    above `total`."""
+    out: dict[str, int | None] = {}
+    for part in SPLIT_PARTS:
+        v = spec[part]
+        if part == "sft" and v == -1:
+            out[part] = None
+        elif 0 < v < 1:
+            out[part] = int(v * total)
+        elif v >= 0 and float(v).is_integer():
+            out[part] = int(v)
+        else:
+            raise DataError(f"--{part} {v} should be a count (a whole number), a fraction between 0 and 1"
+                            + (", or -1 for every record left" if part == "sft" else ""))
+    asked = sum(n for n in out.values() if n is not None)
+    if asked > total:
+        which = ", ".join(f"{k} {v}" for k, v in out.items() if v is not None)
+        raise DataError(f"the parts ask for {asked} records ({which}) but the file has {total}")
+    return out
+
+
+def split_instructions(path: str, counts: dict[str, float], seed: int = 0) -> tuple[dict[str, list[dict]], int]:
+    """A disjoint split of an SFT-format instruction file (e.g. LLaVA-Instruct) into the SFT, preference-prompt
+    and PPO-prompt parts (SPEC §3: the reward model's and PPO's prompts are held out from SFT), by counts or
+    fractions (split_counts). Disjoint by image: records are grouped by image (a record without one is its
+    own group), the groups shuffled with a seeded RNG and dealt out in order, preference then ppo then sft;
+    when a part is full in the middle of an image, that image's other records are left out of every part, so
+    no image is in two parts. Ids are made unique over the file first (unique_ids). The sft and preference
+    parts are SFT records; the ppo part is each record's first exchange in the released PPO file's shape
+    ("caption_type" 1), as the official loader keeps only that. Returns ({part: records}, records left out);
+    DataError when a part cannot be filled."""
+    recs = [_sft_record(r["id"], r["image"], r["conversations"]) for r in read_sft(path)]
+    renamed = unique_ids(recs)
+    if renamed:
+        print(f"split: {renamed} repeated id(s) renamed <id>_k", file=sys.stderr)
+    need = split_counts(counts, len(recs))
+    groups: dict[object, list[dict]] = {}
+    for i, r in enumerate(recs):
+        groups.setdefault(r.get("image") or ("no image", i), []).append(r)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    parts: dict[str, list[dict]] = {p: [] for p in SPLIT_PARTS}
+    left_out, g = 0, 0
+    for part in SPLIT_PARTS:
+        n = need[part]
+        while g < len(order) and (n is None or len(parts[part]) < n):
+            group = order[g]
+            g += 1
+            room = len(group) if n is None else n - len(parts[part])
+            parts[part] += group[:room]
+            left_out += max(0, len(group) - room)
+        if n is not None and len(parts[part]) < n:
+            raise DataError(f"the {part} part needs {n} records but only {len(parts[part])} are left after the "
+                            f"parts before it (whole images are kept in one part; {left_out} records of images "
+                            "cut at a part's boundary are left out)", path=path)
+    left_out += sum(len(grp) for grp in order[g:])
+    parts["ppo"] = [{"id": r["id"], **({"image": r["image"]} if "image" in r else {}),
+                     "conversations": r["conversations"][:2], "caption_type": 1} for r in parts["ppo"]]
+    return parts, left_out
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checking a dataset
 
@@ -246,7 +401,7 @@ def detect_kind(path: str) -> str:
                 return "preference"
             if "gt_answer" in raw and "question_type" in raw:
                 return "mmhal"
-            if "question" in raw or "answer_type" in raw or "facts" in raw:
+            if any(k in raw for k in ("question", "answer_type", "facts", "caption_type", "length_bonus")):
                 return "ppo"
             return "sft"
     return "sft"
@@ -373,8 +528,9 @@ class VQAv2Config:
     questions: str = ""                # v2_OpenEnded_mscoco_*_questions.json (required)
     annotations: str = ""              # v2_mscoco_*_annotations.json (required)
     out: str = ""                      # the file to write (required); a .jsonl name writes JSONL
-    per_image: bool = False            # one multi-turn conversation per image
-    format: str = "sft"                # sft (conversations) or ppo (prompts with answer types)
+    per_image: bool = True             # sft: one multi-turn conversation per image (the paper's); false: per question
+    format: str = "sft"                # sft (conversations) or ppo (prompts in the released PPO file's shape)
+    yes_no_only: bool = True           # ppo: only the yes/no questions (the paper's PPO prompts); false: every question
     image_format: str = COCO_IMAGE     # a record's image path, from its {image_id}
     skip: bool = False                 # skip (and count) bad records instead of stopping
 
@@ -383,8 +539,9 @@ class VQAv2Config:
 class AOKVQAConfig:
     input: str = ""                    # aokvqa_v1p0_*.json (required)
     out: str = ""                      # the file to write (required); a .jsonl name writes JSONL
-    style: str = "letter_first"        # letter_first ("B. choice\nrationale") or rationale_first
-    format: str = "sft"                # sft (conversations) or ppo (prompts with the correct letter)
+    style: str = ""                    # letter_first | rationale_first (CoT); default: sft letter_first, ppo rationale_first
+    format: str = "sft"                # sft (conversations) or ppo (the released PPO file's shape, facts inline)
+    facts_out: str = ""                # ppo: also write the facts keyed as image_to_caption.json's "aok_" entries
     image_format: str = COCO_IMAGE     # a record's image path, from its {image_id}
     skip: bool = False                 # skip (and count) bad records instead of stopping
 
@@ -420,6 +577,28 @@ class CheckConfig:
     images: bool = True                # open every image
 
 
+@dataclass
+class RLInitConfig:
+    preferences: str = ""              # the human-preference file (llava_7b_v1_preference.json's shape) (required)
+    aokvqa: str = ""                   # aokvqa_v1p0_train.json: questions added in chain-of-thought form; empty: none
+    aokvqa_count: int = -1             # A-OKVQA questions drawn (the paper: 5000); -1: all of the file
+    out: str = ""                      # the file to write (required)
+    seed: int = 0                      # the draw and the shuffle
+    image_format: str = COCO_IMAGE     # an A-OKVQA record's image path, from its {image_id}
+
+
+@dataclass
+class SplitConfig:
+    input: str = ""                    # an SFT-format instruction file, e.g. llava_instruct_150k.json (required)
+    out_sft: str = ""                  # the SFT part (required)
+    out_preference: str = ""           # the preference prompts, SFT records: the last answer is the slot (required)
+    out_ppo: str = ""                  # the PPO prompts, the released PPO file's shape (required)
+    preference: float = 10000          # records in the preference part: a count, or a fraction (0-1) of the file
+    ppo: float = 50000                 # records in the PPO part: a count or a fraction
+    sft: float = -1                    # records in the SFT part: a count or a fraction; -1: every record left
+    seed: int = 0                      # the shuffle of the images
+
+
 def _need(cfg, *keys: str) -> None:
     for key in keys:
         if not getattr(cfg, key):
@@ -444,7 +623,7 @@ def run_vqav2(cfg: VQAv2Config) -> int:
     _one_of(cfg, "format", ("sft", "ppo"))
     skips = Skips()
     recs = convert_vqav2(cfg.questions, cfg.annotations, cfg.image_format, cfg.per_image, cfg.format,
-                         on_error="skip" if cfg.skip else "raise", skips=skips)
+                         yes_no_only=cfg.yes_no_only, on_error="skip" if cfg.skip else "raise", skips=skips)
     return _wrote(recs, cfg.out, skips)
 
 
@@ -452,8 +631,16 @@ def run_aokvqa(cfg: AOKVQAConfig) -> int:
     _need(cfg, "input", "out")
     _one_of(cfg, "format", ("sft", "ppo"))
     skips = Skips()
+    if cfg.style:
+        _one_of(cfg, "style", AOKVQA_STYLES)
+    if cfg.facts_out and cfg.format != "ppo":
+        raise common.ConfigError("--facts_out goes with --format ppo")
     recs = convert_aokvqa(cfg.input, cfg.image_format, cfg.style, cfg.format,
                           on_error="skip" if cfg.skip else "raise", skips=skips)
+    if cfg.facts_out:
+        facts = facts_map(recs)
+        write_records(facts, cfg.facts_out)
+        print(f"wrote the facts of {len(facts)} images to {printable(cfg.facts_out)}")
     return _wrote(recs, cfg.out, skips)
 
 
@@ -472,6 +659,29 @@ def run_mix(cfg: MixConfig) -> int:
     return _wrote(recs, cfg.out, skips)
 
 
+def run_rlinit(cfg: RLInitConfig) -> int:
+    _need(cfg, "preferences", "out")
+    recs = build_rlinit(cfg.preferences, cfg.aokvqa or None, None if cfg.aokvqa_count == -1 else cfg.aokvqa_count,
+                        cfg.seed, cfg.image_format)
+    return _wrote(recs, cfg.out, Skips())
+
+
+def run_split(cfg: SplitConfig) -> int:
+    _need(cfg, "input", "out_sft", "out_preference", "out_ppo")
+    outs = {"sft": cfg.out_sft, "preference": cfg.out_preference, "ppo": cfg.out_ppo}
+    if len(set(map(os.path.abspath, outs.values()))) < 3:
+        raise common.ConfigError("--out_sft, --out_preference and --out_ppo must be three different files")
+    parts, left_out = split_instructions(cfg.input, {"sft": cfg.sft, "preference": cfg.preference, "ppo": cfg.ppo},
+                                         cfg.seed)
+    for part in ("sft", "preference", "ppo"):
+        recs = parts[part]
+        write_records(recs, outs[part])
+        images = len({r["image"] for r in recs if "image" in r})
+        print(f"{part}: {len(recs)} records, {images} images -> {printable(outs[part])}")
+    print(f"left out: {left_out} records (the rest of an image cut at a part's boundary, or beyond the counts)")
+    return 0
+
+
 def run_check(cfg: CheckConfig) -> int:
     _need(cfg, "file")
     if cfg.kind:
@@ -484,7 +694,7 @@ def run_check(cfg: CheckConfig) -> int:
 COMMANDS: dict[str, tuple[type, Callable]] = {
     "convert vqav2": (VQAv2Config, run_vqav2), "convert aokvqa": (AOKVQAConfig, run_aokvqa),
     "convert flickr30k": (Flickr30kConfig, run_flickr30k), "mix": (MixConfig, run_mix),
-    "check": (CheckConfig, run_check)}
+    "rlinit": (RLInitConfig, run_rlinit), "split": (SplitConfig, run_split), "check": (CheckConfig, run_check)}
 
 
 def main(argv: list[str] | None = None) -> int:

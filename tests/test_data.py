@@ -527,6 +527,203 @@ def test_load_captions(tmp_path):
         data.load_captions(_write(tmp_path / "list.json", [caps]))
 
 
+# ----------------------------------------------------------------------------------------------------
+# the released LLaVA-RLHF files, in their exact shapes (SPEC §9; RLHF/data_utils, RLHF/models/ppo_trainer.py)
+
+# the official AnswerType enum (RLHF/data_utils/constants.py), written out independently of data.py
+ANSWER_TYPE_ENUM = {"GENERAL": 1, "A_IN_ABCD": 2, "B_IN_ABCD": 3, "C_IN_ABCD": 4, "D_IN_ABCD": 5,
+                    "NO_IN_YESNO": 6, "YES_IN_YESNO": 7}
+
+
+def _official_key(image, caption_type):
+    """ppo_trainer.py's facts key: the id int(file.split(".")[0]) back as a 12-digit .jpg name, "aok_" for
+    the four multiple-choice types."""
+    name = str(int(image.split(".")[0])).zfill(12) + ".jpg"
+    return ("aok_" + name) if caption_type in (2, 3, 4, 5) else name
+
+
+def _released_ppo():
+    """Records as llava_ppo50k-aokvqa12k-vqa10k.json holds them: a first exchange (the gpt turn is replaced
+    by the loader), caption_type and length_bonus."""
+    def rec(rid, image, question, answer, ct, lb):
+        return {"id": rid, "image": image, "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                                             {"from": "gpt", "value": answer}],
+                "caption_type": ct, "length_bonus": lb}
+    return [rec("000000123456", "000000123456.jpg", "What is the man doing?", "He is surfing.", 1, 1.0),
+            rec("aok_1", "000000123456.jpg", "Why is he wet?\nA. rain\nB. sea\nC. sweat\nD. hose", "B.", 3, 0.0),
+            rec("vqa_1", "000000000077.jpg", "Is the dog asleep?", "no", 6, 0.5),
+            rec("vqa_2", "000000000077.jpg", "Is there a dog?", "yes", 7, 0.5),
+            rec("aok_2", "000000000077.jpg", "Which animal?\nA. dog\nB. cat\nC. cow\nD. fox", "A.", 2, 0.0)]
+
+
+RELEASED_CAPTIONS = {"000000123456.jpg": ["A man surfs a wave.", "A surfer in the ocean."],
+                     "aok_000000123456.jpg": ["He is in the sea.", "Surfers get wet."],
+                     "000000000077.jpg": ["A dog lies on a couch."],
+                     "aok_000000000077.jpg": ["The animal is a dog."]}
+
+
+def test_caption_types_map_to_answer_types():
+    for name, ct in ANSWER_TYPE_ENUM.items():
+        at, ans = data.CAPTION_TYPES[ct]
+        if name == "GENERAL":
+            assert (at, ans) == ("general", None)
+        elif name.endswith("_IN_ABCD"):
+            assert (at, ans) == ("multiple_choice", name[0])  # the official bonus expects "<letter>."
+        else:
+            assert (at, ans) == ("yes_no", name.split("_")[0].lower())
+        assert data.caption_type(at, ans) == ct
+    assert set(data.CAPTION_TYPES) == set(ANSWER_TYPE_ENUM.values())
+    assert data.caption_type("general", "red") == 1
+
+
+@pytest.mark.parametrize("image", ["000000123456.jpg", "123456.jpg", "000000000009.png", "42"])
+def test_facts_key_is_the_official_rule(image):
+    for ct, (at, _) in data.CAPTION_TYPES.items():
+        assert data.facts_key(image, at) == _official_key(image, ct)
+    assert data.facts_key("000000123456.jpg", "multiple_choice") == "aok_000000123456.jpg"
+
+
+def test_facts_key_of_names_without_a_number():
+    # int("COCO_train2014_000000123456") raises in the official trainer; here: the base name
+    assert data.facts_key("COCO_train2014_000000123456.jpg", "general") == "COCO_train2014_000000123456.jpg"
+    assert data.facts_key("imgs/cat.png", "multiple_choice") == "aok_cat.png"
+    assert data.facts_key("coco/train2017/000000000009.jpg", "yes_no") == "000000000009.jpg"  # a path: its name
+
+
+def test_read_released_ppo_file(tmp_path, capsys):
+    path = _write(tmp_path / "llava_ppo50k-aokvqa12k-vqa10k.json", _released_ppo())
+    caps = _write(tmp_path / "image_to_caption.json", RELEASED_CAPTIONS)
+    out = data.read_ppo_prompts(path, captions=caps)
+    assert [(r["answer_type"], r["answer"]) for r in out] == [
+        ("general", None), ("multiple_choice", "B"), ("yes_no", "no"), ("yes_no", "yes"), ("multiple_choice", "A")]
+    assert [r["length_multiplier"] for r in out] == [1.0, 0.0, 0.5, 0.5, 0.0]
+    assert out[1]["question"] == "Why is he wet?\nA. rain\nB. sea\nC. sweat\nD. hose"  # the first turn only
+    for raw, r in zip(_released_ppo(), out):  # facts: the entry the official trainer reads
+        assert r["facts"] == RELEASED_CAPTIONS[_official_key(raw["image"], raw["caption_type"])]
+    assert out[1]["facts"] == ["He is in the sea.", "Surfers get wet."] and out[0]["facts"][0] == "A man surfs a wave."
+    assert capsys.readouterr().err == ""
+    # no caption_type and no length_bonus (the official defaults: GENERAL, 1.0)
+    bare = [{k: v for k, v in r.items() if k not in ("caption_type", "length_bonus")} for r in _released_ppo()]
+    out = data.read_ppo_prompts(_write(tmp_path / "bare.json", bare), captions=caps)
+    assert {(r["answer_type"], r["length_multiplier"]) for r in out} == {("general", 1.0)}
+    assert out[1]["facts"] == RELEASED_CAPTIONS["000000123456.jpg"]
+
+
+def test_released_ppo_facts_fallbacks(tmp_path, capsys):
+    recs = _released_ppo()
+    recs[0]["image"] = recs[1]["image"] = "COCO_train2014_000000123456.jpg"  # no number: the official crashes
+    path = _write(tmp_path / "p.json", recs)
+    caps = {"COCO_train2014_000000123456.jpg": ["Captions by file name."],
+            "aok_COCO_train2014_000000123456.jpg": ["Facts by file name."],
+            "000000000077.jpg": ["A dog lies on a couch."]}
+    out = data.read_ppo_prompts(path, captions=caps)
+    assert out[0]["facts"] == ["Captions by file name."] and out[1]["facts"] == ["Facts by file name."]
+    # "aok_000000000077.jpg" is missing: the image's captions are used, and said so
+    assert out[4]["facts"] == ["A dog lies on a couch."]
+    assert "p.json: 1 multiple-choice prompt(s) have no 'aok_' facts entry" in capsys.readouterr().err
+    # the official key wins over an exact image key
+    recs = _released_ppo()[:2]
+    for r in recs:
+        r["image"] = "123456.jpg"
+    caps = {"123456.jpg": ["by the name"], "000000123456.jpg": ["by the id"], "aok_000000123456.jpg": ["aok"]}
+    out = data.read_ppo_prompts(_write(tmp_path / "q.json", recs), captions=caps)
+    assert [r["facts"] for r in out] == [["by the id"], ["aok"]]
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ({"caption_type": 8}, "unknown 'caption_type' 8"),
+    ({"caption_type": 0}, "unknown 'caption_type' 0"),
+    ({"caption_type": "3"}, "'caption_type' should be int"),
+    ({"caption_type": True}, "'caption_type' should be int"),
+    ({"caption_type": 3, "answer_type": "yes_no"},
+     "'caption_type' 3 (multiple_choice) disagrees with 'answer_type' 'yes_no'"),
+    ({"caption_type": 1, "answer_type": "multiple_choice", "answer": "A"}, "disagrees with 'answer_type'"),
+    ({"caption_type": 3, "answer_type": "multiple_choice", "answer": "C"},
+     "'caption_type' 3 (answer B) disagrees with the answer 'C'"),
+    ({"caption_type": 6, "answer": "yes"}, "'caption_type' 6 (answer no) disagrees with the answer 'yes'"),
+    ({"length_bonus": -1}, "'length_bonus' must be a finite number >= 0"),
+])
+def test_released_ppo_bad_records_name_the_record(tmp_path, bad, reason):
+    recs = _released_ppo()
+    recs[2] = {k: v for k, v in recs[2].items() if k != "caption_type"} | bad
+    path = _write(tmp_path / "p.json", recs)
+    with pytest.raises(DataError) as e:
+        data.read_ppo_prompts(path)
+    assert str(e.value).startswith(f"{path}: record 2: ") and reason in str(e.value)
+    skips = Skips()
+    assert [r["index"] for r in data.read_ppo_prompts(path, on_error="skip", skips=skips)] == [0, 1, 3, 4]
+
+
+def test_released_ppo_agreeing_fields_accepted(tmp_path):
+    recs = _released_ppo()
+    recs[1].update(answer_type="multiple_choice", answer="B")
+    recs[2].update(answer_type="yes_no", answer="No.")
+    out = data.read_ppo_prompts(_write(tmp_path / "p.json", recs))
+    assert [(r["answer_type"], r["answer"]) for r in out[1:3]] == [("multiple_choice", "B"), ("yes_no", "no")]
+
+
+def _released_preferences():
+    """Records as llava_7b_v1_preference.json holds them: the conversation ends with the gpt turn the
+    official loader overwrites with each output; outputs are {"from", "value"} objects; fields no loader
+    reads (their names here are made up) are ignored."""
+    return [{"id": "000000123456", "image": "000000123456.jpg",
+             "conversations": [{"from": "human", "value": "<image>\nWhat is the man doing?"},
+                               {"from": "gpt", "value": "He is surfing on a big wave."}],
+             "output_1": {"from": "llava", "value": "He is surfing."},
+             "output_2": {"from": "llava", "value": "He is skiing down a hill."},
+             "preference": 1, "hallucination": True, "an_unread_field": False, "another": {"x": 0.3}},
+            {"id": "000000000077", "image": "000000000077.jpg",
+             "conversations": [[{"from": "human", "value": "Describe the picture.\n<image>"},
+                                {"from": "gpt", "value": "A dog on a couch."},
+                                {"from": "human", "value": "What color is it?"},
+                                {"from": "gpt", "value": "Brown."}]],   # wrapped in a list, as the loader allows
+             "output_1": {"from": "llava", "value": "It is green."},
+             "output_2": {"from": "llava", "value": "It is brown."},
+             "preference": 2, "hallucination": False}]
+
+
+def test_read_released_preferences(tmp_path):
+    path = _write(tmp_path / "llava_7b_v1_preference.json", _released_preferences())
+    out = data.read_preferences(path)
+    # the official loader: context = conversations with the last (gpt) turn replaced by output_k
+    for raw, r in zip(_released_preferences(), out):
+        conv = raw["conversations"][0] if isinstance(raw["conversations"][0], list) else raw["conversations"]
+        for k in (1, 2):
+            full = data.with_response(r["conversations"], r[f"output_{k}"]["value"])
+            assert [t["from"] for t in full] == [t["from"] for t in conv]
+            assert full[-1]["value"] == raw[f"output_{k}"]["value"] and full[1:-1] == conv[1:-1]
+    assert out[0]["conversations"] == [{"from": "human", "value": "<image>\nWhat is the man doing?"}]
+    assert out[1]["conversations"][0]["value"] == "<image>\nDescribe the picture."
+    assert [r["output_1"] for r in out] == [{"value": "He is surfing."}, {"value": "It is green."}]
+    assert [(r["preference"], r["hallucination"]) for r in out] == [(1, True), (2, False)]
+    assert all(k not in r for r in out for k in ("an_unread_field", "another"))  # unknown fields ignored
+    bad = _released_preferences()
+    bad[1]["conversations"] = [bad[1]["conversations"][0], bad[1]["conversations"][0]]
+    with pytest.raises(DataError, match="record 1: 'conversations' should be a list of turns"):
+        data.read_preferences(_write(tmp_path / "bad.json", bad))
+
+
+def test_load_released_image_to_caption(tmp_path):
+    caps = data.load_captions(_write(tmp_path / "image_to_caption.json", RELEASED_CAPTIONS))
+    assert caps["aok_000000123456.jpg"] == ["He is in the sea.", "Surfers get wet."]
+    with pytest.raises(DataError, match="captions for 'aok_000000000077.jpg' should be a list of strings"):
+        data.load_captions(_write(tmp_path / "bad.json", {**RELEASED_CAPTIONS, "aok_000000000077.jpg": "a dog"}))
+
+
+def test_read_released_rlinit_file(tmp_path):
+    # llava_reward10k-aokvqa5k.json: SFT conversations (LLaVA prompts with an answer, A-OKVQA in CoT form)
+    recs = [{"id": "000000123456", "image": "000000123456.jpg",
+             "conversations": [{"from": "human", "value": "<image>\nWhat is the man doing?"},
+                               {"from": "gpt", "value": "He is surfing."}]},
+            {"id": "aokvqa_x1", "image": "000000000077.jpg",
+             "conversations": [[{"from": "human", "value": "Which animal?\nA. dog\nB. cat\n<image>"},
+                                {"from": "gpt", "value": "It barks. So the correct option is A."}]]}]
+    out = data.read_sft(_write(tmp_path / "llava_reward10k-aokvqa5k.json", recs))
+    assert [r["id"] for r in out] == ["000000123456", "aokvqa_x1"]
+    assert out[1]["conversations"] == [{"from": "human", "value": "<image>\nWhich animal?\nA. dog\nB. cat"},
+                                       {"from": "gpt", "value": "It barks. So the correct option is A."}]
+
+
 def test_read_mmhal_shared_template():
     path = os.path.join(ROOT, "..", "shared", "data", "mmhal", "response_template.json")
     if not os.path.exists(path):

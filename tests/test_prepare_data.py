@@ -35,25 +35,34 @@ def test_convert_vqav2_cli_and_formats(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "convert", "vqav2", "--questions", qf,
                         "--annotations", af, "--out", out], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    recs = data.read_sft(out)  # the output is valid SFT data
-    assert [x["id"] for x in recs] == ["vqav2_90", "vqav2_50", "vqav2_91"]
-    assert recs[0]["image"] == "coco/train2017/000000000009.jpg"
+    recs = data.read_sft(out)  # the output is valid SFT data: by default one conversation per image
+    assert [x["id"] for x in recs] == ["vqav2_90", "vqav2_50"]
+    assert [x["image"] for x in recs] == ["000000000009.jpg", "000000000005.jpg"]  # COCO train2017 names
     assert recs[0]["conversations"] == [
         {"from": "human", "value": f"<image>\nWhat color is the cat?\n{prepare_data.VQA_INSTRUCTION}"},
-        {"from": "gpt", "value": "red"}]
-    grouped = prepare_data.convert_vqav2(qf, af, per_image=True)
-    assert len(grouped) == 2 and [t["value"] for t in grouped[0]["conversations"][2:]] == \
-        [f"How many cats?\n{prepare_data.VQA_INSTRUCTION}", "2"]
-    assert grouped[0]["conversations"][2]["value"].count("<image>") == 0
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": f"How many cats?\n{prepare_data.VQA_INSTRUCTION}"},  # the image once
+        {"from": "gpt", "value": "2"}]
+    per_q = prepare_data.convert_vqav2(qf, af, per_image=False)
+    assert [x["id"] for x in per_q] == ["vqav2_90", "vqav2_50", "vqav2_91"]
+    assert [len(x["conversations"]) for x in per_q] == [2, 2, 2]
+    # PPO prompts: the released file's shape, only the yes/no questions by default
     ppo = prepare_data.convert_vqav2(qf, af, fmt="ppo")
-    assert [(p["answer_type"], p["answer"]) for p in ppo] == [("general", "red"), ("yes_no", "yes"), ("general", "2")]
-    ppo_path = _write(tmp_path / "vqa_ppo.jsonl", ppo)
-    assert [p["answer_type"] for p in data.read_ppo_prompts(ppo_path)] == ["general", "yes_no", "general"]
-    # the bare flag and a JSONL output through the command line
-    out2 = str(tmp_path / "vqa_grouped.jsonl")
+    assert [(p["id"], p["caption_type"]) for p in ppo] == [("vqav2_50", 7)]
+    every = prepare_data.convert_vqav2(qf, af, fmt="ppo", yes_no_only=False)
+    assert [p["caption_type"] for p in every] == [1, 7, 1]
+    ppo_path = _write(tmp_path / "vqa_ppo.jsonl", every)
+    assert [(p["answer_type"], p["answer"]) for p in data.read_ppo_prompts(ppo_path)] == [
+        ("general", None), ("yes_no", "yes"), ("general", None)]
+    # the flags through the command line, and a JSONL output
+    out2 = str(tmp_path / "vqa_per_q.jsonl")
     assert prepare_data.main(["convert", "vqav2", "--questions", qf, "--annotations", af, "--out", out2,
-                              "--per_image"]) == 0
-    assert [len(r["conversations"]) for r in data.read_sft(out2)] == [4, 2]
+                              "--per_image", "false"]) == 0
+    assert [len(r["conversations"]) for r in data.read_sft(out2)] == [2, 2, 2]
+    out3 = str(tmp_path / "vqa_ppo.json")
+    assert prepare_data.main(["convert", "vqav2", "--questions", qf, "--annotations", af, "--out", out3,
+                              "--format", "ppo", "--yes_no_only", "false"]) == 0
+    assert len(data.read_ppo_prompts(out3)) == 3
 
 
 def test_convert_vqav2_missing_annotation(tmp_path):
@@ -67,26 +76,68 @@ def test_convert_vqav2_missing_annotation(tmp_path):
     assert len(prepare_data.convert_vqav2(qf, af2, on_error="skip", skips=skips)) == 2 and skips.count == 1
 
 
-def test_convert_aokvqa(tmp_path):
-    items = [{"question_id": "k1", "image_id": 3, "question": "What is the cat doing?",
+AOK_ITEMS = [{"question_id": "k1", "image_id": 123456, "question": "What is the cat doing?",
               "choices": ["sleeping", "eating", "running", "jumping"], "correct_choice_idx": 1,
               "direct_answers": ["eating"] * 10, "rationales": ["It has food in front of it.", "Bowl."]},
              {"question_id": "k2", "image_id": 4, "question": "Weather?", "choices": ["sun", "rain", "snow", "fog"],
-              "correct_choice_idx": 3, "direct_answers": [], "rationales": ["It is hazy."]}]
-    path = _write(tmp_path / "aok.json", items)
+              "correct_choice_idx": 3, "direct_answers": [], "rationales": ["It is hazy."]},
+             {"question_id": "k3", "image_id": 123456, "question": "Where is the cat?",
+              "choices": ["bed", "roof", "car", "tree"], "correct_choice_idx": 0, "direct_answers": [],
+              "rationales": ["It lies on a blanket.", "Bowl."]}]
+
+
+def _official_bonus_letter(response):
+    """The letter the official trainer's correctness bonus would credit (ppo_trainer.py): a response starting
+    "X." or holding "correct option is X."."""
+    return next((x for x in "ABCD" if response.strip().startswith(x + ".") or f"correct option is {x}." in response),
+                None)
+
+
+def test_convert_aokvqa(tmp_path):
+    path = _write(tmp_path / "aok.json", AOK_ITEMS)
     recs = prepare_data.convert_aokvqa(path)
     q = recs[0]["conversations"][0]["value"]
     assert q == ("<image>\nWhat is the cat doing?\nA. sleeping\nB. eating\nC. running\nD. jumping\n"
                  + prepare_data.MC_INSTRUCTION)
+    assert recs[0]["image"] == "000000123456.jpg"
     assert recs[0]["conversations"][1]["value"] == "B. eating\nIt has food in front of it."
-    cot = prepare_data.convert_aokvqa(path, style="rationale_first")
+    cot = prepare_data.convert_aokvqa(path, style="rationale_first")  # the chain-of-thought form
     assert cot[1]["conversations"][1]["value"] == "It is hazy. So the correct option is D."
-    ppo = data.read_ppo_prompts(_write(tmp_path / "aok_ppo.json", prepare_data.convert_aokvqa(path, fmt="ppo")))
-    assert [(p["answer_type"], p["answer"]) for p in ppo] == [("multiple_choice", "B"), ("multiple_choice", "D")]
-    assert ppo[0]["facts"] == ["The answer is eating.", "It has food in front of it.", "Bowl."]
-    items[1]["correct_choice_idx"] = 7
+    assert cot[1]["conversations"][0]["value"].endswith("\n" + prepare_data.COT_INSTRUCTION)
+    for item, a, b in zip(AOK_ITEMS, recs, cot):  # both forms earn the official bonus for the right letter
+        right = "ABCD"[item["correct_choice_idx"]]
+        assert _official_bonus_letter(a["conversations"][1]["value"]) == right
+        assert _official_bonus_letter(b["conversations"][1]["value"]) == right
+    items = [dict(AOK_ITEMS[0]), dict(AOK_ITEMS[1], correct_choice_idx=7)]
     with pytest.raises(DataError, match="record 1.*out of range"):
         prepare_data.convert_aokvqa(_write(tmp_path / "aok2.json", items))
+
+
+def test_convert_aokvqa_ppo_released_shape_and_facts(tmp_path):
+    path = _write(tmp_path / "aok.json", AOK_ITEMS + [dict(AOK_ITEMS[1], question_id="k4", rationales=[])])
+    ppo = prepare_data.convert_aokvqa(path, fmt="ppo")
+    assert [p["caption_type"] for p in ppo] == [3, 5, 2, 5]  # B, D, A, D (AnswerType B/D/A_IN_ABCD)
+    assert ppo[0]["conversations"][1]["value"].endswith("So the correct option is B.")  # CoT by default
+    assert ppo[3]["conversations"][1]["value"] == "D. fog"  # no rationale: the answer alone
+    assert ppo[0]["facts"] == ["The answer is eating.", "It has food in front of it.", "Bowl."]
+    back = data.read_ppo_prompts(_write(tmp_path / "aok_ppo.json", ppo))
+    assert [(p["answer_type"], p["answer"]) for p in back] == [("multiple_choice", x) for x in "BDAD"]
+    assert back[0]["facts"] == ppo[0]["facts"]
+    # the facts file: keyed as the official trainer looks A-OKVQA facts up, several questions of an image merged
+    facts = str(tmp_path / "aok_facts.json")
+    assert prepare_data.main(["convert", "aokvqa", "--input", path, "--out", str(tmp_path / "p.json"),
+                              "--format", "ppo", "--facts_out", facts]) == 0
+    fmap = data.load_captions(facts)
+    assert fmap == {"aok_000000123456.jpg": ["The answer is eating.", "It has food in front of it.", "Bowl.",
+                                             "The answer is bed.", "It lies on a blanket."],
+                    "aok_000000000004.jpg": ["The answer is fog.", "It is hazy."]}
+    no_inline = [{k: v for k, v in p.items() if k != "facts"} for p in ppo]
+    back = data.read_ppo_prompts(_write(tmp_path / "bare.json", no_inline), captions=facts)
+    assert back[2]["facts"] == fmap["aok_000000123456.jpg"]
+    assert prepare_data.main(["convert", "aokvqa", "--input", path, "--out", str(tmp_path / "s.json"),
+                              "--facts_out", facts]) == 2
+    assert prepare_data.main(["convert", "aokvqa", "--input", path, "--out", str(tmp_path / "s.json"),
+                              "--style", "cot"]) == 2
 
 
 def test_convert_flickr30k(tmp_path):
@@ -166,6 +217,123 @@ def test_mix(tmp_path):
     assert prepare_data.main(["mix", "--inputs", f"{a},{b}", "--out", out, "--seed", "0", "--counts", "2,3"]) == 0
     ids = [r["id"] for r in data.read_sft(out)]
     assert len(ids) == 5 and sum(i.startswith("a") for i in ids) == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# the paper's mixes: RL-init and the disjoint split
+
+def _released_pref_records():
+    conv = lambda q, a: [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]  # noqa: E731
+    return [{"id": "000000000011", "image": "000000000011.jpg", "conversations": conv("What is it?", "A cat."),
+             "output_1": {"from": "llava", "value": "A red cat."}, "output_2": {"from": "llava", "value": "A dog."},
+             "preference": 1, "hallucination": False},
+            {"id": "000000000011", "image": "000000000011.jpg", "conversations": conv("Is it big?", "No."),
+             "output_1": {"from": "llava", "value": "Yes, huge."}, "output_2": {"from": "llava", "value": "No."},
+             "preference": 2, "hallucination": True},
+            {"id": "aokvqa_k1", "image": "000000000012.jpg", "conversations": conv("Why?", "Because."),
+             "output_1": {"from": "llava", "value": "No idea."}, "output_2": {"from": "llava", "value": "Rain."},
+             "preference": 2, "hallucination": False}]
+
+
+def test_rlinit(tmp_path):
+    prefs = _write(tmp_path / "llava_7b_v1_preference.json", _released_pref_records())
+    aok = _write(tmp_path / "aok.json", AOK_ITEMS)
+    out = prepare_data.build_rlinit(prefs, aok, seed=3)
+    assert len(out) == 6 and out == prepare_data.build_rlinit(prefs, aok, seed=3)
+    assert [r["id"] for r in out] != [r["id"] for r in prepare_data.build_rlinit(prefs, aok, seed=4)]
+    ids = [r["id"] for r in out]
+    assert len(set(ids)) == 6  # the repeated image id and the clash with A-OKVQA's id renamed
+    assert sorted(ids) == sorted(["000000000011", "000000000011_2", "aokvqa_k1", "aokvqa_k1_2", "aokvqa_k2",
+                                  "aokvqa_k3"])
+    by_id = {r["id"]: r for r in out}
+    # a preference prompt answered with output_{preference}
+    assert by_id["000000000011"]["conversations"] == [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                      {"from": "gpt", "value": "A red cat."}]
+    assert by_id["000000000011_2"]["conversations"][1]["value"] == "No."
+    assert by_id["aokvqa_k1"]["conversations"][1]["value"] == "Rain."  # the preference record keeps its id
+    # A-OKVQA in chain-of-thought form
+    assert by_id["aokvqa_k1_2"]["conversations"][1]["value"] == \
+        "It has food in front of it. So the correct option is B."
+    assert by_id["aokvqa_k2"]["image"] == "000000000004.jpg"
+    path = str(tmp_path / "rlinit.json")
+    assert prepare_data.main(["rlinit", "--preferences", prefs, "--aokvqa", aok, "--aokvqa_count", "2",
+                              "--out", path]) == 0
+    back = data.read_sft(path)
+    assert len(back) == 5 and sum(r["id"].startswith("aokvqa_k") and "So the correct option is" in
+                                  r["conversations"][1]["value"] for r in back) == 2
+    assert prepare_data.main(["rlinit", "--preferences", prefs, "--aokvqa", aok, "--aokvqa_count", "4",
+                              "--out", path]) == 2
+    assert len(prepare_data.build_rlinit(prefs)) == 3
+
+
+def _instructions(n_images=12, per_image=(1, 2, 3)):
+    """LLaVA-Instruct-like records: several records per image sharing the image's id, plus text-only ones."""
+    recs = []
+    for i in range(n_images):
+        for k in range(per_image[i % len(per_image)]):
+            recs.append({"id": f"{i:012d}", "image": f"{i:012d}.jpg", "conversations": [
+                {"from": "human", "value": f"<image>\nQuestion {k} about image {i}?"},
+                {"from": "gpt", "value": f"Answer {k}."},
+                {"from": "human", "value": "And more?"}, {"from": "gpt", "value": "More."}]})
+    recs += [{"id": f"t{j}", "conversations": TEXT_ONLY} for j in range(2)]
+    return recs
+
+
+def test_split_disjoint_by_image(tmp_path):
+    src = _instructions()  # 24 image records on 12 images + 2 text-only
+    path = _write(tmp_path / "llava_instruct.json", src)
+    parts, left_out = prepare_data.split_instructions(path, {"preference": 5, "ppo": 6, "sft": -1}, seed=1)
+    assert (len(parts["preference"]), len(parts["ppo"])) == (5, 6)
+    assert len(parts["sft"]) + 11 + left_out == len(src)
+    images = {p: {r["image"] for r in recs if "image" in r} for p, recs in parts.items()}
+    assert not (images["sft"] & images["preference"] or images["sft"] & images["ppo"]
+                or images["preference"] & images["ppo"])
+    ids = [r["id"] for recs in parts.values() for r in recs]
+    assert len(ids) == len(set(ids))
+    # every record is one of the file's, unchanged but for its id (the ppo part: the first exchange)
+    originals = [(r.get("image"), json.dumps(r["conversations"])) for r in data.read_sft(path)]
+    for part, recs in parts.items():
+        for r in recs:
+            conv = r["conversations"]
+            assert any(img == r.get("image") and json.loads(c)[:len(conv)] == conv for img, c in originals)
+    assert all(len(r["conversations"]) == 2 and r["caption_type"] == 1 for r in parts["ppo"])
+    assert parts == prepare_data.split_instructions(path, {"preference": 5, "ppo": 6, "sft": -1}, seed=1)[0]
+    assert parts != prepare_data.split_instructions(path, {"preference": 5, "ppo": 6, "sft": -1}, seed=2)[0]
+    # fractions and an sft count
+    parts, _ = prepare_data.split_instructions(path, {"preference": 0.25, "ppo": 0.25, "sft": 4}, seed=0)
+    assert [len(parts[p]) for p in ("preference", "ppo", "sft")] == [6, 6, 4]  # int(0.25 * 26) = 6
+
+
+def test_split_refuses_what_is_not_there(tmp_path):
+    path = _write(tmp_path / "i.json", _instructions())
+    with pytest.raises(DataError, match="the parts ask for 27 records .* but the file has 26"):
+        prepare_data.split_instructions(path, {"preference": 20, "ppo": 7, "sft": -1})
+    with pytest.raises(DataError, match="--ppo 2.5 should be a count"):
+        prepare_data.split_instructions(path, {"preference": 1, "ppo": 2.5, "sft": -1})
+    with pytest.raises(DataError, match="--preference -1 should be a count"):
+        prepare_data.split_instructions(path, {"preference": -1, "ppo": 2, "sft": -1})
+    # 26 records, but images of 3 records cut at the boundary lose their rest: the sft count cannot be met
+    with pytest.raises(DataError, match="the sft part needs 24 records but only"):
+        prepare_data.split_instructions(path, {"preference": 1, "ppo": 1, "sft": 24}, seed=0)
+
+
+def test_split_command(tmp_path, capsys):
+    path = _write(tmp_path / "i.json", _instructions())
+    outs = {p: str(tmp_path / f"{p}.json") for p in ("sft", "preference", "ppo")}
+    argv = ["split", "--input", path, "--out_sft", outs["sft"], "--out_preference", outs["preference"],
+            "--out_ppo", outs["ppo"], "--preference", "4", "--ppo", "0.25"]
+    assert prepare_data.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "preference: 4 records" in out and "ppo: 6 records" in out and "left out:" in out
+    sft, pref = data.read_sft(outs["sft"]), data.read_sft(outs["preference"])
+    ppo = data.read_ppo_prompts(outs["ppo"])
+    assert (len(pref), len(ppo)) == (4, 6) and {r["answer_type"] for r in ppo} == {"general"}
+    assert prepare_data.detect_kind(outs["ppo"]) == "ppo"
+    assert not ({r["image"] for r in sft} & {r["image"] for r in ppo})
+    assert prepare_data.main(argv[:-4] + ["--preference", "30"]) == 2
+    assert "the parts ask for" in capsys.readouterr().err
+    assert prepare_data.main(argv[:5] + ["--out_preference", outs["sft"], "--out_ppo", outs["ppo"]]) == 2
+    assert "three different files" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,7 +442,9 @@ def test_cli_rejects_unknown_keys_and_prints_help(tmp_path, capsys):
     assert prepare_data.main(["convert", "aokvqa", "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: python prepare_data.py convert aokvqa [--key value")
-    assert "--style str = 'letter_first'" in out and "rationale_first" in out and "--skip bool = False" in out
+    assert "--style str = ''" in out and "rationale_first (CoT)" in out and "--skip bool = False" in out
+    assert prepare_data.main(["split", "--help"]) == 0 and "--preference float = 10000" in capsys.readouterr().out
+    assert prepare_data.main(["rlinit", "--help"]) == 0 and "--aokvqa_count int = -1" in capsys.readouterr().out
     assert prepare_data.main(["--help"]) == 0 and "python prepare_data.py mix" in capsys.readouterr().out
     assert prepare_data.main(["convert", "coco"]) == 2
     r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "check", "--file", path, "--bogus", "1"],
