@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, asdict, field
@@ -135,27 +136,39 @@ def shaped_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tens
     return r * mask, {"kl": kl.sum(-1)}
 
 
+def correct_bonus(text: str, answer_type: str, answer: str, rule: str = "official") -> float:
+    """The correctness term before scaling (SPEC §5), as the official trainer reads a response (`rule`
+    "official"): multiple choice +1 when the stripped text starts with "B." or contains "correct option is
+    B." (case as written); a yes/no question whose truth is "no": +0.5 for a stripped text starting "No",
+    -0.5 for one starting "Yes"; nothing else. "lenient" also takes "(B)" / "B)" and any case."""
+    t = text.strip()
+    if answer_type == "multiple_choice" and answer:
+        letter = answer[0].upper()
+        if rule == "official":
+            return 1.0 if t.startswith(f"{letter}.") or f"correct option is {letter}." in text else 0.0
+        hit = re.match(rf"^\(?{letter}[.)]", t, re.IGNORECASE) or f"correct option is {letter.lower()}." in t.lower()
+        return 1.0 if hit else 0.0
+    if answer_type == "yes_no" and answer.lower() == "no":
+        head = t if rule == "official" else t.lower()
+        no, yes = ("No", "Yes") if rule == "official" else ("no", "yes")
+        return 0.5 if head.startswith(no) else (-0.5 if head.startswith(yes) else 0.0)
+    return 0.0
+
+
 def symbolic_rewards(texts: list[str], has_eos: list[bool], lengths: list[int], records: list[dict],
                      no_eos_penalty: float = -8.0, length_penalty: float = -10.0, length_budget: int = 896,
-                     correct_scale: float = 2.0, mc_reward: float = 1.0, yesno_reward: float = 0.5) -> dict[str, torch.Tensor]:
-    """The paper's rule-based terms (SPEC §5), each (B,): no EOS, length, correctness (multiple choice by
-    its letter, yes/no for questions whose truth is "no")."""
-    import re
+                     correct_scale: float = 2.0, mc_reward: float = 1.0, yesno_reward: float = 0.5,
+                     correct_rule: str = "official") -> dict[str, torch.Tensor]:
+    """The paper's rule-based terms (SPEC §5), each (B,): no EOS, length, correctness (correct_bonus; its
+    +1 / +-0.5 rescaled to mc_reward / yesno_reward)."""
     no_eos = torch.tensor([0.0 if e else no_eos_penalty for e in has_eos])
     length = torch.tensor([length_penalty * (n / length_budget) * float(rec.get("length_multiplier", 1.0))
                            for n, rec in zip(lengths, records)])
     correct = []
     for text, rec in zip(texts, records):
-        t, kind, ans = text.strip(), rec.get("answer_type", "general"), (rec.get("answer") or "").strip()
-        c = 0.0
-        if kind == "multiple_choice" and ans:
-            letter = ans[0].upper()
-            if re.match(rf"^\(?{letter}[.)]", t) or f"correct option is {letter}." in t.lower().replace(
-                    f"correct option is {letter.lower()}.", f"correct option is {letter}."):
-                c = mc_reward
-        elif kind == "yes_no" and ans.lower() == "no":
-            low = t.lower()
-            c = yesno_reward if low.startswith("no") else (-yesno_reward if low.startswith("yes") else 0.0)
+        kind = rec.get("answer_type", "general")
+        c = correct_bonus(text, kind, (rec.get("answer") or "").strip(), correct_rule)
+        c *= mc_reward if kind == "multiple_choice" else yesno_reward / 0.5
         correct.append(correct_scale * c)
     return {"no_eos": no_eos, "length": length, "correct": torch.tensor(correct)}
 
@@ -225,6 +238,7 @@ class Config:
     correct_scale: float = 2.0
     mc_reward: float = 1.0
     yesno_reward: float = 0.5
+    correct_rule: str = "official"      # official: "B." / "correct option is B.", "No"/"Yes" as written | lenient: also "(B)", any case
     kl_coef: float = 0.1
     kl_estimator: str = "k1"            # k1 | k3
     kl_clamp: bool = True               # clamp k1 at 0, as the paper
@@ -462,7 +476,7 @@ def rewards(models: Models, rows: list[Row], cfg: Config, reward_fn: Callable | 
         rm = torch.tensor(models.scorer.score(items, use=step), dtype=torch.float32)
     sym = symbolic_rewards(texts, [r.has_eos for r in rows], [len(r.response) for r in rows], recs,
                            cfg.no_eos_penalty, cfg.length_penalty, cfg.length_budget, cfg.correct_scale,
-                           cfg.mc_reward, cfg.yesno_reward)
+                           cfg.mc_reward, cfg.yesno_reward, cfg.correct_rule)
     total = rm + sym["no_eos"] + sym["length"] + sym["correct"]
     if cfg.reward_clip > 0:
         total = total.clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -653,7 +667,7 @@ def validate(cfg: Config) -> None:
         nonneg=("temperature", "kl_coef", "reward_clip", "vf_coef", "warmup_steps", "max_steps", "save_every",
                 "keep_last", "stop_at_step", "samples_to_log"),
         fractions=("top_p", "gamma", "lam", "min_lr_ratio"),
-        choices={"kl_estimator": ("k1", "k3"), "on_error": ("raise", "skip"), "dtype": ("auto", *M.DTYPES),
+        choices={"kl_estimator": ("k1", "k3"), "correct_rule": ("official", "lenient"), "on_error": ("raise", "skip"), "dtype": ("auto", *M.DTYPES),
                  "logger": ("none", "wandb", "tensorboard")},
         files=("prompts_path", "captions"),
         dirs=("image_folder", "model_path", "vision_tower", "policy_adapter", "rm_dir", "rm_base_path"),

@@ -97,8 +97,33 @@ def test_symbolic_terms():
              "Yes, there is.", "Yes.", "B. Whatever"]
     st = ppo.symbolic_rewards(texts, [True, True, False, True, True, True, True], [10, 20, 30, 40, 50, 60, 448], recs)
     assert st["correct"].tolist() == [2.0, 2.0, 0.0, 1.0, -1.0, 0.0, 0.0]
+    assert ppo.symbolic_rewards(texts, [True] * 7, [1] * 7, recs, yesno_reward=1.0)["correct"].tolist()[3:5] == [2.0, -2.0]
     assert st["no_eos"].tolist() == [0.0, 0.0, -8.0, 0.0, 0.0, 0.0, 0.0]
     assert torch.allclose(st["length"], torch.tensor([-10 * n / 896 for n in (10, 20, 30, 40, 50, 60)] + [-10.0]))
+
+
+def _official_bonus(response: str, caption_type: int) -> float:
+    """ppo_trainer.py's correct_bonus for one response, from its AnswerType (1 general, 2-5 A-D, 6 no, 7 yes)."""
+    if caption_type in (2, 3, 4, 5):
+        start = "ABCD"[caption_type - 2] + "."
+        return 1.0 if response.strip().startswith(start) or ("correct option is " + start) in response else 0.0
+    if caption_type == 6:
+        return 0.5 if response.strip().startswith("No") else (-0.5 if response.strip().startswith("Yes") else 0.0)
+    return 0.0
+
+
+@pytest.mark.parametrize("response", ["B. A red circle.", "  B. spaced", "(B) red", "B) red", "b. red",
+                                      "I think the correct option is B.", "the Correct option is B.",
+                                      "correct option is b.", "Beyond doubt", "A. no", "No, none.", "no, none.",
+                                      " No.", "Nothing here", "Yes, one.", "yes", "Maybe.", ""])
+def test_correctness_bonus_is_the_official_rule(response):
+    for ct, (kind, ans) in {1: ("general", None), 3: ("multiple_choice", "B"), 6: ("yes_no", "no"),
+                            7: ("yes_no", "yes")}.items():
+        assert ppo.correct_bonus(response, kind, ans or "") == _official_bonus(response, ct), (response, ct)
+    lenient = ppo.correct_bonus(response, "multiple_choice", "B", "lenient")
+    assert lenient >= _official_bonus(response, 3)          # lenient only adds matches
+    if response in ("(B) red", "B) red", "b. red", "correct option is b."):
+        assert lenient == 1.0 and _official_bonus(response, 3) == 0.0
 
 
 def test_response_mask():
