@@ -222,7 +222,7 @@ def test_sft_lr_1e3_exits_2_in_one_line(tiny_world, tmp_path):
 
 def test_reward_model_stops_at_the_diverged_step(tiny_world, tmp_path, monkeypatch):
     import reward_model as RM
-    monkeypatch.setattr(common, "cosine_lr", _lr_jumps_at(3, 3e-3))
+    monkeypatch.setattr(common, "constant_lr", _lr_jumps_at(3, 3e-3))   # the RM's (published) schedule
     with pytest.raises(common.DivergenceError, match=r"after step 4: loss"):
         RM.main(_rm_args(tiny_world, tmp_path / "rm"))
     _assert_stopped_before(tmp_path / "rm", 4)
