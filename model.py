@@ -142,13 +142,14 @@ class LoRALinear(Linear):
         self.lora_dropout: dict[str, float] = {}
         self.active_adapter: str | None = None
 
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0) -> None:
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
+        """rslora: scale alpha / sqrt(r) (rank-stabilised LoRA, peft's use_rslora) instead of alpha / r."""
         dev, dt = self.weight.device, self.weight.dtype
         a = torch.empty(r, self.in_features, device=dev, dtype=dt)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as peft: B = 0 makes a fresh adapter a no-op
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dt))
-        self.lora_scale[name] = alpha / r
+        self.lora_scale[name] = alpha / math.sqrt(r) if rslora else alpha / r
         self.lora_dropout[name] = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -574,7 +575,9 @@ class LLaVA(nn.Module):
         self.llm = LlamaModel(cfg)
         self.lm_head = Linear(cfg.hidden, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
-        self.adapters: dict[str, dict] = {}  # name -> {"r", "alpha", "dropout", "targets"}
+        self.adapters: dict[str, dict] = {}  # name -> add_adapter's arguments
+        # the checkpoint layout from_pretrained read (weights.py): save_adapter keys for that base by default
+        self.source_layout = "llava_orig"
 
     @property
     def num_image_tokens(self) -> int:
@@ -708,16 +711,24 @@ class LLaVA(nn.Module):
                 yield name, mod
 
     def add_adapter(self, name: str, r: int = 64, alpha: float = 16.0, dropout: float = 0.0,
-                    targets: tuple[str, ...] | list[str] = LORA_TARGETS) -> None:
+                    targets: tuple[str, ...] | list[str] = LORA_TARGETS, rslora: bool = False,
+                    rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None) -> None:
+        """rslora: each module's scale is alpha / sqrt(rank), else alpha / rank. rank_pattern / alpha_pattern:
+        our module path (llm.layers.0.self_attn.q_proj) -> its own rank / alpha (peft's patterns, resolved)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} exists already")
         bad = set(targets) - set(LORA_TARGETS)
         if bad:
             raise ValueError(f"unknown LoRA targets {sorted(bad)}; choose from {LORA_TARGETS}")
-        for path, mod in self.lora_layers():
-            if path.rsplit(".", 1)[-1] in targets:
-                mod.add_adapter(name, r, alpha, dropout)
-        self.adapters[name] = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
+        ranks, alphas = dict(rank_pattern or {}), dict(alpha_pattern or {})
+        mods = [(p, mod) for p, mod in self.lora_layers() if p.startswith("llm.") and p.rsplit(".", 1)[-1] in targets]
+        unknown = sorted((set(ranks) | set(alphas)) - {p for p, _ in mods})
+        if unknown:
+            raise ValueError(f"rank_pattern / alpha_pattern name {unknown[:3]}, not a targeted module of this model")
+        for path, mod in mods:
+            mod.add_adapter(name, ranks.get(path, r), alphas.get(path, alpha), dropout, rslora)
+        self.adapters[name] = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets),
+                               "rslora": rslora, "rank_pattern": ranks, "alpha_pattern": alphas}
 
     def set_adapter(self, name: str | None) -> None:
         """Make `name` the active adapter everywhere; None runs the bare base model."""
@@ -761,16 +772,24 @@ class LLaVA(nn.Module):
                 sd[f"{path}.lora_B"] = mod.lora_B[name].detach()
         return sd
 
-    def save_adapter(self, out_dir: str, name: str) -> None:
-        """Save adapter `name` in peft's layout, keyed as the original LLaVA / LlamaForCausalLM model
-        (`base_model.model.model.layers.N...lora_A.weight`), as the released LLaVA-RLHF adapters are."""
-        weights.save_adapter(out_dir, self.adapter_state_dict(name), self.adapters[name])
+    def save_adapter(self, out_dir: str, name: str, layout: str | None = None) -> None:
+        """Save adapter `name` in peft's layout for the base peft will load it onto: layout "llava"
+        (transformers' LlavaForConditionalGeneration: `base_model.model.model.language_model.layers.N...`)
+        or "llava_orig" (the original LLaVA / LlamaForCausalLM: `base_model.model.model.layers.N...`, as the
+        released LLaVA-RLHF adapters are). Default: the layout this model was loaded from
+        (self.source_layout; "llava_orig" for a model not loaded from a folder)."""
+        layout = layout or self.source_layout
+        if layout == "llava" and self.config.text_only:
+            raise ValueError("a text-only LLaMA has no Llava layout: save its adapter with layout='llava_orig'")
+        weights.save_adapter(out_dir, self.adapter_state_dict(name), self.adapters[name], layout)
 
     def load_adapter(self, path: str, name: str = "default", trainable: bool = False) -> None:
-        """Load a peft-layout adapter folder (any key prefix ending in `layers.N.<block>.<proj>`). Every
+        """Load a peft-layout adapter folder saved on either base (the language model's
+        `layers.N.<block>.<proj>` under a Llava or LlamaForCausalLM name). Settings LoRALinear cannot
+        compute (DoRA, biases, modules_to_save, vision-tower tensors, ...) are refused by name. Every
         tensor is checked against this model first: a folder that does not fit raises ModelError naming
         its file and tensor, and the model is left as it was."""
-        meta, sd, where = weights.read_adapter(path)
+        meta, sd, where = weights.read_adapter(path)   # refuses the settings LoRALinear cannot compute
         self._check_adapter(path, meta, sd, where)
         self.add_adapter(name, **meta)
         for p, mod in self.lora_layers():
@@ -802,8 +821,8 @@ class LLaVA(nn.Module):
             short = f"; the adapter's layers stop at {top}, the base model has {n}" if top < n - 1 else ""
             raise weights.ModelError(f"{path}: adapter has no tensors for {missing[:4]}"
                                      f"{'...' if len(missing) > 4 else ''} (each needs lora_A and lora_B){short}")
-        r = meta["r"]
         for p, mod in mods.items():
+            r = meta["rank_pattern"].get(p, meta["r"])
             for which, want in (("A", (r, mod.in_features)), ("B", (mod.out_features, r))):
                 k = f"{p}.lora_{which}"
                 if tuple(sd[k].shape) != want:
@@ -826,6 +845,7 @@ class LLaVA(nn.Module):
             weights.load_folder_into(m, vt_path, "clip", dtype, device)
         if layout == "llama" and not cfg.text_only:
             weights.init_fresh(m, "projector.", dtype, device)
+        m.source_layout = layout
         missing = [k for k, v in list(m.named_parameters()) + list(m.named_buffers()) if v.is_meta]
         if missing:
             raise weights.ModelError(f"{path}: checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")

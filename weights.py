@@ -441,53 +441,141 @@ def save_llava(cfg, sd: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: 
 # LoRA adapters in peft's layout
 
 # peft names a LoRA weight after the module it wraps in the base model: "base_model.model." + the
-# module's key in that model (LlamaForCausalLM here, as the released LLaVA-RLHF adapters are) +
-# ".lora_A.weight". Loading accepts any base's prefix, and the adapter name peft sometimes keeps.
+# module's name there + ".lora_A.weight" (".lora_A.<adapter name>.weight" in some versions). The
+# language model's layers sit at a different name in each base a user loads an adapter onto:
 PEFT_PREFIX = "base_model.model."
-_PEFT_KEY = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+PEFT_LLM: dict[str, str] = {
+    "llava": "model.language_model.",   # transformers' LlavaForConditionalGeneration (4.52+ and 5.x)
+    "llava_orig": "model.",             # the original LLaVA's LlavaLlamaForCausalLM, and LlamaForCausalLM
+    "llama": "model.",
+}
+# reading also takes the 4.x Llava name; a key under any other prefix is not our language model's
+_PEFT_LLM_READ = ("model.language_model.", "language_model.model.", "model.")
+_PEFT_KEY = re.compile(r"^(.*?)layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+# adapter_config.json settings whose adapter computes something LoRALinear does not: (field, is it set?,
+# what it does). Each is refused by name rather than loaded as a plain LoRA with different numbers.
+_REFUSED: tuple[tuple[str, object, str], ...] = (
+    ("use_dora", bool, "DoRA rescales each weight column by a learned magnitude"),
+    ("bias", lambda v: v not in (None, "none"), "the adapter trains biases of the base model"),
+    ("lora_bias", bool, "lora_B carries a bias"),
+    ("modules_to_save", bool, "whole modules of the base are replaced by trained copies"),
+    ("fan_in_fan_out", bool, "the weights are stored transposed (GPT-2 Conv1D layers)"),
+    ("trainable_token_indices", bool, "embedding rows are trained"),
+    ("target_parameters", bool, "LoRA on bare parameters"),
+    ("layer_replication", bool, "the base's layers are duplicated"),
+    ("use_qalora", bool, "QALoRA pools the input before lora_A"),
+    ("alora_invocation_tokens", bool, "aLoRA activates only after its invocation tokens"),
+    ("arrow_config", bool, "Arrow routes between adapters"),
+    ("use_bdlora", bool, "block-diagonal LoRA"),
+    ("velora_config", bool, "VeLoRA compresses activations"),
+    ("monteclora_config", bool, "MonteCLoRA samples its weights"),
+    ("kasa_config", bool, "KaSA adds singular values"),
+    ("init_lora_weights", lambda v: v == "mica", "MiCA is a LoRA variant"),
+)
 
 
-def save_adapter(out_dir: str, sd: dict[str, torch.Tensor], meta: dict) -> None:
-    """sd: our adapter keys (`llm.layers.0.self_attn.q_proj.lora_A`); meta: r, alpha, dropout, targets."""
+def peft_module(path: str, layout: str) -> str:
+    """Our module path (llm.layers.0.self_attn.q_proj) -> its name in the base peft wraps."""
+    return PEFT_LLM[layout] + path[len("llm."):]
+
+
+def peft_target_regex(targets: list[str], layout: str) -> str:
+    """target_modules for adapter_config.json: peft fullmatches a string against each module name, so
+    this names the language model's projections only, never the CLIP tower's q/k/v_proj."""
+    return rf"{re.escape(PEFT_LLM[layout])}layers\.\d+\.(self_attn|mlp)\.({'|'.join(sorted(targets))})"
+
+
+def pattern_value(patterns: dict, module: str, default: float) -> float:
+    """peft's rank_pattern / alpha_pattern rule: the first key (in the file's order) that matches the
+    end of the module name, after a '.' or at its start, as a regex; else the default."""
+    for key, v in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return v
+    return default
+
+
+def save_adapter(out_dir: str, sd: dict[str, torch.Tensor], meta: dict, layout: str) -> None:
+    """sd: our adapter keys (`llm.layers.0.self_attn.q_proj.lora_A`); meta: LLaVA.adapters' entry (r, alpha,
+    dropout, targets, rslora, rank_pattern, alpha_pattern: patterns keyed by our module paths).
+    layout: the base peft will load it onto (PEFT_LLM): the keys and patterns name its modules."""
     from safetensors.torch import save_file
+    if layout not in PEFT_LLM:
+        raise ValueError(f"layout must be one of {sorted(PEFT_LLM)}, got {layout!r}")
     out = {}
     for k, v in sd.items():
         path, ab = k.rsplit(".", 1)
-        out[f"{PEFT_PREFIX}{layout_key(path, LLAMA)}.{ab}.weight"] = v.contiguous().cpu()
+        out[f"{PEFT_PREFIX}{peft_module(path, layout)}.{ab}.weight"] = v.contiguous().cpu()
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": meta["r"], "lora_alpha": meta["alpha"],
-           "lora_dropout": meta["dropout"], "target_modules": meta["targets"], "bias": "none",
-           "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None}
+           "lora_dropout": meta["dropout"], "target_modules": peft_target_regex(meta["targets"], layout),
+           "use_rslora": bool(meta.get("rslora", False)),
+           "rank_pattern": {peft_module(p, layout): r for p, r in (meta.get("rank_pattern") or {}).items()},
+           "alpha_pattern": {peft_module(p, layout): a for p, a in (meta.get("alpha_pattern") or {}).items()},
+           "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
+           "inference_mode": True, "base_model_name_or_path": None}
     os.makedirs(out_dir, exist_ok=True)
     atomic_file(os.path.join(out_dir, "adapter_model.safetensors"),
                 lambda p: save_file(out, p, metadata={"format": "pt"}))
     _write_json(os.path.join(out_dir, "adapter_config.json"), cfg)
 
 
+def _check_settings(acfg: dict, cfg_path: str) -> None:
+    """ModelError naming the first adapter_config.json setting this model cannot compute."""
+    pt = acfg.get("peft_type", "LORA")
+    if pt != "LORA":
+        raise ModelError(f"{cfg_path}: peft_type {pt!r} is not supported: only LoRA adapters load (peft_type \"LORA\")")
+    for name, is_set, what in _REFUSED:
+        v = acfg.get(name)
+        if v is not None and is_set(v):
+            raise ModelError(f"{cfg_path}: {name} {json.dumps(v)} is not supported ({what}); the adapter is not loaded")
+    for name in ("rank_pattern", "alpha_pattern"):
+        v = acfg.get(name)
+        if v is not None and not (isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())):
+            raise ModelError(f"{cfg_path}: {name} must be an object of module pattern -> number, got {json.dumps(v)}")
+        for key in v or {}:
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ModelError(f"{cfg_path}: {name} key {key!r} is not a valid regex: {e}") from None
+
+
 def read_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
-    """A peft adapter folder -> (add_adapter's r/alpha/dropout/targets, tensors under our adapter keys,
-    where each came from: our key -> "FILE: tensor 'KEY'" for the messages of the checks on load)."""
+    """A peft adapter folder -> (add_adapter's r/alpha/dropout/targets/rslora/rank_pattern/alpha_pattern,
+    tensors under our adapter keys, where each came from: our key -> "FILE: tensor 'KEY'" for the
+    messages of the checks on load). The patterns come back resolved: our module path -> its rank /
+    alpha where it differs from r / lora_alpha, by peft's rule over the module names in the file."""
     cfg_path = os.path.join(path, "adapter_config.json")
     if not os.path.isdir(path):
         raise ModelError(f"adapter folder {path} does not exist")
     if not os.path.exists(cfg_path):
         raise ModelError(f"{cfg_path} not found: not a peft adapter folder")
     acfg = read_json(cfg_path)
+    _check_settings(acfg, cfg_path)
     sd: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
+    module_of: dict[str, str] = {}   # our module path -> its name in the file's base model
     for file in weight_files(path, prefer=("adapter_model.safetensors", "adapter_model.bin")):
         for k, v in iter_tensors(file):
             m = _PEFT_KEY.search(k)
             if m is None:
-                if "lora_" in k:
+                if "lora_" in k or "modules_to_save" in k:
                     raise ModelError(f"{file}: adapter tensor {k!r} does not name a LLaMA layer projection")
-                continue  # e.g. modules_to_save of other heads
-            ours = f"llm.layers.{m[1]}.{m[2]}.{m[3]}.lora_{m[4]}"
+                continue  # e.g. a base tensor peft saved alongside
+            prefix = m[1][len(PEFT_PREFIX):] if m[1].startswith(PEFT_PREFIX) else m[1]
+            if "vision" in prefix or "visual" in prefix:
+                raise ModelError(f"{file}: tensor {k!r} adapts the vision tower (its layer {m[2]}); only the "
+                                 f"language model's layers take LoRA here: an adapter targeting the tower is refused")
+            if prefix not in _PEFT_LLM_READ:
+                raise ModelError(f"{file}: tensor {k!r} is not under the language model (expected its layers at "
+                                 f"{' or '.join(PEFT_PREFIX + p for p in _PEFT_LLM_READ)}layers.N)")
+            ours = f"llm.layers.{m[2]}.{m[3]}.{m[4]}.lora_{m[5]}"
             if ours in sd:   # e.g. two adapter names in one file: which one is meant is not ours to guess
                 raise ModelError(f"{file}: tensor {k!r} is {ours}, and so is {where[ours]}")
             if not v.is_floating_point():
                 raise ModelError(f"{file}: tensor {k!r} has dtype {v.dtype}; expected a floating-point tensor")
             check_finite(v, f"{file}: tensor {k!r}")
             sd[ours], where[ours] = v, f"{file}: tensor {k!r}"
+            module_of[ours.rsplit(".", 1)[0]] = f"{prefix}layers.{m[2]}.{m[3]}.{m[4]}"
     if not sd:
         raise ModelError(f"{path}: no LoRA tensors found")
     a = next((v for k, v in sd.items() if k.endswith("lora_A")), None)
@@ -495,10 +583,18 @@ def read_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, st
         raise ModelError(f"{cfg_path}: no r, and no lora_A tensor to read the rank from")
     try:
         r = int(acfg["r"]) if "r" in acfg else a.shape[0]
-        meta = dict(r=r, alpha=float(acfg.get("lora_alpha", r)), dropout=float(acfg.get("lora_dropout", 0.0)),
-                    targets=sorted({k.split(".")[-2] for k in sd}))
+        alpha = float(acfg.get("lora_alpha", r))
+        meta = dict(r=r, alpha=alpha, dropout=float(acfg.get("lora_dropout", 0.0)),
+                    targets=sorted({k.split(".")[-2] for k in sd}), rslora=bool(acfg.get("use_rslora", False)))
     except (TypeError, ValueError) as e:
         raise ModelError(f"{cfg_path}: r, lora_alpha and lora_dropout must be numbers: {e}") from None
     if r <= 0:
         raise ModelError(f"{cfg_path}: r is {r}; a LoRA rank is at least 1")
+    ranks = {p: int(pattern_value(acfg.get("rank_pattern") or {}, name, r)) for p, name in sorted(module_of.items())}
+    alphas = {p: float(pattern_value(acfg.get("alpha_pattern") or {}, name, alpha)) for p, name in sorted(module_of.items())}
+    bad = next((p for p, x in ranks.items() if x <= 0), None)
+    if bad is not None:
+        raise ModelError(f"{cfg_path}: rank_pattern gives {module_of[bad]} rank {ranks[bad]}; a LoRA rank is at least 1")
+    meta["rank_pattern"] = {p: x for p, x in ranks.items() if x != r}
+    meta["alpha_pattern"] = {p: x for p, x in alphas.items() if x != alpha}
     return meta, sd, where

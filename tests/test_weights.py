@@ -178,7 +178,8 @@ def test_peft_keys_name_the_llama_modules(tmp_path):
     m2 = _random_llava()
     m2.load_adapter(str(tmp_path / "ad"), "b")
     _assert_same(m2.adapter_state_dict("b"), m.adapter_state_dict("a"))
-    assert m2.adapters["b"] == {"r": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["down_proj", "q_proj", "v_proj"]}
+    assert m2.adapters["b"] == {"r": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["down_proj", "q_proj", "v_proj"],
+                                "rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
     # an adapter for 4 layers does not fit 2, nor one for 2 layers fit 4 (test_adapter_of_another_depth)
     with pytest.raises(weights.ModelError, match=r"tensor 'base_model.model.model.layers.2.mlp.down_proj.lora_A."
                                                  r"weight' is for layer 2, but the base model has 2 layers"):
