@@ -136,22 +136,25 @@ def shaped_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tens
     return r * mask, {"kl": kl.sum(-1)}
 
 
-def correct_bonus(text: str, answer_type: str, answer: str, rule: str = "official") -> float:
+def correct_bonus(text: str, answer_type: str, answer: str, rule: str = "official", mc_reward: float = 1.0,
+                  yesno_reward: float = 0.5) -> float:
     """The correctness term before scaling (SPEC §5), as the official trainer reads a response (`rule`
-    "official"): multiple choice +1 when the stripped text starts with "B." or contains "correct option is
-    B." (case as written); a yes/no question whose truth is "no": +0.5 for a stripped text starting "No",
-    -0.5 for one starting "Yes"; nothing else. "lenient" also takes "(B)" / "B)" and any case."""
+    "official"): multiple choice +mc_reward when the stripped text starts with "B." or contains "correct
+    option is B." (case as written); a yes/no question whose truth is "no": +yesno_reward for a stripped
+    text starting "No", -yesno_reward for one starting "Yes"; nothing else. "lenient" also takes "(B)" /
+    "B)" and any case."""
     t = text.strip()
     if answer_type == "multiple_choice" and answer:
         letter = answer[0].upper()
         if rule == "official":
-            return 1.0 if t.startswith(f"{letter}.") or f"correct option is {letter}." in text else 0.0
-        hit = re.match(rf"^\(?{letter}[.)]", t, re.IGNORECASE) or f"correct option is {letter.lower()}." in t.lower()
-        return 1.0 if hit else 0.0
+            hit = t.startswith(f"{letter}.") or f"correct option is {letter}." in text
+        else:
+            hit = re.match(rf"^\(?{letter}[.)]", t, re.IGNORECASE) or f"correct option is {letter.lower()}." in t.lower()
+        return mc_reward if hit else 0.0
     if answer_type == "yes_no" and answer.lower() == "no":
         head = t if rule == "official" else t.lower()
         no, yes = ("No", "Yes") if rule == "official" else ("no", "yes")
-        return 0.5 if head.startswith(no) else (-0.5 if head.startswith(yes) else 0.0)
+        return yesno_reward if head.startswith(no) else (-yesno_reward if head.startswith(yes) else 0.0)
     return 0.0
 
 
@@ -159,16 +162,14 @@ def symbolic_rewards(texts: list[str], has_eos: list[bool], lengths: list[int], 
                      no_eos_penalty: float = -8.0, length_penalty: float = -10.0, length_budget: int = 896,
                      correct_scale: float = 2.0, mc_reward: float = 1.0, yesno_reward: float = 0.5,
                      correct_rule: str = "official") -> dict[str, torch.Tensor]:
-    """The paper's rule-based terms (SPEC §5), each (B,): no EOS, length, correctness (correct_bonus; its
-    +1 / +-0.5 rescaled to mc_reward / yesno_reward)."""
+    """The paper's rule-based terms (SPEC §5), each (B,): no EOS, length, correctness (correct_bonus)."""
     no_eos = torch.tensor([0.0 if e else no_eos_penalty for e in has_eos])
     length = torch.tensor([length_penalty * (n / length_budget) * float(rec.get("length_multiplier", 1.0))
                            for n, rec in zip(lengths, records)])
     correct = []
     for text, rec in zip(texts, records):
-        kind = rec.get("answer_type", "general")
-        c = correct_bonus(text, kind, (rec.get("answer") or "").strip(), correct_rule)
-        c *= mc_reward if kind == "multiple_choice" else yesno_reward / 0.5
+        c = correct_bonus(text, rec.get("answer_type", "general"), (rec.get("answer") or "").strip(), correct_rule,
+                          mc_reward, yesno_reward)
         correct.append(correct_scale * c)
     return {"no_eos": no_eos, "length": length, "correct": torch.tensor(correct)}
 
@@ -639,8 +640,8 @@ def check_rm_budget(cfg: Config, records: list[dict]) -> int:
         prompt = data.tokenize_prompt(rec["question"], tok, template, 1, has_image=has_image)
         if data.text_len(prompt) > cfg.max_prompt_len:
             continue                                         # PromptDataset drops it
-        facts = (rec.get("facts") or []) if kw["facts"] != "none" else []
-        facts = RM.facts_order(facts, cfg.seed, RM.rm_key(str(rec["id"]), order, 0), order)
+        facts = RM.facts_order(RM.record_facts(rec, {}, kw["facts"]), cfg.seed, RM.rm_key(str(rec["id"]), order, 0),
+                               order)
         conv = [{"from": "human", "value": ("<image>\n" if has_image else "") + rec["question"]}]
         ids = RM.build_rm_ids(conv, "", request.fill(facts), rm_tok, rm_template, 1, 1 << 30)
         n = data.text_len(ids) + (FACTS_ORDER_SLACK if len(facts) > 1 and order != "none" else 0)

@@ -198,11 +198,11 @@ class RewardScorer:
     """Score (image, conversation, response, facts) items with a trained RM: batched, left padded, no_grad."""
 
     def __init__(self, m: M.LLaVA, adapter: str, head: M.ScalarHead, tok: data.Tokenizer,
-                 system: str = data.VICUNA_V1_SYSTEM, request: RatingRequest = RatingRequest(DEFAULT_REQUEST),
+                 system: str = data.VICUNA_V1_SYSTEM, request: RatingRequest | None = None,
                  max_len: int = 2048, facts: str = "captions", facts_order: str = "use", seed: int = 0,
                  batch_size: int = 8):
         self.rm = RewardModel(m, adapter, head)
-        self.tok, self.template, self.request = tok, data.Template(system=system), request
+        self.tok, self.template, self.request = tok, data.Template(system=system), request or RatingRequest.read()
         self.max_len, self.facts, self.order, self.seed, self.batch_size = max_len, facts, facts_order, seed, batch_size
 
     @classmethod
@@ -239,8 +239,7 @@ class RewardScorer:
         """The RM's ids of one item: its facts in the order of this use (item id, else `key`, and `use`)."""
         rid = item.get("id")
         rid = key if rid is None else str(rid)
-        facts = (item.get("facts") or []) if self.facts != "none" else []
-        facts = facts_order(facts, self.seed, rm_key(rid, self.order, use), self.order)
+        facts = facts_order(record_facts(item, {}, self.facts), self.seed, rm_key(rid, self.order, use), self.order)
         return build_rm_ids(item["conversations"], item["response"], self.request.fill(facts), self.tok,
                             self.template, self.rm.m.num_image_tokens, self.max_len, record_id=rid or None)
 
@@ -379,14 +378,10 @@ class PairData(data._ServeOrSkip):
         conv = rec["conversations"]
         if conv and conv[-1]["from"] == "gpt":
             conv = conv[:-1]  # the reference answer, when present, is replaced by each candidate
-        facts = record_facts(rec, self.captions, self.facts_mode)
-        out = []
-        for k in (1, 2):
-            order = facts_order(facts, self.seed, rm_key(str(key), self.order, self.use, self.epoch, k), self.order)
-            out.append(build_rm_ids(conv, rec[f"output_{k}"]["value"], self.request.fill(order), self.tok,
-                                    self.template, self.n_img if rec.get("image") else 0, self.max_len,
-                                    record_id=str(key)))
-        return out
+        shown = pair_facts(rec, key, self.captions, self.facts_mode, self.order, self.seed, self.use, self.epoch)
+        return [build_rm_ids(conv, rec[f"output_{k}"]["value"], self.request.fill(f), self.tok, self.template,
+                             self.n_img if rec.get("image") else 0, self.max_len, record_id=str(key))
+                for k, f in zip((1, 2), shown)]
 
     def _item(self, i: int) -> dict:
         rec = self.records[i]
@@ -405,6 +400,13 @@ def record_facts(rec: dict, captions: dict, mode: str) -> list[str]:
     if mode == "none":
         return []
     return list(rec.get("facts") or captions.get(rec.get("image") or "", []))
+
+
+def pair_facts(rec: dict, key: str, captions: dict, mode: str, order: str, seed: int, use: int | str,
+               epoch: int = 0) -> list[list[str]]:
+    """The facts each response of a pair is shown at this use, in their order: [output_1's, output_2's]."""
+    facts = record_facts(rec, captions, mode)
+    return [facts_order(facts, seed, rm_key(str(key), order, use, epoch, k), order) for k in (1, 2)]
 
 
 def collate_pairs(items: list[dict], pad_id: int) -> dict:
@@ -719,11 +721,9 @@ def render_record(rec: dict, tok: data.Tokenizer, template: data.Template, reque
                   captions: dict, facts_mode: str, order: str, seed: int, use: int | str, epoch: int = 0) -> list[dict]:
     """What PairData builds for one pair, per response: the text, its ids with the image as ONE id -200
     (as LLaVA's tokenizer_image_token writes it), and the read position (the last id)."""
-    facts = record_facts(rec, captions, facts_mode)
     has_image = rec.get("image") is not None
     out = []
-    for k in (1, 2):
-        shown = facts_order(facts, seed, rm_key(pair_key(rec), order, use, epoch, k), order)
+    for k, shown in zip((1, 2), pair_facts(rec, pair_key(rec), captions, facts_mode, order, seed, use, epoch)):
         text = rm_text(rec["conversations"], rec[f"output_{k}"]["value"], request.fill(shown), template)
         ids = data.encode_text(text, tok, 1 if has_image else 0)
         out.append({"response": k, "text": text, "ids": ids, "read_at": len(ids) - 1,
@@ -757,6 +757,8 @@ def render_main(argv: list[str]) -> list[dict]:
     rec = next((r for r in records if r["index"] == cfg.index), None)
     if rec is None:
         raise common.ConfigError(f"--index {cfg.index}: {cfg.data_path} has {len(records)} records (0 to {len(records) - 1})")
+    if cfg.use != "eval" and not cfg.use.lstrip("-").isdigit():
+        raise common.ConfigError(f"--use: a training step (an integer) or eval, got {cfg.use!r}")
     use = cfg.use if cfg.use == "eval" else int(cfg.use)
     rows = render_record(rec, tok, data.Template(system=system), request, data.load_captions(cfg.captions),
                          facts_mode, order, seed, use, cfg.epoch)

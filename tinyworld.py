@@ -1288,7 +1288,7 @@ def false_claim_rate(data_dir: str, model_dir: str) -> dict:
 def facts_diagnostic(rm_dir: str, prefs_path: str, data_dir: str, n: int, work_dir: str) -> dict:
     """Does the Fact-RM read the facts? Held-out accuracy (the RM's eval split of n pairs) with the
     right captions, with another image's captions, and with no facts block, by reward_model.py eval."""
-    meta = data.load_json(os.path.join(rm_dir, "rm_config.json"))
+    meta = reward_model.read_rm_config(rm_dir)
     prefs = data.load_json(prefs_path)
     _, idx = reward_model.heldout_split(len(prefs), n, meta["split"], meta["split_seed"])
     heldout = [prefs[i] for i in idx]
