@@ -822,9 +822,11 @@ def build_judge(cfg: EvalConfig):
     return LocalJudge(m, tok, template, cfg.judge_batch_size, cfg.judge_max_new_tokens, device)
 
 
-def judge_stage(cfg: EvalConfig, records: list[dict], rule_judge: RuleJudge | None = None) -> list[str]:
-    """One judge reply per record. Cached replies are reused; only the missing ones are asked for,
-    and each is cached the moment it arrives. A rule judge is a function, instant: nothing to cache."""
+def judge_stage(cfg: EvalConfig, records: list[dict], rule_judge: RuleJudge | None = None,
+                template: str = "") -> list[str]:
+    """One judge reply per record, `template` the judge prompt check_config read. Cached replies are
+    reused; only the missing ones are asked for, and each is cached the moment it arrives. A rule judge
+    is a function, instant: nothing to cache."""
     if cfg.judge == "rule":
         replies = []
         for i, r in enumerate(records):
@@ -834,7 +836,6 @@ def judge_stage(cfg: EvalConfig, records: list[dict], rule_judge: RuleJudge | No
                                    f"{parse_rating(reply)}: {reply!r}")
             replies.append(reply)
         return replies
-    template = load_judge_prompt(cfg.judge_prompt_file, cfg.judge_protocol)
     jid = judge_id(cfg)
     cache = JudgeCache(cfg.judge_cache or os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "judge_cache.jsonl"))
     prompts = [fill_prompt(template, r, cfg.judge_protocol) for r in records]
@@ -865,8 +866,9 @@ def out_stem(out: str) -> str:
     return out[:-5] if out.endswith(".json") else out
 
 
-def check_config(cfg: EvalConfig, rule_judge: RuleJudge | None) -> None:
-    """Settings that would fail late fail here, before answering: an hour of answers would go unjudged."""
+def check_config(cfg: EvalConfig, rule_judge: RuleJudge | None) -> str:
+    """Settings that would fail late fail here, before answering: an hour of answers would go unjudged.
+    -> the judge prompt template, read once here and used for every judgment ("" for a rule judge or none)."""
     if cfg.judge not in ("api", "local", "rule", "none"):
         raise common.ConfigError(f"--judge: expected api, local, rule or none, got {cfg.judge!r}")
     if cfg.judge == "rule" and rule_judge is None:
@@ -882,6 +884,7 @@ def check_config(cfg: EvalConfig, rule_judge: RuleJudge | None) -> None:
     for name in ("batch_size", "max_new_tokens", "judge_batch_size", "judge_max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise common.ConfigError(f"--{name}: expected at least 1, got {getattr(cfg, name)}")
+    text = ""
     if cfg.judge in ("api", "local"):
         text = load_judge_prompt(cfg.judge_prompt_file, cfg.judge_protocol)
         if cfg.judge_protocol == "official" and hashlib.sha256(text.encode()).hexdigest() != OFFICIAL_TEMPLATE_SHA256:
@@ -894,10 +897,11 @@ def check_config(cfg: EvalConfig, rule_judge: RuleJudge | None) -> None:
             raise common.ConfigError(f"--api_base {cfg.api_base!r}: expected an http:// or https:// URL")
         if not cfg.api_timeout > 0:
             raise common.ConfigError(f"--api_timeout: expected a positive number of seconds, got {cfg.api_timeout}")
+    return text
 
 
 def run(cfg: EvalConfig, rule_judge: RuleJudge | None = None) -> dict | None:
-    check_config(cfg, rule_judge)
+    prompt_text = check_config(cfg, rule_judge)
     items = data.read_mmhal(cfg.template)
     if not items:
         raise data.DataError("no items", path=cfg.template)
@@ -910,7 +914,7 @@ def run(cfg: EvalConfig, rule_judge: RuleJudge | None = None) -> dict | None:
     if answer_settings is None:
         print(f"note: no answers meta file beside {answers_path}: the answer settings are unknown, and compare "
               "refuses this result without --allow_mismatch", file=sys.stderr)
-    replies = judge_stage(cfg, records, rule_judge)
+    replies = judge_stage(cfg, records, rule_judge, prompt_text)
     jid = judge_id(cfg)
     results = [{**r, "judge": jid, "judge_reply": reply, "rating": parse_rating(reply)} for r, reply in zip(records, replies)]
     summary = summarize(results)
@@ -919,7 +923,6 @@ def run(cfg: EvalConfig, rule_judge: RuleJudge | None = None) -> dict | None:
         (f", prompt {os.path.basename(cfg.judge_prompt_file)}" if cfg.judge_prompt_file else "") + ")"
     table = format_summary(summary, title)
     print(table)
-    prompt_text = load_judge_prompt(cfg.judge_prompt_file, cfg.judge_protocol) if cfg.judge in ("api", "local") else ""
     doc = {"summary": summary, "judge": jid,
            "settings": {"answer": answer_settings, "judge": judge_settings(cfg, prompt_text, rule_judge)},
            "config": asdict(cfg),  # holds the key's variable name only, never the key
