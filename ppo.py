@@ -28,7 +28,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict, field, replace
 from typing import Callable
 
 import torch
@@ -277,6 +277,11 @@ class Config:
     samples_to_log: int = 2
     logger: str = "none"
     progress: bool = True
+    # held-out evaluation: the proxy reward (the RM) beside a gold one (main's gold_fn) on fixed prompts
+    eval_prompts: str = ""              # prompts (read_ppo_prompts format) answered greedily at step 0, every
+    #                                     eval_every steps and at the end; none of them is trained on
+    eval_every: int = 0                 # 0: no held-out evaluation
+    eval_size: int = 0                  # > 0: only the first eval_size of eval_prompts
 
 
 PRESETS = {
@@ -461,7 +466,7 @@ def score_passes(models: Models, rows: list[Row], cfg: Config) -> None:
         r.logp, r.ref_logp, r.values = lp[:n], rlp[:n], v[:n]
 
 
-def rewards(models: Models, rows: list[Row], cfg: Config, reward_fn: Callable | None = None, step: int = 0) -> None:
+def rewards(models: Models, rows: list[Row], cfg: Config, reward_fn: Callable | None = None, step: int | str = 0) -> None:
     """Each row's sequence reward, into the rows: the reward model's score of the response with the
     record's facts (in this step's order for the prompt) and the image at the RM's size (or reward_fn's),
     plus the symbolic terms."""
@@ -503,6 +508,39 @@ def rollout(models: Models, tok: data.Tokenizer, items: list[dict], records: lis
         t["t_score"] += time.time() - t1
         rows += part
     return rows, t
+
+
+# ----------------------------------------------------------------------------------------------------
+# Held-out evaluation: what the reward model says (the proxy) beside what a gold judge says, on prompts
+# no step trains on. Reward hacking is the proxy rising while the gold stalls or falls.
+
+@torch.no_grad()
+def heldout_eval(models: Models, tok: data.Tokenizer, items: list[dict], records: list[dict], cfg: Config,
+                 reward_fn: Callable | None = None, gold_fn: Callable | None = None) -> dict[str, float]:
+    """The policy's greedy answers to this rank's held-out prompts (PromptDataset items of `records`),
+    scored as rollouts are (the RM with the facts in their fixed "eval" order, + the symbolic terms) and by
+    gold_fn(records, texts) -> {name: one float per answer}. -> means over all ranks' answers: eval_proxy_rm
+    (the RM alone), eval_proxy_reward (with the symbolic terms), eval_length (tokens), eval_gold_<name>."""
+    greedy = replace(cfg, temperature=0.0)
+    sizes = {models.policy_base.config.image_size, models.value_base.config.image_size}
+    gen = torch.Generator(device=next(models.policy_base.parameters()).device)   # unused by greedy decoding
+    sums: dict[str, float] = {}
+    for i in range(0, len(items), cfg.micro_batch):
+        part = [prompt_row(it, records[it["index"]], sizes, cfg.image_folder) for it in items[i:i + cfg.micro_batch]]
+        sample(models.policy_base, tok, part, greedy, gen)
+        rewards(models, part, greedy, reward_fn, "eval")
+        cols = {"eval_proxy_rm": [r.rm_score for r in part], "eval_proxy_reward": [r.score for r in part],
+                "eval_length": [float(len(r.response)) for r in part]}
+        if gold_fn is not None:
+            cols.update({f"eval_gold_{k}": list(v) for k, v in gold_fn([r.record for r in part],
+                                                                        [r.text for r in part]).items()})
+        for k, v in cols.items():
+            sums[k] = sums.get(k, 0.0) + float(sum(v))
+    keys = sorted(sums) if sums else ["eval_proxy_rm", "eval_proxy_reward", "eval_length"]
+    # every rank holds the same keys (the same gold_fn); a rank with no prompts adds zeros
+    tot = common.all_reduce_sum(torch.tensor([sums.get(k, 0.0) for k in keys] + [float(len(items))], dtype=torch.float64))
+    n = float(tot[-1].clamp(min=1))
+    return {k: float(v) / n for k, v in zip(keys, tot[:-1])}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -666,11 +704,11 @@ def validate(cfg: Config) -> None:
         # temperature 0 samples greedily (logprob_temperature, model.sample_next); 0 turns off reward_clip,
         # save_every, stop_at_step; keep_last 0 keeps every checkpoint
         nonneg=("temperature", "kl_coef", "reward_clip", "vf_coef", "warmup_steps", "max_steps", "save_every",
-                "keep_last", "stop_at_step", "samples_to_log"),
+                "keep_last", "stop_at_step", "samples_to_log", "eval_every", "eval_size"),
         fractions=("top_p", "gamma", "lam", "min_lr_ratio"),
         choices={"kl_estimator": ("k1", "k3"), "correct_rule": ("official", "lenient"), "on_error": ("raise", "skip"), "dtype": ("auto", *M.DTYPES),
                  "logger": ("none", "wandb", "tensorboard")},
-        files=("prompts_path", "captions"),
+        files=("prompts_path", "captions", "eval_prompts"),
         dirs=("image_folder", "model_path", "vision_tower", "policy_adapter", "rm_dir", "rm_base_path"),
         out_dirs=("out_dir",), device="device")
     if cfg.rollout_batch % cfg.step_batch:
@@ -679,13 +717,17 @@ def validate(cfg: Config) -> None:
         raise common.ConfigError(f"--lora_targets names no module, got {cfg.lora_targets!r}")
     if cfg.toy_reward:
         toy_reward_fn(cfg.toy_reward)
+    if cfg.eval_every and not cfg.eval_prompts:
+        raise common.ConfigError(f"--eval_every {cfg.eval_every} needs --eval_prompts (the held-out prompts to answer)")
     if cfg.rm_dir:
         RM.check_rm_dir(cfg.rm_dir)
     common.check_tokenizer(cfg)
 
 
-def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> dict:
-    """reward_fn(records, texts, resp_ids, resp_mask) -> (B,) replaces the reward model (tests, toy tasks)."""
+def main(argv: list[str] | None = None, reward_fn: Callable | None = None, gold_fn: Callable | None = None) -> dict:
+    """reward_fn(records, texts, resp_ids, resp_mask) -> (B,) replaces the reward model (tests, toy tasks).
+    gold_fn(records, texts) -> {name: one float per text} scores the held-out answers (--eval_every) beside
+    the reward model: the tiny world passes its annotator and judge, the world's ground truth."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = common.parse_config(Config, argv, PRESETS)
     validate(cfg)
@@ -699,8 +741,13 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     skips = data.Skips()
     records = data.read_ppo_prompts(cfg.prompts_path, captions=cfg.captions or None, on_error=cfg.on_error,
                                     skips=skips)
+    eval_records = []
+    if cfg.eval_every:
+        eval_records = data.read_ppo_prompts(cfg.eval_prompts, captions=cfg.captions or None, on_error=cfg.on_error,
+                                             skips=skips)
+        eval_records = eval_records[:cfg.eval_size] if cfg.eval_size else eval_records
     if cfg.rm_dir and reward_fn is None:
-        check_rm_budget(cfg, records)   # the RM never cuts a response: refuse now what would stop the run mid-way
+        check_rm_budget(cfg, records + eval_records)   # the RM never cuts a response: refuse now what would stop the run mid-way
 
     models, tok = build_models(cfg, d.device)
     for base in (models.policy_base, models.value_base):   # decode() checkpoints when training with grad
@@ -710,6 +757,18 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     # prompts with the image as one id (collate expands it per base), images at the policy's size
     prompts = data.PromptDataset(records, tok, template, cfg.image_folder, pb.config.image_size, 1, cfg.max_prompt_len,
                                  on_error=cfg.on_error, skips=skips)   # a bad image: raise, or the next prompt
+    eval_items = []
+    if eval_records:
+        eval_ds = data.PromptDataset(eval_records, tok, template, cfg.image_folder, pb.config.image_size, 1,
+                                     cfg.max_prompt_len, on_error=cfg.on_error, skips=skips)
+        eval_items = [eval_ds[j] for j in range(d.rank, len(eval_ds), d.world)]
+
+    def evaluate() -> dict[str, float]:
+        for mod in (pb, models.value_base):
+            mod.eval()
+        with kernels.packed_cpu_linear(cfg.compile and d.device.type == "cpu"):
+            return heldout_eval(models, tok, eval_items, eval_records, cfg, reward_fn, gold_fn)
+
     per_rank = cfg.rollout_batch // d.world
     steps_per_epoch = len(prompts) // cfg.rollout_batch
     if steps_per_epoch == 0:
@@ -729,7 +788,10 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
 
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "ppo", asdict(cfg))
     bar = common.Progress(total_steps, "ppo", start=step, enabled=cfg.progress)
-    history = []
+    history, evals = [], []
+    if cfg.eval_every and step == 0:
+        evals.append({"step": 0, **evaluate()})
+        logger.log(0, evals[-1])
     if step >= total_steps and common.is_main():
         print(f"already at step {step} of {total_steps}: nothing left to train; writing the final policy")
     while step < total_steps:
@@ -787,6 +849,10 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
                    "grad_norm": stats_acc.get("grad_norm", float("nan")), "skipped": float(skipped), "lr": lr}
         if cfg.adaptive_kl:
             kl_ctl.update(metrics["kl"], cfg.rollout_batch)
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
+            ev = evaluate()
+            metrics.update(ev)
+            evals.append({"step": step, **ev})
         logger.log(step, metrics)
         history.append(metrics)
         if common.is_main() and cfg.samples_to_log:
@@ -794,11 +860,11 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
                 for r in rows[:cfg.samples_to_log]:
                     f.write(json.dumps({"step": step, "id": str(r.record["id"]), "image": r.record.get("image"),
                                         "question": r.record["question"], "response": r.text, "reward": r.score,
-                                        "rm_score": r.rm_score}) + "\n")
+                                        "rm_score": r.rm_score, **{f"sym_{k}": v for k, v in r.sym.items()}}) + "\n")
         bar.update(1, reward=metrics["reward"], kl=metrics["kl"], len=metrics["response_length"])
         if ck.after_step(step, kl_coef=kl_ctl.value, bad=bad):   # saved; a signal or stop_at_step: stop
             common.cleanup_distributed()
-            return {"step": step, "stopped": True, "history": history}
+            return {"step": step, "stopped": True, "history": history, "evals": evals}
     bar.close()
     ck.finish(step, kl_coef=kl_ctl.value, bad=bad)
     if common.is_main():
@@ -807,7 +873,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
         _save_merged_policy(pb, os.path.join(cfg.out_dir, "final"), tok)
         print(f"done: {step} PPO steps; skipped records: {skips.count}")
     common.cleanup_distributed()
-    return {"step": step, "stopped": False, "history": history}
+    return {"step": step, "stopped": False, "history": history, "evals": evals}
 
 
 class _Trainable(torch.nn.Module):
