@@ -217,7 +217,10 @@ def layout(chart: LineChart | BarChart, size: tuple[int, int] = (640, 360)) -> t
         y = ymap(min(max(v, ylo), yhi))
         color = PALETTE[k % len(PALETTE)] if len(chart.series) > 1 else INK
         prims.append(Prim("line", [(x0, y), (x1, y)], color, width=1, dash=True))
-        prims.append(Prim("text", [(x0 + 4, y - 8)], text=f"{label} {v:.2f}", color=color, size=FONT_SIZE - 1))
+        tx, text = x0 + 4 + 150 * k, f"{label} {v:.2f}"
+        prims.append(Prim("rect", [(tx - 2, y - 15), (tx + text_width(text, FONT_SIZE - 1) + 2, y - 1)], "#ffffffcc"))
+        prims.append(Prim("text", [(tx, y - 8)], text=text, color=color,
+                          size=FONT_SIZE - 1))   # side by side: equal averages stay readable
     if len(chart.series) > 1:
         _legend(prims, list(chart.series), x1, y0)
     return prims, box
