@@ -4,8 +4,10 @@ purpose; each stage script stays a plain loop."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import inspect
+import io
 import json
 import math
 import os
@@ -15,9 +17,11 @@ import re
 import shutil
 import signal
 import sys
+import textwrap
 import time
+import tokenize
 import typing
-from dataclasses import dataclass, fields, asdict
+from dataclasses import MISSING, dataclass, fields, asdict
 from typing import Any, Callable
 
 import numpy as np
@@ -46,22 +50,40 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used (corrupt, from another run, missing); the message names the file."""
 
 
+def _close_words(word: str, choices, n: int = 3) -> list[str]:
+    """The choices `word` was probably meant to be (a typo, a prefix), best first: for did-you-mean hints."""
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(word, choices, n=n, cutoff=0.6)
+    starts = sorted(c for c in choices if len(word) >= 3 and c.startswith(word[:3]) and c not in close)
+    return (close + starts)[:n]
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = _close_words(word, choices)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
 def _convert(name: str, raw: str, typ: Any) -> Any:
     """A command-line string as the field's type (bool, int, float, str or list of them), else ConfigError
-    naming the key."""
+    naming the key, what it expects, and what was probably meant."""
     if typ is bool:
         low = raw.lower()
-        if low in ("1", "true", "yes", "on"):
+        if low in _TRUE:
             return True
-        if low in ("0", "false", "no", "off"):
+        if low in _FALSE:
             return False
-        raise ConfigError(f"--{name}: expected a boolean (true/false), got {raw!r}")
+        raise ConfigError(f"--{name}: expected a boolean (true/false), got {raw!r}"
+                          + _did_you_mean(low, ("true", "false")))
     if typ in (int, float):
         try:
             return typ(raw)
         except ValueError:
             what = "an integer" if typ is int else "a number"
-            raise ConfigError(f"--{name}: expected {what}, got {raw!r}") from None
+            hint = ""
+            with contextlib.suppress(ValueError, OverflowError):   # 1e3 or 8.0 for an integer
+                if typ is int and float(raw).is_integer():
+                    hint = f" (did you mean {int(float(raw))}?)"
+            raise ConfigError(f"--{name}: expected {what}, got {raw!r}{hint}") from None
     if typ is str:
         return raw
     if typing.get_origin(typ) is list:
@@ -69,29 +91,108 @@ def _convert(name: str, raw: str, typ: Any) -> Any:
     raise ConfigError(f"--{name}: unsupported type {typ}")
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is list:
+        return f"list[{_type_name(typing.get_args(typ)[0])}]"
+    return getattr(typ, "__name__", str(typ))
+
+
+def _field_docs(cls: type) -> tuple[dict[str, str], dict[str, str]]:
+    """({field: its comment}, {field: its group}) read from the source of `cls` and its dataclass bases:
+    the comment beside a field (continued on comment-only lines indented past the fields, or starting with
+    several spaces after the #), and the group named by the last comment line between fields (`# data`,
+    `# --- judging`). The dataclass is the one place a key is documented."""
+    names = {f.name for f in fields(cls)}
+    notes: dict[str, str] = {}
+    groups: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not hasattr(klass, "__dataclass_fields__"):
+            continue
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))
+            toks = list(tokenize.generate_tokens(io.StringIO(src).readline))
+        except (OSError, TypeError, tokenize.TokenError, SyntaxError):   # no source (built at run time)
+            continue
+        comments = {t.start[0]: (t.start[1], t.string) for t in toks if t.type == tokenize.COMMENT}
+        in_string = {n for t in toks if t.type == tokenize.STRING for n in range(t.start[0] + 1, t.end[0] + 1)}
+        body_indent, group, last = None, "", None
+        for i, line in enumerate(src.splitlines(), 1):
+            stripped, indent = line.strip(), len(line) - len(line.lstrip())
+            m = re.match(r"(\w+)\s*:", stripped)
+            if i in in_string:
+                continue
+            if m and m.group(1) in names and body_indent in (None, indent):
+                body_indent, last = indent, m.group(1)
+                groups[last] = group
+                if i in comments:
+                    notes[last] = comments[i][1][1:].strip()
+            elif stripped.startswith("#") and i in comments:
+                col, text = comments[i]
+                if last and (col > (body_indent or 0) or text[1:].startswith("  ")):   # a comment continued
+                    notes[last] = (notes.get(last, "") + " " + text[1:].strip()).strip()
+                else:
+                    group, last = text[1:].strip(" -#"), None
+            elif stripped:
+                last = None
+    return notes, groups
+
+
+def _default_text(f) -> str:
+    if f.default is not MISSING:
+        return f"= {f.default!r}"
+    if f.default_factory is not MISSING:
+        return f"= {f.default_factory()!r}"
+    return "(required)"
+
+
 def config_help(cls: type, presets: dict[str, dict] | None = None, prog: str = "") -> str:
-    """--help: every key of the config class with its default and the comment beside it in the source
-    (the dataclass is the one place a key is documented), then the presets."""
-    notes = {}
-    for line in inspect.getsource(cls).splitlines():
-        name, sep, rest = line.strip().partition(":")
-        if sep and name.isidentifier() and "#" in rest:
-            notes[name] = rest.split("#", 1)[1].strip()
-    hints, default = typing.get_type_hints(cls), cls()
-    rows = [f"  --{f.name} {getattr(hints[f.name], '__name__', hints[f.name])} = {getattr(default, f.name)!r}"
-            + (f"    {notes[f.name]}" if f.name in notes else "") for f in fields(cls)]
-    head = f"usage: {prog or 'python ' + os.path.basename(sys.argv[0])} [--key value ...]   (keys of {cls.__name__}):"
-    tail = [f"presets (--preset NAME): {', '.join(presets)}"] if presets else []
-    return "\n".join([head] + rows + tail)
+    """--help: every key of the config class as `--key type = default    comment` (the comment beside the
+    field in the source), in the config's groups, then the presets with what each sets."""
+    notes, groups = _field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    prog = prog or "python " + os.path.basename(sys.argv[0])
+    out = [f"usage: {prog} [--key value ...]   (--key value, --key=value, or --flag alone for a true boolean)",
+           f"Keys of {cls.__name__}: `--key type = default    what it is`. A boolean also takes true/false",
+           "(yes/no, 1/0), a list is comma-separated, and - or _ in a key is the same."]
+    rows = {f.name: f"  --{f.name} {_type_name(hints[f.name])} {_default_text(f)}" for f in fields(cls)}
+    col = min(44, max(map(len, rows.values()))) + 4     # comments in one column; a long default pushes its own out
+    group = None
+    for f in fields(cls):
+        if groups.get(f.name, "") != group:
+            group = groups.get(f.name, "")
+            out += ["", f"{group}:" if group else ""]
+        note = notes.get(f.name, "")
+        out.append(f"{rows[f.name]:<{col - 4}}    {note}".rstrip() if note else rows[f.name])
+    if presets:
+        out += ["", "presets (--preset NAME sets these first; every flag given overrides them):"]
+        w = max(len(p) for p in presets) + 4
+        for name, sets in presets.items():
+            text = " ".join(f"{k}={v!r}" for k, v in sets.items()) or "(nothing)"
+            out += textwrap.wrap(text, width=max(60, 118 - w), initial_indent=f"  {name:<{w - 2}}",
+                                 subsequent_indent=" " * w, break_on_hyphens=False) if text else []
+    return "\n".join(x for i, x in enumerate(out) if x or (i + 1 < len(out) and out[i + 1]))
+
+
+def _prog(argv: list[str]) -> str:
+    """`python SCRIPT.py [COMMAND ...]` for the usage line: the words before `argv` on the real command line
+    (reward_model.py eval, tinyworld.py pipeline) when argv is its tail."""
+    real = sys.argv[1:]
+    words = real[:len(real) - len(argv)] if argv and real[len(real) - len(argv):] == argv else []
+    words = [w for w in words if not w.startswith("-")]
+    return " ".join(["python", os.path.basename(sys.argv[0])] + words)
 
 
 def parse_config(cls: type, argv: list[str] | None = None, presets: dict[str, dict] | None = None):
-    """Build `cls` from `argv`. `--preset NAME` (when presets are given) applies a named set of defaults
-    first; every other key must be a field of `cls`, else ConfigError names it. --help / -h prints
-    config_help and exits 0."""
+    """Build `cls` from `argv`: `--key value`, `--key=value`, or a bare `--flag` for a boolean that is true.
+    `--preset NAME` (when presets are given) applies a named set of defaults first; every other key must
+    be a field of `cls`, else ConfigError names it and the keys it was probably meant to be; a value of the
+    wrong type names the key and the type. --help / -h prints config_help and exits 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
-        print(config_help(cls, presets))
+        print(config_help(cls, presets, prog=_prog(argv)))
         raise SystemExit(0)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
@@ -105,13 +206,15 @@ def parse_config(cls: type, argv: list[str] | None = None, presets: dict[str, di
         if "=" in key:
             key, val = key.split("=", 1)
         else:
+            typ = hints.get(key.replace("-", "_"))
             if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 val = argv[i + 1]
                 i += 1
-            elif hints.get(key.replace("-", "_")) is bool:
+            elif typ is bool:
                 val = "true"  # a bare boolean flag
             else:
-                raise ConfigError(f"--{key} needs a value")
+                want = f" ({_type_name(typ)})" if typ is not None else ""
+                raise ConfigError(f"--{key} needs a value{want}")
         pairs.append((key.replace("-", "_"), val))
         i += 1
     values: dict[str, Any] = {}
@@ -120,14 +223,12 @@ def parse_config(cls: type, argv: list[str] | None = None, presets: dict[str, di
             if not presets:
                 raise ConfigError("this script has no presets")
             if val not in presets:
-                raise ConfigError(f"unknown preset {val!r}; choose from {sorted(presets)}")
+                raise ConfigError(f"unknown preset {val!r}; choose from {sorted(presets)}{_did_you_mean(val, presets)}")
             values.update(presets[val])
             if "preset" in names:
                 values["preset"] = val
         elif key not in names:
-            close = [n for n in names if n.startswith(key[:3])]
-            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
-            raise ConfigError(f"unknown config key --{key}{hint}")
+            raise ConfigError(f"unknown config key --{key}{_did_you_mean(key, sorted(names))}")
         else:
             values[key] = _convert(key, val, hints[key])
     unknown = set(values) - names
@@ -774,30 +875,90 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, step)
 
 
-class Progress:
-    """A one-line progress bar on rank 0 (stderr), with free-form stats after it."""
+def _clock_text(seconds: float) -> str:
+    """1:05, 12:40, 3:02:09."""
+    s = int(max(0.0, seconds) + 0.5)
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
 
-    def __init__(self, total: int, desc: str = "", start: int = 0, enabled: bool = True):
-        self.total, self.desc, self.n = total, desc, start
+
+class Progress:
+    """A progress line on rank 0 (stderr): count, percent, rate, elapsed time, ETA and free-form stats.
+    In a terminal one line is redrawn in place (at most every REDRAW_S). In a pipe or a file, where each
+    redraw would be a line of its own, a line is written when both LOG_EVERY_S seconds and LOG_EVERY_FRAC
+    of the total have passed since the last one (or HEARTBEAT_S whatever the progress, so that a slow run
+    still shows it is alive), and always the last one: a log holds about 20 lines per bar, not one per step.
+    `stream` (default: sys.stderr at each write) and `clock` are for tests."""
+
+    REDRAW_S, LOG_EVERY_S, LOG_EVERY_FRAC, HEARTBEAT_S = 0.1, 10.0, 0.05, 300.0
+
+    def __init__(self, total: int, desc: str = "", start: int = 0, enabled: bool = True, stream=None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.total, self.desc, self.n, self.start = total, desc, start, start
         self.enabled = enabled and is_main()
-        self.t0 = time.time()
-        self.start = start
+        self.stream, self.clock = stream, clock
+        self.t0 = clock()
+        self.stats: dict = {}
+        self._shown_n, self._shown_t = start, self.t0     # what the last line written showed, and when
+        self._open = False      # a terminal line drawn without its newline yet
+        self._done = False      # the last line written
+
+    def _out(self):
+        return self.stream if self.stream is not None else sys.stderr
+
+    def _tty(self) -> bool:
+        try:
+            return bool(self._out().isatty())
+        except (AttributeError, ValueError):   # a closed or minimal stream: treat it as a file
+            return False
+
+    def line(self, now: float) -> str:
+        """The text of the progress line at time `now` (no \\r, no newline)."""
+        frac = min(1.0, self.n / max(1, self.total))
+        elapsed = now - self.t0
+        done = self.n - self.start
+        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
+        if rate == 0:
+            speed, eta = "? it/s", "?"
+        else:
+            speed = f"{rate:.2f} it/s" if rate >= 1 else f"{1 / rate:.2f} s/it"
+            eta = _clock_text(max(0, self.total - self.n) / rate)
+        stats = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.stats.items())
+        return (f"{self.desc} [{'#' * int(20 * frac):<20}] {self.n}/{self.total} {100 * frac:3.0f}% {speed}, "
+                f"{_clock_text(elapsed)} elapsed, eta {eta}" + (f"  {stats}" if stats else ""))
+
+    def _write(self, now: float, final: bool) -> None:
+        out = self._out()
+        if self._tty():
+            out.write("\r" + self.line(now) + "\x1b[K" + ("\n" if final else ""))
+            self._open = not final
+        else:
+            out.write(self.line(now) + "\n")
+        out.flush()
+        self._shown_n, self._shown_t, self._done = self.n, now, final
 
     def update(self, n: int = 1, **stats) -> None:
         self.n += n
-        if not self.enabled:
+        self.stats = stats
+        if not self.enabled or self._done:
             return
-        frac = self.n / max(1, self.total)
-        bar = "#" * int(20 * frac)
-        rate = (self.n - self.start) / max(1e-9, time.time() - self.t0)
-        s = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items())
-        end = "\n" if self.n >= self.total or not sys.stderr.isatty() else ""
-        sys.stderr.write(f"\r{self.desc} [{bar:<20}] {self.n}/{self.total} {rate:.2f}it/s {s}" + end)
-        sys.stderr.flush()
+        now = self.clock()
+        final = self.n >= self.total
+        since = now - self._shown_t
+        if self._tty():
+            due = since >= self.REDRAW_S or self._shown_n == self.start   # the first update at once
+        else:
+            moved = (self.n - self._shown_n) / max(1, self.total) >= self.LOG_EVERY_FRAC
+            due = (since >= self.LOG_EVERY_S and moved) or since >= self.HEARTBEAT_S
+        if final or due:
+            self._write(now, final)
 
     def close(self) -> None:
-        if self.enabled and sys.stderr.isatty():
-            sys.stderr.write("\n")
+        """The last line, when the loop ended before the total (a stop at a step, an early exit) or its
+        last update was not shown."""
+        if self.enabled and not self._done and (self.n != self._shown_n or self._open):
+            self._write(self.clock(), final=True)
+        self._done = True
 
 
 def constant_lr(step: int, warmup: int, base_lr: float) -> float:

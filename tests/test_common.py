@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import signal
 from dataclasses import dataclass
 
@@ -129,16 +130,199 @@ def test_device_dtype_and_batch_geometry():
         common.accumulation(12, 4, 2, "step_batch")
 
 
-def test_help_lists_every_key_with_its_default_comment_and_the_presets(capsys):
+@dataclass
+class _HelpCfg:
+    """A config as the stages write one. A docstring line that looks like a field is not one:
+    lr: not this"""
+    name: str                        # required: no default
+    # data
+    path: str = "a#b"                # a '#' inside the default is not the comment
+    ids: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+    # --- optimisation
+    lr: float = 0.5                  # the step size,
+    #                                  continued on a comment-only line
+    fast: bool = False
+    steps: int = 3                   # steps to run
+                                     # (continued, indented past the fields)
+
+
+_HELP_PRESETS = {"small": {"lr": 0.1, "fast": True}, "none": {}}
+
+
+def test_help_shows_types_defaults_comments_groups_and_presets():
+    got = common.config_help(_HelpCfg, _HELP_PRESETS, prog="python x.py").splitlines()
+    want = [
+        "usage: python x.py [--key value ...]   (--key value, --key=value, or --flag alone for a true boolean)",
+        "Keys of _HelpCfg: `--key type = default    what it is`. A boolean also takes true/false",
+        "(yes/no, 1/0), a list is comma-separated, and - or _ in a key is the same.",
+        "",
+        "  --name str (required)       required: no default",
+        "",
+        "data:",
+        "  --path str = 'a#b'          a '#' inside the default is not the comment",
+        "  --ids list[int] = [1, 2]",
+        "",
+        "optimisation:",
+        "  --lr float = 0.5            the step size, continued on a comment-only line",
+        "  --fast bool = False",
+        "  --steps int = 3             steps to run (continued, indented past the fields)",
+        "",
+        "presets (--preset NAME sets these first; every flag given overrides them):",
+        "  small  lr=0.1 fast=True",
+        "  none   (nothing)",
+    ]
+    assert got == want
+
+
+def test_help_of_every_script_lists_every_key(capsys):
+    """Every entry point answers --help with a row per key of its config, in-process (one import each)."""
+    import bench
+    import eval_mmhal
+    import ppo
+    import prepare_data
+    import rehearse
+    import reward_model
     import sft
-    with pytest.raises(SystemExit) as e:
-        common.parse_config(sft.Config, ["--lr", "1", "--help"], sft.PRESETS)
-    assert e.value.code == 0
-    out = capsys.readouterr().out
-    lines = [x for x in out.splitlines() if x.startswith("  --")]
-    assert len(lines) == len(dataclasses.fields(sft.Config))          # one line per key, none left out
-    assert "  --max_len int = 1280    ids per sample, the image counted as one" in out
-    assert "presets (--preset NAME): " in out and "llava-rlhf-7b" in out
+    import tinyworld
+
+    def help_of(main, argv) -> str:
+        try:
+            main(argv)
+        except SystemExit as e:
+            assert e.code in (0, None)
+        return capsys.readouterr().out
+    cases = [(sft.main, [], sft.Config), (reward_model.main, [], reward_model.Config), (ppo.main, [], ppo.Config),
+             (reward_model.main, ["eval"], reward_model.EvalConfig),
+             (reward_model.main, ["render"], reward_model.RenderConfig),
+             (eval_mmhal.main, [], eval_mmhal.EvalConfig), (bench.main, [], bench.Flags),
+             (tinyworld.main, ["pipeline"], tinyworld.PipelineConfig), (tinyworld.main, ["make"], tinyworld.MakeConfig),
+             (prepare_data.main, ["check"], prepare_data.CheckConfig)]
+    for main, cmd, cls in cases:
+        out = help_of(main, cmd + ["--help"])
+        assert out.startswith("usage: python "), (cmd, out[:200])
+        rows = [x for x in out.splitlines() if x.startswith("  --")]
+        assert [r.split()[0] for r in rows] == [f"--{f.name}" for f in dataclasses.fields(cls)], cls
+    out = help_of(sft.main, ["--help"])
+    assert "\ndata:\n  --data_path str = ''" in out and "\nmodel:\n  --model_path str = ''" in out
+    assert re.search(r"\n  --max_len int = 1280 +ids per sample, the image counted as one \(SPEC", out)
+    for name, sets in sft.PRESETS.items():    # each preset with every key it sets
+        block = out.split("\n  " + name + " ", 1)[1].split("\n  llava" if name == "tiny" else "\n\n")[0]
+        assert all(f"{k}={v!r}" in block.split() for k, v in sets.items()), name
+    out = help_of(ppo.main, ["--help"])
+    assert re.search(r"--grad_ckpt bool = False +recompute each decoder layer in backward \(policy and value "
+                     r"updates\): activation memory of one layer instead of all, ~1/3 more compute\n", out)
+    assert "python rehearse.py" in help_of(rehearse.main, ["--help"])
+    assert "tiny world" in help_of(tinyworld.main, ["--help"])
+
+
+def test_the_command_line_forms_and_their_errors():
+    @dataclass
+    class Cfg:
+        max_len: int = 0
+        lr: float = 1.0
+        fast: bool = False
+        slow: bool = True
+        name: str = ""
+        ids: list[int] = dataclasses.field(default_factory=list)
+    presets = {"tiny": {"max_len": 7, "fast": True}}
+    parse = common.parse_config
+    c = parse(Cfg, ["--max_len", "5", "--lr=-2.5", "--fast", "--slow", "false", "--name=a=b", "--ids", "1,2,3"])
+    assert (c.max_len, c.lr, c.fast, c.slow, c.name, c.ids) == (5, -2.5, True, False, "a=b", [1, 2, 3])
+    assert parse(Cfg, ["--max-len", "9", "--slow=no", "--fast"]) == Cfg(max_len=9, slow=False, fast=True)
+    # a preset first whatever its place, then every flag over it
+    assert parse(Cfg, ["--max_len", "3", "--preset", "tiny"], presets) == Cfg(max_len=3, fast=True)
+    errors = [(["--max_lenn", "3"], "unknown config key --max_lenn (did you mean max_len?)"),
+              (["--zzz", "3"], "unknown config key --zzz"),
+              (["--max_len", "1e3"], "--max_len: expected an integer, got '1e3' (did you mean 1000?)"),
+              (["--max_len", "ten"], "--max_len: expected an integer, got 'ten'"),
+              (["--lr", "fast"], "--lr: expected a number, got 'fast'"),
+              (["--fast", "ture"], "--fast: expected a boolean (true/false), got 'ture' (did you mean true?)"),
+              (["--ids", "1,x"], "--ids: expected an integer, got 'x'"),
+              (["--lr"], "--lr needs a value (float)"),
+              (["--name", "--fast"], "--name needs a value (str)"),
+              (["lr", "3"], "unexpected argument 'lr': options are --key value"),
+              (["--preset", "tinyy"], "unknown preset 'tinyy'; choose from ['tiny'] (did you mean tiny?)")]
+    for argv, msg in errors:
+        with pytest.raises(common.ConfigError) as e:
+            parse(Cfg, argv, presets)
+        assert str(e.value) == msg, argv
+    with pytest.raises(common.ConfigError, match="this script has no presets"):
+        parse(Cfg, ["--preset", "tiny"])
+
+
+class _FakeStream:
+    """stderr as a test sees it: what was written, and whether it claims to be a terminal."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+def _run_bar(total: int, dt: float, tty: bool, steps: int | None = None) -> tuple[str, list[float]]:
+    """A bar of `total` driven by a fake clock advancing `dt` per update (`steps` updates, default all).
+    -> what it wrote, and the times at which each line ended (non-tty) or was drawn (tty)."""
+    now = [0.0]
+    out = _FakeStream(tty)
+    bar = common.Progress(total, "sft", stream=out, clock=lambda: now[0])
+    times = []
+    for _ in range(total if steps is None else steps):
+        now[0] += dt
+        before = len(out.text)
+        bar.update(1, loss=0.5)
+        if len(out.text) > before:
+            times.append(round(now[0], 6))
+    bar.close()
+    return out.text, times
+
+
+def test_progress_in_a_log_file_writes_a_line_per_10_s_and_5_percent_plus_the_last():
+    # slow steps (1 s): 5% is 5 s, so the 10 s rule decides: t = 10, 20, ..., 100 (the last)
+    text, times = _run_bar(100, 1.0, tty=False)
+    assert times == [10.0 * k for k in range(1, 11)] and text.count("\n") == 10 and "\r" not in text
+    first = text.splitlines()[0]
+    # 10 of 100 after 10 s: 1 it/s, 90 left -> 1:30
+    assert first == "sft [##                  ] 10/100  10% 1.00 it/s, 0:10 elapsed, eta 1:30  loss=0.5"
+    assert text.splitlines()[-1].startswith("sft [####################] 100/100 100% 1.00 it/s, 1:40 elapsed, eta 0:00")
+    # fast steps (0.5 s of 1000): 10 s is 20 steps, so 5% (50 steps = 25 s) decides: 20 lines
+    _, times = _run_bar(1000, 0.5, tty=False)
+    assert times == [25.0 * k for k in range(1, 21)]
+    # a whole bar inside 10 s: only its last line
+    text, times = _run_bar(900, 0.01, tty=False)
+    assert times == [9.0] and text.count("\n") == 1 and "900/900" in text
+    # very slow steps (60 s, 5% = 50 steps): a heartbeat every 300 s shows the run is alive
+    _, times = _run_bar(1000, 60.0, tty=False, steps=20)
+    assert times == [300.0, 600.0, 900.0, 1200.0]
+    # stopped before the total (--stop_at_step): close writes where it stopped, once
+    text, times = _run_bar(100, 1.0, tty=False, steps=15)
+    assert times == [10.0] and text.splitlines()[-1].startswith("sft [###                 ] 15/100  15% 1.00 it/s")
+    assert text.count("\n") == 2
+    # under 1 it/s the rate reads as seconds per step
+    text, _ = _run_bar(10, 20.0, tty=False, steps=1)
+    assert "1/10  10% 20.00 s/it, 0:20 elapsed, eta 3:00" in text
+
+
+def test_progress_in_a_terminal_redraws_one_line():
+    text, times = _run_bar(50, 0.0625, tty=True)
+    # drawn at the first update, then at most every 0.1 s (every second update of 0.0625 s), and the last
+    assert times == [0.0625 * k for k in [*range(1, 50, 2), 50]]
+    assert text.count("\r") == 26 and text.count("\n") == 1 and text.endswith("\n")
+    assert all(part.endswith("\x1b[K") or part.endswith("\x1b[K\n") for part in text.split("\r")[1:])
+    assert "50/50 100%" in text.split("\r")[-1]
+    text, _ = _run_bar(50, 0.0625, tty=True, steps=10)   # stopped early: close ends the line
+    assert text.endswith("\n") and text.count("\n") == 1 and "10/50" in text.split("\r")[-1]
+    out = _FakeStream(tty=False)
+    bar = common.Progress(10, "x", stream=out, enabled=False)
+    bar.update(10)
+    bar.close()
+    assert out.text == ""
 
 
 class _Payload:
