@@ -611,6 +611,12 @@ def cached_judgments(prompts: list[str], judge_id: str, cache_path: str, make_ju
     return [cache.get(k) for k in keys]
 
 
+def excerpt(text: str, width: int = 100) -> str:
+    """A judge reply on one line; a long one keeps its start and its end (where the verdict usually is)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[:width // 2] + " ... " + flat[-(width // 2 - 5):]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Several benchmarks side by side
 
@@ -674,6 +680,21 @@ def compare_results(args: list[str], plot_path: str = "") -> str:
     if plot_path:
         plot_comparison(rows, cols, plot_path)
     return "\n".join(lines)
+
+
+def compare_cli(args: list[str], prog: str) -> str:
+    """`PROG compare [NAME=]RESULT.json ... [--plot FILE.png]`: print and return compare_results' table."""
+    rest, plot = list(args), ""
+    if "--plot" in rest:
+        k = rest.index("--plot")
+        if k + 1 >= len(rest):
+            raise common.ConfigError("--plot needs a file name")
+        plot, rest = rest[k + 1], rest[:k] + rest[k + 2:]
+    if not rest or any(a.startswith("--") for a in rest):
+        raise common.ConfigError(f"usage: python {prog} compare [NAME=]RESULT.json ... [--plot FILE.png]")
+    table = compare_results(rest, plot)
+    print(table)
+    return table
 
 
 def plot_comparison(rows: dict[str, dict[str, float]], cols: list[str], path: str) -> bool:

@@ -213,10 +213,7 @@ def unparsable(records: list[dict]) -> list[int]:
     return [i for i, r in enumerate(records) if "judge_reply" in r and len(ratings_in(r["judge_reply"])) != 1]
 
 
-def excerpt(text: str, width: int = 100) -> str:
-    """The reply on one line; a long one keeps its start and its end (where the rating usually is)."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[:width // 2] + " ... " + flat[-(width // 2 - 5):]
+excerpt = eval_common.excerpt
 
 
 def warn_unparsable(records: list[dict], indices: list[int]) -> None:

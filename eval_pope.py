@@ -264,17 +264,7 @@ def main(argv: list[str] | None = None) -> dict | str:
                                  "(--help after the command lists the keys)")
     cmd, rest = argv[0], argv[1:]
     if cmd == "compare":
-        plot = ""
-        if "--plot" in rest:
-            k = rest.index("--plot")
-            if k + 1 >= len(rest):
-                raise common.ConfigError("--plot needs a file name")
-            plot, rest = rest[k + 1], rest[:k] + rest[k + 2:]
-        if not rest or any(a.startswith("--") for a in rest):
-            raise common.ConfigError("usage: python eval_pope.py compare [NAME=]RESULT.json ... [--plot FILE.png]")
-        table = eval_common.compare_results(rest, plot)
-        print(table)
-        return table
+        return eval_common.compare_cli(rest, "eval_pope.py")
     cfg = common.parse_config(PopeConfig, rest)
     if cmd == "run":
         common.print_config(cfg)
