@@ -91,19 +91,12 @@ judge_cache.jsonl (shared by every result in the folder), rlhf.summary.txt, rlhf
 from __future__ import annotations
 
 import hashlib
-import http.client
-import io
 import json
 import os
-import random
 import re
 import string
 import sys
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -111,7 +104,12 @@ import torch
 
 import common
 import data
-import model
+import eval_common
+
+# The answering model and the judge client live in eval_common (shared with POPE and LLaVA-Bench); these
+# names stay importable from here.
+APIJudge, JudgeCache, JudgeError = eval_common.APIJudge, eval_common.JudgeCache, eval_common.JudgeError
+ModelAnswerer, load_chat_model = eval_common.ModelAnswerer, eval_common.load_chat_model
 
 
 @dataclass
@@ -194,11 +192,6 @@ COMPARED = {"answer": ("conv_mode", "system", "max_new_tokens", "decoding"),
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
-class JudgeError(common.UserError):
-    """The judge gave no reply for an item (an outage past the retries, a bad key or URL); the message
-    names the item and the URL. A person can fix it (or wait), and a rerun asks only for what is missing."""
-
-
 # ----------------------------------------------------------------------------------------------------
 # Scoring, exactly as the benchmark.
 
@@ -220,10 +213,7 @@ def unparsable(records: list[dict]) -> list[int]:
     return [i for i, r in enumerate(records) if "judge_reply" in r and len(ratings_in(r["judge_reply"])) != 1]
 
 
-def excerpt(text: str, width: int = 100) -> str:
-    """The reply on one line; a long one keeps its start and its end (where the rating usually is)."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[:width // 2] + " ... " + flat[-(width // 2 - 5):]
+excerpt = eval_common.excerpt
 
 
 def warn_unparsable(records: list[dict], indices: list[int]) -> None:
@@ -348,7 +338,7 @@ def find_image(record: dict, index: int, image_folder: str, base_dir: str = "") 
 
 def answer_system(cfg: EvalConfig) -> str:
     """The system sentence the answers are made with: an explicit --system, else --conv_mode's."""
-    return cfg.system or data.CONV_MODES[cfg.conv_mode]
+    return eval_common.answer_system(cfg)
 
 
 def answers_meta(cfg: EvalConfig) -> dict:
@@ -386,7 +376,7 @@ def read_answers_meta(path: str) -> dict | None:
 
 
 # Answerer: (records, image paths) -> answers. build_answerer's wraps model.py; tests put fakes in its place.
-Answerer = Callable[[list[dict], list[str]], list[str]]
+Answerer = eval_common.Answerer
 
 
 def answer_stage(cfg: EvalConfig, items: list[dict], answers_path: str) -> tuple[list[dict], dict | None]:
@@ -423,68 +413,22 @@ def answer_stage(cfg: EvalConfig, items: list[dict], answers_path: str) -> tuple
     base_dir = os.path.dirname(os.path.abspath(cfg.template))
     paths = {i: find_image(records[i], i, cfg.image_folder, base_dir) for i in pending}
     answerer = build_answerer(cfg)
-    progress = common.Progress(len(records), desc="answering", start=len(records) - len(pending))
-    for start in range(0, len(pending), cfg.batch_size):
-        idx = pending[start:start + cfg.batch_size]
-        outs = answerer([records[i] for i in idx], [paths[i] for i in idx])
-        if len(outs) != len(idx):
-            raise RuntimeError(f"answerer returned {len(outs)} answers for {len(idx)} items")
+
+    def on_batch(idx: list[int], outs: list[str]) -> None:
         for i, a in zip(idx, outs):
             records[i]["model_answer"] = a
-        done |= set(idx)
+        done.update(idx)
         # Answers first, then meta: a crash in between only means that batch is answered again.
         common.atomic_write_text(json.dumps(records, indent=2, ensure_ascii=False), answers_path)
         common.atomic_write_text(json.dumps({**answers_meta(cfg), "answered": sorted(done)}, indent=2), meta_path)
-        progress.update(len(idx))
-    progress.close()
+
+    eval_common.answer_batches(pending, records, paths, answerer, cfg.batch_size, on_batch, len(records))
     return records, answers_meta(cfg)
-
-
-class ModelAnswerer:
-    """Greedy answers from a LLaVA model: Vicuna prompt with the image first, pad-to-square images."""
-
-    def __init__(self, m, tok, template, max_new_tokens: int, device: torch.device):
-        self.m, self.tok, self.template = m, tok, template
-        self.max_new_tokens, self.device = max_new_tokens, device
-
-    def __call__(self, records: list[dict], image_paths: list[str]) -> list[str]:
-        images = torch.stack([data.image_tensor(p, self.m.config.image_size) for p in image_paths])
-        return self.replies([r["question"] for r in records], images)
-
-    @torch.no_grad()
-    def replies(self, prompts: list[str], images: torch.Tensor | None = None) -> list[str]:
-        """One greedy reply per prompt, each one user turn (the image first when there are images)."""
-        seqs = [data.tokenize_prompt(p, self.tok, self.template, self.m.num_image_tokens, has_image=images is not None)
-                for p in prompts]
-        ids, mask = data.left_pad(seqs, self.tok.pad_id)
-        if images is not None:
-            images = images.to(self.device, next(self.m.parameters()).dtype)
-        new = self.m.generate(ids.to(self.device), images, attention_mask=mask.to(self.device),
-                              max_new_tokens=self.max_new_tokens, temperature=0.0, eos_token_id=self.tok.eos_id)
-        return [self.tok.decode_response(row) for row in new]
-
-
-def load_chat_model(path: str, vision_tower: str, tokenizer: str, system: str, cfg: EvalConfig,
-                    adapter: str = "", flag: str = "--model_path"
-                    ) -> tuple[model.LLaVA, data.Tokenizer, data.Template, torch.device]:
-    """A checkpoint (+ a LoRA adapter) on cfg's device and dtype, its tokenizer and a Vicuna template.
-    `flag` names the setting that gave `path`, for the error when it is no folder."""
-    if not os.path.isdir(path):
-        raise common.ConfigError(f"{flag} {path}: no such model folder")
-    if adapter and not os.path.isdir(adapter):
-        raise common.ConfigError(f"--adapter_path {adapter}: no such adapter folder")
-    device = common.resolve_device(cfg.device)
-    m = model.LLaVA.from_pretrained(path, vision_tower=vision_tower or None, dtype=model.torch_dtype(cfg.dtype, device))
-    if adapter:
-        m.load_adapter(adapter, name="default")
-        m.set_adapter("default")
-    m = m.to(device).eval()
-    return m, data.Tokenizer(tokenizer or path), data.Template(system=system or data.VICUNA_V1_SYSTEM), device
 
 
 def build_answerer(cfg: EvalConfig) -> Answerer:
     m, tok, template, device = load_chat_model(cfg.model_path, cfg.vision_tower, cfg.tokenizer_path,
-                                               answer_system(cfg), cfg, adapter=cfg.adapter_path)
+                                               answer_system(cfg), cfg.device, cfg.dtype, adapter=cfg.adapter_path)
     return ModelAnswerer(m, tok, template, cfg.max_new_tokens, device)
 
 
@@ -542,42 +486,6 @@ def fill_prompt(template: str, record: dict, protocol: str = "project") -> str:
     return NAMED_SLOT.sub(lambda mt: values[mt.group(1)], template)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Judgment cache: JSON lines {"key", "judge", "reply"}, appended and fsynced after each judgment.
-
-class JudgeCache:
-    def __init__(self, path: str):
-        self.path = path
-        self.entries: dict[str, str] = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                raw = f.read()
-            for line in raw.splitlines():
-                try:
-                    e = json.loads(line)
-                    self.entries[e["key"]] = e["reply"]
-                except (ValueError, KeyError, TypeError):
-                    pass  # a line torn by a crash mid-write: that judgment is simply asked again
-            if raw and not raw.endswith("\n"):
-                with open(path, "a") as f:  # so the next entry does not glue onto the torn line
-                    f.write("\n")
-
-    @staticmethod
-    def key(judge_id: str, prompt: str) -> str:
-        return hashlib.sha256(f"{judge_id}\x00{prompt}".encode()).hexdigest()
-
-    def get(self, key: str) -> str | None:
-        return self.entries.get(key)
-
-    def put(self, key: str, judge_id: str, reply: str) -> None:
-        self.entries[key] = reply
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"key": key, "judge": judge_id, "reply": reply}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-
 def judge_id(cfg: EvalConfig) -> str:
     """Names the judge in the cache key: the same prompt to another judge model is another judgment."""
     if cfg.judge == "api":   # the official request (no max_tokens) is another judgment: its own cache key
@@ -592,186 +500,6 @@ def judge_id(cfg: EvalConfig) -> str:
 # A rule judge is instead a plain function of the record (the tiny world's reads the item's scene graph);
 # the caller passes it in (tinyworld.py eval), so this file imports no judge of its own.
 RuleJudge = Callable[[dict, str], tuple[str, int]]   # (record, answer) -> (reply ending "Rating: N", N)
-
-
-class _DeadlineSocket:
-    """A connection's socket under one deadline for the whole request: before each send and each receive
-    its timeout is set to the time left, so a server that trickles bytes cannot stretch a request past
-    --api_timeout (a plain socket timeout bounds each read, not the reply)."""
-
-    def __init__(self, sock, deadline: float, timeout: float):
-        self.sock, self.deadline, self.timeout = sock, deadline, timeout
-
-    def arm(self) -> None:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise self.expired()
-        self.sock.settimeout(left)
-
-    def expired(self) -> TimeoutError:
-        return TimeoutError(f"no complete reply within --api_timeout {self.timeout:g} s")
-
-    def sendall(self, payload: bytes) -> None:
-        self.arm()
-        self.sock.sendall(payload)
-
-    def makefile(self, mode: str = "rb", **_) -> io.BufferedReader:
-        # The socket's own reader underneath keeps its reference count: the response may outlive close().
-        return io.BufferedReader(_DeadlineReader(self, self.sock.makefile("rb", buffering=0)))
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __getattr__(self, name: str):  # anything else http.client may ask of a socket
-        return getattr(self.sock, name)
-
-
-class _DeadlineReader(io.RawIOBase):
-    def __init__(self, owner: _DeadlineSocket, raw):
-        super().__init__()
-        self.owner, self.raw = owner, raw
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int | None:
-        self.owner.arm()
-        try:
-            return self.raw.readinto(buffer)
-        except TimeoutError:  # the time left ran out inside this read
-            raise self.owner.expired() from None
-
-    def close(self) -> None:
-        self.raw.close()
-        super().close()
-
-
-class _DeadlineConnection(http.client.HTTPConnection):
-    """urllib's connection, its deadline starting when urllib creates it, just before connecting."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.deadline = time.monotonic() + self.timeout
-
-    def connect(self) -> None:
-        super().connect()   # TLS (and a proxy tunnel) included for the HTTPS class below
-        self.sock = _DeadlineSocket(self.sock, self.deadline, self.timeout)
-
-
-class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
-    pass
-
-
-class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
-    def http_open(self, req):
-        return self.do_open(_DeadlineConnection, req)
-
-
-class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
-    def https_open(self, req):
-        return self.do_open(_DeadlineHTTPSConnection, req)
-
-
-def http_error_detail(e: urllib.error.HTTPError) -> str:
-    """The start of an error reply's body; a body that cannot be read (the deadline passed) is said so."""
-    try:
-        return e.read()[:300].decode("utf-8", "replace")
-    except (http.client.HTTPException, OSError) as err:
-        return f"(body unreadable: {type(err).__name__}: {err})"
-
-
-def request_body(model: str, prompt: str, max_tokens: int | None) -> dict:
-    """The chat-completions request: the official script's openai.ChatCompletion.create(model=...,
-    messages=[one user message], temperature=0.0) body, plus max_tokens unless it is None."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": JUDGE_TEMPERATURE}
-    if max_tokens is not None:
-        body["max_tokens"] = max_tokens
-    return body
-
-
-class APIJudge:
-    """OpenAI-compatible chat completions over urllib: one user message at temperature 0.0, a thread pool
-    of requests in flight, retries with exponential backoff on 429/5xx/timeouts/malformed bodies. Other
-    HTTP errors (401, 400, ...) fail at once: retrying a bad key or request only wastes time. `timeout` is
-    a deadline for each whole request (connect, send, the full reply), not for each socket read.
-    max_tokens None sends none (the official script's request)."""
-
-    def __init__(self, base: str, model: str, key: str, timeout: float = 120.0, max_tries: int = 6,
-                 backoff: float = 2.0, concurrency: int = 4, max_tokens: int | None = 1024):
-        self.url = base.rstrip("/") + "/chat/completions"
-        self.model, self._key = model, key
-        self.timeout, self.max_tries, self.backoff = timeout, max(1, max_tries), backoff
-        self.concurrency, self.max_tokens = max(1, concurrency), max_tokens
-        # urllib's usual opener (proxies from the environment and all) with the deadline connections
-        self._opener = urllib.request.build_opener(_DeadlineHTTPHandler, _DeadlineHTTPSHandler)
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
-
-    def complete(self, prompt: str) -> str:
-        body = json.dumps(request_body(self.model, prompt, self.max_tokens)).encode()
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self._key}"}
-        last, retry_after = "", None
-        for attempt in range(self.max_tries):
-            if attempt:
-                # Exponential backoff; the jitter keeps a burst of 429s from retrying in lockstep.
-                delay = min(60.0, self.backoff * 2 ** (attempt - 1)) * (1 + 0.25 * random.random())
-                if retry_after is not None:
-                    delay = min(60.0, max(delay, retry_after))
-                time.sleep(delay)
-            retry_after = None
-            req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            try:
-                with self._opener.open(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as e:
-                detail = http_error_detail(e)
-                if e.code in (408, 429) or e.code >= 500:
-                    last = f"HTTP {e.code}: {detail}"
-                    try:
-                        retry_after = float(e.headers.get("Retry-After", ""))
-                    except (TypeError, ValueError):
-                        pass
-                    continue
-                raise JudgeError(self._redact(f"judge API {self.url} returned HTTP {e.code}: {detail}")) from None
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # timeouts, resets, refused
-                last = f"{type(e).__name__}: {e}"
-                continue
-            try:
-                reply = json.loads(raw)["choices"][0]["message"]["content"]
-                if not isinstance(reply, str):
-                    raise TypeError("content is not a string")
-                return reply
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                # A proxy's HTML error page or a truncated body: worth another try, never a rating.
-                last = f"malformed body ({type(e).__name__}): {raw[:200].decode('utf-8', 'replace')!r}"
-        raise JudgeError(self._redact(f"judge API {self.url} failed after {self.max_tries} tries; last: {last}"))
-
-    def run(self, prompts: dict[int, str], on_done: Callable[[int, str], None]) -> None:
-        """Replies are handed to on_done in the calling thread as they arrive (so it may write files).
-        On a failure the pending requests are cancelled, the ones in flight finish and are kept, and
-        the first error is raised; a rerun asks only for what is missing."""
-        error: JudgeError | None = None
-        pool = ThreadPoolExecutor(max_workers=self.concurrency)
-        try:
-            futures = {pool.submit(self.complete, p): i for i, p in prompts.items()}
-            for fut in as_completed(futures):
-                i = futures[fut]
-                try:
-                    reply = fut.result()
-                except CancelledError:
-                    continue
-                except JudgeError as e:
-                    if error is None:
-                        error = JudgeError(f"item {i}: {e}")
-                        for f in futures:
-                            f.cancel()
-                    continue
-                on_done(i, reply)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if error is not None:
-            raise error
 
 
 class LocalJudge(ModelAnswerer):
@@ -809,16 +537,13 @@ def judge_settings(cfg: EvalConfig, prompt_text: str, rule_judge: RuleJudge | No
 
 def build_judge(cfg: EvalConfig):
     if cfg.judge == "api":
-        key = os.environ.get(cfg.api_key_env)
-        if key is None:
-            raise common.ConfigError(f"--judge api: the environment variable {cfg.api_key_env} "
-                                     "(named by --api_key_env) is not set")
-        return APIJudge(cfg.api_base, cfg.api_model, key, timeout=cfg.api_timeout, max_tries=cfg.api_max_tries,
-                        backoff=cfg.api_backoff, concurrency=cfg.api_concurrency, max_tokens=api_max_tokens(cfg))
+        return APIJudge(cfg.api_base, cfg.api_model, eval_common.api_key(cfg.api_key_env), timeout=cfg.api_timeout,
+                        max_tries=cfg.api_max_tries, backoff=cfg.api_backoff, concurrency=cfg.api_concurrency,
+                        max_tokens=api_max_tokens(cfg), temperature=JUDGE_TEMPERATURE)
     if not cfg.judge_model_path:   # --judge local (run() has checked the name)
         raise common.ConfigError("--judge local needs --judge_model_path")
     m, tok, template, device = load_chat_model(cfg.judge_model_path, cfg.judge_vision_tower, cfg.judge_tokenizer,
-                                               cfg.judge_system, cfg, flag="--judge_model_path")
+                                               cfg.judge_system, cfg.device, cfg.dtype, flag="--judge_model_path")
     return LocalJudge(m, tok, template, cfg.judge_batch_size, cfg.judge_max_new_tokens, device)
 
 
@@ -836,27 +561,10 @@ def judge_stage(cfg: EvalConfig, records: list[dict], rule_judge: RuleJudge | No
                                    f"{parse_rating(reply)}: {reply!r}")
             replies.append(reply)
         return replies
-    jid = judge_id(cfg)
-    cache = JudgeCache(cfg.judge_cache or os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "judge_cache.jsonl"))
+    # MMHal's parse gives an unparsable reply 0 (counted and named in the summary): no re-asking.
+    cache = cfg.judge_cache or os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "judge_cache.jsonl")
     prompts = [fill_prompt(template, r, cfg.judge_protocol) for r in records]
-    keys = [JudgeCache.key(jid, p) for p in prompts]
-    todo = {i: p for i, (p, k) in enumerate(zip(prompts, keys)) if cache.get(k) is None}
-    if todo:
-        print(f"judging {len(todo)} of {len(records)} items with {jid} ({len(records) - len(todo)} cached)")
-        judge = build_judge(cfg)
-        progress = common.Progress(len(records), desc="judging", start=len(records) - len(todo))
-
-        def on_done(i: int, reply: str) -> None:
-            cache.put(keys[i], jid, reply)
-            progress.update(1)
-
-        try:
-            judge.run(todo, on_done)
-        finally:
-            progress.close()
-    else:
-        print(f"all {len(records)} judgments cached ({jid}); nothing sent")
-    return [cache.get(k) for k in keys]
+    return eval_common.cached_judgments(prompts, judge_id(cfg), cache, lambda: build_judge(cfg))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -892,11 +600,7 @@ def check_config(cfg: EvalConfig, rule_judge: RuleJudge | None) -> str:
                   f"(sha256 differs from {OFFICIAL_TEMPLATE_SHA256[:12]}...); numbers judged with it compare only "
                   "with results judged with the same file", file=sys.stderr)
     if cfg.judge == "api":
-        url = urllib.parse.urlsplit(cfg.api_base)
-        if url.scheme not in ("http", "https") or not url.netloc:
-            raise common.ConfigError(f"--api_base {cfg.api_base!r}: expected an http:// or https:// URL")
-        if not cfg.api_timeout > 0:
-            raise common.ConfigError(f"--api_timeout: expected a positive number of seconds, got {cfg.api_timeout}")
+        eval_common.check_api_settings(cfg.api_base, cfg.api_timeout)
     return text
 
 

@@ -1066,6 +1066,59 @@ def build_eval(seed: int) -> list[dict]:
     return items
 
 
+def build_pope(scenes: list[tuple[str, dict]], seed: int, n_per_split: int) -> dict[str, list[dict]]:
+    """POPE's three splits over these images, in the official question format {"question_id", "image",
+    "text", "label"}: for each image, one "yes" question per object it holds and as many "no" questions
+    about objects it does not hold, until n_per_split questions (half yes, half no; fewer when the images
+    run out). All splits ask about the same images and the same present objects; they differ in which
+    absent objects are asked about.
+
+    An object is a coloured shape, (colour, kind), e.g. "red circle" (len(COLORS) x len(KINDS) = 15): the
+    unit of the world's existence questions ("Is there a red circle in the image?", what SFT teaches),
+    and the unit at which this world hallucinates: a model that sees "red" and "circle" on two different
+    shapes may bind them wrongly.
+      random       absent objects drawn uniformly.
+      popular      POPE's rule: the absent objects most frequent over these images' scene graphs. Colours
+                   and kinds are drawn uniformly, so the frequencies differ by sampling noise only: there
+                   is no object prior to exploit here and popular behaves like random. It is kept so the
+                   pipeline reports POPE's three rows; the measurement is real, the prior is absent.
+      adversarial  absent objects that co-occur most with the present ones, where co-occurring means
+                   sharing a part with the image: its colour and its kind both in the image on different
+                   shapes first (a red square and a blue circle: "red circle?"), then one part (the same
+                   kind in another colour, or a present colour on an absent kind), ties broken by
+                   frequency then at random. Co-occurrence counted between whole objects would be the
+                   easiest negatives in this world: a scene holds distinct kinds, so "blue circle" never
+                   occurs with "red circle"."""
+    if n_per_split < 2 or n_per_split % 2:
+        raise ValueError(f"n_per_split must be an even number >= 2 (half yes, half no), got {n_per_split}")
+    objects = [(c, k) for k in KINDS for c in COLORS]
+    freq = Counter(o for _, scene in scenes for o in {(s["color"], s["kind"]) for s in scene["shapes"]})
+    rngs = {split: random.Random(f"{seed}-pope-{split}") for split in ("random", "popular", "adversarial")}
+    out: dict[str, list[dict]] = {split: [] for split in rngs}
+    n_pairs = 0
+    for name, scene in scenes:
+        if n_pairs == n_per_split // 2:
+            break
+        present = list(dict.fromkeys((s["color"], s["kind"]) for s in scene["shapes"]))
+        present = present[:n_per_split // 2 - n_pairs]
+        n_pairs += len(present)
+        colors, kinds = {s["color"] for s in scene["shapes"]}, {s["kind"] for s in scene["shapes"]}
+        absent = [o for o in objects if o not in set((s["color"], s["kind"]) for s in scene["shapes"])]
+        for split, rng in rngs.items():
+            tie = {o: rng.random() for o in absent}
+            if split == "random":
+                negatives = rng.sample(absent, len(present))
+            elif split == "popular":
+                negatives = sorted(absent, key=lambda o: (-freq[o], tie[o]))[:len(present)]
+            else:
+                negatives = sorted(absent, key=lambda o: (-((o[0] in colors) + (o[1] in kinds)), -freq[o], tie[o]))
+                negatives = negatives[:len(present)]
+            for (c, k), label in [(o, "yes") for o in present] + [(o, "no") for o in negatives]:
+                out[split].append({"question_id": len(out[split]) + 1, "image": name,
+                                   "text": f"Is there a {c} {k} in the image?", "label": label})
+    return out
+
+
 # Generic English for the tokenizer: the reward model's rating prompt is encoded with the same
 # tokenizer, so its likely words need pieces too (else they fall back to letters and bytes and eat the
 # context). Our own wording; the reward-model stage may phrase its prompt differently.
@@ -1180,6 +1233,10 @@ def make(cfg: MakeConfig) -> dict:
                       ("heldout_prompts.json", held_prompts)):
         _dump(obj, os.path.join(out, name))
     _dump(eval_recs, os.path.join(out, "eval", "mmhal_tiny.json"), indent=1)
+    # POPE over the held-out images (DATA/images/, which no stage trains on), at most 600 questions a split
+    for split, questions in build_pope(held_pool, cfg.eval_seed, 600).items():
+        with open(os.path.join(out, "eval", f"pope_{split}.jsonl"), "w") as f:
+            f.write("".join(json.dumps(q) + "\n" for q in questions))
     corpus = tokenizer_corpus(sft_convs, captions, ppo_prompts + pref_prompts, eval_recs)
     train_tokenizer(corpus, os.path.join(out, "tokenizer.model"), cfg.vocab_size)
     meta = {"seed": seed, "eval_seed": cfg.eval_seed, "vocab_size": cfg.vocab_size,
