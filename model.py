@@ -589,7 +589,10 @@ class LLaVA(nn.Module):
         return self.projector(self.vision(images))
 
     def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings (B, T, D) with image features at every IMAGE_TOKEN_INDEX position, in order."""
+        """Token embeddings (B, T, D) with image features at every IMAGE_TOKEN_INDEX position, in order.
+        images: pixels (N, 3, S, S), or their features (N, P, D) from encode_images, computed once and
+        passed again to every later forward of the same images (PPO: the vision tower and projector are
+        frozen, so the features of a rollout serve its sampling, scoring and updates unchanged)."""
         is_img = input_ids == IMAGE_TOKEN_INDEX
         n_img = 0 if images is None else images.shape[0]
         n_pos = int(is_img.sum()) if has_values(is_img) else n_img * self.num_image_tokens
@@ -600,7 +603,10 @@ class LLaVA(nn.Module):
                              f"give {n_img * self.num_image_tokens} features ({self.num_image_tokens} per image)")
         x = self.llm.embed_tokens(input_ids.masked_fill(is_img, 0))        # (B, T, D)
         if n_img:
-            feats = self.encode_images(images).to(x.dtype)                 # (N, P, D)
+            if images.dim() == 3 and tuple(images.shape[1:]) != (self.num_image_tokens, x.shape[-1]):
+                raise ValueError(f"image features of shape {tuple(images.shape)}; this model's are "
+                                 f"(N, {self.num_image_tokens}, {x.shape[-1]})")
+            feats = (images if images.dim() == 3 else self.encode_images(images)).to(x.dtype)   # (N, P, D)
             x = x.masked_scatter(is_img[..., None], feats.reshape(-1, x.shape[-1]))
         return x
 

@@ -183,12 +183,13 @@ class RewardModel(torch.nn.Module):
 
 def _images_tensor(images: list, image_size: int) -> torch.Tensor | None:
     """The images of the items that have one -> (N, 3, S, S): tensors as they are (preprocessed at the
-    RM's size), paths and PIL images read and preprocessed here."""
+    RM's size), paths and PIL images read and preprocessed here; or (N, P, D) when the items hold the
+    base's image features (P, D) instead (PPO: encoded once per rollout, LLaVA.embed takes them)."""
     out = []
     for im in (x for x in images if x is not None):
         if not isinstance(im, torch.Tensor):
             im = data.image_tensor(im, image_size) if isinstance(im, str) else data.preprocess_image(im, image_size)
-        elif im.shape[-1] != image_size:
+        elif im.dim() == 3 and im.shape[-1] != image_size:
             raise ValueError(f"image tensor of size {tuple(im.shape)}; the reward model expects {image_size} px")
         out.append(im)
     return torch.stack(out) if out else None
