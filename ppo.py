@@ -210,6 +210,8 @@ class Config:
     system: str = data.VICUNA_V1_SYSTEM
     max_prompt_len: int = 128           # prompt ids, the image counted as one (SPEC §9)
     on_error: str = "raise"
+    num_workers: int = 2                # DataLoader processes reading and preprocessing the next rollout's prompts
+    #                                     and images ahead (pinned memory on GPU); 0: read in the training process
     # models
     model_path: str = ""                # the SFT model folder: the frozen base of every adapter
     vision_tower: str = ""
@@ -693,7 +695,7 @@ def validate(cfg: Config) -> None:
                   "lr", "grad_clip", "epochs", "max_bad_steps"),
         # temperature 0 samples greedily (logprob_temperature, model.sample_next); 0 turns off reward_clip,
         # save_every, stop_at_step; keep_last 0 keeps every checkpoint
-        nonneg=("temperature", "kl_coef", "reward_clip", "vf_coef", "warmup_steps", "max_steps", "save_every",
+        nonneg=("num_workers", "temperature", "kl_coef", "reward_clip", "vf_coef", "warmup_steps", "max_steps", "save_every",
                 "keep_last", "stop_at_step", "samples_to_log"),
         fractions=("top_p", "gamma", "lam", "min_lr_ratio"),
         choices={"kl_estimator": ("k1", "k3"), "correct_rule": ("official", "lenient"), "on_error": ("raise", "skip"), "dtype": ("auto", *M.DTYPES),
@@ -755,6 +757,9 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
     if state := ck.start():   # as --resume says: fresh, resumed, or refused
         step, bad, kl_ctl.value = state["step"], state["bad"], state["kl_coef"]
 
+    # the next rollout's prompts and images read ahead in worker processes; the sampler checkpoints save
+    # advances as rollouts are made
+    loader = data.BatchLoader(prompts, sampler, per_rank, list, cfg.num_workers, pin_memory=d.device.type == "cuda")
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "ppo", asdict(cfg))
     bar = common.Progress(total_steps, "ppo", start=step, enabled=cfg.progress)
     history = []
@@ -765,7 +770,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
         for mod in (pb, models.value_base):
             mod.eval()
         with kernels.packed_cpu_linear(cfg.compile and d.device.type == "cpu"):   # generation and scoring
-            rows, times = rollout(models, tok, [prompts[j] for j in sampler.take(per_rank)], records, cfg, gen,
+            rows, times = rollout(models, tok, loader.next(), records, cfg, gen,
                                   reward_fn, step)
         t0 = time.time()
         seq_kl = advantages(rows, cfg, kl_ctl.value)
@@ -825,9 +830,11 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None) -> di
                                         "rm_score": r.rm_score}) + "\n")
         bar.update(1, reward=metrics["reward"], kl=metrics["kl"], len=metrics["response_length"])
         if ck.after_step(step, kl_coef=kl_ctl.value, bad=bad):   # saved; a signal or stop_at_step: stop
+            loader.close()
             common.cleanup_distributed()
             return {"step": step, "stopped": True, "history": history}
     bar.close()
+    loader.close()
     ck.finish(step, kl_coef=kl_ctl.value, bad=bad)
     if common.is_main():
         pb.save_adapter(os.path.join(cfg.out_dir, "policy_adapter"), "policy")
