@@ -34,6 +34,10 @@ import kernels
 import weights
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's marker id in input_ids: projected patch features go there
+# A decode step attends over the filled part of the KV cache rounded up to this many slots: it reads what
+# was written (the bandwidth floor), not the whole preallocated cache, and a compiled decode has one graph
+# per span length (a 64-slot step costs ~nothing more than a 40-slot one; a graph per length would be many)
+DECODE_SPAN = 64
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -647,10 +651,12 @@ class LLaVA(nn.Module):
     def decode_one(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, slot: torch.Tensor,
                    key_valid: torch.Tensor) -> torch.Tensor:
         """One decode step: tokens tok (B,) at positions pos (B,), written at cache slot `slot` (1,) long
-        -> next-token logits (B, V) fp32. key_valid (B, S) bool marks the cache slots to attend to
-        (the caller sets `slot` itself). Every tensor has the same shape at every step (attention
-        covers all S slots, masked, and the slot is data, not a Python int), so under torch.compile
-        (kernels.StaticDecoder) one graph serves the whole generation."""
+        -> next-token logits (B, V) fp32. key_valid (B, S) bool marks which of the first S cache slots to
+        attend to (the caller sets `slot` itself): generate passes the filled part of the cache rounded up
+        to DECODE_SPAN slots, so that a step reads the keys and values written so far, not the whole
+        preallocated cache. Every tensor has the same shape at every step of one span (masked slots, the
+        slot as data, not a Python int), so under torch.compile (kernels.StaticDecoder) one graph serves
+        each span: ceil(length / DECODE_SPAN) graphs per (batch, cache length), counted by the decoder."""
         x = self.llm.embed_tokens(tok[:, None])                                    # (B, 1, D)
         h = self.decode(x, pos[:, None], key_valid[:, None, None, :], cache, slot)  # mask (B, 1, 1, S)
         return self.lm_head(h[:, -1]).float()                                      # (B, V)
@@ -705,7 +711,8 @@ class LLaVA(nn.Module):
                 if i == max_new_tokens - 1 or (has_values(done) and bool(done.all())):
                     break
                 key_valid[:, T + i] = True
-                logits = step(tok, next_pos, cache, slot, key_valid).float()
+                span = min(cache.max_len, -(-(T + i + 1) // DECODE_SPAN) * DECODE_SPAN)   # filled, bucketed
+                logits = step(tok, next_pos, cache, slot, key_valid[:, :span]).float()
                 next_pos, slot = next_pos + 1, slot + 1
             out = torch.stack(toks, dim=1)
             return (out, torch.stack(lps, dim=1)) if return_logprobs else out

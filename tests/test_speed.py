@@ -1,6 +1,5 @@
 """Speed machinery that must not change what is computed: data.BatchLoader / FixedBatches (batches read
 ahead in DataLoader workers) against reading in the training process, exact resume of the sampler."""
-import copy
 import os
 
 import pytest
