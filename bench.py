@@ -40,6 +40,7 @@ from functools import partial
 from statistics import median as med
 
 import torch
+import torch.nn.functional as F
 
 import common
 import data
@@ -437,12 +438,56 @@ class _WordTokenizer:
         return " ".join(f"w{i}" for i in ids)
 
 
-def bench_ppo(m: LLaVA, cfg: BenchConfig, table: Table, device, compile: bool) -> None:
-    """A PPO step through ppo.py's own functions, at ppo.Config's defaults but the bench's batch: rollout
-    (the policy samples at temperature 1; policy, reference and value passes; the reward model scores
-    the decoded text through RewardScorer), then advantages and update (ppo_epochs passes, clipped policy
-    and value losses, AdamW). One frozen base holds the policy, value and reward adapters; the reference
-    is the bare base."""
+class _HFLoRA(torch.nn.Module):
+    """A transformers linear with our LoRALinear's adapters added on top: the same A, B parameters and the
+    same active adapter (m.set_adapter switches both models), computed the plain way (peft's forward:
+    base(x) + scale * B(A(x))), so that the baseline trains the same LoRA weights as ours."""
+
+    def __init__(self, base: torch.nn.Linear, ours: model.LoRALinear):
+        super().__init__()
+        self.base, self.ours = base, [ours]   # a list: not registered twice as a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, lo = self.base(x), self.ours[0]
+        name = lo.active_adapter
+        if name is not None:
+            y = y + F.linear(F.linear(x, lo.lora_A[name]), lo.lora_B[name]) * lo.lora_scale[name]
+        return y
+
+
+def _hf_with_our_adapters(ref, m: LLaVA) -> None:
+    """Every LoRA target of transformers' Llava wrapped to share our model's adapters (_HFLoRA)."""
+    for path, mod in m.lora_layers():
+        parent_path, leaf = f"model.language_model.{path[len('llm.'):]}".rsplit(".", 1)
+        parent = ref.get_submodule(parent_path)
+        setattr(parent, leaf, _HFLoRA(getattr(parent, leaf), mod))
+
+
+def _full_logprobs(ref, ids, pix, mask, resp, P: int) -> torch.Tensor:
+    """The official way: the whole (B, T, V) logits of a full forward, log_softmax, gather. -> (B, R)"""
+    logits = ref(input_ids=ids, pixel_values=pix, attention_mask=mask,
+                 position_ids=model.positions_from_mask(mask)).logits[:, P - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, resp[..., None]).squeeze(-1)
+
+
+def _last_hidden(ref, ids, pix, mask) -> torch.Tensor:
+    out = ref(input_ids=ids, pixel_values=pix, attention_mask=mask, position_ids=model.positions_from_mask(mask),
+              output_hidden_states=True)
+    return out.hidden_states[-1]           # after the final norm, (B, T, D)
+
+
+def bench_ppo(m: LLaVA, ref, cfg: BenchConfig, table: Table | None, device, compile: bool) -> dict[str, dict]:
+    """A PPO step through ppo.py's own functions, at ppo.Config's defaults but the bench's batch and greedy
+    sampling (so that the baseline's tokens can be compared): rollout (policy, reference and value passes;
+    the reward model scores the decoded text through RewardScorer), then advantages and update (ppo_epochs
+    passes, clipped policy and value losses, AdamW). One frozen base holds the policy, value and reward
+    adapters; the reference is the bare base.
+    Against it (ref: transformers' Llava on the same weights, None to skip), the same step the way the
+    official trainer does it: transformers' generate, then full forwards of the policy, reference, value
+    and reward (the whole (B, T, V) logits, log_softmax; hidden states for the heads), each running the
+    vision tower again, and ppo_epochs of full forward + backward for the policy and value losses; the
+    same LoRA weights (_HFLoRA), prompts, advantages and optimizer. Asserted: identical greedy tokens and
+    log-probs that agree. -> {"ours": phase seconds, "transformers": phase seconds}, rows in `table`."""
     import reward_model
     c, B, N = cfg.model, cfg.batch, cfg.new_tokens
     ids, images, _ = make_inputs(cfg, cfg.text_tokens - 1, seed=2, device="cpu")
@@ -460,7 +505,8 @@ def bench_ppo(m: LLaVA, cfg: BenchConfig, table: Table, device, compile: bool) -
     params = models.trainable()
     for p in params:
         p.requires_grad_(True)
-    pcfg = ppo.Config(rollout_batch=B, step_batch=B, micro_batch=B, max_new_tokens=N, temperature=1.0, compile=compile)
+    pcfg = ppo.Config(rollout_batch=B, step_batch=B, micro_batch=B, max_new_tokens=N, temperature=0.0,
+                      compile=compile)
     opt = torch.optim.AdamW(params, lr=1e-5)
     gen = torch.Generator(device=device).manual_seed(0)
     st: dict = {}
@@ -475,21 +521,119 @@ def bench_ppo(m: LLaVA, cfg: BenchConfig, table: Table, device, compile: bool) -
         ppo.advantages(st["rows"], pcfg, pcfg.kl_coef)
         ppo.update(models, st["rows"], opt, pcfg, torch.Generator().manual_seed(0))
 
-    rollout(), update()                 # warm-up (compiles the LoRA policy's decode step and the sampler)
-    # one timed step, in order: the update trains on the rollout's rows
-    times, peaks = interleaved({"rollout": rollout, "update": update}, 1, device)
+    # -- the official way, on transformers' model ---------------------------------------------------------
+    if ref is not None and not isinstance(ref.model.language_model.layers[0].self_attn.q_proj, _HFLoRA):
+        ref.requires_grad_(False)                        # frozen base, as ours: only the shared adapters train
+        _hf_with_our_adapters(ref, m)
+    hf_img, temp = c.image_token_index, ppo.logprob_temperature(pcfg)
+    hb: dict = {}
+
+    def hf_rollout():
+        ref.eval()
+        t0 = time.perf_counter()
+        rows = [ppo.prompt_row(it, records[it["index"]], set(), "") for it in items]
+        b = ppo.collate(rows, m)                        # the prompts, left padded, images expanded (no features)
+        pix, pmask, pids = b["images"], b["mask"], to_hf(b["ids"], hf_img)
+        m.set_adapter("policy")
+        with torch.no_grad():
+            out = ref.generate(input_ids=pids, pixel_values=pix, attention_mask=pmask, max_new_tokens=N,
+                               do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)[:, pids.shape[1]:]
+        rmask, has_eos = ppo.response_mask(out, tok.eos_id)
+        for r, o, n, e in zip(rows, out, rmask.sum(-1).long().tolist(), has_eos.tolist()):
+            r.response, r.has_eos, r.text = o[:n], e, tok.decode_response(o[:n].tolist())
+        t1 = time.perf_counter()
+        b = ppo.collate(rows, m)
+        fids, fmask, resp, P = to_hf(b["ids"], hf_img), b["mask"], b["resp"], b["P"]
+        with torch.no_grad():
+            m.set_adapter("policy")
+            logp = _full_logprobs(ref, fids, pix, fmask, resp, P)
+            m.set_adapter(None)
+            ref_logp = _full_logprobs(ref, fids, pix, fmask, resp, P)
+            m.set_adapter("value")
+            values = models.value_head(_last_hidden(ref, fids, pix, fmask)[:, P - 1:-1])
+            seqs = [scorer.encode({"id": str(i), "image": None, "response": r.text, "facts": r.record["facts"],
+                                   "conversations": [{"from": "human", "value": "<image>\n" + r.record["question"]}]})
+                    for i, r in enumerate(rows)]
+            rm_ids, rm_mask = data.left_pad(seqs, tok.pad_id)
+            m.set_adapter("reward")
+            h = _last_hidden(ref, to_hf(rm_ids, hf_img), pix, rm_mask)
+            rm = scorer.rm.head(model.gather_last(h, rm_mask))
+        m.set_adapter(None)
+        hb.update(rows=rows, logp=logp, ref_logp=ref_logp, values=values, rm=rm, t_gen=t1 - t0,
+                  t_score=time.perf_counter() - t1, batch=(fids, pix, fmask, resp, P, b["rmask"]))
+
+    hf_opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def hf_update():
+        ref.train()
+        fids, pix, fmask, resp, P, rmask = hb["batch"]
+        rows = st["rows"]                                # the same advantages and returns as ours
+        adv, ret = ppo.per_token(rows, "adv"), ppo.per_token(rows, "ret")
+        old_logp, old_v = ppo.per_token(rows, "logp"), ppo.per_token(rows, "values")
+        R = rmask.shape[1]
+        for _ in range(pcfg.ppo_epochs):                 # step_batch = micro_batch = B: one step per epoch
+            m.set_adapter("policy")
+            logits = ref(input_ids=fids, pixel_values=pix, attention_mask=fmask,
+                         position_ids=model.positions_from_mask(fmask)).logits[:, P - 1:-1].float() / temp
+            logp = torch.log_softmax(logits, -1).gather(-1, resp[..., None]).squeeze(-1)
+            pg, _ = ppo.policy_loss(logp, old_logp[:, :R], adv[:, :R], rmask, pcfg.clip)
+            pg.backward()
+            m.set_adapter("value")
+            v = models.value_head(_last_hidden(ref, fids, pix, fmask)[:, P - 1:-1])
+            vf, _ = ppo.value_loss(v, old_v[:, :R], ret[:, :R], rmask, pcfg.value_clip)
+            (pcfg.vf_coef * vf).backward()
+            torch.nn.utils.clip_grad_norm_(params, pcfg.grad_clip)
+            hf_opt.step()
+            hf_opt.zero_grad(set_to_none=True)
+        m.set_adapter(None)
+        ref.eval()
+
+    # warm-up: ours (compiles the LoRA policy's decode step and the sampler), then the baseline
+    rollout(), update()
+    results: dict[str, dict] = {}
+    # one timed step each, in order: a rollout, then the update that trains on its rows; both rollouts
+    # before either update, so that they sample from the same weights
+    reset_peak_memory(device)
+    times, peaks = interleaved({"rollout": rollout}, 1, device)
     t_gen = st["times"]["t_generate"]
-    phases = {"generation": t_gen, "scoring": times["rollout"][0] - t_gen, "update": times["update"][0]}
+    results["ours"] = {"generation": t_gen, "scoring": times["rollout"][0] - t_gen}
+    hf_peaks = {}
+    if ref is not None:
+        hf_rollout()                                     # warm-up
+        hf_times, hf_peaks = interleaved({"rollout": hf_rollout}, 1, device)
+        for a, b_ in zip(st["rows"], hb["rows"]):
+            if not torch.equal(a.response, b_.response):
+                raise AssertionError(f"PPO step: greedy tokens differ from transformers' generate: {a.response.tolist()} "
+                                     f"vs {b_.response.tolist()}")
+        got, want = ppo.per_token(st["rows"], "logp"), hb["logp"] * hb["batch"][5]
+        if (got - want[:, :got.shape[1]]).abs().max() > 1e-3:
+            raise AssertionError(f"PPO step: log-probs differ from transformers' by {(got - want).abs().max():.2e}")
+        results["transformers"] = {"generation": hb["t_gen"], "scoring": hb["t_score"]}
+    t2, p2 = interleaved({"update": update}, 1, device)
+    results["ours"]["update"], peaks["update"] = t2["update"][0], p2["update"]
+    if ref is not None:
+        t3, p3 = interleaved({"update": hf_update}, 1, device)
+        results["transformers"]["update"], hf_peaks["update"] = t3["update"][0], p3["update"]
     m.eval()
     m.set_adapter(None)
-    total = sum(phases.values())
-    for k, t in phases.items():
-        table.add(f"PPO step: {k}", "ours" + (" compiled" if compile and k != "update" else ""), t,
-                  B * N / t if k == "generation" else None, None, None, peaks["update" if k == "update" else "rollout"],
-                  f"{100 * t / total:.0f}% of step" + ("; peak of the whole rollout" if k != "update" else
-                                                       f"; {pcfg.ppo_epochs} epochs"))
-    table.add("PPO step: total", "ours", total, None, None, None, max(peaks.values()),
-              "ppo.rollout, ppo.advantages, ppo.update")
+    if table is None:
+        return results
+    for who, ph in results.items():
+        pk = peaks if who == "ours" else hf_peaks
+        total = sum(ph.values())
+        impl = "ours" + (" compiled" if compile else "") if who == "ours" else "transformers (official way)"
+        for k, t in ph.items():
+            vs = results["transformers"][k] / t if who == "ours" and "transformers" in results else None
+            table.add(f"PPO step B={B} +{N}: {k}", impl, t, B * N / t if k == "generation" else None, vs, None,
+                      pk["update" if k == "update" else "rollout"],
+                      f"{100 * t / total:.0f}% of step" + ("; peak of the whole rollout" if k != "update" else
+                                                           f"; {pcfg.ppo_epochs} epochs"))
+        vs = sum(results["transformers"].values()) / total if who == "ours" and "transformers" in results else None
+        table.add(f"PPO step B={B} +{N}: total", impl, total, None, vs, None, max(pk.values()),
+                  "ppo.rollout, ppo.advantages, ppo.update (vision once)" if who == "ours" else
+                  "generate; full forwards: policy, reference, value, reward; full fwd+bwd x epochs"
+                  + "; identical greedy tokens")
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -666,9 +810,8 @@ def main(argv: list[str] | None = None) -> str:
         ref = load_reference(m, d)
     bench_generation(m, ref, cfg, table, ceil, device, compile)
     bench_training(m, ref, cfg, table, ceil, device, compile)
-    del ref
     if not args.no_ppo:
-        bench_ppo(m, cfg, table, device, compile)
+        bench_ppo(m, ref, cfg, table, device, compile)
     gemms = f"BLAS (a @ b) {ceil['matmul_flops_blas'] / 1e9:.0f}"
     if "matmul_flops_onednn" in ceil:
         gemms += f", oneDNN prepacked {ceil['matmul_flops_onednn'] / 1e9:.0f}"

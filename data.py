@@ -11,6 +11,7 @@ message shows file names through printable (an undecodable name is escaped, neve
 from __future__ import annotations
 
 import codecs
+import copy
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import struct
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import sentencepiece as spm
@@ -1078,3 +1079,135 @@ class ResumableSampler:
                 raise ValueError(f"sampler state has {key}={state[key]} but this sampler has {getattr(self, key)}: "
                                  "the order would differ")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading off the critical path: batches read, decoded and collated ahead in DataLoader workers
+
+class _Batches(torch.utils.data.Dataset):
+    """What a worker makes of one planned batch: key (k, epoch, indices) -> (key, collated batch or None,
+    the skips counted while reading it, the UserError it raised or None). Errors and skips come back as
+    values: a worker's Skips is its own copy, and the training process re-raises the error as it was."""
+
+    def __init__(self, ds, collate: Callable[[list], Any], setup: Callable[[Any, int, int], None] | None):
+        self.ds, self.collate, self.setup = ds, collate, setup
+
+    def __getitem__(self, key: tuple[int, int, tuple[int, ...]]):
+        k, epoch, idx = key
+        if self.setup is not None:
+            self.setup(self.ds, epoch, k)
+        skips = getattr(self.ds, "skips", None)
+        n0 = skips.count if skips is not None else 0
+        try:
+            batch = self.collate([self.ds[i] for i in idx])
+        except UserError as e:
+            return key, None, [], e
+        counted = list(zip(skips.reasons[n0:], skips.indices[n0:])) if skips is not None else []
+        return key, batch, counted, None
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _loader(batches: _Batches, keys, workers: int, prefetch: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    # its own generator: making an iterator draws the workers' base seed, which must not move the global
+    # RNG that checkpoints save (a resumed run would draw differently from the uninterrupted one)
+    np.random.seed   # noqa: B018  numpy imports np.random lazily; imported in a forked worker, it can
+    #                  meet an import lock another thread held at the fork (KeyError): import it here first
+    return torch.utils.data.DataLoader(batches, sampler=keys, batch_size=None, collate_fn=_identity,
+                                       num_workers=workers, prefetch_factor=prefetch if workers else None,
+                                       pin_memory=pin_memory, generator=torch.Generator())
+
+
+def _received(out: tuple, ds, in_worker: bool) -> Any:
+    """A _Batches result in the training process: its skips counted in ds.skips, its error raised."""
+    _, batch, counted, err = out
+    skips = getattr(ds, "skips", None)
+    if in_worker and skips is not None:
+        for reason, index in counted:
+            skips.add(reason, index)
+    if err is not None:
+        raise err
+    return batch
+
+
+class _Plan:
+    """The keys a BatchLoader's workers read: a copy of the training sampler, taking n at a time ahead."""
+
+    def __init__(self, lookahead: "ResumableSampler", n: int):
+        self.lookahead, self.n = lookahead, n
+
+    def __iter__(self):
+        k = 0
+        while True:
+            idx = self.lookahead.take(self.n)
+            yield k, self.lookahead.epoch, tuple(idx)
+            k += 1
+
+
+class BatchLoader:
+    """`next()` is collate([ds[i] for i in sampler.take(n)]), what the training loops did between steps,
+    with the reading, image decoding, preprocessing and collation done ahead in `workers` DataLoader
+    processes, `prefetch` batches each, into pinned memory when pin_memory (a CUDA run). Exact resume: the
+    workers follow a copy of the sampler made at the first next(), while `sampler` itself, the one
+    checkpoints save, advances only as batches are handed out, so its position is what was trained, not
+    what was prefetched; each batch handed out is checked to be the one the sampler drew.
+    setup(ds, epoch, k), when given, runs before batch k's items are read (k counts from 0 at the first
+    next(); epoch: the sampler's after that batch's take), in the process that reads them: how a dataset
+    whose items depend on the step or the epoch (reward_model.PairData's facts order) learns them.
+    workers 0 reads in this process, at next(), as before. Skips counted and DataErrors raised while
+    reading arrive in ds.skips and at next() as if read here."""
+
+    def __init__(self, ds, sampler: "ResumableSampler", n: int, collate: Callable[[list], Any], workers: int = 2,
+                 prefetch: int = 2, pin_memory: bool = False, setup: Callable[[Any, int, int], None] | None = None):
+        if workers < 0 or prefetch < 1:
+            raise ValueError(f"workers {workers} must be >= 0 and prefetch {prefetch} >= 1")
+        self.ds, self.sampler, self.n, self.workers = ds, sampler, n, workers
+        self._batches = _Batches(ds, collate, setup)
+        self._prefetch, self._pin = prefetch, pin_memory
+        self._it, self._k = None, 0
+
+    def next(self) -> Any:
+        if self.workers and self._it is None:   # the copy is of the sampler as resumed, before this take
+            plan = _Plan(copy.deepcopy(self.sampler), self.n)
+            self._it = iter(_loader(self._batches, plan, self.workers, self._prefetch, self._pin))
+        idx = tuple(self.sampler.take(self.n))
+        if not self.workers:
+            out = self._batches[(self._k, self.sampler.epoch, idx)]
+        else:
+            out = next(self._it)
+            if tuple(out[0][2]) != idx:
+                raise RuntimeError(f"BatchLoader: the workers read items {list(out[0][2])[:8]} but the sampler drew "
+                                   f"{list(idx)[:8]}: the sampler was moved outside this loader")
+        self._k += 1
+        return _received(out, self.ds, bool(self.workers))
+
+    def close(self) -> None:
+        """Stop the workers (they also stop when the loader is garbage collected)."""
+        self._it = None
+
+
+class FixedBatches:
+    """Iterable over collate([ds[i] for i in b]) for each index list b of `index_lists`, read when iterated
+    (in `workers` DataLoader processes ahead of the consumer, or here with 0), never all held at once: an
+    evaluation set's batches, read again at every evaluation rather than kept in memory all run."""
+
+    def __init__(self, ds, index_lists: list[list[int]], collate: Callable[[list], Any], workers: int = 2,
+                 prefetch: int = 2, pin_memory: bool = False):
+        self.ds, self.workers = ds, workers
+        self._keys = [(k, 0, tuple(b)) for k, b in enumerate(index_lists)]
+        self._batches = _Batches(ds, collate, None)
+        self._prefetch, self._pin = prefetch, pin_memory
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __iter__(self):
+        if not self.workers or not self._keys:
+            for key in self._keys:
+                yield _received(self._batches[key], self.ds, False)
+            return
+        workers = min(self.workers, len(self._keys))
+        for out in _loader(self._batches, self._keys, workers, self._prefetch, self._pin):
+            yield _received(out, self.ds, True)

@@ -34,6 +34,10 @@ import kernels
 import weights
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's marker id in input_ids: projected patch features go there
+# A decode step attends over the filled part of the KV cache rounded up to this many slots: it reads what
+# was written (the bandwidth floor), not the whole preallocated cache, and a compiled decode has one graph
+# per span length (a 64-slot step costs ~nothing more than a 40-slot one; a graph per length would be many)
+DECODE_SPAN = 64
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -589,7 +593,10 @@ class LLaVA(nn.Module):
         return self.projector(self.vision(images))
 
     def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings (B, T, D) with image features at every IMAGE_TOKEN_INDEX position, in order."""
+        """Token embeddings (B, T, D) with image features at every IMAGE_TOKEN_INDEX position, in order.
+        images: pixels (N, 3, S, S), or their features (N, P, D) from encode_images, computed once and
+        passed again to every later forward of the same images (PPO: the vision tower and projector are
+        frozen, so the features of a rollout serve its sampling, scoring and updates unchanged)."""
         is_img = input_ids == IMAGE_TOKEN_INDEX
         n_img = 0 if images is None else images.shape[0]
         n_pos = int(is_img.sum()) if has_values(is_img) else n_img * self.num_image_tokens
@@ -600,7 +607,10 @@ class LLaVA(nn.Module):
                              f"give {n_img * self.num_image_tokens} features ({self.num_image_tokens} per image)")
         x = self.llm.embed_tokens(input_ids.masked_fill(is_img, 0))        # (B, T, D)
         if n_img:
-            feats = self.encode_images(images).to(x.dtype)                 # (N, P, D)
+            if images.dim() == 3 and tuple(images.shape[1:]) != (self.num_image_tokens, x.shape[-1]):
+                raise ValueError(f"image features of shape {tuple(images.shape)}; this model's are "
+                                 f"(N, {self.num_image_tokens}, {x.shape[-1]})")
+            feats = (images if images.dim() == 3 else self.encode_images(images)).to(x.dtype)   # (N, P, D)
             x = x.masked_scatter(is_img[..., None], feats.reshape(-1, x.shape[-1]))
         return x
 
@@ -641,10 +651,12 @@ class LLaVA(nn.Module):
     def decode_one(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, slot: torch.Tensor,
                    key_valid: torch.Tensor) -> torch.Tensor:
         """One decode step: tokens tok (B,) at positions pos (B,), written at cache slot `slot` (1,) long
-        -> next-token logits (B, V) fp32. key_valid (B, S) bool marks the cache slots to attend to
-        (the caller sets `slot` itself). Every tensor has the same shape at every step (attention
-        covers all S slots, masked, and the slot is data, not a Python int), so under torch.compile
-        (kernels.StaticDecoder) one graph serves the whole generation."""
+        -> next-token logits (B, V) fp32. key_valid (B, S) bool marks which of the first S cache slots to
+        attend to (the caller sets `slot` itself): generate passes the filled part of the cache rounded up
+        to DECODE_SPAN slots, so that a step reads the keys and values written so far, not the whole
+        preallocated cache. Every tensor has the same shape at every step of one span (masked slots, the
+        slot as data, not a Python int), so under torch.compile (kernels.StaticDecoder) one graph serves
+        each span: ceil(length / DECODE_SPAN) graphs per (batch, cache length), counted by the decoder."""
         x = self.llm.embed_tokens(tok[:, None])                                    # (B, 1, D)
         h = self.decode(x, pos[:, None], key_valid[:, None, None, :], cache, slot)  # mask (B, 1, 1, S)
         return self.lm_head(h[:, -1]).float()                                      # (B, V)
@@ -699,7 +711,8 @@ class LLaVA(nn.Module):
                 if i == max_new_tokens - 1 or (has_values(done) and bool(done.all())):
                     break
                 key_valid[:, T + i] = True
-                logits = step(tok, next_pos, cache, slot, key_valid).float()
+                span = min(cache.max_len, -(-(T + i + 1) // DECODE_SPAN) * DECODE_SPAN)   # filled, bucketed
+                logits = step(tok, next_pos, cache, slot, key_valid[:, :span]).float()
                 next_pos, slot = next_pos + 1, slot + 1
             out = torch.stack(toks, dim=1)
             return (out, torch.stack(lps, dim=1)) if return_logprobs else out

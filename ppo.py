@@ -210,6 +210,8 @@ class Config:
     system: str = data.VICUNA_V1_SYSTEM
     max_prompt_len: int = 128           # prompt ids, the image counted as one (SPEC §9)
     on_error: str = "raise"
+    num_workers: int = 2                # DataLoader processes reading and preprocessing the next rollout's prompts
+    #                                     and images ahead (pinned memory on GPU); 0: read in the training process
     # models
     model_path: str = ""                # the SFT model folder: the frozen base of every adapter
     vision_tower: str = ""
@@ -362,6 +364,9 @@ class Row:
     record: dict                               # the prompt's record: id, question, facts, answer, ...
     prompt: list[int]                          # BOS ... "ASSISTANT:", each image one id
     images: dict[int, torch.Tensor]            # image size -> (3, S, S) for every base's size; {}: no image
+    # base -> (P, D) projected image features on its device (image_features): the frozen vision tower and
+    # projector run once per rollout, and every later forward of the row on that base reads these
+    features: dict[M.LLaVA, torch.Tensor] = field(default_factory=dict)
     response: torch.Tensor | None = None       # (R,) sampled ids up to and including EOS
     has_eos: bool = False
     text: str = ""                             # the decoded response
@@ -394,11 +399,13 @@ def collate(rows: list[Row], base: M.LLaVA) -> dict:
     the base's num_image_tokens, responses right-padded to R, so that every response starts at column P
     (the hidden state at P-1+t predicts response token t) and positions, which count real tokens only,
     are those of each row alone. Pads are id 0 (masked: any id would do).
-    -> ids, mask (B, P+R), P, images (N, 3, S, S) at the base's size or None; when the rows hold
+    -> ids, mask (B, P+R), P, images (N, 3, S, S) at the base's size, or their features (N, P_img, D) when
+    the rows hold them (image_features), or None; when the rows hold
     responses also resp, rmask (B, R) and the per-token fields they hold (logp, ..., ret), 0-padded."""
     n_img, S = base.num_image_tokens, base.config.image_size
     ids, mask = data.left_pad([expand_images(r.prompt, n_img) for r in rows], 0)          # (B, P)
-    images = [r.images[S] for r in rows if r.images]
+    # the features image_features computed for this base, else the pixels (the base's forward encodes them)
+    images = [r.features[base] if base in r.features else r.images[S] for r in rows if r.images]
     out = {"P": ids.shape[1], "images": torch.stack(images) if images else None}
     if rows[0].response is not None:
         out["resp"], out["rmask"] = per_token(rows, "response"), per_token(rows, "mask")   # (B, R)
@@ -435,6 +442,26 @@ def prompt_row(item: dict, record: dict, sizes: set[int], image_folder: str) -> 
         for S in sizes - images.keys():
             images[S] = data.image_tensor(os.path.join(image_folder, record["image"]), S)
     return Row(record, item["input_ids"].tolist(), images)
+
+
+@torch.no_grad()
+def image_features(rows: list[Row], bases: list[M.LLaVA]) -> None:
+    """Each base's projected features of the rows' images, into the rows (features): one vision-tower and
+    projector pass per base for these rows, reused by sampling, the scoring passes, the reward model and
+    every PPO epoch's update (collate hands them to the base's forward in place of the pixels). Exact
+    because nothing PPO trains touches them: the whole base is frozen and the adapters sit in the LLM only
+    (LLaVA.add_adapter), so the features are the same numbers at every forward of the rollout."""
+    with_image = [r for r in rows if r.images]
+    if not with_image:
+        return
+    for base in dict.fromkeys(bases):   # one base for all four roles: encoded once
+        if any(p.requires_grad for mod in (base.vision, base.projector) for p in mod.parameters()):
+            raise RuntimeError("PPO reuses the image features of a rollout, which needs a frozen vision tower "
+                               "and projector, but some of their parameters require grad")
+        S, dev = base.config.image_size, next(base.parameters()).device
+        feats = base.encode_images(torch.stack([r.images[S] for r in with_image]).to(dev))   # (N, P, D)
+        for r, f in zip(with_image, feats):
+            r.features[base] = f
 
 
 @torch.no_grad()
@@ -475,8 +502,10 @@ def rewards(models: Models, rows: list[Row], cfg: Config, reward_fn: Callable | 
         rm = torch.as_tensor(reward_fn(recs, texts, per_token(rows, "response"), per_token(rows, "mask")),
                              dtype=torch.float32)
     else:
-        S = models.value_base.config.image_size
-        items = [{"id": str(rec["id"]), "image": r.images.get(S), "response": r.text, "facts": rec.get("facts") or [],
+        vb = models.value_base
+        S = vb.config.image_size
+        # the RM base is the value base: its features (image_features) when the rows hold them, else the pixels
+        items = [{"id": str(rec["id"]), "image": r.features.get(vb, r.images.get(S)), "response": r.text, "facts": rec.get("facts") or [],
                   "conversations": [{"from": "human", "value": ("<image>\n" if r.images else "") + rec["question"]}]}
                  for r, rec in zip(rows, recs)]
         rm = torch.tensor(models.scorer.score(items, use=step), dtype=torch.float32)
@@ -500,6 +529,7 @@ def rollout(models: Models, tok: data.Tokenizer, items: list[dict], records: lis
     for i in range(0, len(items), cfg.micro_batch):
         part = [prompt_row(it, records[it["index"]], sizes, cfg.image_folder) for it in items[i:i + cfg.micro_batch]]
         t0 = time.time()
+        image_features(part, [models.policy_base, models.value_base])
         sample(models.policy_base, tok, part, cfg, gen)
         t1 = time.time()
         score_passes(models, part, cfg)
@@ -527,6 +557,7 @@ def heldout_eval(models: Models, tok: data.Tokenizer, items: list[dict], records
     sums: dict[str, float] = {}
     for i in range(0, len(items), cfg.micro_batch):
         part = [prompt_row(it, records[it["index"]], sizes, cfg.image_folder) for it in items[i:i + cfg.micro_batch]]
+        image_features(part, [models.policy_base, models.value_base])
         sample(models.policy_base, tok, part, greedy, gen)
         rewards(models, part, greedy, reward_fn, "eval")
         cols = {"eval_proxy_rm": [r.rm_score for r in part], "eval_proxy_reward": [r.score for r in part],
@@ -703,7 +734,7 @@ def validate(cfg: Config) -> None:
                   "lr", "grad_clip", "epochs", "max_bad_steps"),
         # temperature 0 samples greedily (logprob_temperature, model.sample_next); 0 turns off reward_clip,
         # save_every, stop_at_step; keep_last 0 keeps every checkpoint
-        nonneg=("temperature", "kl_coef", "reward_clip", "vf_coef", "warmup_steps", "max_steps", "save_every",
+        nonneg=("num_workers", "temperature", "kl_coef", "reward_clip", "vf_coef", "warmup_steps", "max_steps", "save_every",
                 "keep_last", "stop_at_step", "samples_to_log", "eval_every", "eval_size"),
         fractions=("top_p", "gamma", "lam", "min_lr_ratio"),
         choices={"kl_estimator": ("k1", "k3"), "correct_rule": ("official", "lenient"), "on_error": ("raise", "skip"), "dtype": ("auto", *M.DTYPES),
@@ -786,6 +817,9 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None, gold_
     if state := ck.start():   # as --resume says: fresh, resumed, or refused
         step, bad, kl_ctl.value = state["step"], state["bad"], state["kl_coef"]
 
+    # the next rollout's prompts and images read ahead in worker processes; the sampler checkpoints save
+    # advances as rollouts are made
+    loader = data.BatchLoader(prompts, sampler, per_rank, list, cfg.num_workers, pin_memory=d.device.type == "cuda")
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "ppo", asdict(cfg))
     bar = common.Progress(total_steps, "ppo", start=step, enabled=cfg.progress)
     history, evals = [], []
@@ -799,7 +833,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None, gold_
         for mod in (pb, models.value_base):
             mod.eval()
         with kernels.packed_cpu_linear(cfg.compile and d.device.type == "cpu"):   # generation and scoring
-            rows, times = rollout(models, tok, [prompts[j] for j in sampler.take(per_rank)], records, cfg, gen,
+            rows, times = rollout(models, tok, loader.next(), records, cfg, gen,
                                   reward_fn, step)
         t0 = time.time()
         seq_kl = advantages(rows, cfg, kl_ctl.value)
@@ -863,9 +897,11 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None, gold_
                                         "rm_score": r.rm_score, **{f"sym_{k}": v for k, v in r.sym.items()}}) + "\n")
         bar.update(1, reward=metrics["reward"], kl=metrics["kl"], len=metrics["response_length"])
         if ck.after_step(step, kl_coef=kl_ctl.value, bad=bad):   # saved; a signal or stop_at_step: stop
+            loader.close()
             common.cleanup_distributed()
             return {"step": step, "stopped": True, "history": history, "evals": evals}
     bar.close()
+    loader.close()
     ck.finish(step, kl_coef=kl_ctl.value, bad=bad)
     if common.is_main():
         pb.save_adapter(os.path.join(cfg.out_dir, "policy_adapter"), "policy")

@@ -25,6 +25,7 @@ Score from Python (ppo.py does this):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -183,12 +184,13 @@ class RewardModel(torch.nn.Module):
 
 def _images_tensor(images: list, image_size: int) -> torch.Tensor | None:
     """The images of the items that have one -> (N, 3, S, S): tensors as they are (preprocessed at the
-    RM's size), paths and PIL images read and preprocessed here."""
+    RM's size), paths and PIL images read and preprocessed here; or (N, P, D) when the items hold the
+    base's image features (P, D) instead (PPO: encoded once per rollout, LLaVA.embed takes them)."""
     out = []
     for im in (x for x in images if x is not None):
         if not isinstance(im, torch.Tensor):
             im = data.image_tensor(im, image_size) if isinstance(im, str) else data.preprocess_image(im, image_size)
-        elif im.shape[-1] != image_size:
+        elif im.dim() == 3 and im.shape[-1] != image_size:
             raise ValueError(f"image tensor of size {tuple(im.shape)}; the reward model expects {image_size} px")
         out.append(im)
     return torch.stack(out) if out else None
@@ -284,6 +286,8 @@ class Config:
     system: str = data.VICUNA_V1_SYSTEM
     max_len: int = 2048                 # prompt + response + rating request, the image counted as one id (SPEC §9)
     on_error: str = "raise"
+    num_workers: int = 2                # DataLoader processes reading, decoding and collating pairs ahead of the
+    #                                     step (pinned memory on GPU); 0: read in the training process
     # model
     model_path: str = ""                # the SFT model (local folder)
     vision_tower: str = ""
@@ -471,8 +475,8 @@ def validate(cfg: Config) -> None:
         positive=("max_len", "lora_r", "lora_alpha", "lr", "epochs", "global_batch", "micro_batch", "log_every",
                   "eval_every"),
         # 0 turns off: save_every, stop_at_step, grad_clip; keep_last 0 keeps every checkpoint
-        nonneg=("eval_size", "weight_decay", "max_steps", "grad_clip", "center_coef", "save_every", "keep_last",
-                "stop_at_step"),
+        nonneg=("eval_size", "num_workers", "weight_decay", "max_steps", "grad_clip", "center_coef", "save_every",
+                "keep_last", "stop_at_step"),
         fractions=("warmup_ratio", "min_lr_ratio", "lora_dropout"),
         choices={"facts": ("captions", "none"), "on_error": ("raise", "skip"), "dtype": ("auto", *M.DTYPES),
                  "logger": ("none", "wandb", "tensorboard"), "facts_order": FACTS_ORDERS,
@@ -555,7 +559,15 @@ def main(argv: list[str] | None = None) -> dict:
     step, best = 0, -1.0                  # best: the held-out accuracy of out_dir/best
     if state := ck.start():   # as --resume says: fresh, resumed, or refused
         step, best = state["step"], state["best"]
-    pdata.epoch = sampler.epoch
+    # pairs read ahead in worker processes, each told the step it is trained at (its facts' order) and the
+    # sampler's epoch after its take (--facts_order epoch); the sampler checkpoints save advances as trained
+    start = step
+
+    def setup(ds: PairData, epoch: int, k: int) -> None:
+        ds.use, ds.epoch = start + k // accum, epoch
+
+    loader = data.BatchLoader(pdata, sampler, cfg.micro_batch, functools.partial(collate_pairs, pad_id=tok.pad_id),
+                              cfg.num_workers, pin_memory=d.device.type == "cuda", setup=setup)
 
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "rm", asdict(cfg))
     bar = common.Progress(total_steps, "reward model", start=step, enabled=cfg.progress)
@@ -566,14 +578,11 @@ def main(argv: list[str] | None = None) -> dict:
     while step < total_steps:
         lr = (common.constant_lr(step, warmup, cfg.lr) if cfg.lr_schedule == "constant"
               else common.cosine_lr(step, total_steps, warmup, cfg.lr, cfg.min_lr_ratio))
-        pdata.use = step   # the facts' order of every pair served for this step
         for g in opt.param_groups:
             g["lr"] = lr
         tot = torch.zeros(3)
         for _ in range(accum):
-            idx = sampler.take(cfg.micro_batch)
-            pdata.epoch = sampler.epoch  # --facts_order epoch: reshuffled every epoch
-            b = collate_pairs([pdata[i] for i in idx], tok.pad_id)
+            b = loader.next()   # the facts' order of this step (setup); --facts_order epoch: of the epoch
             loss, st = pair_loss(rm, b, d.device, cfg.center_coef)
             n = len(b["preference"])
             # each micro-batch weighs its share of the global batch; grads are then summed over ranks
@@ -601,9 +610,11 @@ def main(argv: list[str] | None = None) -> dict:
         shown = {"eval_acc": ev["accuracy"]} if "eval_accuracy" in metrics else {}
         bar.update(1, loss=loss_val, acc=metrics["train_accuracy"], **shown)
         if ck.after_step(step, best=best):   # saved every save_every steps; a signal or stop_at_step: stop
+            loader.close()
             common.cleanup_distributed()
             return {"step": step, "stopped": True}
     bar.close()
+    loader.close()
     ck.finish(step, best=best)
     if ev is None and len(edata):   # no step ran here (a resume at the last step): the final model measured once
         ev = evaluate_pairs(rm, edata, eval_idx, cfg.micro_batch, tok.pad_id, d.device)

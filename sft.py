@@ -21,6 +21,7 @@ Multi-node: torchrun --nnodes=2 --node_rank=R --rdzv_backend=c10d --rdzv_endpoin
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -47,6 +48,8 @@ class Config:
     system: str = data.VICUNA_V1_SYSTEM # the system sentence of the conversation template
     max_len: int = 1280                 # ids per sample, the image counted as one (SPEC §9, model_max_length)
     on_error: str = "raise"             # bad records: raise (name file + record) or skip (counted)
+    num_workers: int = 2                # DataLoader processes reading, decoding and collating batches ahead of
+    #                                     the step (pinned memory on GPU); 0: read in the training process
     # model
     model_path: str = ""                # local checkpoint folder (Llava, original LLaVA or LLaMA layout)
     vision_tower: str = ""              # local CLIP folder (original LLaVA layout / building from parts)
@@ -214,7 +217,7 @@ def validate(cfg: Config) -> None:
         cfg, required=("data_path",),
         positive=("max_len", "lora_r", "lora_alpha", "lr", "epochs", "global_batch", "micro_batch", "log_every"),
         # 0 turns off: eval_every, save_every, stop_at_step, grad_clip; keep_last 0 keeps every checkpoint
-        nonneg=("eval_size", "weight_decay", "max_steps", "grad_clip", "eval_every", "save_every", "keep_last",
+        nonneg=("eval_size", "num_workers", "weight_decay", "max_steps", "grad_clip", "eval_every", "save_every", "keep_last",
                 "stop_at_step"),
         fractions=("min_lr_ratio", "warmup_ratio", "lora_dropout", "beta1", "beta2"),
         choices={"mode": ("pretrain", "sft", "lora"), "on_error": ("raise", "skip"),
@@ -294,12 +297,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     logger = common.MetricsLogger(cfg.out_dir, cfg.logger, "sft", asdict(cfg))
     bar = common.Progress(total_steps, "sft", start=step, enabled=cfg.progress)
-    eval_batches = [data.collate_right([eval_ds[j] for j in range(i, min(i + cfg.micro_batch, len(eval_ds)))],
-                                       tok.pad_id)
-                    for i in range(d.rank * cfg.micro_batch, len(eval_ds), cfg.micro_batch * d.world)]
+    # batches read ahead in worker processes; the sampler checkpoints save advances as they are trained on
+    collate, pin = functools.partial(data.collate_right, pad_id=tok.pad_id), d.device.type == "cuda"
+    loader = data.BatchLoader(ds, sampler, cfg.micro_batch, collate, cfg.num_workers, pin_memory=pin)
+    # the held-out batches are read at each evaluation, never all held in memory
+    eval_batches = data.FixedBatches(eval_ds, [list(range(i, min(i + cfg.micro_batch, len(eval_ds))))
+                                               for i in range(d.rank * cfg.micro_batch, len(eval_ds),
+                                                              cfg.micro_batch * d.world)],
+                                     collate, cfg.num_workers, pin_memory=pin)
 
     def next_batch() -> dict:
-        return data.collate_right([ds[i] for i in sampler.take(cfg.micro_batch)], tok.pad_id)
+        return loader.next()
 
     loss_val = last_eval = None   # None: not measured in this process (a resume at the last step)
     if step >= total_steps and common.is_main():
@@ -343,9 +351,11 @@ def main(argv: list[str] | None = None) -> dict:
             logger.log(step, metrics)
         bar.update(1, loss=loss_val, lr=lr, **({"eval": last_eval} if "eval_loss" in metrics else {}))
         if ck.after_step(step):   # saved every save_every steps; a signal or stop_at_step: saved, stop
+            loader.close()
             common.cleanup_distributed()
             return {"step": step, "loss": loss_val, "stopped": True}
     bar.close()
+    loader.close()
 
     # -- final model -------------------------------------------------------------------------------------
     ck.finish(step)

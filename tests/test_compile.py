@@ -81,6 +81,33 @@ def test_decode_steps_equal_a_full_forward():
     assert torch.equal(out[:, 1:], want.argmax(-1))                     # greedy: each token the argmax
 
 
+@needs_compile
+def test_decode_attends_over_the_filled_cache_in_counted_spans():
+    """Steps that cross a DECODE_SPAN boundary (the attention span grows from 64 slots to the whole cache:
+    T + n slots eager, 128 in the compiled decoder's bucketed cache) still give the logits of a full forward without a cache, eager and compiled alike; the compiled
+    decoder builds one graph per span (2 here), and none again."""
+    torch._dynamo.reset()
+    m = _tiny()
+    ids, x, mask = _prompts(m, [50, 45], seed=3)
+    T, n = ids.shape[1], 12
+    assert T < model.DECODE_SPAN < T + n
+    spans = []
+    rec = Recorder(lambda tok, pos, cache, slot, kv: (spans.append(kv.shape[1]), m.decode_one(tok, pos, cache, slot, kv))[1])
+    out = m.generate(ids, x, mask, max_new_tokens=n, eos_token_id=-1, decode_fn=rec)
+    assert sorted(set(spans)) == [64, T + n]             # the eager cache is T + n slots long: the last span
+    full, fmask = torch.cat([ids, out], 1), torch.cat([mask, torch.ones_like(out)], 1)
+    with torch.no_grad():
+        want = m(full, x, fmask).float()[:, T:-1]
+    assert (torch.stack(rec.logits, 1) - want).abs().max() < 1e-4
+    dec = kernels.static_decoder(m, compile=True)
+    got = Recorder(dec)
+    assert torch.equal(m.generate(ids, x, mask, max_new_tokens=n, eos_token_id=-1, compile=True, decode_fn=got), out)
+    assert max((u - v).abs().max().item() for u, v in zip(rec.logits, got.logits)) < 1e-4
+    assert dec.compiles == 2 and dec.recompiles == 0
+    m.generate(ids, x, mask, max_new_tokens=n, eos_token_id=-1, compile=True)
+    assert dec.compiles == 2 and dec.recompiles == 0
+
+
 def test_causal_fast_path_equals_explicit_mask():
     m = _tiny(adapter=False)
     ids, x, _ = _prompts(m, [6, 6])
@@ -259,7 +286,8 @@ def test_bench_quick_runs_and_prints_the_table():
     import bench
     out = _with_threads(lambda: bench.main(["--quick", "--no-compile", "--threads", "1", "--iters", "1"]))
     for row in ("generate B=2", "decode steps only", "tokens identical to transformers: yes",
-                "train step fwd+bwd", "PPO step: generation", "PPO step: scoring", "PPO step: update", "ceiling",
+                "train step fwd+bwd", ": generation", ": scoring", ": update", "PPO step B=2 +8: total",
+                "transformers (official way)", "ceiling",
                 "hardware ceiling (100% of peak)"):
         assert row in out, row
     assert "ours eager" in out and "transformers" in out

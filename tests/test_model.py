@@ -124,7 +124,16 @@ def test_llava_matches_transformers(tmp_path, size, patch, kv, layer, strategy):
         want = ref(input_ids=to_hf_ids(ids, 99), pixel_values=x, attention_mask=mask,
                    position_ids=model.positions_from_mask(mask)).logits
         got = m(ids, x, mask)
+        feats = m(ids, m.encode_images(x), mask)   # the features computed once, passed in place of pixels
     assert (got[mask.bool()] - want[mask.bool()]).abs().max() < TOL
+    assert torch.equal(feats, got)
+
+
+def test_image_features_of_another_shape_raise():
+    m = LLaVA(ModelConfig.preset("tiny", vocab_size=50))
+    ids, _ = _ids_with_images(m.num_image_tokens, [4], 50)
+    with pytest.raises(ValueError, match=r"image features of shape \(1, 64, 96\); this model's are \(N, 64, 128\)"):
+        m(ids, torch.zeros(1, 64, 96))
 
 
 def test_image_count_mismatch_raises():

@@ -675,3 +675,110 @@ def test_rm_budget_refused_before_models_load(tiny_world, tmp_path):
     json.dump(dict(meta, max_len=worst), open(rm_dir / "rm_config.json", "w"))
     with pytest.raises(common.ConfigError, match="never cuts a response"):
         ppo.main(_args(tiny_world, tiny_world["model"], tmp_path / "y", toy_reward="", rm_dir=rm_dir))
+
+
+def _vision_once_models(w, second_base: bool):
+    """A policy base (policy adapter perturbed, the bare base as reference) and, with second_base, a 48 px
+    base for the reward and value adapters (else the same base), a RewardScorer on it."""
+    import data
+    import model
+    import reward_model as RM
+    pb = model.LLaVA.from_pretrained(str(w["model"]))
+    vb = pb
+    if second_base:
+        torch.manual_seed(1)
+        vb = model.LLaVA(model.ModelConfig.preset(
+            "tiny", image_size=48, patch_size=16, vision_hidden=32, vision_layers=1, vision_heads=2,
+            vision_intermediate=64, hidden=48, layers=2, heads=2, kv_heads=2, intermediate=96,
+            vocab_size=w["vocab"], max_seq_len=512))
+    for m in dict.fromkeys((pb, vb)):
+        m.requires_grad_(False)
+    pb.add_adapter("policy", r=4, alpha=8.0)
+    vb.add_adapter("value", r=4, alpha=8.0)
+    vb.add_adapter("reward", r=4, alpha=8.0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in pb.adapter_parameters("policy") + vb.adapter_parameters("value") + vb.adapter_parameters("reward"):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    for p in pb.adapter_parameters("policy") + vb.adapter_parameters("value"):
+        p.requires_grad_(True)
+    tok = data.Tokenizer(str(w["tokenizer"]))
+    head = model.ScalarHead(vb.config.hidden)
+    torch.nn.init.normal_(head.proj.weight, 0, 0.5)
+    scorer = RM.RewardScorer(vb, "reward", head, tok, max_len=1024)
+    return ppo.Models(pb, None, vb, model.ScalarHead(vb.config.hidden), scorer), tok
+
+
+@pytest.mark.parametrize("second_base", [False, True])
+def test_vision_once_equals_recomputing_it(tiny_world, second_base):
+    """ppo.rollout encodes each base's images once (image_features); sampling, the policy / reference /
+    value passes, the reward model and both epochs' updates then read those features. Against the same
+    step with the pixels in every row (each forward runs the vision tower and projector again, as before):
+    the same responses, the same log-probs, values and RM scores, and the same trained weights, bit for
+    bit; and the vision tower runs once per base per rollout micro-batch instead of at every forward."""
+    import copy
+    import data
+    w = tiny_world
+    models, tok = _vision_once_models(w, second_base)
+    records = data.read_ppo_prompts(str(w["data"] / "ppo_prompts.json"), captions=str(w["data"] / "captions.json"))
+    prompts = data.PromptDataset(records, tok, data.Template(), str(w["data"] / "images"),
+                                 models.policy_base.config.image_size, 1, 128)
+    items = [prompts[j] for j in range(6)]
+    assert all(it["image"] is not None for it in items)
+    cfg = ppo.Config(rollout_batch=6, step_batch=6, micro_batch=3, ppo_epochs=2, max_new_tokens=8, temperature=1.0,
+                     image_folder=str(w["data"] / "images"), lr=1e-2)
+
+    def step(ms: ppo.Models, once: bool):
+        calls = {}
+        bases = list(dict.fromkeys((ms.policy_base, ms.value_base)))
+        hooks = [b.vision.register_forward_hook(lambda mod, i, o, k=k: calls.__setitem__(k, calls.get(k, 0) + 1))
+                 for k, b in enumerate(bases)]
+        gen = torch.Generator().manual_seed(0)
+        for b in bases:
+            b.eval()
+        if once:
+            rows, _ = ppo.rollout(ms, tok, items, records, cfg, gen, step=1)
+        else:   # rollout's loop without image_features: every forward reads the pixels
+            sizes, rows = {b.config.image_size for b in bases}, []
+            for i in range(0, len(items), cfg.micro_batch):
+                part = [ppo.prompt_row(it, records[it["index"]], sizes, cfg.image_folder)
+                        for it in items[i:i + cfg.micro_batch]]
+                ppo.sample(ms.policy_base, tok, part, cfg, gen)
+                ppo.score_passes(ms, part, cfg)
+                ppo.rewards(ms, part, cfg, None, 1)
+                rows += part
+        assert all(bool(r.features) == once for r in rows)
+        after_rollout = dict(calls)
+        ppo.advantages(rows, cfg, cfg.kl_coef)
+        for b in bases:
+            b.train()
+        opt = torch.optim.AdamW(ms.trainable(), lr=cfg.lr)
+        ppo.update(ms, rows, opt, cfg, torch.Generator().manual_seed(7))
+        for h in hooks:
+            h.remove()
+        return rows, [p.detach().clone() for p in ms.trainable()], after_rollout, calls
+
+    rows_a, params_a, roll_a, calls_a = step(copy.deepcopy(models), once=True)
+    rows_b, params_b, roll_b, calls_b = step(copy.deepcopy(models), once=False)
+    n_parts = 2
+    assert calls_a == roll_a == {k: n_parts for k in range(1 + second_base)}    # nothing after the rollout
+    # recomputing: sample + 2 scoring passes + (the value pass) + the RM per part; 2 epochs x 2 micro-batches x 2
+    assert sum(calls_b.values()) > sum(calls_a.values()) and sum(calls_b.values()) - sum(roll_b.values()) == 8
+    for a, b in zip(rows_a, rows_b):
+        assert torch.equal(a.response, b.response) and a.text == b.text
+        for k in ("logp", "ref_logp", "values", "adv", "ret"):
+            assert torch.equal(getattr(a, k), getattr(b, k)), k
+        assert a.rm_score == b.rm_score
+    assert len({round(r.rm_score, 4) for r in rows_a}) > 1        # the RM read the images and texts
+    for pa, pb_ in zip(params_a, params_b):
+        assert torch.equal(pa, pb_)
+    assert any(not torch.equal(pa, p0) for pa, p0 in zip(params_a, models.trainable()))   # the update did train
+
+
+def test_vision_once_refuses_a_trainable_vision_tower(tiny_world):
+    """image_features reuses features across updates only when nothing trains them."""
+    models, tok = _vision_once_models(tiny_world, False)
+    models.policy_base.projector.requires_grad_(True)
+    row = ppo.Row({"id": "0"}, [1, -200, 5], {32: torch.zeros(3, 32, 32)})
+    with pytest.raises(RuntimeError, match="frozen vision tower"):
+        ppo.image_features([row], [models.policy_base])
