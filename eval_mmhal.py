@@ -150,7 +150,7 @@ class EvalConfig:
     judge_system: str = ""             # local judge's system sentence; default data.VICUNA_V1_SYSTEM
     judge_batch_size: int = 4
     judge_max_new_tokens: int = 512
-    plot: bool = True                  # per-type bar chart when matplotlib is installed
+    plot: bool = True                  # per-type bar chart (PNG, plots.py)
 
 
 # Our own judge prompt, written from the benchmark's rubric (SPEC §6). For numbers comparable with
@@ -283,25 +283,9 @@ def format_comparison(named: list[tuple[str, dict]]) -> str:
 
 
 def plot_per_type(summary: dict, path: str, title: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed; skipping the per-type plot")
-        return
-    types = list(summary["per_type"])
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(types), 3.5))
-    ax.bar(types, [summary["per_type"][t] for t in types], color="tab:blue")
-    ax.axhline(summary["average"], color="k", ls="--", lw=1, label=f"average {summary['average']:.2f}")
-    ax.set_ylim(0, 6)
-    ax.set_ylabel("rating (0-6)")
-    ax.set_title(title)
-    ax.legend(loc="upper right")
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Per-type bar chart with the average as a dashed line, as a PNG through pillow (plots.py)."""
+    import plots
+    plots.per_type_bars(summary, path, title)
 
 
 # ----------------------------------------------------------------------------------------------------

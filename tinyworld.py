@@ -63,6 +63,7 @@ from PIL import Image, ImageDraw
 import common
 import data
 import eval_mmhal
+import eval_pope
 import model
 import ppo
 import reward_model
@@ -1367,6 +1368,8 @@ def facts_diagnostic(rm_dir: str, prefs_path: str, data_dir: str, n: int, work_d
             "none": rows["right"]["none"]["accuracy"]}
 
 
+POPE_SPLITS = ("random", "popular", "adversarial")
+
 PIPELINE_SIZES = {
     # minutes on 2 CPU cores; "make" sets MakeConfig fields, each other stage's flags are the real scripts' own
     "full": {"make": {"n_pref": 6000}, "sft": ["--max_steps", "900"], "pref_limit": 0,
@@ -1451,6 +1454,10 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
                 argv += ["--limit", str(cfg["eval_limit"])]
             results[name] = evaluate(argv)
             results[name]["heldout"] = false_claim_rate(d, mdir)
+            # the tiny SFT data never carries the short-answer instruction, and its answers are short
+            results[name]["pope"] = eval_pope.evaluate_splits(
+                mdir, {s: f"{d}/eval/pope_{s}.jsonl" for s in POPE_SPLITS}, f"{d}/images",
+                os.path.join(out, f"pope_{name.lower()}"), batch_size=32, instruction="", max_new_tokens=16, plot=False)
 
     hist = ppo_res["history"]
     table = format_pipeline_table(rm_facts, rm_plain, results, hist, diag)
@@ -1464,6 +1471,8 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
     with open(os.path.join(out, "pipeline_table.txt"), "w") as f:
         f.write(table + "\n")
     plot_ppo(hist, os.path.join(out, "ppo_curves.png"))
+    import report
+    print(f"report: {report.write_report(out)}")
     return summary
 
 
@@ -1484,6 +1493,11 @@ def format_pipeline_table(rm_facts: dict, rm_plain: dict, results: dict, hist: l
              f"{results['RLHF']['hallucination_rate']:>8.2f}"]
     for t in results["SFT"]["per_type"]:
         lines.append(f"{'  ' + t:<26}{results['SFT']['per_type'][t]:>8.2f}{results['RLHF']['per_type'].get(t, float('nan')):>8.2f}")
+    lines += ["", f"{'POPE (tiny world)':<26}{'SFT':>8}{'RLHF':>8}"]
+    for split in (*POPE_SPLITS, "mean"):
+        for key in ("f1", "yes_ratio"):
+            lines.append(f"{'  ' + split + ' ' + key:<26}{results['SFT']['pope'][split][key]:>8.3f}"
+                         f"{results['RLHF']['pope'][split][key]:>8.3f}")
     sh, rh = results["SFT"]["heldout"], results["RLHF"]["heldout"]
     lines += ["", f"false-claim rate, {sh['n']} held-out open questions (greedy; +- 1 standard error)",
               f"  SFT {sh['rate']:.3f} +- {sh['stderr']:.3f}    RLHF {rh['rate']:.3f} +- {rh['stderr']:.3f}"]
@@ -1491,22 +1505,9 @@ def format_pipeline_table(rm_facts: dict, rm_plain: dict, results: dict, hist: l
 
 
 def plot_ppo(hist: list[dict], path: str) -> bool:
-    """PPO curves (reward, KL, response length) as a PNG when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    steps = list(range(1, len(hist) + 1))
-    for ax, key, title in zip(axes, ("reward", "kl", "response_length"), ("mean reward", "KL to reference", "response tokens")):
-        ax.plot(steps, [h[key] for h in hist])
-        ax.set_title(title)
-        ax.set_xlabel("PPO step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """PPO curves (reward, KL, response length) as a PNG, through pillow (plots.py)."""
+    import plots
+    plots.ppo_curves(hist, path)
     return True
 
 

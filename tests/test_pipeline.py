@@ -25,3 +25,11 @@ def test_pipeline_smoke(tmp_path):
     assert "false-claim rate, 32 held-out open questions" in table
     assert json.load(open(tmp_path / "p" / "pipeline_summary.json"))["total_seconds"] > 0
     assert os.path.exists(tmp_path / "p" / "runs" / "ppo" / "final" / "model.safetensors")
+    # POPE of both models over the same held-out questions; the pictures and the report with no matplotlib
+    assert "POPE (tiny world)" in table and "adversarial f1" in table
+    for split in tinyworld.POPE_SPLITS:
+        n = sum(1 for _ in open(tmp_path / "p" / "data" / "eval" / f"pope_{split}.jsonl"))
+        assert s["sft"]["pope"][split]["n"] == s["rlhf"]["pope"][split]["n"] == n > 0
+    assert os.path.exists(tmp_path / "p" / "ppo_curves.png")
+    html = open(tmp_path / "p" / "report.html").read()
+    assert "<img" in html and "http://" not in html.replace("http://www.w3.org", "")

@@ -427,15 +427,12 @@ def test_tokenizer_roundtrip(data):
     assert len(sp.encode("The circle is red.")) == 5
 
 
-def test_plot_ppo_writes_a_png_or_skips_cleanly(tmp_path):
+def test_plot_ppo_writes_a_png_without_matplotlib(tmp_path):
     hist = [{"reward": 0.1 * i, "kl": 0.01 * i, "response_length": 10 + i} for i in range(6)]
     path = tmp_path / "curves.png"
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert tw.plot_ppo(hist, str(path)) is False and not path.exists()
-        return
     assert tw.plot_ppo(hist, str(path)) is True
     from PIL import Image
     with Image.open(path) as im:
-        assert im.format == "PNG" and im.size == (1200, 320)
+        assert im.format == "PNG" and im.size[0] > im.size[1] > 100
+        # three panels drawn: not a blank canvas
+        assert len(im.convert("RGB").getcolors(1 << 16) or []) > 3
