@@ -325,9 +325,9 @@ def test_rm_corrupt_image_skipped_and_counted(tiny_world, tmp_path, capfd, monke
     path = tmp_path / "bad_prefs.json"
     json.dump(prefs, open(path, "w"))
     sizes, collate = [], RM.collate_pairs
-    monkeypatch.setattr(RM, "collate_pairs", lambda items, pad: (sizes.append(len(items)), collate(items, pad))[1])
+    monkeypatch.setattr(RM, "collate_pairs", lambda items, pad_id: (sizes.append(len(items)), collate(items, pad_id))[1])
     capfd.readouterr()
-    r = RM.main(T._args(tiny_world, tmp_path / "x", path, max_steps=2, eval_size=8, global_batch=8, on_error="skip"))
+    r = RM.main(T._args(tiny_world, tmp_path / "x", path, max_steps=2, eval_size=8, global_batch=8, on_error="skip", num_workers=0))   # sizes seen in this process
     text = "".join(capfd.readouterr())
     assert r["step"] == 2 and not r["stopped"]
     assert "skipped records: 1" in text, text
