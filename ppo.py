@@ -567,8 +567,7 @@ def heldout_eval(models: Models, tok: data.Tokenizer, items: list[dict], records
                                                                         [r.text for r in part]).items()})
         for k, v in cols.items():
             sums[k] = sums.get(k, 0.0) + float(sum(v))
-    keys = sorted(sums) if sums else ["eval_proxy_rm", "eval_proxy_reward", "eval_length"]
-    # every rank holds the same keys (the same gold_fn); a rank with no prompts adds zeros
+    keys = sorted(sums)   # the same on every rank: each answers at least one prompt (main), with one gold_fn
     tot = common.all_reduce_sum(torch.tensor([sums.get(k, 0.0) for k in keys] + [float(len(items))], dtype=torch.float64))
     n = float(tot[-1].clamp(min=1))
     return {k: float(v) / n for k, v in zip(keys, tot[:-1])}
@@ -792,6 +791,9 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None, gold_
     if eval_records:
         eval_ds = data.PromptDataset(eval_records, tok, template, cfg.image_folder, pb.config.image_size, 1,
                                      cfg.max_prompt_len, on_error=cfg.on_error, skips=skips)
+        if len(eval_ds) < d.world:
+            raise data.DataError(f"{len(eval_ds)} usable held-out prompts is fewer than one per rank ({d.world})",
+                                 cfg.eval_prompts)
         eval_items = [eval_ds[j] for j in range(d.rank, len(eval_ds), d.world)]
 
     def evaluate() -> dict[str, float]:

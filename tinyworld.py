@@ -65,7 +65,9 @@ import data
 import eval_mmhal
 import eval_pope
 import model
+import plots
 import ppo
+import report
 import reward_model
 import sft
 
@@ -1094,7 +1096,7 @@ def build_pope(scenes: list[tuple[str, dict]], seed: int, n_per_split: int) -> d
         raise ValueError(f"n_per_split must be an even number >= 2 (half yes, half no), got {n_per_split}")
     objects = [(c, k) for k in KINDS for c in COLORS]
     freq = Counter(o for _, scene in scenes for o in {(s["color"], s["kind"]) for s in scene["shapes"]})
-    rngs = {split: random.Random(f"{seed}-pope-{split}") for split in ("random", "popular", "adversarial")}
+    rngs = {split: random.Random(f"{seed}-pope-{split}") for split in eval_pope.SPLITS}
     out: dict[str, list[dict]] = {split: [] for split in rngs}
     n_pairs = 0
     for name, scene in scenes:
@@ -1104,7 +1106,8 @@ def build_pope(scenes: list[tuple[str, dict]], seed: int, n_per_split: int) -> d
         present = present[:n_per_split // 2 - n_pairs]
         n_pairs += len(present)
         colors, kinds = {s["color"] for s in scene["shapes"]}, {s["kind"] for s in scene["shapes"]}
-        absent = [o for o in objects if o not in set((s["color"], s["kind"]) for s in scene["shapes"])]
+        held = {(s["color"], s["kind"]) for s in scene["shapes"]}   # all of them: `present` may be cut
+        absent = [o for o in objects if o not in held]
         for split, rng in rngs.items():
             tie = {o: rng.random() for o in absent}
             if split == "random":
@@ -1368,8 +1371,6 @@ def facts_diagnostic(rm_dir: str, prefs_path: str, data_dir: str, n: int, work_d
             "none": rows["right"]["none"]["accuracy"]}
 
 
-POPE_SPLITS = ("random", "popular", "adversarial")
-
 PIPELINE_SIZES = {
     # minutes on 2 CPU cores; "make" sets MakeConfig fields, each other stage's flags are the real scripts' own
     "full": {"make": {"n_pref": 6000}, "sft": ["--max_steps", "900"], "pref_limit": 0,
@@ -1456,7 +1457,7 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
             results[name]["heldout"] = false_claim_rate(d, mdir)
             # the tiny SFT data never carries the short-answer instruction, and its answers are short
             results[name]["pope"] = eval_pope.evaluate_splits(
-                mdir, {s: f"{d}/eval/pope_{s}.jsonl" for s in POPE_SPLITS}, f"{d}/images",
+                mdir, {s: f"{d}/eval/pope_{s}.jsonl" for s in eval_pope.SPLITS}, f"{d}/images",
                 os.path.join(out, f"pope_{name.lower()}"), batch_size=32, instruction="", max_new_tokens=16, plot=False)
 
     hist = ppo_res["history"]
@@ -1471,7 +1472,6 @@ def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
     with open(os.path.join(out, "pipeline_table.txt"), "w") as f:
         f.write(table + "\n")
     plot_ppo(hist, os.path.join(out, "ppo_curves.png"))
-    import report
     print(f"report: {report.write_report(out)}")
     return summary
 
@@ -1494,7 +1494,7 @@ def format_pipeline_table(rm_facts: dict, rm_plain: dict, results: dict, hist: l
     for t in results["SFT"]["per_type"]:
         lines.append(f"{'  ' + t:<26}{results['SFT']['per_type'][t]:>8.2f}{results['RLHF']['per_type'].get(t, float('nan')):>8.2f}")
     lines += ["", f"{'POPE (tiny world)':<26}{'SFT':>8}{'RLHF':>8}"]
-    for split in (*POPE_SPLITS, "mean"):
+    for split in (*eval_pope.SPLITS, "mean"):
         for key in ("f1", "yes_ratio"):
             lines.append(f"{'  ' + split + ' ' + key:<26}{results['SFT']['pope'][split][key]:>8.3f}"
                          f"{results['RLHF']['pope'][split][key]:>8.3f}")
@@ -1506,7 +1506,6 @@ def format_pipeline_table(rm_facts: dict, rm_plain: dict, results: dict, hist: l
 
 def plot_ppo(hist: list[dict], path: str) -> bool:
     """PPO curves (reward, KL, response length) as a PNG, through pillow (plots.py)."""
-    import plots
     plots.ppo_curves(hist, path)
     return True
 

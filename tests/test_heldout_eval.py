@@ -48,3 +48,10 @@ def test_heldout_eval_proxy_and_gold_match_independent_scoring(tiny_world, tiny_
 def test_eval_every_needs_prompts(tiny_world, tiny_sft, tmp_path):
     with pytest.raises(ppo.common.ConfigError, match="--eval_prompts"):
         ppo.main(_args(tiny_world, tiny_sft, tmp_path / "p", eval_every=2))
+
+
+def test_fewer_heldout_prompts_than_ranks_is_refused(tiny_world, tiny_sft, tmp_path):
+    from helpers import torchrun
+    r = torchrun("ppo.py", _args(tiny_world, tiny_sft, tmp_path / "p", eval_every=1, max_steps=1, eval_size=1, micro_batch=4,
+                                 eval_prompts=tiny_world["data"] / "heldout_prompts.json"))
+    assert r.returncode != 0 and "1 usable held-out prompts is fewer than one per rank (2)" in r.stderr, r.stderr[-2000:]

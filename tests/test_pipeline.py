@@ -3,6 +3,7 @@ import json
 import os
 
 import data
+import eval_pope
 import tinyworld
 
 
@@ -27,7 +28,7 @@ def test_pipeline_smoke(tmp_path):
     assert os.path.exists(tmp_path / "p" / "runs" / "ppo" / "final" / "model.safetensors")
     # POPE of both models over the same held-out questions; the pictures and the report with no matplotlib
     assert "POPE (tiny world)" in table and "adversarial f1" in table
-    for split in tinyworld.POPE_SPLITS:
+    for split in eval_pope.SPLITS:
         n = sum(1 for _ in open(tmp_path / "p" / "data" / "eval" / f"pope_{split}.jsonl"))
         assert s["sft"]["pope"][split]["n"] == s["rlhf"]["pope"][split]["n"] == n > 0
     assert os.path.exists(tmp_path / "p" / "ppo_curves.png")
