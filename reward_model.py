@@ -435,18 +435,21 @@ def pair_loss(rm: RewardModel, batch: dict, device, center_coef: float = 1e-3) -
 
 
 def evaluate_pairs(rm: RewardModel, pdata: PairData, indices: list[int], batch: int, pad_id: int, device) -> dict:
-    """Held-out pairwise accuracy and mean margin (summed over ranks)."""
+    """Held-out pairwise accuracy and mean margin (summed over ranks), and this rank's per-pair
+    outcomes in `indices` order ("correct": 1/0), for paired tests between reward models."""
     rm.eval()
     stats = torch.zeros(3)  # correct, margin sum, count
+    correct: list[int] = []
     with torch.no_grad():
         for i in range(0, len(indices), batch):
             b = collate_pairs([pdata[j] for j in indices[i:i + batch]], pad_id)
             _, st = pair_loss(rm, b, device)
             stats += torch.tensor([float(st["correct"].sum()), float(st["margin"].sum()), len(b["preference"])])
+            correct += [int(c) for c in st["correct"].tolist()]
     stats = common.all_reduce_sum(stats)
     rm.train()
     n = max(1.0, float(stats[2]))
-    return {"accuracy": float(stats[0]) / n, "margin": float(stats[1]) / n, "n": int(stats[2])}
+    return {"accuracy": float(stats[0]) / n, "margin": float(stats[1]) / n, "n": int(stats[2]), "correct": correct}
 
 
 def save_rm(out: str, rm: RewardModel, cfg: Config, request: RatingRequest, tok_path: str, extra: dict) -> None:

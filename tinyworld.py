@@ -20,9 +20,11 @@ Commands:
     python tinyworld.py eval --model_path DIR --template DATA/eval/mmhal_tiny.json --out FILE
         [--image_folder DATA/eval/images, any other eval_mmhal.py flag]
         eval_mmhal.py's evaluation with the rule judge below (eval_mmhal.main(argv, rule_judge=rule_judge)).
-    python tinyworld.py pipeline --out tiny_out [--size full|smoke]
-        the whole paper in miniature with the real stage scripts: make -> sft -> collect -> reward
-        model with and without facts -> PPO with the Fact-RM -> evaluation of SFT and RLHF models.
+    python tinyworld.py pipeline --out tiny_out [--size full|smoke] [--seed 0] [--seeds 1] [--reuse true]
+        the whole paper in miniature with the real stage scripts, per seed in tiny_out/seed{s}/: make ->
+        sft -> collect -> RL-init (LoRA) -> reward model with and without facts -> PPO from RL-init with
+        each (held-out proxy and gold every 10 steps) -> evaluation of SFT, RL-init and both RLHF models,
+        paired tests; with --seeds K, each seed and the pooled result. Finished stages are reused.
 
 The model trained is model.PRESETS["tiny"] with the tokenizer's vocabulary (SPEC section 7); the
 stages' tiny settings are their own PRESETS["tiny"].
@@ -35,17 +37,20 @@ Layout written by `make` (DIR/):
                                 ones (answer from captions / does a statement agree with them)
     ppo_prompts.json            prompts with answer_type / answer / length_multiplier
     preference_prompts.json     same format, own images, for the simulated annotator
-    heldout_prompts.json        same format, own images no stage trains on (false_claim_rate)
+    heldout_prompts.json        same format, own images no stage trains on (evaluate_model, gold_judge)
     eval/mmhal_tiny.json        96 items, MMHal template fields plus "scene"
     eval/images/<image_id>.png  evaluation images
+    eval/pope_<split>.jsonl     POPE questions (random / popular / adversarial) about the held-out images
+    rm_request.txt              the reward model's rating request (reward_model.py --request_file)
+    rm_facts_intro.txt          the sentence before the captions in it (--facts_intro_file)
     tokenizer.model             sentencepiece (unk 0, bos 1, eos 2, byte fallback)
     meta.json                   seed, counts, vocabulary size, the tiny model's config
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
+import math
 import os
 import random
 import re
@@ -951,6 +956,63 @@ def label_pair(scene: dict, question: str, output_1: str, output_2: str, rng: ra
 
 
 # ----------------------------------------------------------------------------------------------------
+# Paired tests. Two models answer the same questions, so their outcomes are compared question by
+# question: only the discordant questions (one model right, the other wrong) carry evidence, and under
+# "no difference" each falls either way with probability 1/2.
+
+def binomial_two_sided_p(k: int, n: int) -> float:
+    """Exact two-sided p of a split at least as uneven as k : n - k in n fair coin flips."""
+    if n == 0:
+        return 1.0
+    k = min(k, n - k)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def mcnemar(x: list[bool], y: list[bool]) -> dict:
+    """Exact McNemar test of paired yes/no outcomes (x[i], y[i] for question i, True = the event, e.g.
+    a false claim). b: questions where only x has it, c: only y. -> {"b", "c", "p"}."""
+    if len(x) != len(y):
+        raise ValueError(f"paired outcomes of different lengths: {len(x)} and {len(y)}")
+    b = sum(bool(u) and not v for u, v in zip(x, y))
+    c = sum(bool(v) and not u for u, v in zip(x, y))
+    return {"b": b, "c": c, "p": binomial_two_sided_p(b, b + c)}
+
+
+def sign_test(x: list[float], y: list[float]) -> dict:
+    """Exact sign test of paired scores: b questions where x scores higher, c where y does (ties carry no
+    evidence and are dropped). -> {"b", "c", "p"}."""
+    if len(x) != len(y):
+        raise ValueError(f"paired scores of different lengths: {len(x)} and {len(y)}")
+    b = sum(u > v for u, v in zip(x, y))
+    c = sum(v > u for u, v in zip(x, y))
+    return {"b": b, "c": c, "p": binomial_two_sided_p(b, b + c)}
+
+
+def pooled(tests: list[dict]) -> dict:
+    """Seeds are independent worlds with their own questions: their discordant counts add up."""
+    b, c = sum(t["b"] for t in tests), sum(t["c"] for t in tests)
+    return {"b": b, "c": c, "p": binomial_two_sided_p(b, b + c)}
+
+
+def gold_judge(data_dir: str, prompts_file: str = "heldout_prompts.json"):
+    """The world's ground truth as ppo.main's gold_fn: for each answer to a prompt of data_dir/prompts_file,
+    the rule judge's 0-6 rating against the prompt's reference answer ("rating") and whether the answer
+    makes a claim the scene contradicts ("false_claim", 0/1)."""
+    raw = {str(r["id"]): r for r in data.load_json(os.path.join(data_dir, prompts_file))}
+    scenes = data.load_json(os.path.join(data_dir, "scenes.json"))
+
+    def gold(records: list[dict], texts: list[str]) -> dict[str, list[float]]:
+        rating, false = [], []
+        for rec, text in zip(records, texts):
+            r = raw[str(rec["id"])]
+            scene, question = scenes[r["image"]], r["conversations"][0]["value"].replace("<image>", "").strip()
+            rating.append(float(rule_judge({"scene": scene, "question": question, "gt_answer": r["gt_answer"]}, text)[1]))
+            false.append(float(verify(scene, text, question).n_false > 0))
+        return {"rating": rating, "false_claim": false}
+    return gold
+
+
+# ----------------------------------------------------------------------------------------------------
 # Writing the dataset
 
 def _human(question: str, first: bool) -> dict:
@@ -1027,6 +1089,27 @@ def build_reading(scenes: list[tuple[str, dict]], n: int, seed: int) -> list[dic
             reply = "Yes, the captions agree with it." if ok else "No, the captions contradict it."
         out.append({"id": f"read_{k:06d}", "conversations": [{"from": "human", "value": user},
                                                             {"from": "gpt", "value": reply}]})
+    return out
+
+
+def build_rlinit(data_dir: str, prefs: list[dict], n_mc: int, seed: int) -> list[dict]:
+    """The RL-init data (SPEC section 3: the preference prompts with their answers, plus A-OKVQA in
+    chain-of-thought form): each labelled pair's preferred response to its prompt, and n_mc multiple-choice
+    questions about the preference images answered reasoning first ("The circle is red. So the correct
+    option is B.", the form PPO's correctness bonus reads)."""
+    scenes = data.load_json(os.path.join(data_dir, "scenes.json"))
+    out = [{"id": f"rlinit_{r['id']}", "image": r["image"],
+            "conversations": [r["conversations"][0], {"from": "gpt", "value": r[f"output_{r['preference']}"]["value"]}]}
+           for r in prefs]
+    images = sorted({r["image"] for r in data.load_json(os.path.join(data_dir, "preference_prompts.json"))})
+    rng = random.Random(f"{seed}-rlinit")
+    for k in range(n_mc):
+        qa = ask(scenes[images[k % len(images)]], "multiple_choice", rng)
+        sentence = qa["answer"].split(". ", 1)[1]     # "B. The circle is red." -> "The circle is red."
+        out.append({"id": f"rlinit_mc_{k:06d}", "image": images[k % len(images)],
+                    "conversations": [_human(qa["question"], True),
+                                      {"from": "gpt", "value": f"{sentence} So the correct option is {qa['key']}."}]})
+    rng.shuffle(out)
     return out
 
 
@@ -1133,9 +1216,20 @@ _GENERIC_TEXT = [
 ]
 
 
+# The tiny world's rating request (make writes it as rm_request.txt / rm_facts_intro.txt; the pipeline
+# passes them as reward_model.py --request_file / --facts_intro_file): the official request's shape (the
+# facts slot inside the accuracy criterion, the score read at the end) in one sentence, because every
+# reward-model and PPO-scoring forward carries it and the long default costs the tiny world a quarter of
+# its reward-model compute.
+RM_REQUEST = ("USER: Now rate your previous answer: it must be true of the image and answer the question. "
+              "{factual_prompt}ASSISTANT: The quality score of my last response is")
+RM_FACTS_INTRO = "It must agree with these captions of the image:\n"
+
+
 def _rating_prompt_lines() -> list[str]:
-    """The reward model's rating request (reward_model.DEFAULT_REQUEST), so that it encodes to whole words."""
-    text = reward_model.RatingRequest.read().fill([]) + " " + reward_model.DEFAULT_FACTS_INTRO
+    """Both rating requests (the tiny world's and reward_model.DEFAULT_REQUEST), so they encode to whole words."""
+    text = (reward_model.RatingRequest.read().fill([]) + " " + reward_model.DEFAULT_FACTS_INTRO + "\n"
+            + reward_model.RatingRequest(" " + RM_REQUEST, RM_FACTS_INTRO).fill([]) + "\n" + RM_FACTS_INTRO)
     return [ln for ln in text.split("\n") if ln.strip()]
 
 
@@ -1241,6 +1335,10 @@ def make(cfg: MakeConfig) -> dict:
     for split, questions in build_pope(held_pool, cfg.eval_seed, 600).items():
         with open(os.path.join(out, "eval", f"pope_{split}.jsonl"), "w") as f:
             f.write("".join(json.dumps(q) + "\n" for q in questions))
+    with open(os.path.join(out, "rm_request.txt"), "w") as f:
+        f.write(RM_REQUEST + "\n")
+    with open(os.path.join(out, "rm_facts_intro.txt"), "w") as f:
+        f.write(RM_FACTS_INTRO)
     corpus = tokenizer_corpus(sft_convs, captions, ppo_prompts + pref_prompts, eval_recs)
     train_tokenizer(corpus, os.path.join(out, "tokenizer.model"), cfg.vocab_size)
     meta = {"seed": seed, "eval_seed": cfg.eval_seed, "vocab_size": cfg.vocab_size,
@@ -1337,177 +1435,349 @@ def grounding_accuracy(data_dir: str, model_dir: str, n: int = 96) -> float:
     return sum(ok) / max(1, len(ok))
 
 
-def false_claim_rate(data_dir: str, model_dir: str) -> dict:
-    """Greedy answers to the held-out open questions (heldout_prompts.json, images no stage trains on):
-    the share with at least one claim the scene contradicts, and its standard error."""
-    bad = [n_false > 0 for _, n_false in _greedy_claim_counts(data_dir, model_dir, "heldout_prompts.json")]
-    n = max(1, len(bad))
-    p = sum(bad) / n
-    return {"rate": p, "stderr": (p * (1 - p) / n) ** 0.5, "n": len(bad)}
-
-
-def facts_diagnostic(rm_dir: str, prefs_path: str, data_dir: str, n: int, work_dir: str) -> dict:
-    """Does the Fact-RM read the facts? Held-out accuracy (the RM's eval split of n pairs) with the
-    right captions, with another image's captions, and with no facts block, by reward_model.py eval."""
-    meta = reward_model.read_rm_config(rm_dir)
+def rm_heldout(rm_facts: str, rm_plain: str, prefs_path: str, data_dir: str, work_dir: str) -> dict:
+    """Both reward models on the same held-out pairs (the Fact-RM's eval split): per-pair outcomes for
+    the paired test, and whether the Fact-RM reads the facts (its accuracy with the right captions, with
+    another image's, with none), by reward_model.py eval."""
+    meta = reward_model.read_rm_config(rm_facts)
     prefs = data.load_json(prefs_path)
-    _, idx = reward_model.heldout_split(len(prefs), n, meta["split"], meta["split_seed"])
-    heldout = [prefs[i] for i in idx]
+    _, idx = reward_model.heldout_split(len(prefs), int(meta["n_eval"]), meta["split"], meta["split_seed"])
     caps = data.load_json(os.path.join(data_dir, "captions.json"))
     keys = sorted(caps)
     wrong = {k: caps[o] for k, o in zip(keys, keys[1:] + keys[:1])}   # every image gets its neighbour's captions
     os.makedirs(work_dir, exist_ok=True)
-    heldout_path = os.path.join(work_dir, "heldout_pairs.json")
-    wrong_path = os.path.join(work_dir, "captions_shifted.json")
-    _dump(heldout, heldout_path)
+    heldout_path, wrong_path = os.path.join(work_dir, "heldout_pairs.json"), os.path.join(work_dir, "captions_shifted.json")
+    _dump([prefs[i] for i in idx], heldout_path)
     _dump(wrong, wrong_path)
-    rows = {}
-    for name, captions in (("right", os.path.join(data_dir, "captions.json")), ("other_image", wrong_path)):
-        rows[name] = reward_model.main(["eval", "--rm_dir", rm_dir, "--data_path", heldout_path, "--image_folder",
-                                        os.path.join(data_dir, "images"), "--captions", captions, "--batch", "16",
-                                        "--device", "cpu"])
-    # eval scores each pair with its captions and with none; the no-facts row is the same either way
-    return {"right": rows["right"]["captions"]["accuracy"], "other_image": rows["other_image"]["captions"]["accuracy"],
-            "none": rows["right"]["none"]["accuracy"]}
+
+    def run(rm_dir: str, captions: str) -> dict:
+        return reward_model.main(["eval", "--rm_dir", rm_dir, "--data_path", heldout_path, "--image_folder",
+                                  os.path.join(data_dir, "images"), "--captions", captions, "--batch", "32",
+                                  "--device", "cpu"])
+    right, other = run(rm_facts, os.path.join(data_dir, "captions.json")), run(rm_facts, wrong_path)
+    plain = run(rm_plain, os.path.join(data_dir, "captions.json"))["none"]   # it was trained without facts
+    facts = right["captions"]
+    return {"n": len(idx), "facts": facts["accuracy"], "plain": plain["accuracy"],
+            "right": facts["accuracy"], "other_image": other["captions"]["accuracy"], "none": right["none"]["accuracy"],
+            # a pair the Fact-RM gets wrong is the "event": b = only the Fact-RM wrong, c = only the plain RM
+            "test": mcnemar([not c for c in facts["correct"]], [not c for c in plain["correct"]])}
+
+
+def merge_adapter_dir(base_dir: str, adapter_dir: str, out: str) -> str:
+    """base_dir's model with adapter_dir merged into its weights, saved as a plain model folder (what the
+    evaluations load): the RL-init model."""
+    m = model.LLaVA.from_pretrained(base_dir)
+    m.load_adapter(adapter_dir, "merged")
+    m.merge_adapter("merged")
+    common.save_model_dir(m, out, os.path.join(base_dir, "tokenizer.model"))
+    return out
+
+
+def evaluate_model(d: str, mdir: str, out: str, eval_limit: int = 0, pope_limit: int = 0) -> dict:
+    """One model on everything the table shows: the MMHal-style set (rule judge), the held-out open
+    questions (greedy; per question: a false claim or not, the rule judge's rating, words) and POPE."""
+    argv = ["--model_path", mdir, "--template", f"{d}/eval/mmhal_tiny.json", "--image_folder", f"{d}/eval/images",
+            "--out", f"{out}_mmhal.json", "--max_new_tokens", "64", "--batch_size", "32"]
+    res = evaluate(argv + (["--limit", str(eval_limit)] if eval_limit else []))
+    records = data.read_ppo_prompts(os.path.join(d, "heldout_prompts.json"))
+    texts = [a[0] for a in sample_responses(mdir, records, os.path.join(d, "images"), n=1, temperature=0.0)]
+    gold = gold_judge(d)(records, texts)
+    false = [int(v) for v in gold["false_claim"]]
+    n = max(1, len(false))
+    p = sum(false) / n
+    res["heldout"] = {"rate": p, "stderr": (p * (1 - p) / n) ** 0.5, "n": len(false), "false_claim": false,
+                      "rating": gold["rating"], "mean_rating": sum(gold["rating"]) / n,
+                      "mean_words": sum(len(t.split()) for t in texts) / n}
+    _dump([{"id": r["id"], "question": r["question"], "answer": t, "false_claim": f, "rating": g}
+           for r, t, f, g in zip(records, texts, false, gold["rating"])], f"{out}_heldout.json")
+    # the tiny SFT data never carries the short-answer instruction, and its answers are short
+    pope_files = {s: f"{d}/eval/pope_{s}.jsonl" for s in eval_pope.SPLITS}
+    if pope_limit:
+        for s, path in list(pope_files.items()):
+            with open(path) as f:
+                lines = f.readlines()[:pope_limit]
+            pope_files[s] = f"{out}_pope_{s}_first{pope_limit}.jsonl"
+            with open(pope_files[s], "w") as f:
+                f.writelines(lines)
+    res["pope"] = eval_pope.evaluate_splits(mdir, pope_files, f"{d}/images", f"{out}_pope", batch_size=32,
+                                            instruction="", max_new_tokens=16, plot=False)
+    return res
 
 
 PIPELINE_SIZES = {
     # minutes on 2 CPU cores; "make" sets MakeConfig fields, each other stage's flags are the real scripts' own
-    "full": {"make": {"n_pref": 6000}, "sft": ["--max_steps", "900"], "pref_limit": 0,
-             # 400 held-out pairs: the facts / no-facts gap is a few points, 200 pairs cannot resolve it
-             "rm": ["--max_steps", "120", "--eval_size", "400", "--eval_every", "40"],
-             "ppo": ["--max_steps", "40"], "eval_limit": 0, "gate": 0.3, "seeds": [0, 1, 2],
-             "drop_ties": True},
+    # SFT's own held-out loss twice (the grounding gate is what decides)
+    "full": {"make": {"n_pref": 6000}, "sft": ["--max_steps", "900", "--eval_every", "450"], "pref_limit": 0,
+             "rlinit": ["--max_steps", "120"], "rlinit_mc": 1000,
+             # 400 held-out pairs: the facts / no-facts gap is a few points, 200 pairs cannot resolve it.
+             # One evaluation, at the end: the model used is the last, not the best on the test pairs.
+             "rm": ["--max_steps", "100", "--eval_size", "400", "--eval_every", "100"],
+             # both arms' proxy and gold flatten after ~10 steps (measured at 40)
+             "ppo": ["--max_steps", "30", "--eval_every", "10", "--eval_size", "200"],
+             "eval_limit": 0, "pope_limit": 0, "gate": 0.3, "sft_tries": 3, "drop_ties": True},
     "smoke": {"make": {"n_sft_images": 100, "n_sft": 400, "n_ppo_images": 40, "n_ppo": 128, "n_pref_images": 40,
                        "n_pref": 96, "n_read": 100, "n_heldout": 32},
               "sft": ["--max_steps", "20", "--eval_size", "32", "--global_batch", "16", "--micro_batch", "16"],
-              "pref_limit": 96, "rm": ["--max_steps", "4", "--eval_size", "32", "--global_batch", "16",
-                                       "--micro_batch", "16"],
-              "ppo": ["--max_steps", "2", "--rollout_batch", "16", "--step_batch", "16", "--micro_batch", "16"],
+              "pref_limit": 96, "rlinit": ["--max_steps", "3", "--global_batch", "16", "--micro_batch", "16"],
+              "rlinit_mc": 32,
+              "rm": ["--max_steps", "4", "--eval_size", "32", "--eval_every", "4", "--global_batch", "16",
+                     "--micro_batch", "16"],
+              "ppo": ["--max_steps", "2", "--rollout_batch", "16", "--step_batch", "16", "--micro_batch", "16",
+                      "--eval_every", "1", "--eval_size", "16"],
               # an SFT model of 20 steps makes no claims: every pair is a tie, kept here (plumbing only)
-              "eval_limit": 16, "gate": 0.0, "seeds": [0], "drop_ties": False},
+              "eval_limit": 16, "pope_limit": 24, "gate": 0.0, "sft_tries": 1, "drop_ties": False},
 }
+ARMS = {"Fact-RLHF": "rm_facts", "RLHF": "rm_plain"}   # PPO arm -> the reward model it optimises
+MODELS = ["SFT", "RL-init", *ARMS]
 
 
-def pipeline(out: str, size: str = "full", seed: int = 0) -> dict:
-    """make -> sft (gated, next seed on failure) -> annotate -> Fact-RM and plain RM -> PPO with the
-    Fact-RM -> MMHal-style evaluation of the SFT and RLHF models with the rule judge. Prints one table."""
-    cfg = PIPELINE_SIZES[size]
-    t_start = time.time()
-    times: dict[str, float] = {}
-    d = os.path.join(out, "data")
-    runs = os.path.join(out, "runs")
+class Stages:
+    """Each stage's result saved as DIR/stages/NAME.json beside the settings it ran with. A rerun with the
+    same settings reuses the finished stages, up to the first that changed or never finished (it and every
+    later stage run again): a killed pipeline resumes at the stage it was in, and a change to PPO reuses
+    the world, SFT and the reward models."""
 
-    @contextlib.contextmanager
-    def stage(name: str):
+    def __init__(self, root: str, reuse: bool):
+        self.dir, self.reuse, self.times = os.path.join(root, "stages"), reuse, {}
+        os.makedirs(self.dir, exist_ok=True)
+
+    def run(self, name: str, settings, fn):
+        path = os.path.join(self.dir, name.replace(" ", "_") + ".json")
+        if self.reuse and os.path.exists(path):
+            saved = data.load_json(path)
+            if saved.get("settings") == json.loads(json.dumps(settings)):
+                print(f"\n=== {name}: finished before, reused ({path}) ===", flush=True)
+                self.times[name] = 0.0
+                return saved["result"]
+        self.reuse = False          # this stage runs: every later stage must too
         print(f"\n=== {name} ===", flush=True)
         t = time.time()
-        yield
-        times[name] = time.time() - t
+        result = fn()
+        self.times[name] = time.time() - t
+        common.atomic_write_text(json.dumps({"settings": settings, "result": result,
+                                             "seconds": round(self.times[name], 1)}), path)
+        return result
 
-    with stage("make"):
-        make(MakeConfig(out=d, seed=seed, **cfg["make"]))
 
-    with stage("sft"):
-        sft_dir, grounding = "", 0.0
-        for s in cfg["seeds"]:
-            run = os.path.join(runs, f"sft_seed{s}")
+def pipeline_seed(root: str, size: str, seed: int, reuse: bool = True) -> dict:
+    """One seed of the tiny paper: make -> SFT (gated) -> annotate -> RL-init -> Fact-RM and plain RM ->
+    PPO from RL-init with each (held-out proxy and gold every few steps) -> evaluation of all four
+    models. -> everything the table and the paired tests need, per question where they pair."""
+    cfg = PIPELINE_SIZES[size]
+    d, runs = os.path.join(root, "data"), os.path.join(root, "runs")
+    st = Stages(root, reuse)
+    key = {"size": size, "seed": seed}
+    st.run("make", {**key, **cfg["make"]}, lambda: make(MakeConfig(out=d, seed=seed, **cfg["make"]))["counts"])
+
+    def train_sft() -> dict:
+        for s in range(seed, seed + cfg["sft_tries"]):
+            run = os.path.join(runs, "sft")
             sft.main(["--preset", "tiny", "--data_path", f"{d}/sft.json", "--image_folder", f"{d}/images",
                       "--tokenizer", f"{d}/tokenizer.model", "--out_dir", run, "--seed", str(s), "--overwrite", "true"] + cfg["sft"])
-            sft_dir = os.path.join(run, "final")
-            grounding = grounding_accuracy(d, sft_dir)
+            grounding = grounding_accuracy(d, os.path.join(run, "final"))
             print(f"SFT seed {s}: greedy answers with no false claim on held-out prompts: {grounding:.2f}")
             if grounding >= cfg["gate"]:
                 break
-            print(f"SFT seed {s} is below the gate ({cfg['gate']}): it did not learn to use the image; "
-                  "next seed")
+            print(f"SFT seed {s} is below the gate ({cfg['gate']}): it did not learn to use the image; next seed")
+        return {"seed": s, "grounding": grounding}
+    sft_res = st.run("sft", {**key, "flags": cfg["sft"], "gate": cfg["gate"]}, train_sft)
+    sft_dir = os.path.join(runs, "sft", "final")
 
-    with stage("annotate"):
-        prefs = os.path.join(out, "preferences.json")
-        ann = collect_preferences(d, sft_dir, prefs, seed=seed, limit=cfg["pref_limit"],
-                                  drop_ties=cfg["drop_ties"])
-        print(f"annotated {ann['pairs']} pairs ({ann['with_hallucination']} with a hallucination); dropped "
-              f"{ann['dropped_tie']} ties and {ann['dropped_empty']} pairs with an empty response")
+    prefs = os.path.join(root, "preferences.json")
+    ann = st.run("annotate", {**key, "limit": cfg["pref_limit"], "drop_ties": cfg["drop_ties"]},
+                 lambda: collect_preferences(d, sft_dir, prefs, seed=seed, limit=cfg["pref_limit"],
+                                             drop_ties=cfg["drop_ties"]))
+    print(f"annotated {ann['pairs']} pairs ({ann['with_hallucination']} with a hallucination); dropped "
+          f"{ann['dropped_tie']} ties and {ann['dropped_empty']} pairs with an empty response")
 
-    rm_common = ["--preset", "tiny", "--model_path", sft_dir, "--data_path", prefs, "--image_folder", f"{d}/images",
-                 "--captions", f"{d}/captions.json", "--seed", str(seed), "--overwrite", "true"] + cfg["rm"]
-    with stage("reward model (facts)"):
-        rm_facts = reward_model.main(rm_common + ["--out_dir", os.path.join(runs, "rm_facts")])
-    with stage("reward model (no facts)"):
-        rm_plain = reward_model.main(rm_common + ["--out_dir", os.path.join(runs, "rm_plain"), "--facts", "none"])
-    rm_best = os.path.join(runs, "rm_facts", "best")
-    n_heldout = int(data.load_json(os.path.join(rm_best, "rm_config.json"))["n_eval"])
-    diag = {**facts_diagnostic(rm_best, prefs, d, n_heldout, os.path.join(runs, "facts_diagnostic")), "n": n_heldout}
+    def train_rlinit() -> dict:
+        path = os.path.join(root, "rlinit.json")
+        _dump(build_rlinit(d, data.load_json(prefs), cfg["rlinit_mc"], seed), path)
+        res = sft.main(["--mode", "lora", "--model_path", sft_dir, "--data_path", path, "--image_folder", f"{d}/images",
+                        "--out_dir", os.path.join(runs, "rlinit"), "--seed", str(seed), "--overwrite", "true",
+                        "--lr", "3e-4", "--warmup_ratio", "0.05", "--global_batch", "32", "--micro_batch", "32",
+                        "--max_len", "193", "--lora_r", "16", "--lora_alpha", "32", "--save_every", "100000",
+                        "--log_every", "20"] + cfg["rlinit"])
+        merge_adapter_dir(sft_dir, os.path.join(runs, "rlinit", "final_adapter"), os.path.join(runs, "rlinit", "final"))
+        return {"loss": res["loss"], "steps": res["step"]}
+    st.run("rl-init", {**key, "flags": cfg["rlinit"], "mc": cfg["rlinit_mc"]}, train_rlinit)
 
-    ppo_run = os.path.join(runs, "ppo")
-    with stage("ppo"):
-        ppo_res = ppo.main(["--preset", "tiny", "--model_path", sft_dir, "--rm_dir", rm_best,
-                            "--prompts_path", f"{d}/ppo_prompts.json", "--image_folder", f"{d}/images",
-                            "--captions", f"{d}/captions.json", "--out_dir", ppo_run, "--seed", str(seed), "--overwrite", "true"] + cfg["ppo"])
+    rm_flags = ["--preset", "tiny", "--model_path", sft_dir, "--data_path", prefs, "--image_folder", f"{d}/images",
+                "--captions", f"{d}/captions.json", "--request_file", f"{d}/rm_request.txt", "--facts_intro_file",
+                f"{d}/rm_facts_intro.txt", "--seed", str(seed), "--overwrite", "true"] + cfg["rm"]
+    for name, extra in (("rm_facts", []), ("rm_plain", ["--facts", "none"])):
+        st.run(f"reward model {name}", {**key, "flags": cfg["rm"] + extra},
+               lambda: reward_model.main(rm_flags + ["--out_dir", os.path.join(runs, name)] + extra))
+    rm = st.run("reward models on held-out pairs", key,
+                lambda: rm_heldout(os.path.join(runs, "rm_facts", "final"), os.path.join(runs, "rm_plain", "final"),
+                                   prefs, d, os.path.join(runs, "rm_heldout")))
 
-    with stage("evaluation"):
-        results = {}
-        for name, mdir in (("SFT", sft_dir), ("RLHF", os.path.join(ppo_run, "final"))):
-            argv = ["--model_path", mdir, "--template", f"{d}/eval/mmhal_tiny.json", "--image_folder",
-                    f"{d}/eval/images", "--out", os.path.join(out, f"mmhal_{name.lower()}.json"),
-                    "--max_new_tokens", "64", "--batch_size", "32"]
-            if cfg["eval_limit"]:
-                argv += ["--limit", str(cfg["eval_limit"])]
-            results[name] = evaluate(argv)
-            results[name]["heldout"] = false_claim_rate(d, mdir)
-            # the tiny SFT data never carries the short-answer instruction, and its answers are short
-            results[name]["pope"] = eval_pope.evaluate_splits(
-                mdir, {s: f"{d}/eval/pope_{s}.jsonl" for s in eval_pope.SPLITS}, f"{d}/images",
-                os.path.join(out, f"pope_{name.lower()}"), batch_size=32, instruction="", max_new_tokens=16, plot=False)
+    ppo_res = {}
+    for arm, rm_name in ARMS.items():
+        ppo_res[arm] = st.run(f"ppo {arm}", {**key, "flags": cfg["ppo"], "rm": rm_name}, lambda: _slim_ppo(ppo.main(
+            ["--preset", "tiny", "--model_path", sft_dir, "--policy_adapter", os.path.join(runs, "rlinit", "final_adapter"),
+             "--rm_dir", os.path.join(runs, rm_name, "final"), "--prompts_path", f"{d}/ppo_prompts.json",
+             "--image_folder", f"{d}/images", "--captions", f"{d}/captions.json", "--eval_prompts",
+             f"{d}/heldout_prompts.json", "--out_dir", os.path.join(runs, f"ppo_{rm_name}"), "--seed", str(seed),
+             "--overwrite", "true"] + cfg["ppo"], gold_fn=gold_judge(d))))
 
-    hist = ppo_res["history"]
-    table = format_pipeline_table(rm_facts, rm_plain, results, hist, diag)
+    dirs = {"SFT": sft_dir, "RL-init": os.path.join(runs, "rlinit", "final"),
+            **{arm: os.path.join(runs, f"ppo_{rm_name}", "final") for arm, rm_name in ARMS.items()}}
+    evals = {name: st.run(f"evaluate {name}", {**key, "limit": cfg["eval_limit"], "pope": cfg["pope_limit"]},
+                          lambda: evaluate_model(d, mdir, os.path.join(root, "eval", name), cfg["eval_limit"],
+                                                 cfg["pope_limit"]))
+             for name, mdir in dirs.items()}
+    return {"seed": seed, "sft": sft_res, "annotation": ann, "rm": rm, "ppo": ppo_res, "eval": evals,
+            "times": st.times}
+
+
+def _slim_ppo(res: dict) -> dict:
+    """What the table and the plot keep of a PPO run: the per-step history and the held-out evaluations."""
+    return {"history": res["history"], "evals": res["evals"]}
+
+
+def paired_tests(evals: dict) -> dict:
+    """Per model against SFT and between the two arms: McNemar on the held-out false claims, the sign test
+    on the rule judge's ratings (b: the first model's count, as in mcnemar/sign_test)."""
+    h = {m: evals[m]["heldout"] for m in evals}
+    out = {}
+    for m in MODELS[1:]:
+        out[f"{m} vs SFT"] = {"false_claim": mcnemar(h["SFT"]["false_claim"], h[m]["false_claim"]),
+                              "rating": sign_test(h[m]["rating"], h["SFT"]["rating"])}
+    out["Fact-RLHF vs RLHF"] = {"false_claim": mcnemar(h["RLHF"]["false_claim"], h["Fact-RLHF"]["false_claim"]),
+                                "rating": sign_test(h["Fact-RLHF"]["rating"], h["RLHF"]["rating"])}
+    return out
+
+
+def pipeline(out: str, size: str = "full", seed: int = 0, seeds: int = 1, reuse: bool = True) -> dict:
+    """`seeds` independent tiny papers (world, SFT, reward models, PPO; seeds seed..seed+seeds-1), each in
+    OUT/seed{s}/, then one table: each seed's numbers, and over seeds the mean +- sd with the paired tests
+    pooled (the seeds' discordant counts added). Writes pipeline_table.txt, pipeline_summary.json,
+    gold_vs_proxy.png and report.html in OUT."""
+    t_start = time.time()
+    per_seed = []
+    for s in range(seed, seed + seeds):
+        per_seed.append(pipeline_seed(os.path.join(out, f"seed{s}"), size, s, reuse))
+        per_seed[-1]["tests"] = paired_tests(per_seed[-1]["eval"])
+    table = format_pipeline_table(per_seed)
     total = time.time() - t_start
     print("\n" + table)
-    print("stage times (s): " + ", ".join(f"{n} {t:.0f}" for n, t in times.items()) + f"; total {total:.0f}")
-    summary = {"rm_accuracy_facts": rm_facts["best_accuracy"], "rm_accuracy_plain": rm_plain["best_accuracy"],
-               "sft": results["SFT"], "rlhf": results["RLHF"], "ppo_history": hist, "grounding": grounding,
-               "annotation": ann, "facts_diagnostic": diag, "times": times, "total_seconds": total}
+    for r in per_seed:
+        print(f"seed {r['seed']} stage times (s): " + ", ".join(f"{n} {t:.0f}" for n, t in r["times"].items()))
+    print(f"total {total:.0f} s")
+    summary = {"seeds": per_seed, "pooled": pooled_summary(per_seed), "total_seconds": total}
     _dump(summary, os.path.join(out, "pipeline_summary.json"))
     with open(os.path.join(out, "pipeline_table.txt"), "w") as f:
         f.write(table + "\n")
-    plot_ppo(hist, os.path.join(out, "ppo_curves.png"))
+    plot_gold_vs_proxy(per_seed, os.path.join(out, "gold_vs_proxy.png"))
     print(f"report: {report.write_report(out)}")
     return summary
 
 
-def format_pipeline_table(rm_facts: dict, rm_plain: dict, results: dict, hist: list[dict], diag: dict) -> str:
-    k = max(1, len(hist) // 4)
-    first = sum(h["reward"] for h in hist[:k]) / k
-    last = sum(h["reward"] for h in hist[-k:]) / k
-    lines = [f"reward model           held-out accuracy ({diag['n']} pairs)",
-             f"  with facts           {rm_facts['best_accuracy']:.3f}",
-             f"  without facts        {rm_plain['best_accuracy']:.3f}",
-             f"  Fact-RM scored with right / another image's / no captions: "
-             f"{diag['right']:.3f} / {diag['other_image']:.3f} / {diag['none']:.3f}",
-             f"PPO mean reward        first {k} steps {first:.3f} -> last {k} steps {last:.3f}",
-             "",
-             f"{'MMHal-style (rule judge)':<26}{'SFT':>8}{'RLHF':>8}",
-             f"{'average score':<26}{results['SFT']['average']:>8.2f}{results['RLHF']['average']:>8.2f}",
-             f"{'hallucination rate':<26}{results['SFT']['hallucination_rate']:>8.2f}"
-             f"{results['RLHF']['hallucination_rate']:>8.2f}"]
-    for t in results["SFT"]["per_type"]:
-        lines.append(f"{'  ' + t:<26}{results['SFT']['per_type'][t]:>8.2f}{results['RLHF']['per_type'].get(t, float('nan')):>8.2f}")
-    lines += ["", f"{'POPE (tiny world)':<26}{'SFT':>8}{'RLHF':>8}"]
-    for split in (*eval_pope.SPLITS, "mean"):
-        for key in ("f1", "yes_ratio"):
-            lines.append(f"{'  ' + split + ' ' + key:<26}{results['SFT']['pope'][split][key]:>8.3f}"
-                         f"{results['RLHF']['pope'][split][key]:>8.3f}")
-    sh, rh = results["SFT"]["heldout"], results["RLHF"]["heldout"]
-    lines += ["", f"false-claim rate, {sh['n']} held-out open questions (greedy; +- 1 standard error)",
-              f"  SFT {sh['rate']:.3f} +- {sh['stderr']:.3f}    RLHF {rh['rate']:.3f} +- {rh['stderr']:.3f}"]
-    return "\n".join(lines)
+def pooled_summary(per_seed: list[dict]) -> dict:
+    """Over seeds: the paired tests with their discordant counts added."""
+    names = list(per_seed[0]["tests"])
+    return {name: {k: pooled([r["tests"][name][k] for r in per_seed]) for k in ("false_claim", "rating")}
+            for name in names} | {"rm": pooled([r["rm"]["test"] for r in per_seed])}
 
 
-def plot_ppo(hist: list[dict], path: str) -> bool:
-    """PPO curves (reward, KL, response length) as a PNG, through pillow (plots.py)."""
-    plots.ppo_curves(hist, path)
-    return True
+def _mean_sd(xs: list[float]) -> str:
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return f"{m:.3f} +- {sd:.3f}"
+
+
+def _p(t: dict) -> str:
+    return f"{t['b']}:{t['c']} p={t['p']:.2g}"
+
+
+def format_pipeline_table(per_seed: list[dict]) -> str:
+    """One block per seed, then (with several seeds) the mean +- sd and the pooled paired tests."""
+    lines = []
+    for r in per_seed:
+        rm, ev, tests = r["rm"], r["eval"], r["tests"]
+        h = {m: ev[m]["heldout"] for m in MODELS}
+        lines += [f"seed {r['seed']}",
+                  f"  reward model accuracy, {rm['n']} held-out pairs: Fact-RM {rm['facts']:.3f}, plain RM "
+                  f"{rm['plain']:.3f}   McNemar (pairs only one gets wrong, Fact-RM:plain) {_p(rm['test'])}",
+                  f"  Fact-RM scored with right / another image's / no captions: "
+                  f"{rm['right']:.3f} / {rm['other_image']:.3f} / {rm['none']:.3f}",
+                  f"  {'':<34}" + "".join(f"{m:>12}" for m in MODELS),
+                  f"  {'held-out false-claim rate (' + str(h['SFT']['n']) + ')':<34}"
+                  + "".join(f"{h[m]['rate']:>12.3f}" for m in MODELS),
+                  f"  {'  +- standard error':<34}" + "".join(f"{h[m]['stderr']:>12.3f}" for m in MODELS),
+                  f"  {'  vs SFT, McNemar (SFT:model) p':<34}{'':>12}"
+                  + "".join(f"{tests[m + ' vs SFT']['false_claim']['p']:>12.2g}" for m in MODELS[1:]),
+                  f"  {'held-out gold rating (0-6)':<34}" + "".join(f"{h[m]['mean_rating']:>12.2f}" for m in MODELS),
+                  f"  {'  vs SFT, sign test p':<34}{'':>12}"
+                  + "".join(f"{tests[m + ' vs SFT']['rating']['p']:>12.2g}" for m in MODELS[1:]),
+                  f"  {'held-out mean length (words)':<34}" + "".join(f"{h[m]['mean_words']:>12.1f}" for m in MODELS),
+                  f"  {'MMHal-style score (rule judge)':<34}" + "".join(f"{ev[m]['average']:>12.2f}" for m in MODELS),
+                  f"  {'MMHal-style hallucination rate':<34}"
+                  + "".join(f"{ev[m]['hallucination_rate']:>12.2f}" for m in MODELS),
+                  f"  {'POPE mean F1 / yes-ratio':<34}"
+                  + "".join(f"{ev[m]['pope']['mean']['f1']:>6.2f}/{ev[m]['pope']['mean']['yes_ratio']:.2f}" for m in MODELS)]
+        for arm in ARMS:
+            evs = r["ppo"][arm]["evals"]
+            if evs:
+                lines.append(f"  PPO {arm:<10} held-out proxy (RM) {evs[0]['eval_proxy_rm']:+.3f} -> "
+                             f"{evs[-1]['eval_proxy_rm']:+.3f}   gold rating {evs[0]['eval_gold_rating']:.2f} -> "
+                             f"{evs[-1]['eval_gold_rating']:.2f}   false claims {evs[0]['eval_gold_false_claim']:.3f} -> "
+                             f"{evs[-1]['eval_gold_false_claim']:.3f}")
+        t = tests["Fact-RLHF vs RLHF"]
+        lines += [f"  Fact-RLHF vs RLHF: false claims McNemar (RLHF:Fact-RLHF) {_p(t['false_claim'])}; "
+                  f"gold rating sign test (Fact-RLHF:RLHF) {_p(t['rating'])}", ""]
+    if len(per_seed) > 1:
+        pool = pooled_summary(per_seed)
+        col = lambda f: "".join(f"{_mean_sd([f(r, m) for r in per_seed]):>18}" for m in MODELS)   # noqa: E731
+        lines += [f"{len(per_seed)} seeds: mean +- sd over seeds; paired tests pooled (discordant counts added)",
+                  f"  reward model accuracy: Fact-RM {_mean_sd([r['rm']['facts'] for r in per_seed])}, plain RM "
+                  f"{_mean_sd([r['rm']['plain'] for r in per_seed])}   McNemar {_p(pool['rm'])}",
+                  f"  {'':<28}" + "".join(f"{m:>18}" for m in MODELS),
+                  f"  {'held-out false-claim rate':<28}" + col(lambda r, m: r["eval"][m]["heldout"]["rate"]),
+                  f"  {'held-out gold rating':<28}" + col(lambda r, m: r["eval"][m]["heldout"]["mean_rating"]),
+                  f"  {'held-out length (words)':<28}" + col(lambda r, m: r["eval"][m]["heldout"]["mean_words"]),
+                  f"  {'MMHal-style score':<28}" + col(lambda r, m: r["eval"][m]["average"]),
+                  f"  {'POPE mean F1':<28}" + col(lambda r, m: r["eval"][m]["pope"]["mean"]["f1"])]
+        for name, t in pool.items():
+            if name != "rm":
+                lines.append(f"  {name:<22} false claims McNemar {_p(t['false_claim'])}   gold rating sign test {_p(t['rating'])}")
+        lines.append("")
+    lines += ["the paper's claims, as targets (issue #16)"] + [f"  [{'x' if ok else ' '}] {text}" for ok, text in claims(per_seed)]
+    return "\n".join(lines).rstrip()
+
+
+def claims(per_seed: list[dict], alpha: float = 0.01) -> list[tuple[bool, str]]:
+    """The paper's claims as yes/no checks on the pooled paired tests and on every seed."""
+    pool = pooled_summary(per_seed) if len(per_seed) > 1 else {**per_seed[0]["tests"], "rm": per_seed[0]["rm"]["test"]}
+    k = len(per_seed)
+    rm, fc = pool["rm"], pool["Fact-RLHF vs SFT"]["false_claim"]
+    rm_ok = rm["c"] > rm["b"] and rm["p"] < alpha          # c: pairs only the plain RM gets wrong
+    fc_ok = fc["b"] > fc["c"] and fc["p"] < alpha          # b: questions only SFT makes a false claim on
+    every = sum(r["tests"]["Fact-RLHF vs SFT"]["false_claim"]["b"] > r["tests"]["Fact-RLHF vs SFT"]["false_claim"]["c"]
+                and r["tests"]["Fact-RLHF vs SFT"]["false_claim"]["p"] < alpha for r in per_seed)
+    gold = sum(r["eval"]["Fact-RLHF"]["heldout"]["mean_rating"] > r["eval"]["RLHF"]["heldout"]["mean_rating"]
+               for r in per_seed)
+    return [(rm_ok, f"the Fact-RM is more accurate than the plain RM, paired p < {alpha} (pooled: {_p(rm)})"),
+            (fc_ok, f"Fact-RLHF lowers the held-out false-claim rate against SFT, p < {alpha} pooled ({_p(fc)})"),
+            (every == k, f"... and in every seed: {every} of {k}"),
+            (gold == k, f"Fact-RLHF's held-out gold rating ends above RLHF's: {gold} of {k} seeds")]
+
+
+def plot_gold_vs_proxy(per_seed: list[dict], path: str) -> str:
+    """Reward hacking made visible: against PPO step, each arm's held-out proxy reward (what its RM says)
+    and gold (the rule judge's rating, the false-claim rate), averaged over seeds."""
+    charts = []
+    for key, title in (("eval_proxy_rm", "proxy: the arm's own RM score"), ("eval_gold_rating", "gold: rule-judge rating (0-6)"),
+                       ("eval_gold_false_claim", "gold: false-claim rate")):
+        series = {}
+        for arm in ARMS:
+            runs = [r["ppo"][arm]["evals"] for r in per_seed if r["ppo"][arm]["evals"]]
+            if runs:
+                steps = [e["step"] for e in runs[0]]
+                series[arm] = (steps, [sum(run[i][key] for run in runs) / len(runs) for i in range(len(steps))])
+        charts.append(plots.LineChart(title, series, xlabel="PPO step"))
+    return plots.save(charts, path, cols=3, size=(420, 320))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1535,9 +1805,11 @@ class CollectConfig:
 
 @dataclass
 class PipelineConfig:
-    out: str = ""                 # the run folder (required)
+    out: str = ""                 # the run folder (required); seed s writes OUT/seed{s}/
     size: str = "full"            # full | smoke (seconds, for tests)
-    seed: int = 0
+    seed: int = 0                 # the first seed
+    seeds: int = 1                # independent seeds seed .. seed + seeds - 1 (world, SFT, RMs, PPO), pooled
+    reuse: bool = True            # reuse stages finished before with the same settings (OUT/seed{s}/stages/)
 
 
 def _required(cfg, *keys: str) -> None:
@@ -1573,7 +1845,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     _required(cfg, "out")
     if cfg.size not in PIPELINE_SIZES:
         raise common.ConfigError(f"--size must be one of {sorted(PIPELINE_SIZES)}, got {cfg.size!r}")
-    return pipeline(cfg.out, cfg.size, cfg.seed)
+    if cfg.seeds < 1:
+        raise common.ConfigError(f"--seeds must be >= 1, got {cfg.seeds}")
+    return pipeline(cfg.out, cfg.size, cfg.seed, cfg.seeds, cfg.reuse)
 
 
 COMMANDS = {"make": (MakeConfig, run_make), "annotate": (AnnotateConfig, run_annotate),

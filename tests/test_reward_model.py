@@ -152,6 +152,13 @@ def test_training_beats_chance_and_scores(tiny_world, tmp_path):
     assert "with" in out.stdout and "without" in out.stdout
     table = json.load(open(tmp_path / "t.json"))
     assert table["captions"]["accuracy"] >= 0.8 and table["captions"]["n"] == 160
+    # per-pair outcomes (for paired tests between reward models): in file order, agreeing with the scorer
+    for mode in ("captions", "none"):
+        c = table[mode]["correct"]
+        assert len(c) == 160 and abs(sum(c) / 160 - table[mode]["accuracy"]) < 1e-9
+    bare = scorer.score([{**it, "facts": []} for it in items])
+    assert table["none"]["correct"][:6] == [int((bare[2 * i] > bare[2 * i + 1]) == (rec["preference"] == 1))
+                                            for i, rec in enumerate(recs)]
 
 
 def test_exact_resume(tiny_world, tmp_path):

@@ -427,12 +427,112 @@ def test_tokenizer_roundtrip(data):
     assert len(sp.encode("The circle is red.")) == 5
 
 
-def test_plot_ppo_writes_a_png_without_matplotlib(tmp_path):
-    hist = [{"reward": 0.1 * i, "kl": 0.01 * i, "response_length": 10 + i} for i in range(6)]
+def _binomial_pmf_by_recursion(n: int) -> list[float]:
+    """Pascal's triangle row n, divided by 2**n, built by repeated halving sums (no math.comb)."""
+    row = [1.0]
+    for _ in range(n):
+        row = [0.5 * (a + b) for a, b in zip([0.0] + row, row + [0.0])]
+    return row
+
+
+def test_exact_binomial_p_against_a_direct_recursion():
+    for n in (1, 5, 12, 40):
+        pmf = _binomial_pmf_by_recursion(n)
+        for k in range(n + 1):
+            lo = min(k, n - k)
+            want = min(1.0, 2 * sum(pmf[:lo + 1]))
+            assert abs(tw.binomial_two_sided_p(k, n) - want) < 1e-12, (k, n)
+    assert tw.binomial_two_sided_p(0, 0) == 1.0
+    # the textbook case: 10 discordant pairs all one way -> 2 / 2**10
+    assert abs(tw.binomial_two_sided_p(0, 10) - 2 / 1024) < 1e-15
+
+
+def test_mcnemar_and_sign_test_count_only_discordant_questions():
+    x = [1, 1, 1, 0, 0, 1, 0]         # e.g. SFT's false claims per question
+    y = [0, 0, 1, 0, 1, 0, 0]         # the model's
+    t = tw.mcnemar(x, y)
+    assert (t["b"], t["c"]) == (3, 1) and abs(t["p"] - 2 * (1 + 4) / 16) < 1e-12
+    s = tw.sign_test([5, 3, 3, 0, 6], [4, 3, 5, 0, 2])
+    assert (s["b"], s["c"]) == (2, 1) and abs(s["p"] - 1.0) < 1e-12
+    pooled = tw.pooled([{"b": 3, "c": 1, "p": 0.6}, {"b": 7, "c": 0, "p": 0.02}])
+    assert (pooled["b"], pooled["c"]) == (10, 1) and abs(pooled["p"] - 2 * 12 / 2048) < 1e-12
+    with pytest.raises(ValueError):
+        tw.mcnemar([1, 0], [1])
+
+
+def test_gold_judge_is_the_rule_judge_and_the_checker(data):
+    prompts = _load(data, "heldout_prompts.json")
+    scenes = _load(data, "scenes.json")
+    recs = D.read_ppo_prompts(os.path.join(data, "heldout_prompts.json"))[:6]
+    raw = {r["id"]: r for r in prompts}
+    # the reference answer itself, a copy with one world word swapped, and nothing
+    texts = [raw[r["id"]]["gt_answer"] for r in recs[:2]] + [tw._perturb(raw[r["id"]]["gt_answer"], random.Random(1))
+                                                            for r in recs[2:4]] + ["", "Hello."]
+    g = tw.gold_judge(data)(recs, texts)
+    for r, t, rating, false in zip(recs, texts, g["rating"], g["false_claim"]):
+        scene = scenes[r["image"]]
+        want = tw.rule_judge({"scene": scene, "question": r["question"], "gt_answer": raw[r["id"]]["gt_answer"]}, t)[1]
+        assert rating == want
+        assert false == float(tw.check_claims(scene, t, r["question"])[1] > 0)
+    assert g["false_claim"][:2] == [0.0, 0.0] and g["rating"][4] == 0.0
+
+
+def test_rlinit_data_is_preferred_answers_and_chain_of_thought_choices(data):
+    prompts = _load(data, "preference_prompts.json")[:3]
+    prefs = [{"id": p["id"], "image": p["image"], "conversations": p["conversations"][:1],
+              "output_1": {"value": f"first {i}"}, "output_2": {"value": f"second {i}"}, "preference": 1 + i % 2}
+             for i, p in enumerate(prompts)]
+    out = tw.build_rlinit(data, prefs, 20, seed=0)
+    assert len(out) == 23
+    answers = {r["id"]: r["conversations"][1]["value"] for r in out}
+    assert [answers[f"rlinit_{p['id']}"] for p in prompts] == ["first 0", "second 1", "first 2"]
+    scenes, images = _load(data, "scenes.json"), {p["image"] for p in _load(data, "preference_prompts.json")}
+    mc = [r for r in out if r["id"].startswith("rlinit_mc_")]
+    assert len(mc) == 20
+    for r in mc:
+        assert r["image"] in images
+        q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        m = re.fullmatch(r"(.+) So the correct option is ([ABCD])\.", a)
+        assert m, a
+        option = dict(re.findall(r"\n([ABCD])\. ([^\n]+)", q))[m.group(2)]
+        # the reasoning sentence is true of the scene, and the chosen option is the one it names
+        assert tw.check_claims(scenes[r["image"]], m.group(1))[1] == 0
+        assert option in m.group(1) or option == "zero" and " no " in m.group(1), (q, a)
+    import ppo   # the form PPO's official correctness bonus reads
+    recs = [{"answer_type": "multiple_choice", "answer": re.search(r"option is ([ABCD])", r["conversations"][1]["value"]).group(1)}
+            for r in mc]
+    st = ppo.symbolic_rewards([r["conversations"][1]["value"] for r in mc], [True] * 20, [1] * 20, recs)
+    assert all(v > 0 for v in st["correct"].tolist())
+
+
+def test_gold_vs_proxy_plot_writes_a_png_without_matplotlib(tmp_path):
+    evals = [{"step": s, "eval_proxy_rm": 0.1 * s, "eval_gold_rating": 3 - 0.1 * s, "eval_gold_false_claim": 0.5}
+             for s in (0, 5, 10)]
+    per_seed = [{"ppo": {arm: {"evals": evals} for arm in tw.ARMS}}]
     path = tmp_path / "curves.png"
-    assert tw.plot_ppo(hist, str(path)) is True
+    assert tw.plot_gold_vs_proxy(per_seed, str(path)) == str(path)
     from PIL import Image
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] > im.size[1] > 100
-        # three panels drawn: not a blank canvas
         assert len(im.convert("RGB").getcolors(1 << 16) or []) > 3
+
+
+def test_stages_reuse_a_finished_prefix_and_rerun_from_the_first_change(tmp_path):
+    calls = []
+
+    def stage(name):
+        return lambda: calls.append(name) or {"from": name}
+    st = tw.Stages(str(tmp_path), reuse=True)
+    for n in ("a", "b", "c"):
+        st.run(n, {"k": 1}, stage(n))
+    assert calls == ["a", "b", "c"]
+    calls.clear()
+    st = tw.Stages(str(tmp_path), reuse=True)
+    assert st.run("a", {"k": 1}, stage("a")) == {"from": "a"}
+    st.run("b", {"k": 2}, stage("b"))        # changed: it and everything after it run again
+    st.run("c", {"k": 1}, stage("c"))
+    assert calls == ["b", "c"]
+    calls.clear()
+    st = tw.Stages(str(tmp_path), reuse=False)
+    st.run("a", {"k": 1}, stage("a"))
+    assert calls == ["a"]
