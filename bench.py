@@ -1,7 +1,8 @@
 """Benchmarks: our LLaVA against transformers' LlavaForConditionalGeneration, side by side in ONE run.
 
-    python bench.py                 # CPU config of the issue (fp32), prints one table (~4-6 min on 2 cores)
-    python bench.py --quick         # tiny config, a smoke test (seconds)
+    python bench.py                 # CPU config of the issue (fp32): table, summary, scaling (~10 min on 2 cores)
+    python bench.py --quick         # tiny config, a smoke test (< 1 min)
+    python bench.py --scaling full  # the whole scaling grid: batch 1..32, +32..512 (much longer); off: none
     python bench.py --no-compile    # skip the torch.compile rows
     python bench.py --threads 1     # intra-op threads (default: torch's default)
     python bench.py --gpu-check     # one CUDA GPU: 7B-shaped bf16 model vs the hardware floor (< 8 min on an H100)
@@ -23,6 +24,13 @@ What is measured (same weights, same inputs, warm-up first, interleaved repeats,
   * ceilings: the machine's measured matmul FLOP/s, the faster of BLAS (a @ b) and, on CPU, oneDNN
     with a prepacked operand (MFU = useful model FLOP/s over it), and memory
     copy bandwidth (the decode floor: bytes that must be read per step / bandwidth).
+  * the CPU linear path of the compiled rows: kernels.cpu_linear_plan's choice per shape class (decode,
+    prefill) between MKL and prepacked oneDNN, measured on this model's linear shapes or read from its cache.
+  * data loading: JPEGs read through data.BatchLoader in the step (workers 0) and in 2 workers, around a
+    fake step as long as reading a batch (bench_data_loading).
+  * a summary of the ratios: PPO step vs the official way, generation vs transformers, decode step vs
+    the floor; then the scaling table (bench_scaling: generation and the PPO step against batch and new
+    tokens, ours and the baseline; markdown) and its plot (--plot, plots.py).
 Peak memory is the process's peak RSS during the phase on CPU (reset through /proc/self/clear_refs)
 and torch.cuda.max_memory_allocated on GPU. This machine may be shared: the header prints the load
 average, and the numbers are medians of interleaved runs so that a burst hits all contenders alike.
@@ -30,7 +38,6 @@ average, and the numbers are medians of interleaved runs so that a burst hits al
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -292,7 +299,9 @@ class Table:
 # ----------------------------------------------------------------------------------------------------
 # Generation
 
-def bench_generation(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, device, compile: bool) -> None:
+def bench_generation(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, device, compile: bool) -> dict:
+    """Rows in `table`. -> {"seconds": {impl: end to end}, "step_ms": {impl: decode ms/step}, "floor_ms": the
+    decode step's floor (decode_bytes at the mean context / copy bandwidth)}."""
     c = cfg.model
     ids, images, mask = make_inputs(cfg, cfg.text_tokens - 1, seed=0, device=device)
     hf_ids = to_hf(ids, c.image_token_index)
@@ -337,9 +346,11 @@ def bench_generation(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, 
         t = med(times[k])
         table.add(f"generate B={B} prompt={T} +{N} greedy", k, t, B * N / t, ref_e2e / t,
                   flops / t / ceil["matmul_flops"], peaks[k], "prefill + decode")
+    floor = decode_bytes(m, B, T + N // 2) / ceil["copy_bytes_per_s"]
+    out = {"seconds": {k: med(times[k]) for k in runs}, "step_ms": {}, "floor_ms": 1e3 * floor}
     for k in runs:
         t_dec = max(med(times[k]) - med(times[k + " 1"]), 1e-9)
-        floor = decode_bytes(m, B, T + N // 2) / ceil["copy_bytes_per_s"]
+        out["step_ms"][k] = 1e3 * t_dec / (N - 1)
         table.add(f"  decode steps only (x{N - 1})", k, t_dec, B * (N - 1) / t_dec, ref_dec / t_dec,
                   dflops / t_dec / ceil["matmul_flops"], None,
                   f"{1e3 * t_dec / (N - 1):.1f} ms/step; floor {1e3 * floor:.1f} ms "
@@ -356,6 +367,7 @@ def bench_generation(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, 
     if dec is not None:
         note += f"; decode graphs compiled {dec.compiles} (in {compile_s:.0f}s), recompiles across steps {dec.recompiles}"
     table.add("  greedy tokens", "all", note=note)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -476,7 +488,8 @@ def _last_hidden(ref, ids, pix, mask) -> torch.Tensor:
     return out.hidden_states[-1]           # after the final norm, (B, T, D)
 
 
-def bench_ppo(m: LLaVA, ref, cfg: BenchConfig, table: Table | None, device, compile: bool) -> dict[str, dict]:
+def bench_ppo(m: LLaVA, ref, cfg: BenchConfig, table: Table | None, device, compile: bool, warmup: bool = True,
+              strict: bool = True) -> dict:
     """A PPO step through ppo.py's own functions, at ppo.Config's defaults but the bench's batch and greedy
     sampling (so that the baseline's tokens can be compared): rollout (policy, reference and value passes;
     the reward model scores the decoded text through RewardScorer), then advantages and update (ppo_epochs
@@ -486,8 +499,11 @@ def bench_ppo(m: LLaVA, ref, cfg: BenchConfig, table: Table | None, device, comp
     official trainer does it: transformers' generate, then full forwards of the policy, reference, value
     and reward (the whole (B, T, V) logits, log_softmax; hidden states for the heads), each running the
     vision tower again, and ppo_epochs of full forward + backward for the policy and value losses; the
-    same LoRA weights (_HFLoRA), prompts, advantages and optimizer. Asserted: identical greedy tokens and
-    log-probs that agree. -> {"ours": phase seconds, "transformers": phase seconds}, rows in `table`."""
+    same LoRA weights (_HFLoRA), prompts, advantages and optimizer. Asserted (strict; else reported in
+    "tokens_identical"): identical greedy tokens and log-probs that agree. warmup=False (the scaling table)
+    runs no whole untimed step first, only a generation that compiles the policy's decode graphs.
+    -> {"ours": phase seconds, "transformers": phase seconds, "peak": {who: bytes}, "tokens_identical": bool},
+    rows in `table`."""
     import reward_model
     c, B, N = cfg.model, cfg.batch, cfg.new_tokens
     ids, images, _ = make_inputs(cfg, cfg.text_tokens - 1, seed=2, device="cpu")
@@ -513,7 +529,7 @@ def bench_ppo(m: LLaVA, ref, cfg: BenchConfig, table: Table | None, device, comp
 
     def rollout():
         m.eval()
-        with kernels.packed_cpu_linear(compile and device.type == "cpu"):   # as ppo.main
+        with kernels.cpu_linear(m, B, compile and device.type == "cpu"):   # as ppo.main
             st["rows"], st["times"] = ppo.rollout(models, tok, items, records, pcfg, gen)
 
     def update():
@@ -589,8 +605,14 @@ def bench_ppo(m: LLaVA, ref, cfg: BenchConfig, table: Table | None, device, comp
         ref.eval()
 
     # warm-up: ours (compiles the LoRA policy's decode step and the sampler), then the baseline
-    rollout(), update()
-    results: dict[str, dict] = {}
+    if warmup:
+        rollout(), update()
+    elif compile:   # the policy's decode graphs for these shapes, untimed; everything else runs eagerly
+        m.set_adapter("policy")
+        m.generate(ids, images, torch.ones_like(ids), max_new_tokens=N, temperature=0.0, eos_token_id=-1, compile=True)
+        m.set_adapter(None)
+    results: dict = {}
+    same = True
     # one timed step each, in order: a rollout, then the update that trains on its rows; both rollouts
     # before either update, so that they sample from the same weights
     reset_peak_memory(device)
@@ -599,15 +621,19 @@ def bench_ppo(m: LLaVA, ref, cfg: BenchConfig, table: Table | None, device, comp
     results["ours"] = {"generation": t_gen, "scoring": times["rollout"][0] - t_gen}
     hf_peaks = {}
     if ref is not None:
-        hf_rollout()                                     # warm-up
+        if warmup:
+            hf_rollout()
         hf_times, hf_peaks = interleaved({"rollout": hf_rollout}, 1, device)
         for a, b_ in zip(st["rows"], hb["rows"]):
             if not torch.equal(a.response, b_.response):
-                raise AssertionError(f"PPO step: greedy tokens differ from transformers' generate: {a.response.tolist()} "
-                                     f"vs {b_.response.tolist()}")
-        got, want = ppo.per_token(st["rows"], "logp"), hb["logp"] * hb["batch"][5]
-        if (got - want[:, :got.shape[1]]).abs().max() > 1e-3:
-            raise AssertionError(f"PPO step: log-probs differ from transformers' by {(got - want).abs().max():.2e}")
+                same = False
+                if strict:
+                    raise AssertionError(f"PPO step: greedy tokens differ from transformers' generate: "
+                                         f"{a.response.tolist()} vs {b_.response.tolist()}")
+        if same:
+            got, want = ppo.per_token(st["rows"], "logp"), hb["logp"] * hb["batch"][5]
+            if (got - want[:, :got.shape[1]]).abs().max() > 1e-3 and strict:
+                raise AssertionError(f"PPO step: log-probs differ from transformers' by {(got - want).abs().max():.2e}")
         results["transformers"] = {"generation": hb["t_gen"], "scoring": hb["t_score"]}
     t2, p2 = interleaved({"update": update}, 1, device)
     results["ours"]["update"], peaks["update"] = t2["update"][0], p2["update"]
@@ -616,9 +642,12 @@ def bench_ppo(m: LLaVA, ref, cfg: BenchConfig, table: Table | None, device, comp
         results["transformers"]["update"], hf_peaks["update"] = t3["update"][0], p3["update"]
     m.eval()
     m.set_adapter(None)
+    phases = dict(results)
+    results["peak"] = {"ours": max(peaks.values())} | ({"transformers": max(hf_peaks.values())} if hf_peaks else {})
+    results["tokens_identical"] = same
     if table is None:
         return results
-    for who, ph in results.items():
+    for who, ph in phases.items():
         pk = peaks if who == "ours" else hf_peaks
         total = sum(ph.values())
         impl = "ours" + (" compiled" if compile else "") if who == "ours" else "transformers (official way)"
@@ -634,6 +663,201 @@ def bench_ppo(m: LLaVA, ref, cfg: BenchConfig, table: Table | None, device, comp
                   "generate; full forwards: policy, reference, value, reward; full fwd+bwd x epochs"
                   + "; identical greedy tokens")
     return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CPU linear path, measured once per machine
+
+def bench_linear_choice(m: LLaVA, cfg: BenchConfig, table: Table) -> dict | None:
+    """kernels.cpu_linear_plan for the bench model's linear shapes at its batch: measured now, or read from
+    the cache an earlier run wrote. The compiled rows below run with it (generate(compile=True) asks for the
+    same plan). -> the plan, None without oneDNN."""
+    if not kernels.packed_cpu_linear_available():
+        table.add("CPU linear path", "mkl", note="this torch build has no oneDNN: F.linear (MKL) throughout")
+        return None
+    t0 = time.perf_counter()
+    plan = kernels.cpu_linear_plan(kernels.linear_shapes(m), decode_rows=cfg.batch)
+    took = time.perf_counter() - t0
+    for cls in kernels.SHAPE_CLASSES:
+        ms, src = plan["ms"].get(cls, {}), plan["source"][cls]
+        timed = f"all linears at {plan['rows'][cls]} rows: MKL {ms['mkl']:.2f} ms, oneDNN prepacked {ms['packed']:.2f} ms" \
+            if ms else ""
+        how = {"measured": f"measured now ({took:.1f}s), cached in {kernels.linear_cache_path()}",
+               "cache": f"from the cache ({kernels.linear_cache_path()})", "env": "set by LLAVA_RLHF_CPU_LINEAR"}[src]
+        table.add(f"CPU linear path: {cls}", plan[cls], note="; ".join(x for x in (timed, how) if x))
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scaling: generation and the PPO step against batch and response length
+
+SCALING = {   # (batches at the config's new tokens, new tokens at the config's batch), beside the config's point
+    "quick": ((1, 16), (128,)),           # ~6 min at --threads 1 on a busy 2-core Xeon; B=16 over half of it
+    "full": ((1, 2, 4, 8, 16, 32), (32, 64, 128, 256, 512)),
+}
+SCALING_TINY = {"quick": ((1, 4), (4, 16)), "full": ((1, 2, 4, 8), (4, 8, 16, 32))}   # for --quick's model
+
+
+def scaling_points(batches, lengths, cfg: BenchConfig) -> list[tuple[str, int, int]]:
+    """(sweep, batch, new tokens): the batch sweep at cfg.new_tokens, the length sweep at cfg.batch; each
+    sweep holds the config's own point (measured by the main table)."""
+    pts = [("batch", B, cfg.new_tokens) for B in sorted(set(batches) | {cfg.batch})]
+    return pts + [("length", cfg.batch, N) for N in sorted(set(lengths) | {cfg.new_tokens})]
+
+
+def bench_scaling(m: LLaVA, ref, cfg: BenchConfig, points, device, compile: bool, known: dict) -> list[dict]:
+    """At each (batch, new tokens): greedy generation, ours (compiled when `compile`) against transformers'
+    generate (one timed call each after ours compiled its graphs), and a whole PPO step (bench_ppo without
+    its untimed warm-up step), ours against the official way. known[(B, N)]: a point already measured.
+    -> one dict per point."""
+    rows = []
+    for sweep, B, N in points:
+        if (B, N) in known:
+            rows.append({"sweep": sweep, "batch": B, "new": N, **known[(B, N)], "reused": True})
+            continue
+        pc = replace(cfg, batch=B, new_tokens=N)
+        ids, images, mask = make_inputs(pc, cfg.text_tokens - 1, seed=3, device=device)
+        T = ids.shape[1]
+        hf_ids = to_hf(ids, cfg.model.image_token_index)
+        ours = lambda: m.generate(ids, images, mask, max_new_tokens=N, temperature=0.0, eos_token_id=-1,  # noqa: E731
+                                  compile=compile)
+        theirs = lambda: ref.generate(input_ids=hf_ids, pixel_values=images, attention_mask=mask,  # noqa: E731
+                                      max_new_tokens=N, min_new_tokens=N, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[:, T:]
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            ours()                                    # compiles this shape's decode graphs
+            first = time.perf_counter() - t0
+            times, _ = interleaved({"ours": ours, "transformers": theirs}, 1, device)
+        p = bench_ppo(m, ref, pc, None, device, compile, warmup=False, strict=False)
+        rows.append({"sweep": sweep, "batch": B, "new": N, "gen_ours": times["ours"][0],
+                     "gen_hf": times["transformers"][0], "ppo_ours": sum(p["ours"].values()),
+                     "ppo_hf": sum(p["transformers"].values()), "same": p["tokens_identical"],
+                     "first_call": first, "reused": False})
+        print(f"  scaling {sweep} B={B} +{N}: generation {rows[-1]['gen_ours']:.2f} / {rows[-1]['gen_hf']:.2f} s, "
+              f"PPO step {rows[-1]['ppo_ours']:.2f} / {rows[-1]['ppo_hf']:.2f} s", file=sys.stderr, flush=True)
+    for dec in kernels._DECODERS.get(m, {}).values():
+        dec.release()                                 # the kept KV caches back to the allocator
+    return rows
+
+
+def scaling_table(rows: list[dict], ours: str) -> str:
+    """The scaling rows as a markdown table."""
+    out = [f"| sweep | batch | new tokens | generation {ours} (s) | generation transformers (s) | speed-up "
+           f"| PPO step {ours} (s) | PPO step official way (s) | speed-up |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mark = " (main table)" if r["reused"] else "" if r.get("same", True) else " (greedy tokens differ)"
+        out.append(f"| {r['sweep']} | {r['batch']} | {r['new']}{mark} | {r['gen_ours']:.3g} | {r['gen_hf']:.3g} "
+                   f"| {r['gen_hf'] / r['gen_ours']:.2f}x | {r['ppo_ours']:.3g} | {r['ppo_hf']:.3g} "
+                   f"| {r['ppo_hf'] / r['ppo_ours']:.2f}x |")
+    return "\n".join(out)
+
+
+def scaling_plot(rows: list[dict], ours: str, path: str) -> str | None:
+    """Seconds against batch and against new tokens, ours and the baseline, two panels (plots.py). -> the
+    path written, None without pillow (for a .png)."""
+    import importlib.util
+    import plots
+    if path.lower().endswith(".png") and importlib.util.find_spec("PIL") is None:
+        return None
+    charts = []
+    for sweep, x, label in (("batch", "batch", "batch"), ("length", "new", "new tokens")):
+        pts = sorted((r for r in rows if r["sweep"] == sweep), key=lambda r: r[x])
+        xs = [r[x] for r in pts]
+        series = {f"generation {ours}": (xs, [r["gen_ours"] for r in pts]),
+                  "generation transformers": (xs, [r["gen_hf"] for r in pts]),
+                  f"PPO step {ours}": (xs, [r["ppo_ours"] for r in pts]),
+                  "PPO step official way": (xs, [r["ppo_hf"] for r in pts])}
+        fixed = f"batch {pts[0]['batch']}" if sweep == "length" else f"+{pts[0]['new']} tokens"
+        charts.append(plots.LineChart(f"seconds against {label} ({fixed})", series, xlabel=label, ylabel="seconds",
+                                      ymin=0.0))
+    return plots.save(charts, path, cols=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data loading: reading JPEGs in the step or in DataLoader workers
+
+class _JpegImages(torch.utils.data.Dataset):
+    """Item i: the image file as the model's (3, S, S) input (data.image_tensor: decode, pad to square,
+    resize, normalise), the way every stage reads an image."""
+
+    def __init__(self, paths: list[str], image_size: int):
+        self.paths, self.image_size = paths, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return data.image_tensor(self.paths[i], self.image_size)
+
+
+def write_jpegs(folder: str, n: int, width: int = 448, height: int = 336, seed: int = 0) -> list[str]:
+    """n random photos-ish JPEGs (smooth colour fields plus noise; 4:3, as COCO's) in folder. -> paths."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    for i in range(n):
+        low = torch.rand(1, 3, height // 16, width // 16, generator=g)
+        img = F.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)[0]    # (3, H, W)
+        img = (img + 0.08 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+        px = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        paths.append(os.path.join(folder, f"{i:03d}.jpg"))
+        Image.fromarray(px).save(paths[-1], quality=90)
+    return paths
+
+
+def bench_data_loading(n_images: int, batch: int, steps: int, image_size: int, workers: int = 2) -> dict:
+    """A training loop's step time with its batches read by data.BatchLoader in this process (workers 0)
+    and in `workers` DataLoader workers, around a fake step: a sleep as long as reading one batch takes
+    here (what an accelerator's step leaves the CPU: free). -> {"load_ms", "step_ms": {workers: ms}}"""
+    with tempfile.TemporaryDirectory() as d:
+        ds = _JpegImages(write_jpegs(d, n_images), image_size)
+        t0 = time.perf_counter()
+        for i in range(2 * batch):
+            ds[i % len(ds)]
+        load = (time.perf_counter() - t0) / 2                   # seconds to read one batch here
+        out = {"load_ms": 1e3 * load, "step_ms": {}, "n_images": n_images, "batch": batch, "image_size": image_size}
+        for w in (0, workers):
+            loader = data.BatchLoader(ds, data.ResumableSampler(len(ds), seed=0), batch, torch.stack, w, prefetch=2)
+            for _ in range(2):                                  # warm-up: the workers start and fill their queue
+                loader.next()
+                time.sleep(load)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                x = loader.next()                                # (batch, 3, S, S)
+                time.sleep(load)                                 # the fake step
+            out["step_ms"][w] = 1e3 * (time.perf_counter() - t0) / steps
+            assert x.shape == (batch, 3, image_size, image_size)
+            loader.close()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The summary: the ratios the issue asks for, one line each
+
+def summary(gen: dict, ppo_res: dict | None, plan: dict | None, loading: dict | None) -> str:
+    best = "ours compiled" if "ours compiled" in gen["seconds"] else "ours eager"
+    lines = [f"summary ({kernels.cpu_model()}, {torch.get_num_threads()} threads)"]
+    if ppo_res is not None and "transformers" in ppo_res:
+        o, t = sum(ppo_res["ours"].values()), sum(ppo_res["transformers"].values())
+        pk = ppo_res["peak"]
+        lines.append(f"  PPO step vs the official way: {t / o:.2f}x (ours {o:.3g} s, official way {t:.3g} s; "
+                     f"peak {pk['ours'] / 2**30:.2f} vs {pk['transformers'] / 2**30:.2f} GiB)")
+    lines.append("  generation vs transformers: " + ", ".join(
+        f"{k} {gen['seconds']['transformers'] / gen['seconds'][k]:.2f}x" for k in gen["seconds"] if k != "transformers"))
+    f = gen["floor_ms"]
+    order = [best] + [k for k in gen["step_ms"] if k != best]
+    lines.append(f"  decode step vs the bandwidth floor ({f:.3g} ms/step): " + ", ".join(
+        f"{k} {gen['step_ms'][k]:.3g} ms = {gen['step_ms'][k] / f:.2f}x the floor" for k in order))
+    if plan is not None:
+        lines.append("  CPU linear path: " + ", ".join(f"{c} {plan[c]} ({plan['source'][c]})" for c in kernels.SHAPE_CLASSES))
+    if loading is not None:
+        s0, s2 = loading["step_ms"][0], loading["step_ms"][max(loading["step_ms"])]
+        lines.append(f"  data loading ({loading['n_images']} JPEGs, {loading['image_size']} px, batch {loading['batch']}, "
+                     f"fake step {loading['load_ms']:.0f} ms): workers 0 {s0:.0f} ms/step, workers "
+                     f"{max(loading['step_ms'])} {s2:.0f} ms/step ({s0 / s2:.2f}x)")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -756,15 +980,7 @@ def gpu_check(args) -> None:
 
 def _header(device: torch.device) -> str:
     import transformers
-    if device.type == "cuda":
-        dev = torch.cuda.get_device_name(device)
-    else:
-        dev = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                dev = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else kernels.cpu_model()
     return (f"device {dev} | threads {torch.get_num_threads()} of {os.cpu_count()} cpus | "
             f"load avg {os.getloadavg()[0]:.2f} | "
             f"torch {torch.__version__} | transformers {transformers.__version__}")
@@ -779,6 +995,9 @@ class Flags:
     iters: int = 0                # timed repeats per measurement (0: the config's)
     gpu_check: bool = False       # 7B-shaped bf16 check on one CUDA GPU
     cpu_dry_run: bool = False     # run --gpu-check's code on CPU, tiny (its own test)
+    scaling: str = "quick"        # the scaling table: off, quick (a few points) or full (batch 1..32, +32..512)
+    plot: str = "bench_scaling.png"   # the scaling picture (.png through pillow, or .svg); "" for none
+    no_data: bool = False         # skip the data-loading rows (JPEGs read in the step or in workers)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -789,6 +1008,8 @@ def main(argv: list[str] | None = None) -> str:
     if args.gpu_check:
         gpu_check(args)
         return ""
+    if args.scaling not in ("off", "quick", "full"):
+        raise SystemExit(f"error: --scaling {args.scaling!r}: off, quick or full")
     cfg = QUICK if args.quick else CPU
     if args.iters:
         cfg = replace(cfg, iters=args.iters)
@@ -808,10 +1029,32 @@ def main(argv: list[str] | None = None) -> str:
     init_weights(m)
     with tempfile.TemporaryDirectory() as d:
         ref = load_reference(m, d)
-    bench_generation(m, ref, cfg, table, ceil, device, compile)
+    plan = bench_linear_choice(m, cfg, table)      # the linear path of the compiled rows (and of ppo.py --compile)
+    gen = bench_generation(m, ref, cfg, table, ceil, device, compile)
     bench_training(m, ref, cfg, table, ceil, device, compile)
-    if not args.no_ppo:
-        bench_ppo(m, ref, cfg, table, device, compile)
+    ppo_res = None if args.no_ppo else bench_ppo(m, ref, cfg, table, device, compile)
+    loading = None
+    if not args.no_data:
+        loading = bench_data_loading(*((16, 4, 6) if args.quick else (48, 8, 10)), image_size=336)
+        for w, ms in loading["step_ms"].items():
+            table.add(f"data loading, batch {loading['batch']} JPEG -> 336px", f"BatchLoader workers {w}", ms / 1e3,
+                      note=f"per step around a fake {loading['load_ms']:.0f} ms step (a sleep: the CPU is free, as "
+                           f"under a GPU step); reading a batch here takes {loading['load_ms']:.0f} ms")
+    scaling = ""
+    if args.scaling != "off" and ppo_res is not None:
+        batches, lengths = (SCALING_TINY if args.quick else SCALING)[args.scaling]
+        comp = compile and not args.quick      # --quick compiles no new shapes (a compile takes longer than its grid)
+        best = "ours compiled" if comp else "ours eager"
+        known = {} if comp != compile else {(cfg.batch, cfg.new_tokens): {
+            "gen_ours": gen["seconds"][best], "gen_hf": gen["seconds"]["transformers"],
+            "ppo_ours": sum(ppo_res["ours"].values()), "ppo_hf": sum(ppo_res["transformers"].values()), "same": True}}
+        rows = bench_scaling(m, ref, cfg, scaling_points(batches, lengths, cfg), device, comp, known)
+        scaling = (f"\nscaling ({args.scaling}): seconds per greedy generation (image + {cfg.text_tokens} text, +N "
+                   f"new tokens) and per PPO step (bench_ppo: rollout + update, {ppo.Config.ppo_epochs} epochs), "
+                   f"{best} against transformers / the official way\n{scaling_table(rows, best)}")
+        picture = scaling_plot(rows, best, args.plot) if args.plot else None
+        if picture:
+            scaling += f"\nplot: {picture}"
     gemms = f"BLAS (a @ b) {ceil['matmul_flops_blas'] / 1e9:.0f}"
     if "matmul_flops_onednn" in ceil:
         gemms += f", oneDNN prepacked {ceil['matmul_flops_onednn'] / 1e9:.0f}"
@@ -821,7 +1064,7 @@ def main(argv: list[str] | None = None) -> str:
     out = (f"{header}\nconfig: vision {c.image_size}px/{c.patch_size} ({c.num_image_tokens} image tokens) "
            f"{c.vision_layers}x{c.vision_hidden}; LLM {c.layers}x{c.hidden}, {c.heads} heads, vocab {c.vocab_size}; "
            f"batch {cfg.batch}; prompt image + {cfg.text_tokens} text; +{cfg.new_tokens} greedy; train T={cfg.train_seq}; "
-           f"fp32; median of {cfg.iters}\n{table.render()}\n"
+           f"fp32; median of {cfg.iters}\n{table.render()}\n{summary(gen, ppo_res, plan, loading)}{scaling}\n"
            f"load avg at end {os.getloadavg()[0]:.2f}; total bench time {time.perf_counter() - t_start:.0f}s")
     print(out)
     return out

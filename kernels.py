@@ -3,6 +3,7 @@ this file; each piece here is a faster way to run something model.py defines pla
 measures them against transformers):
 
     with packed_cpu_linear():          # no-grad fp32 CPU linears through oneDNN, weights prepacked once
+    with cpu_linear(m, batch):         # ... per shape class where measured faster here (cpu_linear_plan)
     with fused_kernels():              # RMSNorm, rotary, SwiGLU through torch.compile (training, prefill)
     FusedLogprobs                      # lm_head -> log p(target) with a hand-written chunked backward
                                        # (model.token_logprobs(..., fused=True))
@@ -17,8 +18,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import json
 import os
+import platform
 import shutil
+import time
 import weakref
 from typing import Callable, Iterator
 
@@ -39,15 +43,22 @@ def _switched_on(use: Callable[[bool], bool], enable: bool) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# oneDNN packed CPU linear
+# oneDNN packed CPU linear, and which of the two linears a machine runs faster
 
-# On CPU, F.linear runs MKL's sgemm, and MKL takes a generic AVX2 path on CPUs that are not Intel's:
-# on an AMD EPYC (Zen 5) here it reaches half the machine's matmul FLOP/s, while oneDNN's GEMM with
-# the weight prepacked in its blocked layout runs a prefill-sized linear 2x faster and a decode step's
-# few rows 3x faster (bench.py measures both). Packing is a pass over the weight and keeps a second
-# copy of it, so it is opt-in and done once per weight version (an optimizer step, merge or load
+# On CPU, F.linear runs MKL's sgemm. Where MKL takes a generic path (it does on AMD CPUs: an EPYC here
+# reached half its matmul FLOP/s through it), oneDNN's GEMM with the weight prepacked in its blocked
+# layout runs a prefill-sized linear 2x faster and a decode step's few rows 3x faster; on an Intel Xeon
+# here the two tied. Which is faster is a property of the machine (CPU, cores, threads, torch build)
+# and of the GEMM's shape, not of the vendor's name, so it is measured: cpu_linear_plan times both on
+# the model's own linear shapes, once per shape class (decode: a few rows, bandwidth-bound; prefill: many
+# rows, compute-bound), and caches the choice on disk. Packing is a pass over the weight and keeps a
+# second copy of it, so it is opt-in and done once per weight version (an optimizer step, merge or load
 # bumps it); it only serves no-grad forward passes, since training needs F.linear's autograd.
-_PACKED_CPU = {"on": False}
+SHAPE_CLASSES = ("decode", "prefill")
+DECODE_ROWS = 64                  # a linear over at most this many rows (batch x tokens) is a decode-class GEMM
+PREFILL_ROWS = 512                # the rows a prefill-class GEMM is timed at (past a few hundred, GEMMs run at peak)
+PACK_MARGIN = 0.05                # packed only when measured >= 5% faster: its copy of the weights costs memory
+_PACKED_CPU = {"decode": False, "prefill": False}   # shape class -> through the packed path
 _PACKED = WeakIdKeyDictionary()   # weight -> (data_ptr, version, packed copy); an entry dies with its weight
 
 
@@ -64,18 +75,179 @@ def packed_cpu_linear_available() -> bool:
         return False
 
 
-def use_packed_cpu_linear(enable: bool = True) -> bool:
-    """Route every no-grad fp32 CPU linear through oneDNN with prepacked weights; process-wide. Returns
-    the previous setting. generate(compile=True) turns it on for its own duration. Each packed copy
-    lives as long as its weight (memory: the linear weights once more) or until drop_packed_weights()."""
-    prev = _PACKED_CPU["on"]
-    _PACKED_CPU["on"] = bool(enable) and packed_cpu_linear_available()
+def shape_class(rows: int) -> str:
+    """"decode" for a linear over at most DECODE_ROWS rows, else "prefill"."""
+    return "decode" if rows <= DECODE_ROWS else "prefill"
+
+
+def use_packed_cpu_linear(enable: bool | dict = True) -> dict:
+    """Route no-grad fp32 CPU linears through oneDNN with prepacked weights; process-wide. enable: True
+    (every linear), False (none) or {shape class: bool} (a plan's choice, cpu_linear_plan). Returns the
+    previous setting (a dict, accepted back). Each packed copy lives as long as its weight (memory: the
+    linear weights once more) or until drop_packed_weights()."""
+    prev = dict(_PACKED_CPU)
+    ok = packed_cpu_linear_available()
+    for k in SHAPE_CLASSES:
+        _PACKED_CPU[k] = ok and bool(enable.get(k, False) if isinstance(enable, dict) else enable)
     return prev
 
 
-def packed_cpu_linear(enable: bool = True) -> contextlib.AbstractContextManager:
-    """`with packed_cpu_linear():` use_packed_cpu_linear(True) inside the block (when enable)."""
-    return _switched_on(use_packed_cpu_linear, enable)
+@contextlib.contextmanager
+def packed_cpu_linear(enable: bool | dict = True) -> Iterator[None]:
+    """`with packed_cpu_linear(enable):` use_packed_cpu_linear(enable) inside the block, then the setting
+    before; False leaves the setting as it is (a dict of all False turns the packed path off inside)."""
+    prev = use_packed_cpu_linear(enable) if enable is not False else None
+    try:
+        yield
+    finally:
+        if prev is not None:
+            use_packed_cpu_linear(prev)
+
+
+def cpu_linear(module: torch.nn.Module, batch: int, enable: bool = True) -> contextlib.AbstractContextManager:
+    """`with cpu_linear(m, B):` each shape class of m's no-grad fp32 CPU linears through the path measured
+    faster on this machine for m's linear shapes at B decode rows (cpu_linear_plan; measured once, then read
+    from its cache). What generate(compile=True) and ppo.py's no-grad passes use. enable=False: nothing."""
+    if not enable or not packed_cpu_linear_available():
+        return contextlib.nullcontext()
+    plan = cpu_linear_plan(linear_shapes(module), decode_rows=batch)
+    return packed_cpu_linear({k: plan[k] == "packed" for k in SHAPE_CLASSES})
+
+
+# -- the one-time measurement -------------------------------------------------------------------------
+
+def linear_shapes(module: torch.nn.Module) -> dict[tuple[int, int], int]:
+    """(out_features, in_features) -> how many fp32 nn.Linear layers of module have that weight shape."""
+    counts: dict[tuple[int, int], int] = {}
+    for mod in module.modules():
+        if isinstance(mod, torch.nn.Linear) and mod.weight.dtype == torch.float32:
+            key = tuple(mod.weight.shape)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def time_linear(path: str, rows: int, out_features: int, in_features: int, min_seconds: float = 0.02) -> float:
+    """Seconds per call of one (rows, in) x (out, in)^T fp32 linear, no grad, on this CPU: "mkl" (F.linear)
+    or "packed" (oneDNN, weight prepacked once). One warm-up call, then the fastest of 3 rounds of calls
+    filling >= min_seconds each, on one weight (hot in cache where it fits: both paths alike). Inputs from
+    a private generator: the global RNG is not drawn from."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, in_features, generator=g)
+    w = torch.randn(out_features, in_features, generator=g)
+    if path == "packed":
+        wp = torch.ops.mkldnn._reorder_linear_weight(w)
+        fn = lambda: torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], "")   # noqa: E731
+    elif path == "mkl":
+        fn = lambda: F.linear(x, w)   # noqa: E731
+    else:
+        raise ValueError(f"unknown linear path {path!r}: mkl or packed")
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        fn()
+        reps = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def choose_linear_path(times: dict[str, dict[tuple[int, int], float]], counts: dict[tuple[int, int], int],
+                       margin: float = PACK_MARGIN) -> str:
+    """The path for one shape class: times[path][shape] seconds per call, counts[shape] layers of that
+    shape; each path's total is sum(count x time). -> "packed" when its total is below (1 - margin) x
+    MKL's, else "mkl"."""
+    total = {p: sum(n * times[p][s] for s, n in counts.items()) for p in ("mkl", "packed")}
+    return "packed" if total["packed"] < (1.0 - margin) * total["mkl"] else "mkl"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def linear_cache_path() -> str:
+    """Where measured choices are kept: $LLAVA_RLHF_LINEAR_CACHE, else ~/.cache/llava_rlhf/cpu_linear.json."""
+    return os.environ.get("LLAVA_RLHF_LINEAR_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "llava_rlhf", "cpu_linear.json")
+
+
+def _plan_key(cls: str, rows: int, shapes: dict[tuple[int, int], int]) -> str:
+    """A cached choice holds for this CPU, torch build, thread count, shape class, rows and weight shapes."""
+    sh = ",".join(f"{o}x{i}*{n}" for (o, i), n in sorted(shapes.items()))
+    return f"{cpu_model()} | torch {torch.__version__} | threads {torch.get_num_threads()} | {cls} rows {rows} | {sh}"
+
+
+def _read_cache(path: str) -> dict:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):    # none yet, or unreadable: measured again and rewritten
+        return {}
+
+
+def _write_cache(path: str, key: str, entry: dict) -> None:
+    """Add one entry, atomically (temporary file, rename): a reader never sees half a file. Best effort:
+    an unwritable cache only means measuring again next time."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        doc = _read_cache(path)
+        doc[key] = entry
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+_PLANS: dict[str, dict] = {}       # key -> entry, this process's memory of the cache
+
+
+def cpu_linear_plan(shapes: dict[tuple[int, int], int], decode_rows: int = 8, prefill_rows: int = PREFILL_ROWS,
+                    timer: Callable[[str, int, int, int], float] | None = None,
+                    cache_path: str | None = None) -> dict:
+    """Which CPU linear runs the model's linears faster here, per shape class: {"decode": "mkl" | "packed",
+    "prefill": ..., "source": {class: "env" | "cache" | "measured"}, "ms": {class: {path: total ms}},
+    "rows": {class: rows timed}}.
+    shapes: linear_shapes(model). Each class is timed at its rows (decode: the batch, rounded up to a power
+    of two, at most DECODE_ROWS; prefill: prefill_rows) by timer(path, rows, out, in) -> seconds, every
+    shape on both paths (timer None: time_linear), and the choice (choose_linear_path) kept in memory and in the JSON file at
+    cache_path (linear_cache_path()), keyed by CPU model, torch version, threads, class, rows and shapes:
+    one measurement per machine. $LLAVA_RLHF_CPU_LINEAR=mkl or packed sets both classes without
+    measuring; auto (the default) measures. Without oneDNN: mkl."""
+    force = os.environ.get("LLAVA_RLHF_CPU_LINEAR", "auto").strip().lower() or "auto"
+    if force not in ("auto", "mkl", "packed"):
+        raise ValueError(f"LLAVA_RLHF_CPU_LINEAR={force!r}: auto, mkl or packed")
+    plan: dict = {"source": {}, "ms": {}, "rows": {}}
+    if force != "auto" or not packed_cpu_linear_available():
+        for cls in SHAPE_CLASSES:
+            plan[cls], plan["source"][cls] = ("mkl" if force == "auto" else force), "env"
+        return plan
+    path, timer = cache_path or linear_cache_path(), timer or time_linear
+    decode_rows = min(DECODE_ROWS, 1 << max(0, int(decode_rows) - 1).bit_length())
+    prefill_rows = max(prefill_rows, DECODE_ROWS + 1)
+    for cls, rows in (("decode", decode_rows), ("prefill", prefill_rows)):
+        key = _plan_key(cls, rows, shapes)
+        entry = _PLANS.get(key) or _read_cache(path).get(key)
+        source = "cache"
+        if not (isinstance(entry, dict) and entry.get("path") in ("mkl", "packed")):
+            times = {p: {s: timer(p, rows, s[0], s[1]) for s in shapes} for p in ("mkl", "packed")}
+            entry = {"path": choose_linear_path(times, shapes), "rows": rows,
+                     "ms": {p: 1e3 * sum(n * times[p][s] for s, n in shapes.items()) for p in times}}
+            _write_cache(path, key, entry)
+            source = "measured"
+        _PLANS[key] = entry
+        plan[cls], plan["source"][cls], plan["ms"][cls] = entry["path"], source, entry.get("ms", {})
+        plan["rows"][cls] = rows
+    return plan
 
 
 def drop_packed_weights() -> None:
@@ -115,9 +287,12 @@ if not hasattr(torch.ops.llava_rlhf, "packed_linear"):   # once per process, eve
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, or packed_linear for no-grad CPU inference when use_packed_cpu_linear is on."""
-    if (_PACKED_CPU["on"] and x.device.type == "cpu" and weight.dtype == x.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    """F.linear, or packed_linear for no-grad CPU inference when use_packed_cpu_linear is on for this
+    linear's shape class (its rows: every dim of x but the last)."""
+    on = _PACKED_CPU
+    if ((on["decode"] or on["prefill"]) and x.device.type == "cpu" and weight.dtype == x.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and on[shape_class(x.numel() // max(1, x.shape[-1]))]):
         return torch.ops.llava_rlhf.packed_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -243,6 +418,9 @@ def _graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+DECODE_GRAPH_LIMIT = 64   # graphs of the compiled decode step before dynamo gives up on it (process-wide setting)
+
+
 class StaticDecoder:
     """decode_fn for model.generate: the model's decode_one through torch.compile (fullgraph=True,
     dynamic=False) unless compile=False; pick() compiles the sampler's pick likewise.
@@ -262,6 +440,9 @@ class StaticDecoder:
         self._kv = None
         self._cudagraphs = compile and mode in ("reduce-overhead", "max-autotune")
         step = type(model).decode_one
+        if compile:   # one graph per (batch, cache length, span, adapter): more than dynamo's default 8 for one
+            #           long generation (DECODE_SPAN buckets); past the limit dynamo would run the step eagerly
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DECODE_GRAPH_LIMIT)
         self._step = torch.compile(step, fullgraph=True, dynamic=False, mode=mode) if compile else step
         self._picks: dict[Callable, Callable] = {}
 

@@ -674,8 +674,10 @@ class LLaVA(nn.Module):
         `decode_fn(tok, pos, cache, slot, key_valid)` replaces decode_one. compile=True: the same steps
         and the same sampler compiled (kernels.static_decoder(self): one graph per batch size and
         bucketed cache length, reused across calls; the same tokens from the same generator), the
-        prefill with kernels' fused elementwise kernels and, on CPU, every linear through oneDNN."""
-        with kernels.packed_cpu_linear(compile and input_ids.device.type == "cpu"), kernels.fused_kernels(compile):
+        prefill with kernels' fused elementwise kernels and, on CPU, each shape class of linears (decode,
+        prefill) through MKL or prepacked oneDNN, whichever kernels.cpu_linear_plan measured faster here."""
+        with kernels.cpu_linear(self, input_ids.shape[0], compile and input_ids.device.type == "cpu"), \
+                kernels.fused_kernels(compile):
             B, T = input_ids.shape
             dev = input_ids.device
             if attention_mask is None:

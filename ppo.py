@@ -233,7 +233,8 @@ class Config:
     temperature: float = 1.0
     top_p: float = 1.0
     compile: bool = False               # rollouts through the compiled decode step (static KV cache); on CPU
-    #                                     also generation and scoring through oneDNN prepacked linears
+    #                                     also generation and scoring through MKL or prepacked oneDNN linears,
+    #                                     whichever this machine measured faster (kernels.cpu_linear_plan)
     # reward
     no_eos_penalty: float = -8.0
     length_penalty: float = -10.0       # x (response tokens / length_budget) x the item's length multiplier
@@ -799,7 +800,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None, gold_
     def evaluate() -> dict[str, float]:
         for mod in (pb, models.value_base):
             mod.eval()
-        with kernels.packed_cpu_linear(cfg.compile and d.device.type == "cpu"):
+        with kernels.cpu_linear(pb, cfg.micro_batch, cfg.compile and d.device.type == "cpu"):
             return heldout_eval(models, tok, eval_items, eval_records, cfg, reward_fn, gold_fn)
 
     per_rank = cfg.rollout_batch // d.world
@@ -834,7 +835,7 @@ def main(argv: list[str] | None = None, reward_fn: Callable | None = None, gold_
         # -- rollout ------------------------------------------------------------------------------------
         for mod in (pb, models.value_base):
             mod.eval()
-        with kernels.packed_cpu_linear(cfg.compile and d.device.type == "cpu"):   # generation and scoring
+        with kernels.cpu_linear(pb, cfg.micro_batch, cfg.compile and d.device.type == "cpu"):   # generation, scoring
             rows, times = rollout(models, tok, loader.next(), records, cfg, gen,
                                   reward_fn, step)
         t0 = time.time()

@@ -365,6 +365,7 @@ def rehearse_ppo(cfg, mcfg: M.ModelConfig, ranks: int, rm_mcfg: M.ModelConfig | 
         images = {c.image_size: torch.zeros(3, c.image_size, c.image_size) for c in (mcfg, vb.config)}
         rows = [ppo.Row({"id": str(i)}, prompt, images) for i in range(B)]
         w.counter.set_phase("rollout: generate")
+        ppo.image_features(rows, [pb, vb])     # vision once per base, as ppo.rollout: every pass reads the features
         b = ppo.collate(rows, pb)
         pb.set_adapter("policy")
         pb.generate(b["ids"], b["images"], b["mask"], max_new_tokens=R, temperature=cfg.temperature, top_p=cfg.top_p,

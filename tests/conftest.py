@@ -7,6 +7,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# the CPU linear path as before the per-machine measurement (kernels.cpu_linear_plan): prepacked oneDNN
+# wherever compiled generation or PPO's scoring asks, so that no test times GEMMs or writes ~/.cache;
+# tests/test_linear_choice.py tests the measured choice itself
+os.environ.setdefault("LLAVA_RLHF_CPU_LINEAR", "packed")
 
 
 import pytest  # noqa: E402
