@@ -995,18 +995,17 @@ def pooled(tests: list[dict]) -> dict:
 
 
 def gold_judge(data_dir: str, prompts_file: str = "heldout_prompts.json"):
-    """The world's ground truth as ppo.main's gold_fn: for each answer to a prompt of data_dir/prompts_file,
-    the rule judge's 0-6 rating against the prompt's reference answer ("rating") and whether the answer
-    makes a claim the scene contradicts ("false_claim", 0/1)."""
-    raw = {str(r["id"]): r for r in data.load_json(os.path.join(data_dir, prompts_file))}
+    """The world's ground truth as ppo.main's gold_fn: for each answer to a prompt of data_dir/prompts_file
+    (records as data.read_ppo_prompts reads them), the rule judge's 0-6 rating against the prompt's
+    reference answer ("rating") and whether the answer makes a claim the scene contradicts ("false_claim", 0/1)."""
+    gt = {str(r["id"]): r["gt_answer"] for r in data.load_json(os.path.join(data_dir, prompts_file))}
     scenes = data.load_json(os.path.join(data_dir, "scenes.json"))
 
     def gold(records: list[dict], texts: list[str]) -> dict[str, list[float]]:
         rating, false = [], []
         for rec, text in zip(records, texts):
-            r = raw[str(rec["id"])]
-            scene, question = scenes[r["image"]], r["conversations"][0]["value"].replace("<image>", "").strip()
-            rating.append(float(rule_judge({"scene": scene, "question": question, "gt_answer": r["gt_answer"]}, text)[1]))
+            scene, question = scenes[rec["image"]], rec["question"]
+            rating.append(float(rule_judge({"scene": scene, "question": question, "gt_answer": gt[str(rec["id"])]}, text)[1]))
             false.append(float(verify(scene, text, question).n_false > 0))
         return {"rating": rating, "false_claim": false}
     return gold
@@ -1749,13 +1748,15 @@ def format_pipeline_table(per_seed: list[dict]) -> str:
 
 def claims(per_seed: list[dict], alpha: float = 0.01) -> list[tuple[bool, str]]:
     """The paper's claims as yes/no checks on the pooled paired tests and on every seed."""
-    pool = pooled_summary(per_seed) if len(per_seed) > 1 else {**per_seed[0]["tests"], "rm": per_seed[0]["rm"]["test"]}
+    pool = pooled_summary(per_seed)        # one seed: its own tests
     k = len(per_seed)
     rm, fc = pool["rm"], pool["Fact-RLHF vs SFT"]["false_claim"]
     rm_ok = rm["c"] > rm["b"] and rm["p"] < alpha          # c: pairs only the plain RM gets wrong
-    fc_ok = fc["b"] > fc["c"] and fc["p"] < alpha          # b: questions only SFT makes a false claim on
-    every = sum(r["tests"]["Fact-RLHF vs SFT"]["false_claim"]["b"] > r["tests"]["Fact-RLHF vs SFT"]["false_claim"]["c"]
-                and r["tests"]["Fact-RLHF vs SFT"]["false_claim"]["p"] < alpha for r in per_seed)
+
+    def lower(t: dict) -> bool:                            # b: questions only SFT makes a false claim on
+        return t["b"] > t["c"] and t["p"] < alpha
+    fc_ok = lower(fc)
+    every = sum(lower(r["tests"]["Fact-RLHF vs SFT"]["false_claim"]) for r in per_seed)
     gold = sum(r["eval"]["Fact-RLHF"]["heldout"]["mean_rating"] > r["eval"]["RLHF"]["heldout"]["mean_rating"]
                for r in per_seed)
     return [(rm_ok, f"the Fact-RM is more accurate than the plain RM, paired p < {alpha} (pooled: {_p(rm)})"),
