@@ -21,10 +21,12 @@ Commands:
         [--image_folder DATA/eval/images, any other eval_mmhal.py flag]
         eval_mmhal.py's evaluation with the rule judge below (eval_mmhal.main(argv, rule_judge=rule_judge)).
     python tinyworld.py pipeline --out tiny_out [--size full|smoke] [--seed 0] [--seeds 1] [--reuse true]
+                                     [--side_by_side true]
         the whole paper in miniature with the real stage scripts, per seed in tiny_out/seed{s}/: make ->
         sft -> collect -> RL-init (LoRA) -> reward model with and without facts -> PPO from RL-init with
         each (held-out proxy and gold every 10 steps) -> evaluation of SFT, RL-init and both RLHF models,
-        paired tests; with --seeds K, each seed and the pooled result. Finished stages are reused.
+        paired tests; with --seeds K, each seed and the pooled result. Finished stages are reused. The two
+        reward models, and then the two PPO arms, run side by side in two processes (Stages.run_side_by_side).
 
 The model trained is model.PRESETS["tiny"] with the tokenizer's vocabulary (SPEC section 7); the
 stages' tiny settings are their own PRESETS["tiny"].
@@ -51,12 +53,14 @@ from __future__ import annotations
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -1506,7 +1510,8 @@ def evaluate_model(d: str, mdir: str, out: str, eval_limit: int = 0, pope_limit:
 PIPELINE_SIZES = {
     # minutes on 2 CPU cores; "make" sets MakeConfig fields, each other stage's flags are the real scripts' own
     # SFT's own held-out loss twice (the grounding gate is what decides)
-    "full": {"make": {"n_pref": 6000}, "sft": ["--max_steps", "900", "--eval_every", "450"], "pref_limit": 0,
+    # n_read 12000 (twice make's default): with 6000 the Fact-RM of some draws never learned to read (README)
+    "full": {"make": {"n_pref": 6000, "n_read": 12000}, "sft": ["--max_steps", "900", "--eval_every", "450"], "pref_limit": 0,
              "rlinit": ["--max_steps", "120"], "rlinit_mc": 1000,
              # 400 held-out pairs: the facts / no-facts gap is a few points, 200 pairs cannot resolve it.
              # One evaluation, at the end: the model used is the last, not the best on the test pairs.
@@ -1534,37 +1539,105 @@ class Stages:
     """Each stage's result saved as DIR/stages/NAME.json beside the settings it ran with. A rerun with the
     same settings reuses the finished stages, up to the first that changed or never finished (it and every
     later stage run again): a killed pipeline resumes at the stage it was in, and a change to PPO reuses
-    the world, SFT and the reward models."""
+    the world, SFT and the reward models. Stages that do not depend on each other can run side by side
+    (run_side_by_side)."""
 
-    def __init__(self, root: str, reuse: bool):
-        self.dir, self.reuse, self.times = os.path.join(root, "stages"), reuse, {}
+    def __init__(self, root: str, reuse: bool, side_by_side: bool = True):
+        self.dir, self.reuse, self.side_by_side, self.times = os.path.join(root, "stages"), reuse, side_by_side, {}
         os.makedirs(self.dir, exist_ok=True)
 
-    def run(self, name: str, settings, fn):
-        path = os.path.join(self.dir, name.replace(" ", "_") + ".json")
+    def _path(self, name: str, ext: str = ".json") -> str:
+        return os.path.join(self.dir, name.replace(" ", "_") + ext)
+
+    def _saved(self, name: str, settings) -> dict | None:
+        """The saved result of `name` when it may be reused: same settings, and no earlier stage ran."""
+        path = self._path(name)
         if self.reuse and os.path.exists(path):
             saved = data.load_json(path)
             if saved.get("settings") == json.loads(json.dumps(settings)):
                 print(f"\n=== {name}: finished before, reused ({path}) ===", flush=True)
                 self.times[name] = 0.0
-                return saved["result"]
-        self.reuse = False          # this stage runs: every later stage must too
-        print(f"\n=== {name} ===", flush=True)
+                return saved
+        return None
+
+    def _execute(self, name: str, settings, fn) -> dict:
         t = time.time()
         result = fn()
-        self.times[name] = time.time() - t
-        common.atomic_write_text(json.dumps({"settings": settings, "result": result,
-                                             "seconds": round(self.times[name], 1)}), path)
-        return result
+        seconds = round(time.time() - t, 1)
+        saved = {"settings": settings, "result": result, "seconds": seconds}
+        common.atomic_write_text(json.dumps(saved), self._path(name))
+        return saved
+
+    def run(self, name: str, settings, fn):
+        saved = self._saved(name, settings)
+        if saved is None:
+            self.reuse = False          # this stage runs: every later stage must too
+            print(f"\n=== {name} ===", flush=True)
+            saved = self._execute(name, settings, fn)
+            self.times[name] = saved["seconds"]
+        return saved["result"]
+
+    def run_side_by_side(self, stages: list[tuple[str, object, Callable]]) -> list:
+        """Independent stages (name, settings, fn), each reused or run as run() would, the results in order.
+        Those to run go side by side in forked processes, at most one per thread of this process, the
+        threads split among them: these matrices are too small for two threads to halve a step, so on 2
+        cores two single-threaded stages finish sooner than the same two one after the other. Each writes
+        its own stage file, and its output to DIR/stages/NAME.log, printed whole when it ends. One after
+        another instead when there is one to run, one thread, no fork (Windows) or CUDA already in use
+        (a forked child cannot use it), or side_by_side is off."""
+        saved = {name: self._saved(name, settings) for name, settings, _ in stages}
+        todo = [(n, s, f) for n, s, f in stages if saved[n] is None]
+        width = min(len(todo), torch.get_num_threads())
+        if todo:
+            self.reuse = False
+        if width < 2 or not self.side_by_side or not hasattr(os, "fork") or torch.cuda.is_initialized():
+            for n, s, f in todo:
+                print(f"\n=== {n} ===", flush=True)
+                saved[n] = self._execute(n, s, f)
+        else:
+            threads = torch.get_num_threads() // width
+            ctx = multiprocessing.get_context("fork")
+            for k in range(0, len(todo), width):
+                wave = todo[k:k + width]
+                print(f"\n=== side by side, {threads} thread(s) each: {', '.join(n for n, _, _ in wave)} ===", flush=True)
+                procs = [ctx.Process(target=self._child, args=(n, s, f, threads)) for n, s, f in wave]
+                for p in procs:
+                    p.start()
+                for p, (n, s, _) in zip(procs, wave):
+                    p.join()
+                    log = self._path(n, ".log")
+                    print(f"\n=== {n} (output of its process, {log}) ===", flush=True)
+                    with open(log, errors="replace") as f:
+                        sys.stdout.write(f.read())
+                    if p.exitcode != 0:
+                        raise RuntimeError(f"stage {n!r} failed in its own process (exit code {p.exitcode}); "
+                                           f"its output, traceback included, is above and in {log}")
+                    saved[n] = data.load_json(self._path(n))
+        for n, _, _ in todo:
+            self.times[n] = saved[n]["seconds"]
+        return [saved[n]["result"] for n, _, _ in stages]
+
+    def _child(self, name: str, settings, fn, threads: int) -> None:
+        """In the forked process: its output to the stage's log, its own thread count, then the stage."""
+        torch.set_num_threads(threads)
+        fd = os.open(self._path(name, ".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(fd, 1), os.dup2(fd, 2)
+        os.close(fd)
+        # sys.stdout may not be fd 1 (pytest's capture, a notebook): print to the log whatever it was
+        sys.stdout = open(1, "w", buffering=1, errors="replace", closefd=False)
+        sys.stderr = open(2, "w", buffering=1, errors="replace", closefd=False)
+        self._execute(name, settings, fn)
+        sys.stdout.flush(), sys.stderr.flush()
 
 
-def pipeline_seed(root: str, size: str, seed: int, reuse: bool = True) -> dict:
+def pipeline_seed(root: str, size: str, seed: int, reuse: bool = True, side_by_side: bool = True) -> dict:
     """One seed of the tiny paper: make -> SFT (gated) -> annotate -> RL-init -> Fact-RM and plain RM ->
     PPO from RL-init with each (held-out proxy and gold every few steps) -> evaluation of all four
     models. -> everything the table and the paired tests need, per question where they pair."""
     cfg = PIPELINE_SIZES[size]
     d, runs = os.path.join(root, "data"), os.path.join(root, "runs")
-    st = Stages(root, reuse)
+    st = Stages(root, reuse, side_by_side)
     key = {"size": size, "seed": seed}
     st.run("make", {**key, **cfg["make"]}, lambda: make(MakeConfig(out=d, seed=seed, **cfg["make"]))["counts"])
 
@@ -1604,21 +1677,23 @@ def pipeline_seed(root: str, size: str, seed: int, reuse: bool = True) -> dict:
     rm_flags = ["--preset", "tiny", "--model_path", sft_dir, "--data_path", prefs, "--image_folder", f"{d}/images",
                 "--captions", f"{d}/captions.json", "--request_file", f"{d}/rm_request.txt", "--facts_intro_file",
                 f"{d}/rm_facts_intro.txt", "--seed", str(seed), "--overwrite", "true"] + cfg["rm"]
-    for name, extra in (("rm_facts", []), ("rm_plain", ["--facts", "none"])):
-        st.run(f"reward model {name}", {**key, "flags": cfg["rm"] + extra},
-               lambda: reward_model.main(rm_flags + ["--out_dir", os.path.join(runs, name)] + extra))
+    st.run_side_by_side([(f"reward model {name}", {**key, "flags": cfg["rm"] + extra},
+                          lambda name=name, extra=extra: reward_model.main(rm_flags + ["--out_dir", os.path.join(runs, name)] + extra))
+                         for name, extra in (("rm_facts", []), ("rm_plain", ["--facts", "none"]))])
     rm = st.run("reward models on held-out pairs", key,
                 lambda: rm_heldout(os.path.join(runs, "rm_facts", "final"), os.path.join(runs, "rm_plain", "final"),
                                    prefs, d, os.path.join(runs, "rm_heldout")))
 
-    ppo_res = {}
-    for arm, rm_name in ARMS.items():
-        ppo_res[arm] = st.run(f"ppo {arm}", {**key, "flags": cfg["ppo"], "rm": rm_name}, lambda: _slim_ppo(ppo.main(
+    def train_ppo(rm_name: str) -> dict:
+        return _slim_ppo(ppo.main(
             ["--preset", "tiny", "--model_path", sft_dir, "--policy_adapter", os.path.join(runs, "rlinit", "final_adapter"),
              "--rm_dir", os.path.join(runs, rm_name, "final"), "--prompts_path", f"{d}/ppo_prompts.json",
              "--image_folder", f"{d}/images", "--captions", f"{d}/captions.json", "--eval_prompts",
              f"{d}/heldout_prompts.json", "--out_dir", os.path.join(runs, f"ppo_{rm_name}"), "--seed", str(seed),
-             "--overwrite", "true"] + cfg["ppo"], gold_fn=gold_judge(d))))
+             "--overwrite", "true"] + cfg["ppo"], gold_fn=gold_judge(d)))
+    ppo_res = dict(zip(ARMS, st.run_side_by_side([(f"ppo {arm}", {**key, "flags": cfg["ppo"], "rm": rm_name},
+                                                   lambda rm_name=rm_name: train_ppo(rm_name))
+                                                  for arm, rm_name in ARMS.items()])))
 
     dirs = {"SFT": sft_dir, "RL-init": os.path.join(runs, "rlinit", "final"),
             **{arm: os.path.join(runs, f"ppo_{rm_name}", "final") for arm, rm_name in ARMS.items()}}
@@ -1648,7 +1723,8 @@ def paired_tests(evals: dict) -> dict:
     return out
 
 
-def pipeline(out: str, size: str = "full", seed: int = 0, seeds: int = 1, reuse: bool = True) -> dict:
+def pipeline(out: str, size: str = "full", seed: int = 0, seeds: int = 1, reuse: bool = True,
+             side_by_side: bool = True) -> dict:
     """`seeds` independent tiny papers (world, SFT, reward models, PPO; seeds seed..seed+seeds-1), each in
     OUT/seed{s}/, then one table: each seed's numbers, and over seeds the mean +- sd with the paired tests
     pooled (the seeds' discordant counts added). Writes pipeline_table.txt, pipeline_summary.json,
@@ -1656,7 +1732,7 @@ def pipeline(out: str, size: str = "full", seed: int = 0, seeds: int = 1, reuse:
     t_start = time.time()
     per_seed = []
     for s in range(seed, seed + seeds):
-        per_seed.append(pipeline_seed(os.path.join(out, f"seed{s}"), size, s, reuse))
+        per_seed.append(pipeline_seed(os.path.join(out, f"seed{s}"), size, s, reuse, side_by_side))
         per_seed[-1]["tests"] = paired_tests(per_seed[-1]["eval"])
     table = format_pipeline_table(per_seed)
     total = time.time() - t_start
@@ -1811,6 +1887,7 @@ class PipelineConfig:
     seed: int = 0                 # the first seed
     seeds: int = 1                # independent seeds seed .. seed + seeds - 1 (world, SFT, RMs, PPO), pooled
     reuse: bool = True            # reuse stages finished before with the same settings (OUT/seed{s}/stages/)
+    side_by_side: bool = True     # the two reward models, and then the two PPO arms, in parallel processes
 
 
 def _required(cfg, *keys: str) -> None:
@@ -1848,7 +1925,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         raise common.ConfigError(f"--size must be one of {sorted(PIPELINE_SIZES)}, got {cfg.size!r}")
     if cfg.seeds < 1:
         raise common.ConfigError(f"--seeds must be >= 1, got {cfg.seeds}")
-    return pipeline(cfg.out, cfg.size, cfg.seed, cfg.seeds, cfg.reuse)
+    return pipeline(cfg.out, cfg.size, cfg.seed, cfg.seeds, cfg.reuse, cfg.side_by_side)
 
 
 COMMANDS = {"make": (MakeConfig, run_make), "annotate": (AnnotateConfig, run_annotate),

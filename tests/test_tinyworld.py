@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
@@ -536,3 +537,43 @@ def test_stages_reuse_a_finished_prefix_and_rerun_from_the_first_change(tmp_path
     st = tw.Stages(str(tmp_path), reuse=False)
     st.run("a", {"k": 1}, stage("a"))
     assert calls == ["a"]
+
+
+def _whoami(name: str):
+    def fn():
+        print(f"hello from {name}")
+        return {"name": name, "pid": os.getpid(), "threads": torch.get_num_threads()}
+    return fn
+
+
+def test_side_by_side_stages_run_in_their_own_processes_are_reused_and_fail_loudly(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        st = tw.Stages(str(tmp_path), reuse=True)
+        res = st.run_side_by_side([("a", {"k": 1}, _whoami("a")), ("b", {"k": 1}, _whoami("b"))])
+        assert [r["name"] for r in res] == ["a", "b"]
+        assert len({r["pid"] for r in res} | {os.getpid()}) == 3          # two children, not this process
+        assert [r["threads"] for r in res] == [1, 1]                        # the two threads split between them
+        assert "hello from b" in (tmp_path / "stages" / "b.log").read_text()
+        assert torch.get_num_threads() == 2                                 # the parent's own count is untouched
+        # a rerun reuses both; a changed setting reruns only that (independent) stage, and every later stage
+        st = tw.Stages(str(tmp_path), reuse=True)
+        assert st.run_side_by_side([("a", {"k": 1}, _whoami("a")), ("b", {"k": 1}, _whoami("b"))]) == res
+        st = tw.Stages(str(tmp_path), reuse=True)
+        again = st.run_side_by_side([("a", {"k": 1}, _whoami("a")), ("b", {"k": 2}, _whoami("b"))])
+        assert again[0] == res[0] and again[1]["pid"] == os.getpid()      # one to run: in this process
+        assert st.run("c", {"k": 1}, _whoami("c"))["pid"] == os.getpid() and not st.reuse
+
+        def boom():
+            raise ValueError("the stage's own error")
+        with pytest.raises(RuntimeError, match="stage 'd' failed in its own process"):
+            tw.Stages(str(tmp_path), reuse=True).run_side_by_side([("d", {}, boom), ("e", {}, _whoami("e"))])
+        assert "ValueError: the stage's own error" in (tmp_path / "stages" / "d.log").read_text()
+        assert not (tmp_path / "stages" / "d.json").exists()
+        # off: one after another, in this process
+        res = tw.Stages(str(tmp_path), reuse=False, side_by_side=False).run_side_by_side(
+            [("a", {"k": 1}, _whoami("a")), ("b", {"k": 1}, _whoami("b"))])
+        assert [r["pid"] for r in res] == [os.getpid()] * 2
+    finally:
+        torch.set_num_threads(threads)
