@@ -1569,13 +1569,7 @@ class Stages:
         return saved
 
     def run(self, name: str, settings, fn):
-        saved = self._saved(name, settings)
-        if saved is None:
-            self.reuse = False          # this stage runs: every later stage must too
-            print(f"\n=== {name} ===", flush=True)
-            saved = self._execute(name, settings, fn)
-            self.times[name] = saved["seconds"]
-        return saved["result"]
+        return self.run_side_by_side([(name, settings, fn)])[0]
 
     def run_side_by_side(self, stages: list[tuple[str, object, Callable]]) -> list:
         """Independent stages (name, settings, fn), each reused or run as run() would, the results in order.
@@ -1589,7 +1583,7 @@ class Stages:
         todo = [(n, s, f) for n, s, f in stages if saved[n] is None]
         width = min(len(todo), torch.get_num_threads())
         if todo:
-            self.reuse = False
+            self.reuse = False          # a stage runs: every later stage must too
         if width < 2 or not self.side_by_side or not hasattr(os, "fork") or torch.cuda.is_initialized():
             for n, s, f in todo:
                 print(f"\n=== {n} ===", flush=True)
@@ -1603,8 +1597,9 @@ class Stages:
                 procs = [ctx.Process(target=self._child, args=(n, s, f, threads)) for n, s, f in wave]
                 for p in procs:
                     p.start()
-                for p, (n, s, _) in zip(procs, wave):
+                for p in procs:             # all of the wave, so a failure leaves no stage running behind it
                     p.join()
+                for p, (n, s, _) in zip(procs, wave):
                     log = self._path(n, ".log")
                     print(f"\n=== {n} (output of its process, {log}) ===", flush=True)
                     with open(log, errors="replace") as f:
