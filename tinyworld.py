@@ -1572,7 +1572,7 @@ class Stages:
         return self.run_side_by_side([(name, settings, fn)])[0]
 
     def run_side_by_side(self, stages: list[tuple[str, object, Callable]]) -> list:
-        """Independent stages (name, settings, fn), each reused or run as run() would, the results in order.
+        """Independent stages (name, settings, fn), each reused when _saved allows, else run; the results in order.
         Those to run go side by side in forked processes, at most one per thread of this process, the
         threads split among them: these matrices are too small for two threads to halve a step, so on 2
         cores two single-threaded stages finish sooner than the same two one after the other. Each writes
