@@ -1515,7 +1515,9 @@ PIPELINE_SIZES = {
              "rlinit": ["--max_steps", "120"], "rlinit_mc": 1000,
              # 400 held-out pairs: the facts / no-facts gap is a few points, 200 pairs cannot resolve it.
              # One evaluation, at the end: the model used is the last, not the best on the test pairs.
-             "rm": ["--max_steps", "100", "--eval_size", "400", "--eval_every", "100"],
+             # 300 steps (about 4 epochs of the ~2300 training pairs): at 100 the Fact-RM of some draws had
+             # not yet learned to read the captions (README)
+             "rm": ["--max_steps", "300", "--eval_size", "400", "--eval_every", "300"],
              # both arms' proxy and gold flatten after ~10 steps (measured at 40)
              "ppo": ["--max_steps", "30", "--eval_every", "10", "--eval_size", "200"],
              "eval_limit": 0, "pope_limit": 0, "gate": 0.3, "sft_tries": 3, "drop_ties": True},
