@@ -20,7 +20,8 @@ What is measured (same weights, same inputs, warm-up first, interleaved repeats,
   * a PPO step split into generation / scoring / update with each phase's peak memory, through ppo.py's
     own rollout, advantages and update (see bench_ppo: LoRA policy sampling at temperature 1; policy,
     reference, value and reward passes; ppo_epochs of clipped-PPO + value-loss backward through the
-    LoRA parameters and AdamW steps).
+    LoRA parameters and AdamW steps). Its update's arithmetic is counted for both sides
+    (ppo_update_flops), and the summary says what bounds the ratio (update_bound).
   * ceilings: the machine's measured matmul FLOP/s, the faster of BLAS (a @ b) and, on CPU, oneDNN
     with a prepacked operand (MFU = useful model FLOP/s over it), and memory
     copy bandwidth (the decode floor: bytes that must be read per step / bandwidth).
@@ -28,8 +29,8 @@ What is measured (same weights, same inputs, warm-up first, interleaved repeats,
     prefill) between MKL and prepacked oneDNN, measured on this model's linear shapes or read from its cache.
   * data loading: JPEGs read through data.BatchLoader in the step (workers 0) and in 2 workers, around a
     fake step as long as reading a batch (bench_data_loading).
-  * a summary of the ratios: PPO step vs the official way, generation vs transformers, decode step vs
-    the floor; then the scaling table (bench_scaling: generation and the PPO step against batch and new
+  * a summary of the ratios: PPO step vs the official way (and its update's FLOPs and FLOP/s against
+    the official way's), generation vs transformers, decode step vs the floor; then the scaling table (bench_scaling: generation and the PPO step against batch and new
     tokens, ours and the baseline; markdown) and its plot (--plot, plots.py).
 Peak memory is the process's peak RSS during the phase on CPU (reset through /proc/self/clear_refs)
 and torch.cuda.max_memory_allocated on GPU. This machine may be shared: the header prints the load
@@ -77,6 +78,7 @@ CPU_MODEL = ModelConfig(image_size=224, patch_size=14, vision_hidden=256, vision
                         kv_heads=8, intermediate=1376, vocab_size=32064, max_seq_len=2048,
                         image_token_index=32063)
 CPU = BenchConfig(CPU_MODEL)
+PPO_TARGET = 2.5   # issue #20's goal for the PPO step against the official way
 QUICK = BenchConfig(ModelConfig(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=4,
                                 vision_intermediate=64, projector="mlp2x_gelu", hidden=64, layers=2, heads=4,
                                 kv_heads=2, intermediate=128, vocab_size=512, max_seq_len=256,
@@ -216,6 +218,44 @@ def train_flops(c: ModelConfig, batch: int, T: int, labelled: int, images: bool 
         return llm
     # vision_flops holds the projector's forward; its backward is twice that
     return llm + vision_flops(c, batch) + 2 * 2 * _projector_params(c) * c.num_image_tokens * batch
+
+
+def _lora_io(c: ModelConfig) -> tuple[int, int]:
+    """in + out features summed over one layer's LoRA targets (all seven), and over q, k, v alone."""
+    q, kv, d = c.heads * c.head_dim, c.kv_heads * c.head_dim, c.hidden
+    qkv = (d + q) + 2 * (d + kv)
+    return qkv + (q + d) + 2 * (d + c.intermediate) + (c.intermediate + d), qkv
+
+
+def adapter_pass_flops(c: ModelConfig, batch: int, T: int, head_rows: int, lora_r: int, backward: bool = False) -> float:
+    """One pass over B x T tokens (image features given) through the frozen base with a rank-lora_r adapter
+    on every target, the lm_head on `head_rows` rows. backward: + the backward that trains the adapter only:
+    input gradients through every frozen matmul (1x its forward) but layer 0's q, k, v (their input, the
+    embeddings, needs none), the adapter's weight and input gradients (2x its forward, less layer 0's input
+    gradients) and attention (2x its forward here; what a kernel really spends on it is its own)."""
+    io, qkv = _lora_io(c)
+    tokens = batch * T
+    body = 2 * c.layers * _llm_layer_params(c) * tokens
+    attn = 2 * c.layers * batch * T * T * c.hidden
+    head = 2 * c.vocab_size * c.hidden * head_rows
+    lora = 2 * c.layers * lora_r * io * tokens
+    fwd = body + attn + head + lora
+    if not backward:
+        return fwd
+    first_qkv = 2 * c.hidden * (c.heads + 2 * c.kv_heads) * c.head_dim * tokens
+    first_lora_in = 2 * lora_r * 3 * c.hidden * tokens
+    return fwd + (body - first_qkv) + 2 * attn + head + (2 * lora - first_lora_in)
+
+
+def ppo_update_flops(c: ModelConfig, batch: int, T: int, R: int, lora_r: int, epochs: int, official: bool) -> float:
+    """The arithmetic of ppo.update on B rows of T tokens, R of them response positions: per epoch a policy
+    pass (log-probs: the lm_head on the R response rows) and a value pass (no lm_head), each forward +
+    adapter-only backward, over image features computed in the rollout. The official way: the lm_head on all
+    T rows of the policy pass (the whole (B, T, V) logits), and the vision tower and projector again in
+    each pass (forward only: frozen)."""
+    pol = adapter_pass_flops(c, batch, T, batch * (T if official else R), lora_r, backward=True)
+    val = adapter_pass_flops(c, batch, T, 0, lora_r, backward=True)
+    return epochs * (pol + val + (2 * vision_flops(c, batch) if official else 0))
 
 
 def decode_bytes(m: LLaVA, batch: int, context: int) -> int:
@@ -643,6 +683,10 @@ def bench_ppo(m: LLaVA, ref, cfg: BenchConfig, table: Table | None, device, comp
     m.eval()
     m.set_adapter(None)
     phases = dict(results)
+    b = ppo.collate(st["rows"], m)
+    T, R = b["ids"].shape[1], b["resp"].shape[1]
+    results["update_flops"] = {who: ppo_update_flops(c, B, T, R, cfg.lora_r, pcfg.ppo_epochs, who != "ours")
+                               for who in phases}
     results["peak"] = {"ours": max(peaks.values())} | ({"transformers": max(hf_peaks.values())} if hf_peaks else {})
     results["tokens_identical"] = same
     if table is None:
@@ -653,10 +697,12 @@ def bench_ppo(m: LLaVA, ref, cfg: BenchConfig, table: Table | None, device, comp
         impl = "ours" + (" compiled" if compile else "") if who == "ours" else "transformers (official way)"
         for k, t in ph.items():
             vs = results["transformers"][k] / t if who == "ours" and "transformers" in results else None
+            fl = results["update_flops"][who]
             table.add(f"PPO step B={B} +{N}: {k}", impl, t, B * N / t if k == "generation" else None, vs, None,
                       pk["update" if k == "update" else "rollout"],
                       f"{100 * t / total:.0f}% of step" + ("; peak of the whole rollout" if k != "update" else
-                                                           f"; {pcfg.ppo_epochs} epochs"))
+                                                           f"; {pcfg.ppo_epochs} epochs, {fl / 1e12:.3g} TFLOP "
+                                                           f"({fl / t / 1e9:.0f} GFLOP/s)"))
         vs = sum(results["transformers"].values()) / total if who == "ours" and "transformers" in results else None
         table.add(f"PPO step B={B} +{N}: total", impl, total, None, vs, None, max(pk.values()),
                   "ppo.rollout, ppo.advantages, ppo.update (vision once)" if who == "ours" else
@@ -836,7 +882,24 @@ def bench_data_loading(n_images: int, batch: int, steps: int, image_size: int, w
 # ----------------------------------------------------------------------------------------------------
 # The summary: the ratios the issue asks for, one line each
 
-def summary(gen: dict, ppo_res: dict | None, plan: dict | None, loading: dict | None) -> str:
+def update_bound(ppo_res: dict, peak_flops: float, target: float = PPO_TARGET) -> str:
+    """What bounds the PPO step's ratio: the update's arithmetic (ours against the official way's) and
+    FLOP/s, and the FLOP/s ours' update would need for `target` with generation and scoring as measured."""
+    o, t = ppo_res["ours"], ppo_res["transformers"]
+    fo, ft = ppo_res["update_flops"]["ours"], ppo_res["update_flops"]["transformers"]
+    so, st = fo / o["update"], ft / t["update"]
+    line = (f"  PPO update: the official way computes {ft / fo:.2f}x ours' FLOPs ({ft / 1e12:.3g} vs {fo / 1e12:.3g} "
+            f"TFLOP: full logits, the vision tower per pass) at {st / so:.2f}x ours' FLOP/s ({st / 1e9:.0f} vs "
+            f"{so / 1e9:.0f} GFLOP/s), so ours' update is {t['update'] / o['update']:.2f}x as fast")
+    left = sum(t.values()) / target - o["generation"] - o["scoring"]   # seconds the update may take for `target`
+    if left <= 0:
+        return line + f"; {target}x needs more than a free update (generation + scoring alone exceed it)"
+    need = fo / left
+    return line + (f"; a {target}x step needs ours' update at {need / 1e9:.0f} GFLOP/s, "
+                   f"{100 * need / peak_flops:.0f}% of the measured matmul peak ({peak_flops / 1e9:.0f})")
+
+
+def summary(gen: dict, ppo_res: dict | None, plan: dict | None, loading: dict | None, peak_flops: float) -> str:
     best = "ours compiled" if "ours compiled" in gen["seconds"] else "ours eager"
     lines = [f"summary ({kernels.cpu_model()}, {torch.get_num_threads()} threads)"]
     if ppo_res is not None and "transformers" in ppo_res:
@@ -844,6 +907,7 @@ def summary(gen: dict, ppo_res: dict | None, plan: dict | None, loading: dict | 
         pk = ppo_res["peak"]
         lines.append(f"  PPO step vs the official way: {t / o:.2f}x (ours {o:.3g} s, official way {t:.3g} s; "
                      f"peak {pk['ours'] / 2**30:.2f} vs {pk['transformers'] / 2**30:.2f} GiB)")
+        lines.append(update_bound(ppo_res, peak_flops))
     lines.append("  generation vs transformers: " + ", ".join(
         f"{k} {gen['seconds']['transformers'] / gen['seconds'][k]:.2f}x" for k in gen["seconds"] if k != "transformers"))
     f = gen["floor_ms"]
@@ -1064,7 +1128,7 @@ def main(argv: list[str] | None = None) -> str:
     out = (f"{header}\nconfig: vision {c.image_size}px/{c.patch_size} ({c.num_image_tokens} image tokens) "
            f"{c.vision_layers}x{c.vision_hidden}; LLM {c.layers}x{c.hidden}, {c.heads} heads, vocab {c.vocab_size}; "
            f"batch {cfg.batch}; prompt image + {cfg.text_tokens} text; +{cfg.new_tokens} greedy; train T={cfg.train_seq}; "
-           f"fp32; median of {cfg.iters}\n{table.render()}\n{summary(gen, ppo_res, plan, loading)}{scaling}\n"
+           f"fp32; median of {cfg.iters}\n{table.render()}\n{summary(gen, ppo_res, plan, loading, ceil['matmul_flops'])}{scaling}\n"
            f"load avg at end {os.getloadavg()[0]:.2f}; total bench time {time.perf_counter() - t_start:.0f}s")
     print(out)
     return out

@@ -58,6 +58,8 @@ def test_quick_bench_summary_ratios_are_finite_and_consistent(quick_run):
         ratio = _ratio(rf"{impl} [\d.e-]+ ms = ([\d.]+)x the floor", s)
         assert math.isfinite(ratio) and ratio >= 1.0                           # nothing beats the floor
         assert math.isclose(ratio, step / floor, rel_tol=0.02)
+    m = re.search(r"PPO update: the official way computes ([\d.]+)x ours' FLOPs", s)
+    assert m and float(m.group(1)) > 1.0, s       # full logits and the vision tower per pass: more arithmetic
     # conftest pins the path (no timing in tests): the bench says so
     assert re.search(r"CPU linear path: decode (packed|mkl) \(env\), prefill (packed|mkl) \(env\)", s)
     m = re.search(r"fake step ([\d.]+) ms\): workers 0 ([\d.]+) ms/step, workers 2 ([\d.]+) ms/step \(([\d.]+)x\)", s)
@@ -101,3 +103,19 @@ def test_scaling_points_hold_the_config_point_once_per_sweep():
 def test_bad_scaling_flag_is_refused():
     with pytest.raises(SystemExit, match="--scaling 'some'"):
         bench.main(["--quick", "--scaling", "some"])
+
+
+def test_update_bound_closed_form():
+    """The FLOP/s a 2.5x step needs of ours' update: the official total / 2.5, less ours' generation and
+    scoring, is the time left for ours' update's FLOPs."""
+    import bench
+    res = {"ours": {"generation": 1.0, "scoring": 1.0, "update": 2.0},
+           "transformers": {"generation": 3.0, "scoring": 3.0, "update": 6.0},
+           "update_flops": {"ours": 2.8e12, "transformers": 4.2e12}}
+    line = bench.update_bound(res, peak_flops=2e12, target=2.5)
+    assert "computes 1.50x ours' FLOPs" in line               # 4.2 / 2.8
+    assert "at 0.50x ours' FLOP/s (700 vs 1400 GFLOP/s)" in line   # 4.2e12 / 6 s vs 2.8e12 / 2 s
+    assert "so ours' update is 3.00x as fast" in line
+    assert "needs ours' update at 1000 GFLOP/s, 50% of the measured matmul peak (2000)" in line   # 2.8e12 / (12/2.5 - 2)
+    res["ours"]["generation"] = 4.0                            # 4 + 1 > 12 / 2.5: no update time is left
+    assert "needs more than a free update" in bench.update_bound(res, peak_flops=2e12, target=2.5)

@@ -315,3 +315,48 @@ def test_flop_accounting_matches_a_hand_count():
     want = 2 * 8 * per_layer * 10 + 2 * 8 * 10 * 10 * 512 + 2 * 32064 * 512 * 2
     assert bench.llm_forward_flops(c, 1, 10, 2) == want
     assert math.isclose(bench.train_flops(c, 1, 10, 2, images=False), 3 * want)
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_ppo_update_flops_match_torch_flop_counter(official):
+    """bench.ppo_update_flops against torch's FlopCounterMode counting one epoch of real passes: ppo.update's
+    (the lm_head on the response rows) or the official way's (full logits). CPU SDPA is not counted by the
+    counter, nor is there an image here (the vision tower term is the official way's alone): both taken out
+    of the formula by hand. The plain token_logprobs recomputes its chunk of logits in backward, a forward
+    of the lm_head the formula does not need and the counter sees."""
+    import bench
+    import ppo
+    from torch.utils.flop_counter import FlopCounterMode
+    c = ModelConfig(image_size=16, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
+                    vision_intermediate=64, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=96,
+                    vocab_size=128, max_seq_len=64)
+    torch.manual_seed(0)
+    m = LLaVA(c)
+    m.requires_grad_(False)
+    r = 4
+    for name in ("policy", "value"):
+        m.add_adapter(name, r=r, alpha=8)
+        for p in m.adapter_parameters(name):
+            p.requires_grad_(True)
+    vh = model.ScalarHead(c.hidden)
+    B, P, R = 2, 11, 5
+    T = P + R
+    ids = torch.randint(3, c.vocab_size, (B, T))
+    batch = {"ids": ids, "images": None, "mask": torch.ones(B, T, dtype=torch.long), "P": P, "resp": ids[:, P:]}
+    with FlopCounterMode(display=False) as fc:
+        if official:
+            m.set_adapter("policy")
+            logits = m(ids, None, batch["mask"])[:, P - 1:-1]                  # (B, R, V) of all (B, T, V)
+            torch.log_softmax(logits.float(), -1).gather(-1, batch["resp"][..., None]).sum().backward()
+        else:
+            lp = model.token_logprobs(ppo.forward_response(m, "policy", batch), m.lm_head.weight, batch["resp"])
+            lp.sum().backward()
+        vh(ppo.forward_response(m, "value", batch)).sum().backward()
+    attn = 2 * c.layers * B * T * T * c.hidden                                  # causal QK^T and PV, one pass
+    want = bench.ppo_update_flops(c, B, T, R, r, epochs=1, official=official) - 2 * 3 * attn
+    if official:
+        want -= 2 * bench.vision_flops(c, B)
+    else:
+        want += 2 * c.vocab_size * c.hidden * B * R                              # the checkpointed chunk's recompute
+    want += 3 * 2 * c.hidden * B * R                                             # the value head: forward, 2 grads
+    assert fc.get_total_flops() == pytest.approx(want, rel=1e-9)
