@@ -30,8 +30,9 @@ What is measured (same weights, same inputs, warm-up first, interleaved repeats,
   * data loading: JPEGs read through data.BatchLoader in the step (workers 0) and in 2 workers, around a
     fake step as long as reading a batch (bench_data_loading).
   * a summary of the ratios: PPO step vs the official way (and its update's FLOPs and FLOP/s against
-    the official way's), generation vs transformers, decode step vs the floor; then the scaling table (bench_scaling: generation and the PPO step against batch and new
-    tokens, ours and the baseline; markdown) and its plot (--plot, plots.py).
+    the official way's), generation vs transformers, decode step vs the floor; then the scaling table
+    (bench_scaling: generation and the PPO step against batch and new tokens, ours and the baseline;
+    markdown) and its plot (--plot, plots.py).
 Peak memory is the process's peak RSS during the phase on CPU (reset through /proc/self/clear_refs)
 and torch.cuda.max_memory_allocated on GPU. This machine may be shared: the header prints the load
 average, and the numbers are medians of interleaved runs so that a burst hits all contenders alike.
@@ -220,11 +221,10 @@ def train_flops(c: ModelConfig, batch: int, T: int, labelled: int, images: bool 
     return llm + vision_flops(c, batch) + 2 * 2 * _projector_params(c) * c.num_image_tokens * batch
 
 
-def _lora_io(c: ModelConfig) -> tuple[int, int]:
-    """in + out features summed over one layer's LoRA targets (all seven), and over q, k, v alone."""
+def _lora_io(c: ModelConfig) -> int:
+    """in + out features summed over one layer's LoRA targets (all seven)."""
     q, kv, d = c.heads * c.head_dim, c.kv_heads * c.head_dim, c.hidden
-    qkv = (d + q) + 2 * (d + kv)
-    return qkv + (q + d) + 2 * (d + c.intermediate) + (c.intermediate + d), qkv
+    return (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + c.intermediate) + (c.intermediate + d)
 
 
 def adapter_pass_flops(c: ModelConfig, batch: int, T: int, head_rows: int, lora_r: int, backward: bool = False) -> float:
@@ -232,8 +232,9 @@ def adapter_pass_flops(c: ModelConfig, batch: int, T: int, head_rows: int, lora_
     on every target, the lm_head on `head_rows` rows. backward: + the backward that trains the adapter only:
     input gradients through every frozen matmul (1x its forward) but layer 0's q, k, v (their input, the
     embeddings, needs none), the adapter's weight and input gradients (2x its forward, less layer 0's input
-    gradients) and attention (2x its forward here; what a kernel really spends on it is its own)."""
-    io, qkv = _lora_io(c)
+    gradients) and attention (2x its forward: the four matmuls of its gradients; a flash kernel also
+    recomputes the scores)."""
+    io = _lora_io(c)
     tokens = batch * T
     body = 2 * c.layers * _llm_layer_params(c) * tokens
     attn = 2 * c.layers * batch * T * T * c.hidden
