@@ -201,11 +201,15 @@ def vision_flops(c: ModelConfig, n_images: int) -> float:
     return n_images * (used * per_layer + patch + 2 * _projector_params(c) * c.num_image_tokens)
 
 
+def _attention_flops(c: ModelConfig, batch: int, T: int) -> float:
+    """QK^T and PV of a causal forward over B x T tokens, the causal half."""
+    return 2 * c.layers * batch * T * T * c.hidden
+
+
 def llm_forward_flops(c: ModelConfig, batch: int, T: int, head_rows: int) -> float:
     """Causal forward over B x T tokens; the lm_head on `head_rows` rows."""
     body = 2 * c.layers * _llm_layer_params(c) * batch * T
-    attn = 2 * c.layers * batch * T * T * c.hidden          # QK^T and PV, the causal half
-    return body + attn + 2 * c.vocab_size * c.hidden * head_rows
+    return body + _attention_flops(c, batch, T) + 2 * c.vocab_size * c.hidden * head_rows
 
 
 def decode_step_flops(c: ModelConfig, batch: int, context: int) -> float:
@@ -227,25 +231,20 @@ def _lora_io(c: ModelConfig) -> int:
     return (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + c.intermediate) + (c.intermediate + d)
 
 
-def adapter_pass_flops(c: ModelConfig, batch: int, T: int, head_rows: int, lora_r: int, backward: bool = False) -> float:
-    """One pass over B x T tokens (image features given) through the frozen base with a rank-lora_r adapter
-    on every target, the lm_head on `head_rows` rows. backward: + the backward that trains the adapter only:
-    input gradients through every frozen matmul (1x its forward) but layer 0's q, k, v (their input, the
-    embeddings, needs none), the adapter's weight and input gradients (2x its forward, less layer 0's input
-    gradients) and attention (2x its forward: the four matmuls of its gradients; a flash kernel also
-    recomputes the scores)."""
-    io = _lora_io(c)
+def adapter_train_flops(c: ModelConfig, batch: int, T: int, head_rows: int, lora_r: int) -> float:
+    """Forward + backward of one pass over B x T tokens (image features given) through the frozen base with
+    a rank-lora_r adapter on every target, the lm_head on `head_rows` rows, training the adapter only. The
+    backward: input gradients through every frozen matmul (1x its forward) but layer 0's q, k, v (their
+    input, the embeddings, needs none), the adapter's weight and input gradients (2x its forward, less
+    layer 0's input gradients) and attention (2x its forward: the four matmuls of its gradients; a flash
+    kernel also recomputes the scores)."""
     tokens = batch * T
-    body = 2 * c.layers * _llm_layer_params(c) * tokens
-    attn = 2 * c.layers * batch * T * T * c.hidden
-    head = 2 * c.vocab_size * c.hidden * head_rows
-    lora = 2 * c.layers * lora_r * io * tokens
-    fwd = body + attn + head + lora
-    if not backward:
-        return fwd
+    base = llm_forward_flops(c, batch, T, head_rows)              # frozen matmuls, attention, lm_head
+    lora = 2 * c.layers * lora_r * _lora_io(c) * tokens
     first_qkv = 2 * c.hidden * (c.heads + 2 * c.kv_heads) * c.head_dim * tokens
     first_lora_in = 2 * lora_r * 3 * c.hidden * tokens
-    return fwd + (body - first_qkv) + 2 * attn + head + (2 * lora - first_lora_in)
+    fwd = base + lora
+    return fwd + (base - first_qkv) + _attention_flops(c, batch, T) + (2 * lora - first_lora_in)
 
 
 def ppo_update_flops(c: ModelConfig, batch: int, T: int, R: int, lora_r: int, epochs: int, official: bool) -> float:
@@ -254,8 +253,8 @@ def ppo_update_flops(c: ModelConfig, batch: int, T: int, R: int, lora_r: int, ep
     adapter-only backward, over image features computed in the rollout. The official way: the lm_head on all
     T rows of the policy pass (the whole (B, T, V) logits), and the vision tower and projector again in
     each pass (forward only: frozen)."""
-    pol = adapter_pass_flops(c, batch, T, batch * (T if official else R), lora_r, backward=True)
-    val = adapter_pass_flops(c, batch, T, 0, lora_r, backward=True)
+    pol = adapter_train_flops(c, batch, T, batch * (T if official else R), lora_r)
+    val = adapter_train_flops(c, batch, T, 0, lora_r)
     return epochs * (pol + val + (2 * vision_flops(c, batch) if official else 0))
 
 
