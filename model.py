@@ -369,8 +369,8 @@ class LlamaAttention(nn.Module):
         """x (B, T, D); mask (B, 1, T, S) bool, True = may attend. With a cache, the keys and values of
         these T tokens are written at cache `slots` (T,) and the queries attend over the first S cache
         slots (a decode step: S = the whole cache, masked). mask None means plain causal attention over
-        these T tokens (no padding; with a cache they must be its first T slots): SDPA then takes its
-        is_causal path, which skips the masked half of the score blocks."""
+        these T tokens (no padding, or padding on the right only; with a cache they must be its first T
+        slots): SDPA then takes its is_causal path, which skips the masked half of the score blocks."""
         B, T, _ = x.shape
         c, hd = self.cfg, self.cfg.head_dim
         q = self.q_proj(x).view(B, T, c.heads, hd).transpose(1, 2)          # (B, H, T, hd)
@@ -450,11 +450,18 @@ def attention_mask_4d(key_valid: torch.Tensor) -> torch.Tensor:
 
 
 def causal_or_padded_mask(key_valid: torch.Tensor) -> torch.Tensor | None:
-    """key_valid (B, T) bool -> None when no row is padded (plain causal: SDPA's fast is_causal path),
-    else the (B, 1, T, T) mask of attention_mask_4d. A mask without values is the rehearsal's, whose
-    rows are all full length: None, which also gives SDPA the kernel a GPU runs (no T x T scores)."""
-    unpadded = not has_values(key_valid) or bool(key_valid.all())
-    return None if unpadded else attention_mask_4d(key_valid)
+    """key_valid (B, T) bool -> None when no row is padded on the left or inside (plain causal: SDPA's
+    is_causal path), else the (B, 1, T, T) mask of attention_mask_4d. Right padding alone needs no mask:
+    under causality a real query sees only keys before it, all real, so its output is the masked one;
+    the pad rows' outputs differ, and every caller ignores them (losses mask them, the RM reads the last
+    real token). The is_causal path skips the masked half of the score blocks on CPU and, on a GPU, runs
+    the flash kernel that an explicit mask rules out. A mask without values is the rehearsal's, whose
+    rows are all full length: None as well."""
+    if not has_values(key_valid):
+        return None
+    lengths = key_valid.sum(-1, keepdim=True)                                      # (B, 1)
+    right_padded = bool((key_valid == (torch.arange(key_valid.shape[1], device=key_valid.device) < lengths)).all())
+    return None if right_padded else attention_mask_4d(key_valid)
 
 
 # False for a tensor without data (fake: rehearse.py; or meta): the checks that read values skip it.
@@ -683,6 +690,9 @@ class LLaVA(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
             attention_mask = attention_mask.bool()
+            if has_values(attention_mask) and not bool(attention_mask[:, -1].all()):
+                raise ValueError("generate continues each row after its last column: the prompts must be "
+                                 "left-padded (data.left_pad), but some row's last position is padding")
             if max_new_tokens <= 0:
                 empty = torch.empty(B, 0, dtype=torch.long, device=dev)
                 return (empty, empty.float()) if return_logprobs else empty

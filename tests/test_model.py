@@ -23,8 +23,9 @@ def _images(n, size, seed=0):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _ids_with_images(n_img_tokens, lengths, vocab, seed=0, image=True):
-    """Rows of [BOS, image tokens, text...] of the given text lengths, left padded. -> ids, mask"""
+def _ids_with_images(n_img_tokens, lengths, vocab, seed=0, image=True, right=False):
+    """Rows of [BOS, image tokens, text...] of the given text lengths, left padded (right: right padded).
+    -> ids, mask"""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for L in lengths:
@@ -34,8 +35,9 @@ def _ids_with_images(n_img_tokens, lengths, vocab, seed=0, image=True):
     ids = torch.zeros(len(rows), T, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.tensor(r)
-        mask[i, T - len(r):] = 1
+        cols = slice(0, len(r)) if right else slice(T - len(r), T)
+        ids[i, cols] = torch.tensor(r)
+        mask[i, cols] = 1
     return ids, mask
 
 
@@ -127,6 +129,42 @@ def test_llava_matches_transformers(tmp_path, size, patch, kv, layer, strategy):
         feats = m(ids, m.encode_images(x), mask)   # the features computed once, passed in place of pixels
     assert (got[mask.bool()] - want[mask.bool()]).abs().max() < TOL
     assert torch.equal(feats, got)
+
+
+def test_right_padded_batch_runs_unmasked_and_matches_transformers(tmp_path):
+    """Right padding takes SDPA's is_causal path (no mask): the logits at real tokens are transformers'
+    (which masks the pads), and the gradients of a loss on real tokens are those of the masked path."""
+    ref = hf_llava(30, 6, 2, -2, "default")
+    save(ref, tmp_path / "llava")
+    m = LLaVA.from_pretrained(str(tmp_path / "llava")).eval()
+    ids, mask = _ids_with_images(m.num_image_tokens, [5, 12, 1], 100, right=True)
+    x = _images(3, 30)
+    assert model.causal_or_padded_mask(mask.bool()) is None
+    left_ids, left_mask = _ids_with_images(m.num_image_tokens, [5, 12, 1], 100)
+    assert model.causal_or_padded_mask(left_mask.bool()) is not None   # left padding still needs the mask
+    with torch.no_grad():
+        want = ref(input_ids=to_hf_ids(ids, 99), pixel_values=x, attention_mask=mask,
+                   position_ids=model.positions_from_mask(mask)).logits
+        got = m(ids, x, mask)
+    assert (got[mask.bool()] - want[mask.bool()]).abs().max() < TOL
+
+    def grads(unmasked: bool) -> list[torch.Tensor]:
+        m.zero_grad()
+        emb = m.embed(ids, x)
+        amask = None if unmasked else model.attention_mask_4d(mask.bool())
+        h = m.decode(emb, model.positions_from_mask(mask), amask)
+        (h[mask.bool()] ** 2).mean().backward()       # real tokens only, as every loss here
+        return [p.grad.clone() for p in m.parameters() if p.grad is not None]
+    fast, slow = grads(True), grads(False)
+    assert len(fast) == len(slow) > 0
+    assert max((a - b).abs().max().item() for a, b in zip(fast, slow)) < 1e-5
+
+
+def test_generate_refuses_right_padded_prompts():
+    m = LLaVA(ModelConfig.preset("tiny", vocab_size=50)).eval()
+    ids, mask = _ids_with_images(m.num_image_tokens, [4, 9], 50, right=True)
+    with pytest.raises(ValueError, match="left-padded"):
+        m.generate(ids, _images(2, 64), mask, max_new_tokens=2)
 
 
 def test_image_features_of_another_shape_raise():
