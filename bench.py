@@ -17,6 +17,9 @@ What is measured (same weights, same inputs, warm-up first, interleaved repeats,
     sequences, vision tower frozen (as in LLaVA fine-tuning); ours is sft.SFTLoss, the SFT stage's own
     loss (lm_head fused with the log-probs, run on labelled rows only), theirs is the model's own loss
     from `labels`.
+  * a training step on right-padded rows at the paper's geometry (the image's tokens + 448..896 text
+    tokens; bench_padding): ours as it runs (no attention mask, SDPA's is_causal path) against the same
+    step with the padding mask; same loss asserted.
   * a PPO step split into generation / scoring / update with each phase's peak memory, through ppo.py's
     own rollout, advantages and update (see bench_ppo: LoRA policy sampling at temperature 1; policy,
     reference, value and reward passes; ppo_epochs of clipped-PPO + value-loss backward through the
@@ -47,6 +50,7 @@ import zlib
 from dataclasses import dataclass, replace
 from functools import partial
 from statistics import median as med
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -469,6 +473,54 @@ def bench_training(m: LLaVA, ref, cfg: BenchConfig, table: Table, ceil: dict, de
         table.add(f"train step fwd+bwd B={B} T={T}", k, t, B * T / t, t_ref / t, flops / t / ceil["matmul_flops"],
                   peaks[k], f"loss {losses['ours' if k == 'ours compiled' else k]:.4f}; "
                   f"{notes[k]}".rstrip("; "))
+
+
+def bench_padding(m: LLaVA, cfg: BenchConfig, table: Table, device, text_max: int = 896) -> dict:
+    """A training step on right-padded rows at the paper's geometry (the image's tokens plus text of
+    text_max / 2 .. text_max tokens, as SFT and reward-model batches): ours as it runs (no mask: SDPA's
+    is_causal path) against the same step with the explicit padding mask it needed before; the loss on
+    real tokens must be the same. Batch cfg.batch // 4 (at least 2): a row here is 1 + P + text_max long."""
+    c = cfg.model
+    B, P = max(2, cfg.batch // 4), c.num_image_tokens
+    g = torch.Generator().manual_seed(3)
+    lens = torch.linspace(text_max // 2, text_max, B).long().tolist()
+    T = 1 + P + max(lens)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for i, L in enumerate(lens):
+        row = [1] + [IMAGE_TOKEN_INDEX] * P + torch.randint(3, min(c.vocab_size - 1, 32000), (L,), generator=g).tolist()
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    images = torch.randn(B, 3, c.image_size, c.image_size, generator=g).to(device)
+    ids, mask = ids.to(device), mask.to(device)
+    real = mask[:, 1:].bool() & (ids[:, 1:] != IMAGE_TOKEN_INDEX)          # text targets of real rows
+    m.train().requires_grad_(True)
+    m.vision.requires_grad_(False)
+    losses = {}
+
+    def step(name: str, attn: torch.Tensor | None) -> Callable:
+        def run():
+            m.zero_grad()
+            h = m.decode(m.embed(ids, images), model.positions_from_mask(mask), attn)   # (B, T, D)
+            lp = model.token_logprobs(h[:, :-1], m.lm_head.weight, ids[:, 1:].clamp(min=0), fused=True)
+            loss = -(lp * real).sum() / real.sum()
+            loss.backward()
+            losses[name] = loss.item()
+        return run
+    assert model.causal_or_padded_mask(mask.bool()) is None
+    fns = {"ours (no mask)": step("ours (no mask)", None),
+           "ours, padding mask": step("ours, padding mask", model.attention_mask_4d(mask.bool()))}
+    times, peaks = interleaved(fns, cfg.iters, device, warmup=1)
+    m.zero_grad()
+    m.eval()
+    a, b = losses.values()
+    if abs(a - b) > 1e-5 * max(1.0, abs(b)):
+        raise AssertionError(f"right-padded losses differ with and without the mask: {losses}")
+    t_mask = med(times["ours, padding mask"])
+    for k in fns:
+        t = med(times[k])
+        table.add(f"train step, right padded B={B} T={T}", k, t, int(mask.sum()) / t, None, None, peaks[k],
+                  f"{P} image + {lens[0]}..{lens[-1]} text tokens; loss {losses[k]:.6f}; {t_mask / t:.2f}x the masked step")
+    return {"T": T, "B": B, "seconds": {k: med(v) for k, v in times.items()}, "losses": losses}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1096,6 +1148,7 @@ def main(argv: list[str] | None = None) -> str:
     plan = bench_linear_choice(m, cfg, table)      # the linear path of the compiled rows (and of ppo.py --compile)
     gen = bench_generation(m, ref, cfg, table, ceil, device, compile)
     bench_training(m, ref, cfg, table, ceil, device, compile)
+    bench_padding(m, cfg, table, device, text_max=48 if args.quick else 896)
     ppo_res = None if args.no_ppo else bench_ppo(m, ref, cfg, table, device, compile)
     loading = None
     if not args.no_data:

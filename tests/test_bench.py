@@ -34,7 +34,7 @@ def quick_run(tmp_path_factory):
 def test_quick_bench_prints_the_table(quick_run):
     out, _ = quick_run
     for row in ("generate B=2", "decode steps only", "tokens identical to transformers: yes",
-                "train step fwd+bwd", ": generation", ": scoring", ": update", "PPO step B=2 +8: total",
+                "train step fwd+bwd", "train step, right padded B=2", "ours, padding mask", ": generation", ": scoring", ": update", "PPO step B=2 +8: total",
                 "transformers (official way)", "ceiling", "hardware ceiling (100% of peak)",
                 "CPU linear path: decode", "CPU linear path: prefill",
                 "BatchLoader workers 0", "BatchLoader workers 2"):
